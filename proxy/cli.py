@@ -1,0 +1,129 @@
+"""Command line: parse arguments, load the port map, call into the package.
+
+Exit status: 0 on success and on a clean stop by signal, 2 for a port map or
+start-up problem (bad YAML, a port already taken), 1 for anything unforeseen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+
+from . import __version__
+from .config import Config, ConfigError, load_config
+from .server import Server, StartError
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+
+log = logging.getLogger("cacheport")
+
+
+def _loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop whenever it imports (``auto``), unless ``asyncio`` is asked for."""
+    if kind in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if kind == "uvloop":
+                raise SystemExit("cacheport: --loop uvloop: uvloop is not installed") from None
+        else:
+            factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+            return factory
+    return asyncio.new_event_loop
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def _print_table(config: Config) -> None:
+    rows = [("NAME", "LISTEN", "UPSTREAM", "PROTOCOL")]
+    rows += [(lc.name, str(lc.listen), str(lc.upstream), lc.protocol) for lc in config.listeners]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        print(f"cacheport: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    _print_table(config)
+    print(f"{args.file}: OK, {len(config.listeners)} listener(s)")
+    return EXIT_OK
+
+
+async def _serve(config: Config) -> int:
+    server = Server(config)
+    try:
+        await server.start()
+    except StartError as exc:
+        log.error("%s; nothing was started", exc)
+        return EXIT_CONFIG
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, server.request_stop)
+    try:
+        await server.wait_stopping()
+        log.info("signal received, stopping")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await server.stop()
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return EXIT_CONFIG
+    with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
+        log.info("cacheport %s on %s", __version__, type(runner.get_loop()).__module__)
+        return runner.run(_serve(config))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cacheport",
+        description="Forward one port per ElastiCache node from a NAT host, per a YAML port map.",
+    )
+    parser.add_argument("--version", action="version", version=f"cacheport {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="serve the port map until SIGINT/SIGTERM")
+    run.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML port map")
+    run.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                     help="event loop (default: uvloop when installed)")
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                     default="info")
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check", help="validate a port map and print it as a table")
+    check.add_argument("file", metavar="FILE")
+    check.set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return code

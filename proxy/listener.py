@@ -1,0 +1,344 @@
+"""One bound port: accept a client, dial its upstream, hand both to a Relay.
+
+::
+
+    client --accept--> Listener --connect (connect_timeout)--> upstream
+                           |
+                           +--> Relay(client, upstream)   tracked until it closes
+
+The listener owns its listening socket, the connections it started and the
+counters that later become metrics. It reads ``self.config`` for every new
+connection, so a reload can retarget it without touching live relays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .config import Address, ListenerConfig
+from .relay import BufferPool, Relay
+from .resolver import ResolveError, Resolver
+
+log = logging.getLogger("cacheport.listener")
+
+_ACCEPT_BATCH = 64
+_FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_ACCEPT_BACKOFF = 0.5
+_WARN_INTERVAL = 10.0
+
+
+class BindError(Exception):
+    """A listener could not bind its address."""
+
+
+@dataclass
+class ListenerStats:
+    """Plain integers, bumped outside the hot loop; relays fold their bytes in on close."""
+
+    accepted: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
+    closed_bytes_upstream: int = 0  # client -> upstream, from relays that have closed
+    closed_bytes_downstream: int = 0  # upstream -> client
+    idle_closed: int = 0
+
+    def refuse(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+
+
+class _RateLimitedLog:
+    """Logs the first event at once and then at most one summary per interval."""
+
+    def __init__(self, interval: float = _WARN_INTERVAL) -> None:
+        self.interval = interval
+        self.last = -interval
+        self.suppressed = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.suppressed += 1
+            return
+        if self.suppressed:
+            message += f" (and {self.suppressed} more since the last report)"
+        self.suppressed = 0
+        self.last = now
+        log.warning(message, *args)
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+def bind_socket(address: Address, backlog: int = 1024) -> socket.socket:
+    """Bind and listen; ``[::]`` is IPv6 only, as nginx does, so ``0.0.0.0`` can be bound too."""
+    family = socket.AF_INET6 if address.is_ipv6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address.host, address.port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class Listener:
+    """Accepts clients on one address and relays each to the configured upstream."""
+
+    def __init__(
+        self,
+        config: ListenerConfig,
+        loop: asyncio.AbstractEventLoop,
+        pool: BufferPool,
+        resolver: Resolver,
+        on_idle: Callable[[], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.on_idle = on_idle  # called whenever the last connection ends
+        self.loop = loop
+        self.pool = pool
+        self.resolver = resolver
+        self.sock: socket.socket | None = None
+        self.bound: Address | None = None
+        self.relays: set[Relay] = set()
+        self.connecting: set[asyncio.Task[None]] = set()
+        self.stats = ListenerStats()
+        self.accepting = False
+        self._connect_warn = _RateLimitedLog()
+        self._accept_warn = _RateLimitedLog()
+        self._resume_handle: asyncio.TimerHandle | None = None
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self._idle_seen: dict[Relay, tuple[int, float]] = {}
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def active(self) -> int:
+        return len(self.relays) + len(self.connecting)
+
+    def bind(self) -> None:
+        try:
+            self.sock = bind_socket(self.config.listen)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            if exc.errno == errno.EADDRINUSE:
+                reason = "address already in use (another process, or another listener, has it)"
+            elif exc.errno == errno.EACCES:
+                reason = "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+            elif exc.errno == errno.EADDRNOTAVAIL:
+                reason = "address not available on this host"
+            raise BindError(
+                f"listener {self.name!r}: cannot listen on {self.config.listen}: {reason}"
+            ) from None
+        host, port = self.sock.getsockname()[:2]
+        self.bound = Address(host, port)
+
+    def start(self) -> None:
+        assert self.sock is not None, "bind() first"
+        self.accepting = True
+        self.loop.add_reader(self.sock.fileno(), self._on_acceptable)
+        self._schedule_idle_sweep()
+        log.info(
+            "listener %s %s -> %s (%s) started",
+            self.name, self.bound, self.config.upstream, self.config.protocol,
+        )
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; live connections are left alone."""
+        if self.sock is None:
+            return
+        self.accepting = False
+        if self._resume_handle is not None:
+            self._resume_handle.cancel()
+            self._resume_handle = None
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        self.sock = None
+        log.info("listener %s %s stopped", self.name, self.bound)
+
+    def close_connections(self) -> None:
+        """Cut every live and connecting connection (used once draining is over)."""
+        for task in list(self.connecting):
+            task.cancel()
+        for relay in list(self.relays):
+            relay.abort()
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+
+    def reconfigure(self, config: ListenerConfig) -> None:
+        """Send new connections per ``config``; live ones keep their upstream."""
+        old = self.config
+        self.config = config
+        if old.idle_timeout != config.idle_timeout:
+            if self._idle_handle is not None:
+                self._idle_handle.cancel()
+                self._idle_handle = None
+            self._schedule_idle_sweep()
+
+    # -- accepting -----------------------------------------------------------
+
+    def _on_acceptable(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                client, _peer = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _FD_EXHAUSTED:
+                    self._pause_accepting(exc)
+                else:
+                    self._accept_warn.warning(
+                        "listener %s: accept failed: %s", self.name, exc.strerror or exc
+                    )
+                return
+            self.stats.accepted += 1
+            task = self.loop.create_task(self._connect(client))
+            self.connecting.add(task)
+            task.add_done_callback(self._connect_done)
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        """Out of file descriptors: stop polling the socket for a while instead of spinning."""
+        assert self.sock is not None
+        self.loop.remove_reader(self.sock.fileno())
+        self._accept_warn.warning(
+            "listener %s: cannot accept: %s; pausing accepts for %.1fs, live connections go on",
+            self.name, exc.strerror or exc, _ACCEPT_BACKOFF,
+        )
+        self._resume_handle = self.loop.call_later(_ACCEPT_BACKOFF, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self._resume_handle = None
+        if self.sock is not None and self.accepting:
+            self.loop.add_reader(self.sock.fileno(), self._on_acceptable)
+
+    # -- connecting ----------------------------------------------------------
+
+    async def _connect(self, client: socket.socket) -> None:
+        config = self.config
+        upstream: socket.socket | None = None
+        try:
+            client.setblocking(False)
+            upstream = await self._dial(config)
+            if upstream is None:
+                client.close()
+                return
+            _tune(client)
+            _tune(upstream)
+        except asyncio.CancelledError:
+            client.close()
+            if upstream is not None:
+                upstream.close()
+            raise
+        except OSError as exc:
+            # The client vanished while we dialled (or the socket options failed).
+            log.debug("listener %s: client setup failed: %s", self.name, exc)
+            self.stats.refuse("client error")
+            client.close()
+            if upstream is not None:
+                upstream.close()
+            return
+        relay = Relay(self.loop, self.pool, client, upstream, self._relay_closed)
+        self.relays.add(relay)
+        relay.start()
+
+    async def _dial(self, config: ListenerConfig) -> socket.socket | None:
+        """Connect to the upstream, trying each address; ``None`` (logged) when none answers."""
+        target = config.upstream
+        deadline = self.loop.time() + config.connect_timeout
+        try:
+            async with asyncio.timeout(config.connect_timeout):
+                addresses = await self.resolver.resolve(target, config.dns_ttl)
+        except (TimeoutError, ResolveError) as exc:
+            reason = "DNS lookup timed out" if isinstance(exc, TimeoutError) else str(exc)
+            self.stats.refuse("dns failed")
+            self._connect_warn.warning(
+                "listener %s: cannot reach upstream %s: %s; client closed",
+                self.name, target, reason,
+            )
+            return None
+        last_error = "no address"
+        for family, sockaddr in addresses:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self.loop.sock_connect(sock, sockaddr)
+            except TimeoutError:
+                sock.close()
+                last_error = f"no answer within connect_timeout {config.connect_timeout:g}s"
+                break
+            except OSError as exc:
+                sock.close()
+                last_error = exc.strerror or str(exc)
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+        if not target.is_ip:
+            self.resolver.forget(target)
+        self.stats.refuse("connect failed")
+        self._connect_warn.warning(
+            "listener %s: cannot connect to upstream %s: %s; client closed",
+            self.name, target, last_error,
+        )
+        return None
+
+    def _connect_done(self, task: asyncio.Task[None]) -> None:
+        self.connecting.discard(task)
+        if self.on_idle is not None and not self.active:
+            self.on_idle()
+
+    def _relay_closed(self, relay: Relay) -> None:
+        self.relays.discard(relay)
+        if self.on_idle is not None and not self.active:
+            self.on_idle()
+        self._idle_seen.pop(relay, None)
+        self.stats.closed_bytes_upstream += relay.upstream.nbytes
+        self.stats.closed_bytes_downstream += relay.downstream.nbytes
+
+    # -- idle timeout --------------------------------------------------------
+
+    def _schedule_idle_sweep(self) -> None:
+        idle = self.config.idle_timeout
+        if idle is not None and self._idle_handle is None:
+            self._idle_handle = self.loop.call_later(max(idle / 4, 0.05), self._sweep_idle)
+
+    def _sweep_idle(self) -> None:
+        """Close relays whose byte counts have not moved for ``idle_timeout``.
+
+        Comparing counters on a timer keeps clock reads out of the hot loop.
+        """
+        self._idle_handle = None
+        idle = self.config.idle_timeout
+        if idle is None:
+            return
+        now = self.loop.time()
+        seen = self._idle_seen
+        for relay in list(self.relays):
+            total = relay.bytes_total
+            last = seen.get(relay)
+            if last is None or last[0] != total:
+                seen[relay] = (total, now)
+            elif now - last[1] >= idle:
+                self.stats.idle_closed += 1
+                log.debug("listener %s: closing a connection idle for %.1fs", self.name, idle)
+                relay.close()
+        self._schedule_idle_sweep()

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Installs what cacheport's demo and tests need on a Debian/Ubuntu machine:
+# apt packages (memcached, redis-server, redis-tools, python3-venv), a
+# virtualenv in .venv, and cacheport itself with its test extras.
+# Sourced by scripts/demo.sh and scripts/test.sh; safe to run again.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${CACHEPORT_VENV:-$ROOT/.venv}
+APT_PACKAGES=(memcached redis-server redis-tools python3-venv netcat-openbsd)
+EXTRAS=${CACHEPORT_EXTRAS:-dev}
+
+say() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'cacheport setup: %s\n' "$*" >&2; exit 1; }
+
+missing_commands() {
+    local missing=()
+    command -v memcached >/dev/null 2>&1 || missing+=(memcached)
+    command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+    command -v redis-cli >/dev/null 2>&1 || missing+=(redis-cli)
+    command -v python3 >/dev/null 2>&1 || missing+=(python3)
+    printf '%s\n' "${missing[@]}"
+}
+
+install_system_packages() {
+    local missing
+    missing=$(missing_commands)
+    if [ -z "$missing" ] && python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        return 0
+    fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        die "missing: ${missing//$'\n'/ } (and Python's venv module if absent).
+Install them with your package manager -- memcached, redis-server, redis-cli,
+Python >= 3.11 with venv -- then run this command again."
+    fi
+    local sudo=()
+    if [ "$(id -u)" -ne 0 ]; then
+        command -v sudo >/dev/null 2>&1 || die "need root to apt-get install ${APT_PACKAGES[*]}; run as root or install sudo"
+        sudo=(sudo)
+    fi
+    say "installing ${APT_PACKAGES[*]} with apt-get"
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${APT_PACKAGES[@]}" >/dev/null
+    # The Debian packages start system-wide services; cacheport's demo and
+    # tests start their own on other ports, so these are left as they are.
+    missing=$(missing_commands)
+    [ -z "$missing" ] || die "still missing after apt-get: ${missing//$'\n'/ }"
+}
+
+check_python() {
+    python3 - <<'PY' || die "Python >= 3.11 is required (found $(python3 --version 2>&1))"
+import sys
+raise SystemExit(0 if sys.version_info >= (3, 11) else 1)
+PY
+}
+
+install_venv() {
+    if [ ! -x "$VENV/bin/python" ]; then
+        say "creating virtualenv $VENV"
+        python3 -m venv "$VENV" || die "python3 -m venv failed; install python3-venv"
+    fi
+    local stamp="$VENV/.cacheport-installed"
+    if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ] || ! grep -qx "$EXTRAS" "$stamp"; then
+        say "installing cacheport[$EXTRAS] into $VENV"
+        "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+        "$VENV/bin/python" -m pip install -q -e "$ROOT[$EXTRAS]" \
+            || die "pip install failed (see above); PyPI must be reachable"
+        echo "$EXTRAS" > "$stamp"
+    fi
+}
+
+install_system_packages
+check_python
+install_venv
+export PATH="$VENV/bin:$PATH"
