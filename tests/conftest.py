@@ -1,0 +1,34 @@
+"""Fixtures: real memcached and redis-server processes, stopped by PID after each test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support import ServerProcess, start_server
+
+
+@pytest.fixture
+def memcached() -> Iterator[ServerProcess]:
+    """memcached with 2 MB items, so 1 MB values fit."""
+    server = start_server("memcached", ["-I", "2m"])
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[ServerProcess]:
+    server = start_server("redis")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["uvloop", "asyncio"])
+def loop_kind(request: pytest.FixtureRequest) -> str:
+    """Run a test on uvloop (the default) and on plain asyncio (``--loop asyncio``)."""
+    return str(request.param)

@@ -1,0 +1,294 @@
+"""Test helpers: real cache servers on free ports, cacheport in a thread or a subprocess.
+
+Every process started here is stopped by PID; every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from proxy.config import Config, load_yaml, parse_config
+from proxy.server import Server
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.02,
+               message: str = "condition") -> Any:
+    """Poll ``predicate`` until it is truthy; fail the test with ``message`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def require_binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise RuntimeError(f"{name} is not installed; run scripts/test.sh, which installs it")
+    return path
+
+
+@dataclass
+class ServerProcess:
+    """A real cache server started for a test; ``stop()`` ends it by PID."""
+
+    kind: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    host: str = "127.0.0.1"
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crashed node."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+    def restart(self) -> None:
+        """Start the same server again on the same port."""
+        self.stop()
+        fresh = _spawn(self.kind, self.args, self.port)
+        self.proc = fresh.proc
+
+
+def _command(kind: str, port: int, extra: list[str]) -> list[str]:
+    if kind == "memcached":
+        user = ["-u", "root"] if os.geteuid() == 0 else []
+        return [require_binary("memcached"), *user, "-l", "127.0.0.1", "-p", str(port),
+                "-U", "0", "-m", "64", *extra]
+    return [require_binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no", "--daemonize", "no", "--logfile", "",
+            "--loglevel", "warning", *extra]
+
+
+def _spawn(kind: str, extra: list[str], port: int) -> ServerProcess:
+    proc = subprocess.Popen(_command(kind, port, extra), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    server = ServerProcess(kind, proc, port, args=list(extra))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{kind} exited with {proc.returncode} on port {port}")
+        if port_open(port):
+            return server
+        time.sleep(0.02)
+    server.stop()
+    raise RuntimeError(f"{kind} did not listen on port {port} within 10s")
+
+
+def start_server(kind: str, extra: list[str] | None = None) -> ServerProcess:
+    """Start memcached or redis-server on a free port (retrying if the port is raced)."""
+    last: Exception | None = None
+    for _ in range(3):
+        try:
+            return _spawn(kind, list(extra or []), free_port())
+        except RuntimeError as exc:
+            last = exc
+    raise RuntimeError(f"could not start {kind}: {last}")
+
+
+def make_config(listeners: list[dict[str, Any]], **top: Any) -> Config:
+    """Build a Config through the real YAML validator."""
+    doc = {"listeners": listeners, **top}
+    return parse_config(load_yaml(yaml.safe_dump(doc)), "<test>")
+
+
+class ProxyThread:
+    """cacheport's Server on its own event loop in a background thread.
+
+    The tests use blocking clients (pymemcache, redis-py), so the proxy cannot share
+    their thread.
+    """
+
+    def __init__(self, config: Config, loop_kind: str = "uvloop") -> None:
+        self.config = config
+        self.loop_kind = loop_kind
+        self.server = Server(config)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="cacheport")
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._stop_requested = False
+
+    def _new_loop(self) -> asyncio.AbstractEventLoop:
+        if self.loop_kind == "uvloop":
+            import uvloop
+
+            return uvloop.new_event_loop()  # type: ignore[no-any-return]
+        return asyncio.new_event_loop()
+
+    def _run(self) -> None:
+        loop = self._new_loop()
+        self.loop = loop
+        try:
+            loop.run_until_complete(self._main())
+        except BaseException as exc:  # surfaced to the test by start()
+            self._error = exc
+            self._started.set()
+        finally:
+            loop.close()
+
+    async def _main(self) -> None:
+        await self.server.start()
+        self._started.set()
+        await self.server.wait_stopping()
+        await self.server.stop(drain_timeout=self._drain)
+
+    _drain = 0.0
+
+    def start(self) -> ProxyThread:
+        self._thread.start()
+        if not self._started.wait(10):
+            raise RuntimeError("cacheport did not start within 10s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def port(self, name: str) -> int:
+        bound = self.server.listeners[name].bound
+        assert bound is not None
+        return bound.port
+
+    def call(self, fn: Callable[[], Any], timeout: float = 10) -> Any:
+        """Run ``fn`` on the proxy's loop and return its result."""
+        assert self.loop is not None
+
+        async def runner() -> Any:
+            result = fn()
+            if asyncio.iscoroutine(result):
+                result = await result
+            return result
+
+        return asyncio.run_coroutine_threadsafe(runner(), self.loop).result(timeout)
+
+    def stop(self, drain: float = 0.0) -> None:
+        if self.loop is None or not self._thread.is_alive():
+            return
+        self._drain = drain
+        self.loop.call_soon_threadsafe(self.server.request_stop)
+        self._thread.join(10 + drain)
+        if self._thread.is_alive():
+            raise RuntimeError("cacheport thread did not stop within its deadline")
+
+
+@contextlib.contextmanager
+def running_proxy(listeners: list[dict[str, Any]], loop_kind: str = "uvloop",
+                  **top: Any) -> Iterator[ProxyThread]:
+    proxy = ProxyThread(make_config(listeners, **top), loop_kind).start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+def cacheport_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "proxy", *args]
+
+
+def cacheport_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run ``cacheport ARGS`` to completion."""
+    return subprocess.run(cacheport_cmd(*args), capture_output=True, text=True,
+                          timeout=timeout, env=cacheport_env(), cwd=ROOT)
+
+
+class CacheportProcess:
+    """``cacheport run`` as a subprocess, stopped by PID."""
+
+    def __init__(self, config_path: Path, *extra: str) -> None:
+        self.log_path = config_path.with_suffix(".log")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            cacheport_cmd("run", "-c", str(config_path), *extra),
+            stdout=self._log, stderr=subprocess.STDOUT, env=cacheport_env(), cwd=ROOT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_serving(self, timeout: float = 15) -> None:
+        def serving() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"cacheport exited {self.proc.returncode}:\n{self.log()}")
+            return "cacheport serving" in self.log()
+
+        wait_until(serving, timeout, message="cacheport to start serving")
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 15) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
