@@ -233,6 +233,7 @@ class Listener:
     async def _connect(self, client: socket.socket) -> None:
         config = self.config
         upstream: socket.socket | None = None
+        relay: Relay | None = None
         try:
             client.setblocking(False)
             upstream = await self._dial(config)
@@ -241,22 +242,31 @@ class Listener:
                 return
             _tune(client)
             _tune(upstream)
+            relay = Relay(self.pool, self._relay_closed)
+            self.relays.add(relay)
+            client_side, upstream_side = relay.client, relay.upstream
+            await self.loop.connect_accepted_socket(lambda: client_side, client)
+            await self.loop.create_connection(lambda: upstream_side, sock=upstream)
         except asyncio.CancelledError:
-            client.close()
-            if upstream is not None:
-                upstream.close()
+            self._discard(relay, client, upstream)
             raise
         except OSError as exc:
             # The client vanished while we dialled (or the socket options failed).
             log.debug("listener %s: client setup failed: %s", self.name, exc)
             self.stats.refuse("client error")
-            client.close()
-            if upstream is not None:
-                upstream.close()
+            self._discard(relay, client, upstream)
             return
-        relay = Relay(self.loop, self.pool, client, upstream, self._relay_closed)
-        self.relays.add(relay)
-        relay.start()
+        if not relay.closed:
+            relay.start()
+
+    def _discard(self, relay: Relay | None, client: socket.socket,
+                 upstream: socket.socket | None) -> None:
+        """Undo a half-made connection: whatever is wrapped in a transport goes with the relay."""
+        if relay is not None:
+            relay.abort()
+        client.close()
+        if upstream is not None:
+            upstream.close()
 
     async def _dial(self, config: ListenerConfig) -> socket.socket | None:
         """Connect to the upstream, trying each address; ``None`` (logged) when none answers."""
@@ -311,8 +321,8 @@ class Listener:
         if self.on_idle is not None and not self.active:
             self.on_idle()
         self._idle_seen.pop(relay, None)
-        self.stats.closed_bytes_upstream += relay.upstream.nbytes
-        self.stats.closed_bytes_downstream += relay.downstream.nbytes
+        self.stats.closed_bytes_upstream += relay.bytes_upstream
+        self.stats.closed_bytes_downstream += relay.bytes_downstream
 
     # -- idle timeout --------------------------------------------------------
 

@@ -2,20 +2,26 @@
 
 ::
 
-    client --recv_into--> [scratch] --send--> upstream      (Pump "upstream")
-    client <--send-- [scratch] <--recv_into-- upstream      (Pump "downstream")
+    client --read--> [scratch] --write--> upstream       (direction "upstream")
+    client <--write-- [scratch] <--read-- upstream       (direction "downstream")
 
-Each direction is driven by the event loop's readiness callbacks on raw
-non-blocking sockets. A chunk is received into a scratch buffer shared by the
-whole process and sent on at once; only when the destination cannot take it
-all does the direction keep that buffer (a fresh one takes its place in the
-pool), stop reading its source and wait for the destination to drain. So a
-direction holds at most one buffer of ``buffer_size`` bytes, an idle
+Each socket is an event-loop transport whose protocol is one ``Side``. A chunk
+is read straight into a scratch buffer shared by the whole event loop
+(``BufferedProtocol``) and written to the other side's transport at once,
+which sends it without copying when the socket can take it. Only when the
+other side cannot take it all does the transport keep a view of the scratch
+buffer: the buffer is then handed over for good (a fresh one takes its place
+in the pool) and this side stops reading until the other transport has
+drained. So a direction holds at most one ``buffer_size`` chunk, an idle
 connection holds none, and no chunk is ever copied in Python.
 
-Half-close: EOF from one side becomes ``shutdown(SHUT_WR)`` on the other once
-every byte before it has been sent; the relay closes when both directions are
-done. A reset or error on either side aborts both (with an RST to the peer).
+Transports rather than raw readiness callbacks: uvloop drops a readiness
+watcher silently when the kernel reports an error (an RST) on its socket,
+while its transports turn every error into ``connection_lost``.
+
+Half-close: EOF from one side becomes ``write_eof()`` (shutdown after the last
+pending byte) on the other; the relay closes once both directions are done.
+A reset or error on either side aborts both, sending an RST to the peer.
 """
 
 from __future__ import annotations
@@ -24,9 +30,9 @@ import asyncio
 import socket
 import struct
 from collections.abc import Callable
+from typing import cast
 
 _LINGER_RST = struct.pack("ii", 1, 0)
-_AGAIN = (BlockingIOError, InterruptedError)
 
 
 class BufferPool:
@@ -50,178 +56,169 @@ class BufferPool:
         if len(self.spare) < self.keep:
             self.spare.append(buf)
 
-    @property
-    def held_bytes(self) -> int:
-        return self.size * (len(self.spare) + 1)
 
+class Side(asyncio.BufferedProtocol):
+    """One socket of a relay; what it reads is written to the other side's transport."""
 
-class Pump:
-    """One direction of a relay: ``src`` -> ``dst``."""
+    __slots__ = ("early", "eof", "held", "nbytes", "peer", "pool", "relay", "transport")
 
-    __slots__ = (
-        "dst",
-        "dstfd",
-        "eof",
-        "loop",
-        "nbytes",
-        "pending",
-        "pool",
-        "pos",
-        "relay",
-        "src",
-        "srcfd",
-        "stop",
-    )
-
-    def __init__(
-        self,
-        relay: Relay,
-        loop: asyncio.AbstractEventLoop,
-        pool: BufferPool,
-        src: socket.socket,
-        dst: socket.socket,
-    ) -> None:
+    def __init__(self, relay: Relay, pool: BufferPool) -> None:
         self.relay = relay
-        self.loop = loop
         self.pool = pool
-        self.src = src
-        self.dst = dst
-        self.srcfd = src.fileno()
-        self.dstfd = dst.fileno()
-        self.nbytes = 0  # bytes received from src (and so sent, or pending, to dst)
-        self.pending: memoryview | None = None  # unsent bytes: pending[pos:stop]
-        self.pos = 0
-        self.stop = 0
+        self.transport: asyncio.Transport | None = None
+        self.peer: Side | None = None
+        self.nbytes = 0  # bytes read from this socket (and so written, or pending, to the peer)
+        self.held: memoryview | None = None  # a scratch buffer the peer transport still sends
+        self.early: bytes | None = None  # read before the peer's transport existed
         self.eof = False
 
-    @property
-    def pending_bytes(self) -> int:
-        return self.stop - self.pos if self.pending is not None else 0
+    # -- protocol callbacks ----------------------------------------------------
 
-    def start(self) -> None:
-        self.loop.add_reader(self.srcfd, self.on_readable)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop starts reading right after this returns, whatever we ask here, so a
+        # chunk can arrive before the other side exists: buffer_updated keeps it aside.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=0, low=0)
 
-    def on_readable(self) -> None:
-        buf = self.pool.scratch
-        try:
-            n = self.src.recv_into(buf)
-        except _AGAIN:
-            return
-        except OSError:
-            self.relay.abort(self)
-            return
-        if not n:
-            self.loop.remove_reader(self.srcfd)
-            self.eof = True
-            self.relay.half_close(self)
-            return
-        self.nbytes += n
-        try:
-            sent = self.dst.send(buf[:n])
-        except _AGAIN:
-            sent = 0
-        except OSError:
-            self.relay.abort(self)
-            return
-        if sent != n:
-            # The destination is full: keep this chunk, stop reading, wait for it.
-            self.pending = self.pool.take_scratch()
-            self.pos = sent
-            self.stop = n
-            self.loop.remove_reader(self.srcfd)
-            self.loop.add_writer(self.dstfd, self.on_writable)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.pool.scratch
 
-    def on_writable(self) -> None:
-        pending = self.pending
-        assert pending is not None
-        try:
-            sent = self.dst.send(pending[self.pos : self.stop])
-        except _AGAIN:
+    def buffer_updated(self, nbytes: int) -> None:
+        self.nbytes += nbytes
+        peer = self.peer.transport  # type: ignore[union-attr]
+        if peer is None or not self.relay.started:
+            self._keep_early(nbytes)
             return
-        except OSError:
-            self.relay.abort(self)
-            return
-        self.pos += sent
-        if self.pos == self.stop:
-            self.loop.remove_writer(self.dstfd)
-            self.pending = None
-            self.pool.give_back(pending)
-            self.loop.add_reader(self.srcfd, self.on_readable)
+        peer.write(self.pool.scratch[:nbytes])
+        if peer.get_write_buffer_size():
+            # The peer kept (a view of) the chunk: let it have the buffer; stop reading.
+            self.held = self.pool.take_scratch()
+            self.transport.pause_reading()  # type: ignore[union-attr]
 
-    def detach(self) -> None:
-        """Stop watching both sockets and return any held buffer."""
-        self.loop.remove_reader(self.srcfd)
-        self.loop.remove_writer(self.dstfd)
-        if self.pending is not None:
-            self.pool.give_back(self.pending)
-            self.pending = None
+    def _keep_early(self, nbytes: int) -> None:
+        """Set-up only: copy a chunk that has nowhere to go yet, and wait for ``start``."""
+        chunk = bytes(self.pool.scratch[:nbytes])
+        self.early = chunk if self.early is None else self.early + chunk
+        self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def pause_writing(self) -> None:
+        """Our transport has unsent bytes; the peer side has already paused itself."""
+
+    def resume_writing(self) -> None:
+        """Our transport drained: the peer side may read again."""
+        peer = self.peer
+        if peer is not None and peer.held is not None:
+            self.pool.give_back(peer.held)
+            peer.held = None
+            if not peer.eof and not self.relay.closed:
+                peer.transport.resume_reading()  # type: ignore[union-attr]
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if not self.relay.started:
+            return True  # passed on by Relay.start, after any early bytes
+        self.relay.half_close(self)
+        return True  # keep the transport: the other direction may still be sending
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            self.relay.abort()
+        else:
+            self.relay.close()
 
 
 class Relay:
-    """A client connection spliced to its upstream connection; owns both sockets."""
+    """A client connection spliced to its upstream connection; owns both transports."""
 
-    __slots__ = (
-        "client",
-        "closed",
-        "downstream",
-        "half_closed",
-        "on_close",
-        "upstream",
-        "upstream_sock",
-    )
+    __slots__ = ("client", "closed", "half_closed", "on_close", "started", "upstream")
 
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        pool: BufferPool,
-        client: socket.socket,
-        upstream: socket.socket,
-        on_close: Callable[[Relay], None],
-    ) -> None:
-        self.client = client
-        self.upstream_sock = upstream
-        self.upstream = Pump(self, loop, pool, client, upstream)  # client -> upstream
-        self.downstream = Pump(self, loop, pool, upstream, client)  # upstream -> client
+    def __init__(self, pool: BufferPool, on_close: Callable[[Relay], None]) -> None:
+        self.client = Side(self, pool)
+        self.upstream = Side(self, pool)
+        self.client.peer = self.upstream
+        self.upstream.peer = self.client
         self.on_close = on_close
         self.half_closed = 0
         self.closed = False
+        self.started = False
+
+    @property
+    def bytes_upstream(self) -> int:
+        """Client -> upstream bytes so far."""
+        return self.client.nbytes
+
+    @property
+    def bytes_downstream(self) -> int:
+        """Upstream -> client bytes so far."""
+        return self.upstream.nbytes
 
     @property
     def bytes_total(self) -> int:
-        return self.upstream.nbytes + self.downstream.nbytes
+        return self.client.nbytes + self.upstream.nbytes
+
+    @property
+    def pending_downstream(self) -> int:
+        """Bytes read from the upstream not yet handed to the client's socket."""
+        t = self.client.transport
+        return t.get_write_buffer_size() if t is not None and not t.is_closing() else 0
 
     def start(self) -> None:
-        self.upstream.start()
-        self.downstream.start()
+        """Both transports exist: pass on what arrived during set-up and start relaying."""
+        self.started = True
+        for side in (self.client, self.upstream):
+            peer = side.peer.transport  # type: ignore[union-attr]
+            if side.early is not None:
+                peer.write(side.early)  # type: ignore[union-attr]
+                side.early = None
+            if side.eof:
+                self.half_close(side)
+            elif not self.closed:
+                side.transport.resume_reading()  # type: ignore[union-attr]
+            if self.closed:
+                return
 
-    def half_close(self, pump: Pump) -> None:
-        """``pump``'s source sent EOF; pass it on once nothing is pending (it never is here)."""
-        try:
-            pump.dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            self.abort(pump)
+    def half_close(self, side: Side) -> None:
+        """``side`` read EOF: shut the peer's write side once its pending bytes are sent."""
+        peer = side.peer.transport  # type: ignore[union-attr]
+        if peer is None or peer.is_closing():
+            self.close()
             return
+        if peer.can_write_eof():
+            peer.write_eof()
         self.half_closed += 1
         if self.half_closed == 2:
             self.close()
 
-    def abort(self, pump: Pump | None = None) -> None:
-        """Tear down both sides at once; the side that did not fail gets an RST."""
-        if self.closed:
-            return
-        for sock in (self.client, self.upstream_sock):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-            except OSError:
-                pass
-        self.close()
-
-    def close(self) -> None:
+    def abort(self) -> None:
+        """Tear down both sides at once; both peers get an RST."""
         if self.closed:
             return
         self.closed = True
-        self.upstream.detach()
-        self.downstream.detach()
-        self.client.close()
-        self.upstream_sock.close()
+        for side in (self.client, self.upstream):
+            t = side.transport
+            if t is None:
+                continue
+            sock = t.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+                except OSError:
+                    pass
+            t.abort()
+        self._finish()
+
+    def close(self) -> None:
+        """Close both sides after their pending bytes are sent."""
+        if self.closed:
+            return
+        self.closed = True
+        for side in (self.client, self.upstream):
+            if side.transport is not None:
+                side.transport.close()
+        self._finish()
+
+    def _finish(self) -> None:
+        for side in (self.client, self.upstream):
+            if side.held is not None:
+                side.held = None  # the transport may still send it; do not reuse
         self.on_close(self)

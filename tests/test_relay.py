@@ -1,0 +1,285 @@
+"""Relay behaviour with raw sockets: half-close, reset, backpressure, dead upstreams, idle."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import struct
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.support import CacheportProcess, free_port, running_proxy, wait_until
+from tests.upstreams import (
+    echo_until_eof_then_reply,
+    pattern,
+    push,
+    reset_after_partial_reply,
+    reset_immediately,
+    talk_after_our_eof,
+    tcp_upstream,
+)
+
+
+def tcp_listener(port: int, **extra: object) -> list[dict[str, object]]:
+    return [{"name": "t", "listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{port}",
+             "protocol": "tcp", **extra}]
+
+
+def connect(port: int, timeout: float = 10) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    return sock
+
+
+def read_to_eof(sock: socket.socket) -> bytes:
+    chunks = []
+    while data := sock.recv(1 << 16):
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+def test_client_half_close_reaches_upstream_and_reply_still_arrives(loop_kind: str) -> None:
+    payload = pattern(3 << 20)
+    with tcp_upstream(echo_until_eof_then_reply) as port, \
+            running_proxy(tcp_listener(port), loop_kind) as proxy:
+        sock = connect(proxy.port("t"))
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)  # upstream must see EOF after the last byte
+        reply = read_to_eof(sock)
+        sock.close()
+    assert reply == b"got %d bytes;" % len(payload) + payload[-16:] + b";bye"
+
+
+def test_upstream_half_close_reaches_client_which_can_still_send(loop_kind: str) -> None:
+    with tcp_upstream(talk_after_our_eof) as port, \
+            running_proxy(tcp_listener(port), loop_kind) as proxy:
+        sock = connect(proxy.port("t"))
+        assert read_to_eof(sock) == b"hello-then-fin"  # EOF passed through
+        sock.sendall(b"still talking after the upstream's FIN")  # our direction stays open
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(5)
+        assert sock.recv(10) == b""
+        sock.close()
+        wait_until(lambda: proxy.server.active == 0, 5, message="relay to close")
+
+
+def test_upstream_reset_closes_client(loop_kind: str) -> None:
+    with tcp_upstream(reset_after_partial_reply) as port, \
+            running_proxy(tcp_listener(port), loop_kind) as proxy:
+        sock = connect(proxy.port("t"))
+        sock.sendall(b"request")
+        received = b""
+        with pytest.raises(ConnectionResetError):
+            while True:
+                data = sock.recv(1024)
+                if not data:  # a FIN instead of an RST would end here
+                    raise AssertionError(f"expected a reset, got a clean close after {received!r}")
+                received += data
+        sock.close()
+        assert received in (b"", b"partial")
+        wait_until(lambda: proxy.server.active == 0, 5, message="relay to close")
+
+
+def test_upstream_that_resets_at_once_closes_client(loop_kind: str) -> None:
+    with tcp_upstream(reset_immediately) as port, \
+            running_proxy(tcp_listener(port), loop_kind) as proxy:
+        sock = connect(proxy.port("t"))
+        sock.settimeout(5)
+        with pytest.raises((ConnectionResetError, AssertionError)):
+            if sock.recv(10) == b"":
+                raise AssertionError("closed")
+        sock.close()
+        wait_until(lambda: proxy.server.active == 0, 5, message="relay to close")
+
+
+def test_client_reset_closes_upstream(loop_kind: str) -> None:
+    upstream_saw: list[str] = []
+
+    def handler(conn: socket.socket) -> None:
+        conn.settimeout(10)
+        try:
+            while conn.recv(1024):
+                pass
+            upstream_saw.append("eof")
+        except ConnectionResetError:
+            upstream_saw.append("reset")
+
+    with tcp_upstream(handler) as port, running_proxy(tcp_listener(port), loop_kind) as proxy:
+        sock = connect(proxy.port("t"))
+        sock.sendall(b"some request bytes")
+        wait_until(lambda: proxy.server.active == 1 and proxy.server.listeners["t"].relays, 5)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        wait_until(lambda: upstream_saw, 10, message="upstream to see the client go")
+        wait_until(lambda: proxy.server.active == 0, 5, message="relay to close")
+    assert upstream_saw == ["reset"]
+
+
+def test_upstream_refused_closes_client_within_connect_timeout(loop_kind: str) -> None:
+    dead_port = free_port()  # nothing listens here
+    with running_proxy(tcp_listener(dead_port, connect_timeout="1s"), loop_kind) as proxy:
+        sock = connect(proxy.port("t"))
+        sock.settimeout(5)
+        start = time.monotonic()
+        assert sock.recv(10) == b""
+        assert time.monotonic() - start < 1 + 1
+        sock.close()
+        assert proxy.server.listeners["t"].stats.refused == {"connect failed": 1}
+
+
+def test_upstream_that_never_answers_closes_client_at_connect_timeout() -> None:
+    """A listening socket with a full backlog never completes the handshake (SYNs dropped)."""
+    backlog = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    backlog.bind(("127.0.0.1", 0))
+    backlog.listen(0)
+    port = backlog.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(8):  # fill the accept queue; later SYNs are dropped, not refused
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            fillers.append(s)
+        time.sleep(0.2)
+        with running_proxy(tcp_listener(port, connect_timeout="1s")) as proxy:
+            sock = connect(proxy.port("t"))
+            sock.settimeout(5)
+            start = time.monotonic()
+            assert sock.recv(10) == b""
+            elapsed = time.monotonic() - start
+            sock.close()
+        assert 0.8 <= elapsed < 2.0, elapsed
+    finally:
+        for s in fillers:
+            s.close()
+        backlog.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.slow
+def test_backpressure_bounds_memory_and_delivers_200mb_intact(tmp_path: Path) -> None:
+    size = 200 << 20
+    expected = hashlib.sha256(pattern(size)).hexdigest()
+    with tcp_upstream(push(size)) as port:
+        config = tmp_path / "bp.yaml"
+        proxy_port = free_port()
+        config.write_text(
+            f"listeners:\n  - {{name: bp, listen: '127.0.0.1:{proxy_port}', "
+            f"upstream: '127.0.0.1:{port}'}}\n")
+        proc = CacheportProcess(config)
+        try:
+            proc.wait_serving()
+            rss_before = psutil.Process(proc.pid).memory_info().rss
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+            sock.settimeout(60)
+            sock.connect(("127.0.0.1", proxy_port))
+            # The client reads nothing while the upstream pushes; give it time to fill
+            # every buffer on the way, then check cacheport did not take the rest in.
+            time.sleep(2.0)
+            rss_stalled = psutil.Process(proc.pid).memory_info().rss
+            digest = hashlib.sha256()
+            received = 0
+            while chunk := sock.recv(1 << 20):
+                digest.update(chunk)
+                received += len(chunk)
+            sock.close()
+            rss_after = psutil.Process(proc.pid).memory_info().rss
+        finally:
+            proc.stop()
+    assert received == size
+    assert digest.hexdigest() == expected
+    growth = rss_stalled - rss_before
+    assert growth < 8 << 20, f"cacheport grew {growth >> 20} MiB while the client stalled"
+    assert rss_after - rss_before < 16 << 20
+
+
+def test_buffered_bytes_stay_within_one_buffer_per_direction(loop_kind: str) -> None:
+    """cacheport's own count: a stalled direction holds at most one buffer_size chunk."""
+    size = 64 << 20
+    with tcp_upstream(push(size)) as port, \
+            running_proxy(tcp_listener(port, buffer_size="64k"), loop_kind) as proxy:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        sock.settimeout(60)
+        sock.connect(("127.0.0.1", proxy.port("t")))
+        listener = proxy.server.listeners["t"]
+
+        def stalled_pending() -> int:
+            relays = list(listener.relays)
+            return relays[0].pending_downstream if relays else 0
+
+        pending = wait_until(lambda: proxy.call(stalled_pending), 10,
+                             message="the downstream direction to stall")
+        assert 0 < pending <= 64 << 10
+        moved = proxy.call(lambda: next(iter(listener.relays)).bytes_downstream)
+        time.sleep(0.3)
+        assert proxy.call(lambda: next(iter(listener.relays)).bytes_downstream) == moved
+        assert moved < size  # it stopped reading the upstream
+        received = 0
+        while chunk := sock.recv(1 << 20):
+            received += len(chunk)
+        sock.close()
+    assert received == size
+
+
+def test_idle_timeout_closes_idle_client(loop_kind: str) -> None:
+    def silent(conn: socket.socket) -> None:
+        conn.settimeout(10)
+        while conn.recv(1024):
+            pass
+
+    with tcp_upstream(silent) as port, \
+            running_proxy(tcp_listener(port, idle_timeout="500ms"), loop_kind) as proxy:
+        sock = connect(proxy.port("t"))
+        sock.settimeout(5)
+        start = time.monotonic()
+        assert sock.recv(10) == b""
+        elapsed = time.monotonic() - start
+        sock.close()
+        assert 0.45 <= elapsed < 1.5, elapsed
+        assert proxy.server.listeners["t"].stats.idle_closed == 1
+
+
+def test_without_idle_timeout_idle_connection_stays_open() -> None:
+    def echo(conn: socket.socket) -> None:
+        conn.settimeout(10)
+        while data := conn.recv(1024):
+            conn.sendall(data)
+
+    with tcp_upstream(echo) as port, running_proxy(tcp_listener(port)) as proxy:
+        sock = connect(proxy.port("t"))
+        sock.settimeout(0.01)
+        time.sleep(1.0)  # idle, well past the 500ms of the test above
+        sock.settimeout(5)
+        sock.sendall(b"ping")
+        assert sock.recv(10) == b"ping"
+        sock.close()
+
+
+def test_socket_options_on_both_legs() -> None:
+    seen: dict[str, int] = {}
+
+    def inspect(conn: socket.socket) -> None:
+        conn.settimeout(10)
+        conn.recv(10)
+        conn.sendall(b"ok")
+
+    with tcp_upstream(inspect) as port, running_proxy(tcp_listener(port)) as proxy:
+        sock = connect(proxy.port("t"))
+        sock.sendall(b"x")
+        assert sock.recv(10) == b"ok"
+
+        def options() -> None:
+            relay = next(iter(proxy.server.listeners["t"].relays))
+            for name, side in (("client", relay.client), ("upstream", relay.upstream)):
+                assert side.transport is not None
+                s = side.transport.get_extra_info("socket")
+                seen[f"{name}_nodelay"] = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                seen[f"{name}_keepalive"] = s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+
+        proxy.call(options)
+        sock.close()
+    assert all(value for value in seen.values()), seen
