@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar, cast
 
 import yaml
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Protocol = Literal["tcp", "memcached", "redis"]
 PROTOCOLS: tuple[Protocol, ...] = ("tcp", "memcached", "redis")
 DEFAULT_PORTS: dict[str, int] = {"memcached": 11211, "redis": 6379}
@@ -77,6 +78,13 @@ class ListenerConfig:
     idle_timeout: float | None = None
     buffer_size: int = DEFAULT_BUFFER_SIZE
     dns_ttl: float = 5.0
+    allow: tuple[Network, ...] | None = None  # None: loopback listeners only (validated)
+    max_connections: int | None = None
+    max_connections_per_client: int | None = None
+
+    @property
+    def allows_everyone(self) -> bool:
+        return self.allow is not None and any(net.prefixlen == 0 for net in self.allow)
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,7 +265,10 @@ def parse_address(
 # The schema
 
 _LISTENER_KEYS = ("name", "listen", "upstream", "protocol")
-_TUNABLE_KEYS = ("protocol", "connect_timeout", "idle_timeout", "buffer_size", "dns_ttl")
+_TUNABLE_KEYS = (
+    "protocol", "connect_timeout", "idle_timeout", "buffer_size", "dns_ttl",
+    "allow", "max_connections", "max_connections_per_client",
+)
 _TOP_KEYS = ("defaults", "listeners")
 
 T = TypeVar("T")
@@ -326,7 +337,40 @@ def _parse_idle_timeout(value: Any) -> float | None:
     return parse_duration(value, allow_off=True)
 
 
+def parse_networks(value: Any) -> tuple[Network, ...]:
+    """A list of CIDRs (``198.51.100.27/32``, ``2001:db8::/32``; a bare IP is one host)."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"expected a list of CIDRs like [198.51.100.27/32], got {value!r}")
+    networks: list[Network] = []
+    for item in value:
+        if not isinstance(item, str):
+            raise ValueError(f"expected a CIDR like 198.51.100.0/24, got {item!r}")
+        try:
+            net = ipaddress.ip_network(item.strip(), strict=True)
+        except ValueError as exc:
+            try:
+                loose = ipaddress.ip_network(item.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not a CIDR ({exc})") from None
+            raise ValueError(f"{item!r} has host bits set; did you mean {loose}?") from None
+        networks.append(net)
+    return tuple(networks)
+
+
+def _parse_limit(value: Any) -> int | None:
+    if value is None or value is False or value == "off":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected a whole number of connections >= 1 or off, got {value!r}")
+    return value
+
+
 _TUNABLE_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "allow": parse_networks,
+    "max_connections": _parse_limit,
+    "max_connections_per_client": _parse_limit,
     "protocol": _parse_protocol,
     "connect_timeout": _parse_connect_timeout,
     "idle_timeout": _parse_idle_timeout,
@@ -374,7 +418,22 @@ def _listener(
             raise
 
     upstream = _field(ctx, raw, "upstream", where, parse_upstream)
+    if settings.get("allow") is None and not _is_loopback(listen):
+        raise ctx.error(
+            f"field 'listen': {listen} is reachable from other hosts but no 'allow' list says "
+            "who may connect; add allow: [CIDR, ...] to the listener or to defaults "
+            "(allow: [0.0.0.0/0] opens it to everyone)",
+            line=raw.lines.get("listen", raw.line), where=where)
     return ListenerConfig(name=name, listen=listen, upstream=upstream, **settings)
+
+
+def _is_loopback(address: Address) -> bool:
+    if address.host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.host).is_loopback
+    except ValueError:
+        return False
 
 
 def _conflicts(a: Address, b: Address) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import socket
 import time
@@ -120,6 +121,9 @@ class Listener:
         self._resume_handle: asyncio.TimerHandle | None = None
         self._idle_handle: asyncio.TimerHandle | None = None
         self._idle_seen: dict[Relay, tuple[int, float]] = {}
+        self._limit_warn = _RateLimitedLog()
+        self._per_client: dict[str, int] = {}  # live connections per source IP
+        self._not_allowed_seen: dict[str, float] = {}
 
     @property
     def name(self) -> str:
@@ -155,6 +159,9 @@ class Listener:
             "listener %s %s -> %s (%s) started",
             self.name, self.bound, self.config.upstream, self.config.protocol,
         )
+        if self.config.allows_everyone:
+            log.warning("listener %s: allow list admits every address; narrow it to your "
+                        "clients' CIDRs unless this port is firewalled elsewhere", self.name)
 
     def stop_accepting(self) -> None:
         """Close the listening socket; live connections are left alone."""
@@ -208,10 +215,58 @@ class Listener:
                         "listener %s: accept failed: %s", self.name, exc.strerror or exc
                     )
                 return
+            source = _peer[0]
+            refusal = self._admit(source)
+            if refusal is not None:
+                self.stats.refuse(refusal)
+                client.close()
+                continue
             self.stats.accepted += 1
-            task = self.loop.create_task(self._connect(client))
+            self._per_client[source] = self._per_client.get(source, 0) + 1
+            task = self.loop.create_task(self._connect(client, source))
             self.connecting.add(task)
             task.add_done_callback(self._connect_done)
+
+    def _admit(self, source: str) -> str | None:
+        """Why a new client from ``source`` is refused at accept, or None to admit it."""
+        config = self.config
+        if config.allow is not None:
+            ip = ipaddress.ip_address(source)
+            if not any(ip in net for net in config.allow):
+                self._log_not_allowed(source)
+                return "not allowed"
+        limit = config.max_connections
+        if limit is not None and self.active >= limit:
+            self._limit_warn.warning(
+                "listener %s: max_connections %d reached; new clients are closed",
+                self.name, limit)
+            return "max connections"
+        limit = config.max_connections_per_client
+        if limit is not None and self._per_client.get(source, 0) >= limit:
+            self._limit_warn.warning(
+                "listener %s: client %s reached max_connections_per_client %d",
+                self.name, source, limit)
+            return "max connections per client"
+        return None
+
+    def _log_not_allowed(self, source: str) -> None:
+        """At most one line per source per minute, and a bounded memory of sources."""
+        now = time.monotonic()
+        last = self._not_allowed_seen.get(source)
+        if last is not None and now - last < 60:
+            return
+        if len(self._not_allowed_seen) >= 4096:
+            self._not_allowed_seen = {
+                s: t for s, t in self._not_allowed_seen.items() if now - t < 60}
+        self._not_allowed_seen[source] = now
+        log.warning("listener %s: refused %s, not in its allow list", self.name, source)
+
+    def _release(self, source: str) -> None:
+        count = self._per_client.get(source, 0) - 1
+        if count > 0:
+            self._per_client[source] = count
+        else:
+            self._per_client.pop(source, None)
 
     def _pause_accepting(self, exc: OSError) -> None:
         """Out of file descriptors: stop polling the socket for a while instead of spinning."""
@@ -230,7 +285,8 @@ class Listener:
 
     # -- connecting ----------------------------------------------------------
 
-    async def _connect(self, client: socket.socket) -> None:
+    async def _connect(self, client: socket.socket, source: str) -> None:
+        """Dial the upstream and start a relay; the per-client count goes with the relay."""
         config = self.config
         upstream: socket.socket | None = None
         relay: Relay | None = None
@@ -242,7 +298,7 @@ class Listener:
                 return
             _tune(client)
             _tune(upstream)
-            relay = Relay(self.pool, self._relay_closed)
+            relay = Relay(self.pool, self._relay_closed, source)
             self.relays.add(relay)
             client_side, upstream_side = relay.client, relay.upstream
             await self.loop.connect_accepted_socket(lambda: client_side, client)
@@ -256,6 +312,9 @@ class Listener:
             self.stats.refuse("client error")
             self._discard(relay, client, upstream)
             return
+        finally:
+            if relay is None:
+                self._release(source)
         if not relay.closed:
             relay.start()
 
@@ -318,6 +377,7 @@ class Listener:
 
     def _relay_closed(self, relay: Relay) -> None:
         self.relays.discard(relay)
+        self._release(relay.source)
         if self.on_idle is not None and not self.active:
             self.on_idle()
         self._idle_seen.pop(relay, None)

@@ -130,9 +130,12 @@ class Side(asyncio.BufferedProtocol):
 class Relay:
     """A client connection spliced to its upstream connection; owns both transports."""
 
-    __slots__ = ("client", "closed", "half_closed", "on_close", "started", "upstream")
+    __slots__ = ("client", "closed", "half_closed", "on_close", "source", "started", "upstream")
 
-    def __init__(self, pool: BufferPool, on_close: Callable[[Relay], None]) -> None:
+    def __init__(
+        self, pool: BufferPool, on_close: Callable[[Relay], None], source: str = ""
+    ) -> None:
+        self.source = source  # the client's IP, for per-client limits
         self.client = Side(self, pool)
         self.upstream = Side(self, pool)
         self.client.peer = self.upstream

@@ -39,6 +39,9 @@ BAD_MAPS = {
 }
 
 
+OPEN = "defaults: {allow: ['0.0.0.0/0']}\n"
+
+
 @pytest.mark.parametrize("case", sorted(BAD_MAPS))
 @pytest.mark.parametrize("command", ["check", "run"])
 def test_config_errors_exit_2_with_specific_message(
@@ -46,7 +49,7 @@ def test_config_errors_exit_2_with_specific_message(
 ) -> None:
     text, expected = BAD_MAPS[case]
     path = tmp_path / "bad.yaml"
-    path.write_text(text)
+    path.write_text(text if case == "bad yaml" else text + OPEN)
     args = ("check", str(path)) if command == "check" else ("run", "-c", str(path))
     result = run_cli(*args)
     assert result.returncode == 2, result

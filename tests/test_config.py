@@ -24,7 +24,13 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
+OPEN = "defaults: {allow: ['0.0.0.0/0', '::/0']}\n"
+
+
 def error_of(tmp_path: Path, text: str) -> str:
+    """The error for ``text``; maps that bind 0.0.0.0 get an allow-all list appended."""
+    if text.startswith("listeners:") and "allow" not in text and not text.endswith("'\n"):
+        text += OPEN
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, text))
     return str(info.value)
@@ -42,6 +48,7 @@ def test_example_and_demo_maps_are_valid() -> None:
 def test_defaults_are_inherited_and_overridden(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, """
         defaults:
+          allow: [198.51.100.0/24]
           connect_timeout: 500ms
           idle_timeout: 10m
           protocol: redis
@@ -74,6 +81,7 @@ def test_upstream_forms(value: str, expected: Address) -> None:
 
 def test_ipv6_listen_address(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, """
+        defaults: {allow: ["::/0", 0.0.0.0/0]}
         listeners:
           - {name: v6, listen: "[::]:6380", upstream: "10.0.0.1:6379"}
           - {name: v4, listen: "0.0.0.0:6380", upstream: "10.0.0.1:6379"}
@@ -161,3 +169,46 @@ def test_missing_and_binary_files(tmp_path: Path) -> None:
     binary.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_config(binary)
+
+
+def test_non_loopback_listener_needs_an_allow_list(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "listeners:\n  - {name: a, listen: 6380, upstream: 'x:1'}\n"
+                       "# no allow\n")
+    assert "ports.yaml:2: listener 'a': field 'listen': 0.0.0.0:6380 is reachable" in message
+    assert "add allow: [CIDR, ...]" in message
+    loopback = load_config(write(tmp_path, """
+        listeners:
+          - {name: a, listen: "127.0.0.1:6380", upstream: "x:1"}
+          - {name: b, listen: "[::1]:6380", upstream: "x:1"}
+    """))
+    assert all(lc.allow is None for lc in loopback.listeners)
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("[10.0.0.1/24]", "has host bits set; did you mean 10.0.0.0/24?"),
+        ("[not-a-cidr]", "is not a CIDR"),
+        ("[]", "expected a list of CIDRs"),
+        ("[42]", "expected a CIDR"),
+    ],
+)
+def test_bad_allow_lists(tmp_path: Path, value: str, fragment: str) -> None:
+    message = error_of(tmp_path, "listeners:\n  - {name: a, listen: 1, upstream: 'x:1', "
+                       f"allow: {value}}}\n")
+    assert "listener 'a': field 'allow'" in message
+    assert fragment in message
+
+
+def test_limits_parse(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, """
+        defaults: {max_connections: 100}
+        listeners:
+          - {name: a, listen: "127.0.0.1:1", upstream: "x:1", max_connections_per_client: 5,
+             allow: [198.51.100.27, "2001:db8::/32"]}
+    """))
+    lc = config.listeners[0]
+    assert (lc.max_connections, lc.max_connections_per_client) == (100, 5)
+    assert [str(n) for n in lc.allow or ()] == ["198.51.100.27/32", "2001:db8::/32"]
+    assert "field 'max_connections'" in error_of(
+        tmp_path, "listeners:\n  - {name: a, listen: 1, upstream: 'x:1', max_connections: 0}\n")
