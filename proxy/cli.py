@@ -13,7 +13,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from . import __version__
+from . import __version__, iptables
 from .config import Config, ConfigError, load_config
 from .server import Server, StartError
 
@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a port map and print it as a table")
     check.add_argument("file", metavar="FILE")
     check.set_defaults(func=cmd_check)
+    iptables.register(sub)
     return parser
 
 
