@@ -575,13 +575,8 @@ def render_yaml(
     untranslated: Sequence[Untranslated] = (),
     *,
     source: str = "standard input",
-    allow_field: bool = True,
 ) -> str:
-    """The annotated port map: a header, one commented listener per rule, then the leftovers.
-
-    ``allow_field`` is False for a port-map schema without ``allow:``; the source
-    restrictions are then written as comments (and the caller warns).
-    """
+    """The annotated port map: a header, one commented listener per rule, then the leftovers."""
     rules = sum(len(lc.lines) for lc in listeners)
     skipped = [u for u in untranslated if u.needed]
     not_needed = [u for u in untranslated if not u.needed]
@@ -621,7 +616,7 @@ def render_yaml(
             f"    upstream: {_scalar(str(lc.upstream))}",
             f"    protocol: {lc.protocol}",
         ]
-        out += _allow_lines(lc, allow_field)
+        out += _allow_lines(lc)
     out += _untranslated_lines(
         not_needed, "Not needed with cacheport (the reason is under each line):")
     out += _untranslated_lines(
@@ -629,12 +624,7 @@ def render_yaml(
     return "\n".join(out) + "\n"
 
 
-def _allow_lines(lc: ImportedListener, allow_field: bool) -> list[str]:
-    if not allow_field:
-        if lc.allow is None:
-            return []
-        return [f"    # allow: [{', '.join(lc.allow)}]  (from -s) NOT ENFORCED: this cacheport's",
-                "    # port map has no 'allow' field; every source can connect to this listener"]
+def _allow_lines(lc: ImportedListener) -> list[str]:
     if lc.allow is None:
         return ["    allow:",
                 f"      - {_scalar(open_allow(lc.listen))}  # the rule had no -s: every source"
@@ -674,18 +664,13 @@ def _scalar(text: str) -> str:
     return f'"{escaped}"'
 
 
-def schema_has_allow() -> bool:
-    """Whether this cacheport's port map knows ``allow:`` (the source allow-list)."""
-    return "allow" in {f.name for f in dataclasses.fields(ListenerConfig)}
-
-
 # ---------------------------------------------------------------------------
 # Config -> iptables
 
 
 def _allow_of(lc: ListenerConfig) -> list[str] | None:
     """The listener's allow entries as CIDR strings; None when it admits every source."""
-    entries = getattr(lc, "allow", None)
+    entries = lc.allow
     if entries is None:
         return None
     cidrs = [str(ipaddress.ip_network(str(entry), strict=False)) for entry in entries]
@@ -803,15 +788,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         print(f"cacheport: {label}: no DNAT port forward could be translated ({found}); "
               "nothing written", file=sys.stderr)
         return EXIT_CONFIG
-    allow_field = schema_has_allow()
-    if not allow_field:
-        for lc in listeners:
-            if lc.allow is not None:
-                print(f"cacheport: warning: listener {lc.name}: the rules' -s "
-                      f"{','.join(lc.allow)} is NOT enforced: this cacheport's port map has no "
-                      "'allow' field; keep a firewall rule or security group for it",
-                      file=sys.stderr)
-    document = render_yaml(listeners, untranslated, source=label, allow_field=allow_field)
+    document = render_yaml(listeners, untranslated, source=label)
     target = args.output or "<output>"
     try:
         parse_config(load_yaml(document, target), target)

@@ -28,7 +28,6 @@ from proxy.iptables import (
     parse_rules,
     render_iptables,
     render_yaml,
-    schema_has_allow,
 )
 from tests.support import (
     ProxyThread,
@@ -119,7 +118,7 @@ def config_allow(config: Config) -> list[list[str] | None]:
 
 
 def to_config(listeners: list[ImportedListener], untranslated: list[Untranslated]) -> Config:
-    text = render_yaml(listeners, untranslated, allow_field=schema_has_allow())
+    text = render_yaml(listeners, untranslated)
     return parse_config(load_yaml(text, "<imported>"), "<imported>")
 
 
@@ -300,12 +299,10 @@ def test_headers_policies_and_comments_alone_translate_to_nothing() -> None:
 def test_rendered_map_parses_back_to_the_same_listeners() -> None:
     text = GUIDE + "iptables -t nat -A PREROUTING -p udp --dport 53 -j DNAT --to 10.0.0.2\n"
     listeners, untranslated = parse_rules(text)
-    document = render_yaml(listeners, untranslated, source="guide.sh",
-                           allow_field=schema_has_allow())
+    document = render_yaml(listeners, untranslated, source="guide.sh")
     config = parse_config(load_yaml(document, "<imported>"), "<imported>")
     assert config_summary(config) == EXPECTED
-    if schema_has_allow():
-        assert config_allow(config) == [["0.0.0.0/0"]] * 5
+    assert config_allow(config) == [["0.0.0.0/0"]] * 5
     assert "from guide.sh" in document
     assert "# line 1: " + FIRST_RULE in document
     not_needed, skipped = document.split("# Not needed with cacheport")[1].split("NOT TRANSLATED")
@@ -318,12 +315,9 @@ def test_rendered_allow_lists_follow_the_source_rules() -> None:
     listeners, untranslated = parse_rules(
         "iptables -t nat -A PREROUTING -s 198.51.100.27 -p tcp --dport 6380 -j DNAT "
         "--to 10.0.1.231:6379\n" + FIRST_RULE + "\n")
-    data = yaml.safe_load(render_yaml(listeners, untranslated, allow_field=True))
+    data = yaml.safe_load(render_yaml(listeners, untranslated))
     assert [entry["allow"] for entry in data["listeners"]] == [
         ["198.51.100.27/32"], ["0.0.0.0/0"]]
-    without = render_yaml(listeners, untranslated, allow_field=False)
-    assert "allow" not in yaml.safe_load(without)["listeners"][0]
-    assert "# allow: [198.51.100.27/32]  (from -s) NOT ENFORCED" in without
 
 
 def test_export_then_import_gives_the_same_map() -> None:
