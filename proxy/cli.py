@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from . import __version__, iptables
+from . import __version__, iptables, runtime
 from .config import Config, ConfigError, load_config
-from .server import Server, StartError
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -66,26 +67,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _serve(config: Config) -> int:
-    server = Server(config)
-    try:
-        await server.start()
-    except StartError as exc:
-        log.error("%s; nothing was started", exc)
-        return EXIT_CONFIG
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, server.request_stop)
-    try:
-        await server.wait_stopping()
-        log.info("signal received, stopping")
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        await server.stop()
-    return EXIT_OK
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     try:
@@ -93,9 +74,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return EXIT_CONFIG
+    options = runtime.RunOptions(config_path=args.config, pid_file=args.pid_file,
+                                 watch=args.watch, reuse_port=args.reuse_port)
     with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
         log.info("cacheport %s on %s", __version__, type(runner.get_loop()).__module__)
-        return runner.run(_serve(config))
+        return runner.run(runtime.serve(config, options))
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Validate the file here first, so a bad file is reported by this command."""
+    try:
+        load_config(args.config)
+    except ConfigError as exc:
+        print(f"cacheport: {exc}; nothing was reloaded", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        pid = int(Path(args.pid_file).read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        print(f"cacheport: cannot signal the process in {args.pid_file}: {reason}",
+              file=sys.stderr)
+        return 1
+    print(f"{args.config}: valid; reload signalled to cacheport (pid {pid})")
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,7 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="event loop (default: uvloop when installed)")
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                      default="info")
+    run.add_argument("--pid-file", metavar="PATH", help="write the process id here "
+                     "(for `cacheport reload`)")
+    run.add_argument("--watch", action="store_true",
+                     help="reload when the port map file changes")
+    run.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
+
+    reload = sub.add_parser("reload", help="validate a port map, then make the running "
+                            "cacheport re-read it (SIGHUP)")
+    reload.add_argument("-c", "--config", required=True, metavar="FILE")
+    reload.add_argument("--pid-file", required=True, metavar="PATH",
+                        help="the --pid-file the running cacheport was given")
+    reload.set_defaults(func=cmd_reload)
 
     check = sub.add_parser("check", help="validate a port map and print it as a table")
     check.add_argument("file", metavar="FILE")

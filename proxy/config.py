@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ DEFAULT_PORTS: dict[str, int] = {"memcached": 11211, "redis": 6379}
 
 DEFAULT_CONNECT_TIMEOUT = 3.0
 DEFAULT_BUFFER_SIZE = 64 * 1024
+DEFAULT_DRAIN_TIMEOUT = 30.0
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HOST_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
@@ -93,6 +95,8 @@ class Config:
 
     path: str
     listeners: tuple[ListenerConfig, ...]
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    workers: int = 1
 
     def listener(self, name: str) -> ListenerConfig:
         for lc in self.listeners:
@@ -269,7 +273,7 @@ _TUNABLE_KEYS = (
     "protocol", "connect_timeout", "idle_timeout", "buffer_size", "dns_ttl",
     "allow", "max_connections", "max_connections_per_client",
 )
-_TOP_KEYS = ("defaults", "listeners")
+_TOP_KEYS = ("defaults", "listeners", "drain_timeout", "workers")
 
 T = TypeVar("T")
 
@@ -484,7 +488,31 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
                     f" ({other.listen})", line=raw.lines.get("listen", line),
                     where=f"listener {lc.name!r}: field 'listen': ")
         listeners.append(lc)
-    return Config(path=path, listeners=tuple(listeners))
+    top: dict[str, Any] = {}
+    if "drain_timeout" in data:
+        top["drain_timeout"] = _field(ctx, data, "drain_timeout", "", _parse_drain)
+    if "workers" in data:
+        top["workers"] = _field(ctx, data, "workers", "", parse_workers)
+    return Config(path=path, listeners=tuple(listeners), **top)
+
+
+def _parse_drain(value: Any) -> float:
+    if value == 0 or value is False or value == "off":
+        return 0.0
+    seconds = parse_duration(value)
+    assert seconds is not None
+    return seconds
+
+
+def parse_workers(value: Any) -> int:
+    """A number of worker processes, or ``auto`` for one per CPU."""
+    if value == "auto":
+        return max(os.cpu_count() or 1, 1)
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
+        raise ValueError(f"expected a number of workers from 1 to 256 or auto, got {value!r}")
+    return value
 
 
 def load_yaml(text: str, path: str = "<config>") -> Any:

@@ -77,12 +77,14 @@ def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
-def bind_socket(address: Address, backlog: int = 1024) -> socket.socket:
+def bind_socket(address: Address, backlog: int = 1024, reuse_port: bool = False) -> socket.socket:
     """Bind and listen; ``[::]`` is IPv6 only, as nginx does, so ``0.0.0.0`` can be bound too."""
     family = socket.AF_INET6 if address.is_ipv6 else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((address.host, address.port))
@@ -104,7 +106,10 @@ class Listener:
         pool: BufferPool,
         resolver: Resolver,
         on_idle: Callable[[], None] | None = None,
+        *,
+        reuse_port: bool = False,
     ) -> None:
+        self.reuse_port = reuse_port
         self.config = config
         self.on_idle = on_idle  # called whenever the last connection ends
         self.loop = loop
@@ -135,7 +140,7 @@ class Listener:
 
     def bind(self) -> None:
         try:
-            self.sock = bind_socket(self.config.listen)
+            self.sock = bind_socket(self.config.listen, reuse_port=self.reuse_port)
         except OSError as exc:
             reason = exc.strerror or str(exc)
             if exc.errno == errno.EADDRINUSE:
@@ -147,8 +152,52 @@ class Listener:
             raise BindError(
                 f"listener {self.name!r}: cannot listen on {self.config.listen}: {reason}"
             ) from None
+        self._note_bound()
+
+    def _note_bound(self) -> None:
+        assert self.sock is not None
         host, port = self.sock.getsockname()[:2]
         self.bound = Address(host, port)
+
+    def adopt(self, sock: socket.socket) -> None:
+        """Take over a listening socket from a listener a reload removes (same address)."""
+        self.sock = sock
+        self._note_bound()
+
+    def unbind(self) -> None:
+        """Undo ``bind`` before ``start`` (a reload or start that failed elsewhere)."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def release_socket(self) -> None:
+        """Stop accepting but leave the socket open: another listener has adopted it."""
+        if self.sock is not None:
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock = None
+        self.accepting = False
+        if self._resume_handle is not None:
+            self._resume_handle.cancel()
+            self._resume_handle = None
+        log.info("listener %s %s handed its socket over", self.name, self.bound)
+
+    async def wait_idle(self) -> None:
+        """Wait for every connection of this listener to end (callers bound the wait)."""
+        if not self.active:
+            return
+        idle = asyncio.Event()
+        previous = self.on_idle
+
+        def notify() -> None:
+            idle.set()
+            if previous is not None:
+                previous()
+
+        self.on_idle = notify
+        try:
+            await idle.wait()
+        finally:
+            self.on_idle = previous
 
     def start(self) -> None:
         assert self.sock is not None, "bind() first"
@@ -186,10 +235,15 @@ class Listener:
             self._idle_handle.cancel()
             self._idle_handle = None
 
-    def reconfigure(self, config: ListenerConfig) -> None:
-        """Send new connections per ``config``; live ones keep their upstream."""
+    def reconfigure(self, config: ListenerConfig, pool: BufferPool | None = None) -> None:
+        """Send new connections per ``config``; live ones keep their upstream and socket."""
         old = self.config
         self.config = config
+        if pool is not None:
+            self.pool = pool
+        if old.upstream != config.upstream:
+            log.info("listener %s: new connections now go to %s (was %s)",
+                     self.name, config.upstream, old.upstream)
         if old.idle_timeout != config.idle_timeout:
             if self._idle_handle is not None:
                 self._idle_handle.cancel()

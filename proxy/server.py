@@ -1,18 +1,25 @@
-"""The set of listeners, started together and stopped in order.
+"""The set of listeners: started together, changed by reload, stopped in order.
 
 Start binds every listener before any accepts, so a port that is taken leaves
-nothing half-started. Stop is ordered and idempotent: stop accepting
-everywhere, give live connections a bounded time to finish, cut the rest.
+nothing half-started. A reload is planned from two validated configs
+(``reload.plan_reload``), binds what it adds before changing anything, and then
+changes only what differs. Stop is ordered and idempotent: stop accepting
+everywhere, give live connections up to ``drain_timeout`` to finish, cut the
+rest.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+from dataclasses import dataclass
 
-from .config import Config
+from .config import Config, ListenerConfig
 from .listener import BindError, Listener
 from .relay import BufferPool
+from .reload import ReloadPlan, plan_reload
 from .resolver import Resolver
 
 log = logging.getLogger("cacheport.server")
@@ -22,75 +29,195 @@ class StartError(Exception):
     """The server could not start; nothing is left listening."""
 
 
+class ReloadError(Exception):
+    """A reload could not be applied; the running port map is unchanged."""
+
+
+@dataclass(frozen=True)
+class StopResult:
+    drained: int  # connections that finished by themselves while draining
+    cut: int  # connections closed when drain_timeout ran out (or on a second signal)
+
+
 class Server:
     """Owns the listeners of one port map on one event loop."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, reuse_port: bool = False) -> None:
         self.config = config
+        self.reuse_port = reuse_port  # set for multi-process workers (SO_REUSEPORT)
         self.listeners: dict[str, Listener] = {}
+        self.draining: set[Listener] = set()  # removed by a reload, finishing their connections
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.reloads = 0
+        self.reload_failures = 0
+        self._resolver: Resolver | None = None
+        self._pools: dict[int, BufferPool] = {}
         self._stopping: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
+        self._cut_now: asyncio.Event | None = None
+        self._drain_tasks: set[asyncio.Task[None]] = set()
         self._stopped = False
-        self.loop: asyncio.AbstractEventLoop | None = None
+
+    # -- start -----------------------------------------------------------------
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.loop = loop
         self._stopping = asyncio.Event()
         self._idle = asyncio.Event()
-        resolver = Resolver(loop)
-        pools: dict[int, BufferPool] = {}
-        listeners: list[Listener] = []
-        for lc in self.config.listeners:
-            pool = pools.setdefault(lc.buffer_size, BufferPool(lc.buffer_size))
-            listeners.append(Listener(lc, loop, pool, resolver, self._maybe_idle))
+        self._cut_now = asyncio.Event()
+        self._resolver = Resolver(loop)
+        listeners = [self._make_listener(lc) for lc in self.config.listeners]
         try:
-            for listener in listeners:
-                listener.bind()
+            self._bind_all(listeners, {})
         except BindError as exc:
-            for listener in listeners:
-                if listener.sock is not None:
-                    listener.sock.close()
-                    listener.sock = None
             raise StartError(str(exc)) from None
         for listener in listeners:
             listener.start()
             self.listeners[listener.name] = listener
         log.info("cacheport serving %d listener(s) from %s", len(listeners), self.config.path)
 
+    def _make_listener(self, lc: ListenerConfig) -> Listener:
+        assert self.loop is not None and self._resolver is not None
+        return Listener(lc, self.loop, self._pool(lc.buffer_size), self._resolver,
+                        self._maybe_idle, reuse_port=self.reuse_port)
+
+    def _pool(self, size: int) -> BufferPool:
+        return self._pools.setdefault(size, BufferPool(size))
+
+    @staticmethod
+    def _bind_all(listeners: list[Listener], handoff: dict[str, socket.socket]) -> None:
+        """Bind each listener (or give it a socket being handed over); all or nothing."""
+        bound: list[Listener] = []
+        try:
+            for listener in listeners:
+                sock = handoff.get(str(listener.config.listen))
+                if sock is not None:
+                    listener.adopt(sock)
+                else:
+                    listener.bind()
+                    bound.append(listener)
+        except BindError:
+            for listener in bound:
+                listener.unbind()
+            for listener in listeners:
+                if str(listener.config.listen) in handoff:
+                    listener.sock = None  # not ours to close
+            raise
+
+    # -- reload ----------------------------------------------------------------
+
+    async def reload(self, config: Config) -> ReloadPlan:
+        """Apply a validated config; on failure nothing has changed (``ReloadError``)."""
+        if self._stopped or self._stopping is None or self._stopping.is_set():
+            raise ReloadError("cacheport is stopping; reload ignored")
+        plan = plan_reload(self.config, config)
+        removed = [self.listeners[lc.name] for lc in plan.removed]
+        # A listener re-created on the same address takes over the old socket, so
+        # renaming a listener never closes its port, even for an instant.
+        handoff = {str(old.config.listen): old.sock for old in removed if old.sock is not None}
+        added = [self._make_listener(lc) for lc in plan.added]
+        try:
+            self._bind_all(added, handoff)
+        except BindError as exc:
+            self.reload_failures += 1
+            raise ReloadError(f"{config.path}: {exc}; the running port map is unchanged") \
+                from None
+        taken = {str(listener.config.listen) for listener in added} & set(handoff)
+        for old in removed:
+            del self.listeners[old.name]
+            if str(old.config.listen) in taken:
+                old.release_socket()
+            else:
+                old.stop_accepting()
+            self._drain_later(old, config.drain_timeout)
+        for lc in plan.changed:
+            self.listeners[lc.name].reconfigure(lc, self._pool(lc.buffer_size))
+        for listener in added:
+            listener.start()
+            self.listeners[listener.name] = listener
+        self.config = config
+        self.reloads += 1
+        log.info("reloaded %s: %s", config.path, plan.summary())
+        return plan
+
+    def _drain_later(self, listener: Listener, timeout: float) -> None:
+        """A removed listener's connections get ``timeout`` to finish, then are cut."""
+        self.draining.add(listener)
+
+        async def drain() -> None:
+            try:
+                if listener.active:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(timeout):
+                            await listener.wait_idle()
+                cut = listener.active
+                listener.close_connections()
+                if cut:
+                    log.info("listener %s removed: %d connection(s) cut after drain_timeout",
+                             listener.name, cut)
+            finally:
+                self.draining.discard(listener)
+                self._maybe_idle()
+
+        assert self.loop is not None
+        task = self.loop.create_task(drain())
+        self._drain_tasks.add(task)
+        task.add_done_callback(self._drain_tasks.discard)
+
+    # -- stop ------------------------------------------------------------------
+
     def request_stop(self) -> None:
-        """Safe from a signal handler: only sets an event."""
-        if self._stopping is not None:
-            self._stopping.set()
+        """Safe from a signal handler: only sets events. A second request cuts at once."""
+        if self._stopping is None:
+            return
+        if self._stopping.is_set() and self._cut_now is not None:
+            self._cut_now.set()
+        self._stopping.set()
 
     async def wait_stopping(self) -> None:
         assert self._stopping is not None, "start() first"
         await self._stopping.wait()
 
-    async def stop(self, drain_timeout: float = 0.0) -> None:
-        """Stop accepting, wait up to ``drain_timeout`` for connections, close the rest."""
+    async def stop(self, drain_timeout: float | None = None) -> StopResult:
+        """Stop accepting, let connections finish for ``drain_timeout``, cut the rest."""
         if self._stopped:
-            return
+            return StopResult(0, 0)
         self._stopped = True
-        for listener in self.listeners.values():
+        if self._stopping is not None:
+            self._stopping.set()
+        timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
+        everyone = [*self.listeners.values(), *self.draining]
+        for listener in everyone:
             listener.stop_accepting()
-        if drain_timeout > 0 and self.active and self._idle is not None:
-            self._idle.clear()
-            self._maybe_idle()
-            try:
-                async with asyncio.timeout(drain_timeout):
-                    await self._idle.wait()
-            except TimeoutError:
-                pass
+        at_start = self.active
+        if at_start and timeout > 0:
+            log.info("draining %d connection(s) for up to %gs", at_start, timeout)
+            await self._wait_drained(timeout)
         cut = self.active
-        for listener in self.listeners.values():
+        for listener in everyone:
             listener.close_connections()
-        # Let cancelled connect tasks run their cleanup.
-        await asyncio.sleep(0)
-        if cut:
-            log.info("cacheport stopped; %d connection(s) cut", cut)
-        else:
-            log.info("cacheport stopped")
+        for task in list(self._drain_tasks):
+            task.cancel()
+        await asyncio.sleep(0)  # let cancelled connect tasks clean up
+        result = StopResult(drained=max(at_start - cut, 0), cut=cut)
+        log.info("cacheport stopped: %d connection(s) drained, %d cut", result.drained, result.cut)
+        return result
+
+    async def _wait_drained(self, grace: float) -> None:
+        assert self._idle is not None and self._cut_now is not None
+        self._idle.clear()
+        self._maybe_idle()
+        idle = asyncio.ensure_future(self._idle.wait())
+        cut_now = asyncio.ensure_future(self._cut_now.wait())
+        try:
+            await asyncio.wait({idle, cut_now}, timeout=grace,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            idle.cancel()
+            cut_now.cancel()
+        if self._cut_now.is_set():
+            log.info("second stop signal: cutting connections now")
 
     def _maybe_idle(self) -> None:
         if self._idle is not None and not self.active:
@@ -98,4 +225,4 @@ class Server:
 
     @property
     def active(self) -> int:
-        return sum(listener.active for listener in self.listeners.values())
+        return sum(listener.active for listener in (*self.listeners.values(), *self.draining))

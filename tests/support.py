@@ -101,41 +101,42 @@ class ServerProcess:
     def restart(self) -> None:
         """Start the same server again on the same port."""
         self.stop()
-        fresh = _spawn(self.kind, self.args, self.port)
+        fresh = _spawn(self.kind, self.args, self.port, self.host)
         self.proc = fresh.proc
 
 
-def _command(kind: str, port: int, extra: list[str]) -> list[str]:
+def _command(kind: str, port: int, extra: list[str], host: str) -> list[str]:
     if kind == "memcached":
         user = ["-u", "root"] if os.geteuid() == 0 else []
-        return [require_binary("memcached"), *user, "-l", "127.0.0.1", "-p", str(port),
+        return [require_binary("memcached"), *user, "-l", host, "-p", str(port),
                 "-U", "0", "-m", "64", *extra]
-    return [require_binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
+    return [require_binary("redis-server"), "--port", str(port), "--bind", host,
             "--save", "", "--appendonly", "no", "--daemonize", "no", "--logfile", "",
             "--loglevel", "warning", *extra]
 
 
-def _spawn(kind: str, extra: list[str], port: int) -> ServerProcess:
-    proc = subprocess.Popen(_command(kind, port, extra), stdout=subprocess.DEVNULL,
+def _spawn(kind: str, extra: list[str], port: int, host: str = "127.0.0.1") -> ServerProcess:
+    proc = subprocess.Popen(_command(kind, port, extra, host), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    server = ServerProcess(kind, proc, port, args=list(extra))
+    server = ServerProcess(kind, proc, port, host=host, args=list(extra))
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{kind} exited with {proc.returncode} on port {port}")
-        if port_open(port):
+        if port_open(port, host):
             return server
         time.sleep(0.02)
     server.stop()
     raise RuntimeError(f"{kind} did not listen on port {port} within 10s")
 
 
-def start_server(kind: str, extra: list[str] | None = None) -> ServerProcess:
+def start_server(kind: str, extra: list[str] | None = None, host: str = "127.0.0.1",
+                 port: int | None = None) -> ServerProcess:
     """Start memcached or redis-server on a free port (retrying if the port is raced)."""
     last: Exception | None = None
     for _ in range(3):
         try:
-            return _spawn(kind, list(extra or []), free_port())
+            return _spawn(kind, list(extra or []), port or free_port(host), host)
         except RuntimeError as exc:
             last = exc
     raise RuntimeError(f"could not start {kind}: {last}")
@@ -255,11 +256,11 @@ def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]
 class CacheportProcess:
     """``cacheport run`` as a subprocess, stopped by PID."""
 
-    def __init__(self, config_path: Path, *extra: str) -> None:
+    def __init__(self, config_path: Path, *extra: str, prefix: tuple[str, ...] = ()) -> None:
         self.log_path = config_path.with_suffix(".log")
         self._log = open(self.log_path, "wb")  # closed in stop()
         self.proc = subprocess.Popen(
-            cacheport_cmd("run", "-c", str(config_path), *extra),
+            [*prefix, *cacheport_cmd("run", "-c", str(config_path), *extra)],
             stdout=self._log, stderr=subprocess.STDOUT, env=cacheport_env(), cwd=ROOT,
         )
 

@@ -1,0 +1,162 @@
+"""The running process around one Server: signals, reload triggers, pid file, limits.
+
+Signal handlers only set events; ``serve`` is the one coroutine that acts on
+them. SIGINT/SIGTERM drain and stop (a second one cuts at once), SIGHUP and
+``--watch`` reload the port map file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import resource
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config, ConfigError, load_config
+from .reload import ReloadPlan
+from .server import ReloadError, Server, StartError
+
+log = logging.getLogger("cacheport")
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+WATCH_INTERVAL = 0.5
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    config_path: str
+    pid_file: str | None = None
+    watch: bool = False
+    reuse_port: bool = False
+
+
+def raise_nofile_limit() -> int:
+    """Lift the soft open-files limit to the hard one: each connection costs two descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, hard, exc)
+            return soft
+        log.info("open-files limit raised from %d to %d (about %d connections)",
+                 soft, hard, hard // 2)
+        return hard
+    log.info("open-files limit is %d (about %d connections)", soft, soft // 2)
+    return soft
+
+
+class Reloader:
+    """Re-reads the port map file and applies it; every trigger goes through here."""
+
+    def __init__(self, server: Server, path: str) -> None:
+        self.server = server
+        self.path = path
+        self._lock = asyncio.Lock()
+
+    async def reload(self) -> ReloadPlan:
+        """Validate the file, then apply it; raise ConfigError/ReloadError and change nothing."""
+        async with self._lock:
+            try:
+                config = load_config(self.path)
+            except ConfigError:
+                self.server.reload_failures += 1
+                raise
+            return await self.server.reload(config)
+
+    async def reload_logged(self, trigger: str) -> None:
+        try:
+            await self.reload()
+        except (ConfigError, ReloadError) as exc:
+            log.error("reload (%s) failed, the running port map is unchanged: %s", trigger, exc)
+
+
+def _fingerprint(path: str) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+async def watch_file(path: str, on_change: Callable[[], object],
+                     interval: float = WATCH_INTERVAL) -> None:
+    """Call ``on_change`` once the file's content changed and then held still for a poll.
+
+    Polling keeps this free of inotify quirks (editors that replace the file, bind
+    mounts, ConfigMaps swapping a symlink) at the cost of up to two intervals' delay.
+    """
+    applied = _fingerprint(path)
+    candidate: str | None = None
+    while True:
+        await asyncio.sleep(interval)
+        current = _fingerprint(path)
+        if current is None or current == applied:
+            candidate = None
+            continue
+        if current == candidate:  # unchanged since the last poll: the writer is done
+            applied = current
+            candidate = None
+            on_change()
+        else:
+            candidate = current
+
+
+@contextlib.contextmanager
+def pid_file(path: str | None) -> Iterator[None]:
+    if path is None:
+        yield
+        return
+    target = Path(path)
+    target.write_text(f"{os.getpid()}\n")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if target.read_text().strip() == str(os.getpid()):
+                target.unlink()
+
+
+async def serve(config: Config, options: RunOptions) -> int:
+    """Run until SIGINT/SIGTERM; exit status 0 after a clean stop, 2 if start-up failed."""
+    raise_nofile_limit()
+    server = Server(config, reuse_port=options.reuse_port)
+    try:
+        await server.start()
+    except StartError as exc:
+        log.error("%s; nothing was started", exc)
+        return EXIT_CONFIG
+    loop = asyncio.get_running_loop()
+    reloader = Reloader(server, options.config_path)
+    reload_requested = asyncio.Event()
+    loop.add_signal_handler(signal.SIGINT, server.request_stop)
+    loop.add_signal_handler(signal.SIGTERM, server.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
+    tasks: list[asyncio.Task[None]] = []
+    if options.watch:
+        tasks.append(loop.create_task(watch_file(options.config_path, reload_requested.set)))
+    stopping = loop.create_task(server.wait_stopping())
+    try:
+        with pid_file(options.pid_file):
+            while not stopping.done():
+                reloading = loop.create_task(reload_requested.wait())
+                await asyncio.wait({stopping, reloading}, return_when=asyncio.FIRST_COMPLETED)
+                if reloading.done():
+                    reload_requested.clear()
+                    await reloader.reload_logged("SIGHUP or file change")
+                else:
+                    reloading.cancel()
+            log.info("stop signal received; a second one cuts connections at once")
+            await server.stop()
+    finally:
+        for task in tasks:
+            task.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+    return EXIT_OK
