@@ -15,8 +15,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import __version__, iptables, runtime
-from .config import Config, ConfigError, load_config
+from . import __version__, iptables, runtime, supervisor
+from .config import Config, ConfigError, load_config, parse_workers
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -38,10 +38,19 @@ def _loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
     return asyncio.new_event_loop
 
 
+def _workers(text: str) -> int:
+    try:
+        return parse_workers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _setup_logging(level: str) -> None:
+    worker = os.environ.get(supervisor.WORKER_ID_ENV)
+    prefix = f"[worker {worker}] " if worker is not None else ""
     logging.basicConfig(
         level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s %(name)s: {prefix}%(message)s",
         datefmt="%Y-%m-%dT%H:%M:%S",
         stream=sys.stderr,
     )
@@ -76,7 +85,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     options = runtime.RunOptions(config_path=args.config, pid_file=args.pid_file,
                                  watch=args.watch, reuse_port=args.reuse_port)
+    workers = config.workers if args.workers is None else args.workers
     with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
+        if workers > 1 and not args.reuse_port:
+            log.info("cacheport %s supervising %d workers", __version__, workers)
+            worker_args = ["--loop", args.loop, "--log-level", args.log_level]
+            return runner.run(supervisor.supervise(options, worker_args, workers))
         log.info("cacheport %s on %s", __version__, type(runner.get_loop()).__module__)
         return runner.run(runtime.serve(config, options))
 
@@ -118,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "(for `cacheport reload`)")
     run.add_argument("--watch", action="store_true",
                      help="reload when the port map file changes")
+    run.add_argument("--workers", type=_workers, metavar="N|auto",
+                     help="worker processes sharing every port (default: the map's "
+                     "'workers', else 1)")
     run.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 

@@ -132,6 +132,9 @@ async def serve(config: Config, options: RunOptions) -> int:
     except StartError as exc:
         log.error("%s; nothing was started", exc)
         return EXIT_CONFIG
+    from .supervisor import notify_ready
+
+    notify_ready()
     loop = asyncio.get_running_loop()
     reloader = Reloader(server, options.config_path)
     reload_requested = asyncio.Event()
