@@ -56,16 +56,11 @@ PY
 }
 
 install_venv() {
-    if [ ! -x "$VENV/bin/python" ]; then
-        say "creating virtualenv $VENV"
-        python3 -m venv "$VENV" || die "python3 -m venv failed; install python3-venv"
-    fi
     local stamp="$VENV/.cacheport-installed"
     if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ] || ! grep -qx "$EXTRAS" "$stamp"; then
         say "installing cacheport[$EXTRAS] into $VENV"
-        "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-        "$VENV/bin/python" -m pip install -q -e "$ROOT[$EXTRAS]" \
-            || die "pip install failed (see above); PyPI must be reachable"
+        "$ROOT/scripts/install-venv.sh" "$VENV" "$EXTRAS" --editable \
+            || die "installing into $VENV failed (see above); PyPI must be reachable"
         echo "$EXTRAS" > "$stamp"
     fi
 }
