@@ -8,6 +8,7 @@ new ``Config`` without disturbing the running one.
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import ipaddress
 import os
@@ -69,6 +70,25 @@ class Address:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """TLS for clients (termination): cacheport presents ``cert``; ``client_ca`` asks for
+    client certificates (mutual TLS)."""
+
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTlsConfig:
+    """TLS to the node (origination), for clusters with in-transit encryption."""
+
+    server_name: str | None = None  # default: the upstream's host
+    ca: str | None = None  # default: the system's trust store
+    verify: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerConfig:
     """One port on the NAT host and the cache node it forwards to."""
 
@@ -83,6 +103,8 @@ class ListenerConfig:
     allow: tuple[Network, ...] | None = None  # None: loopback listeners only (validated)
     max_connections: int | None = None
     max_connections_per_client: int | None = None
+    tls: TlsConfig | None = None
+    upstream_tls: UpstreamTlsConfig | None = None
 
     @property
     def allows_everyone(self) -> bool:
@@ -271,7 +293,7 @@ def parse_address(
 _LISTENER_KEYS = ("name", "listen", "upstream", "protocol")
 _TUNABLE_KEYS = (
     "protocol", "connect_timeout", "idle_timeout", "buffer_size", "dns_ttl",
-    "allow", "max_connections", "max_connections_per_client",
+    "allow", "max_connections", "max_connections_per_client", "tls", "upstream_tls",
 )
 _TOP_KEYS = ("defaults", "listeners", "drain_timeout", "workers")
 
@@ -371,7 +393,65 @@ def _parse_limit(value: Any) -> int | None:
     return value
 
 
+_BASE_DIR: contextvars.ContextVar[Path] = contextvars.ContextVar("base_dir", default=Path("."))
+
+
+def _readable_file(value: Any, key: str) -> str:
+    """A path to a readable file; relative paths are relative to the port map's folder."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{key}: expected a file path, got {value!r}")
+    path = _BASE_DIR.get() / value
+    if not path.is_file():
+        raise ValueError(f"{key}: no such file {value!r}")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{key}: {value!r} is not readable by this user")
+    return str(path)
+
+
+def _sub_mapping(value: Any, allowed: tuple[str, ...], required: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping with {', '.join(allowed)}, got {value!r}")
+    for key in value:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown field {key!r}{hint}; known fields: {', '.join(allowed)}")
+    for key in required:
+        if key not in value:
+            raise ValueError(f"missing required field {key!r}")
+    return dict(value)
+
+
+def parse_tls(value: Any) -> TlsConfig | None:
+    if value is False or value is None or value == "off":
+        return None
+    raw = _sub_mapping(value, ("cert", "key", "client_ca"), ("cert", "key"))
+    return TlsConfig(
+        cert=_readable_file(raw["cert"], "cert"),
+        key=_readable_file(raw["key"], "key"),
+        client_ca=_readable_file(raw["client_ca"], "client_ca") if "client_ca" in raw else None,
+    )
+
+
+def parse_upstream_tls(value: Any) -> UpstreamTlsConfig | None:
+    if value is False or value is None or value == "off":
+        return None
+    if value is True or value == "on":
+        return UpstreamTlsConfig()
+    raw = _sub_mapping(value, ("server_name", "ca", "verify"), ())
+    server_name = raw.get("server_name")
+    if server_name is not None and (not isinstance(server_name, str) or not server_name):
+        raise ValueError(f"server_name: expected a host name, got {server_name!r}")
+    verify = raw.get("verify", True)
+    if not isinstance(verify, bool):
+        raise ValueError(f"verify: expected true or false, got {verify!r}")
+    ca = _readable_file(raw["ca"], "ca") if "ca" in raw else None
+    return UpstreamTlsConfig(server_name=server_name, ca=ca, verify=verify)
+
+
 _TUNABLE_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "tls": parse_tls,
+    "upstream_tls": parse_upstream_tls,
     "allow": parse_networks,
     "max_connections": _parse_limit,
     "max_connections_per_client": _parse_limit,
@@ -451,6 +531,15 @@ def _conflicts(a: Address, b: Address) -> bool:
 
 def parse_config(data: Any, path: str = "<config>") -> Config:
     """Validate a loaded YAML document (as from ``load_yaml``) into a ``Config``."""
+    base = Path(path).parent if not path.startswith("<") else Path(".")
+    token = _BASE_DIR.set(base)
+    try:
+        return _parse_config(data, path)
+    finally:
+        _BASE_DIR.reset(token)
+
+
+def _parse_config(data: Any, path: str) -> Config:
     ctx = _Context(path)
     if data is None:
         raise ctx.error("the file is empty; expected a mapping with a 'listeners' list")

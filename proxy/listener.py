@@ -18,6 +18,7 @@ import errno
 import ipaddress
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from .config import Address, ListenerConfig
 from .relay import BufferPool, Relay
 from .resolver import ResolveError, Resolver
+from .tls import ListenerTls
 
 log = logging.getLogger("cacheport.listener")
 
@@ -70,6 +72,16 @@ class _RateLimitedLog:
         self.suppressed = 0
         self.last = now
         log.warning(message, *args)
+
+
+def _tls_reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return "handshake timed out"
+    return str(exc) or type(exc).__name__
 
 
 def _tune(sock: socket.socket) -> None:
@@ -127,6 +139,8 @@ class Listener:
         self._idle_handle: asyncio.TimerHandle | None = None
         self._idle_seen: dict[Relay, tuple[int, float]] = {}
         self._limit_warn = _RateLimitedLog()
+        self._tls_warn = _RateLimitedLog()
+        self.tls = ListenerTls(config)
         self._per_client: dict[str, int] = {}  # live connections per source IP
         self._not_allowed_seen: dict[str, float] = {}
 
@@ -208,6 +222,10 @@ class Listener:
             "listener %s %s -> %s (%s) started",
             self.name, self.bound, self.config.upstream, self.config.protocol,
         )
+        upstream_tls = self.config.upstream_tls
+        if upstream_tls is not None and not upstream_tls.verify:
+            log.warning("listener %s: upstream_tls verify: false -- the node's certificate is "
+                        "not checked, so anyone on the path can pose as it", self.name)
         if self.config.allows_everyone:
             log.warning("listener %s: allow list admits every address; narrow it to your "
                         "clients' CIDRs unless this port is firewalled elsewhere", self.name)
@@ -235,10 +253,12 @@ class Listener:
             self._idle_handle.cancel()
             self._idle_handle = None
 
-    def reconfigure(self, config: ListenerConfig, pool: BufferPool | None = None) -> None:
+    def reconfigure(self, config: ListenerConfig, pool: BufferPool | None = None,
+                    tls: ListenerTls | None = None) -> None:
         """Send new connections per ``config``; live ones keep their upstream and socket."""
         old = self.config
         self.config = config
+        self.tls = tls if tls is not None else ListenerTls(config)
         if pool is not None:
             self.pool = pool
         if old.upstream != config.upstream:
@@ -340,23 +360,35 @@ class Listener:
     # -- connecting ----------------------------------------------------------
 
     async def _connect(self, client: socket.socket, source: str) -> None:
-        """Dial the upstream and start a relay; the per-client count goes with the relay."""
+        """Wrap the client (TLS handshake first, if any), dial the upstream, start a relay.
+
+        The per-client count goes with the relay once there is one.
+        """
         config = self.config
+        tls = self.tls
         upstream: socket.socket | None = None
         relay: Relay | None = None
         try:
             client.setblocking(False)
-            upstream = await self._dial(config)
-            if upstream is None:
-                client.close()
-                return
             _tune(client)
-            _tune(upstream)
             relay = Relay(self.pool, self._relay_closed, source)
             self.relays.add(relay)
             client_side, upstream_side = relay.client, relay.upstream
-            await self.loop.connect_accepted_socket(lambda: client_side, client)
-            await self.loop.create_connection(lambda: upstream_side, sock=upstream)
+            if tls.server is not None and not await self._client_handshake(
+                    relay, client, source, config):
+                return
+            upstream = await self._dial(config)
+            if upstream is None or relay.closed:
+                self._discard(relay, client, upstream)
+                return
+            _tune(upstream)
+            if tls.server is None:
+                await self.loop.connect_accepted_socket(lambda: client_side, client)
+            if tls.client is None:
+                await self.loop.create_connection(lambda: upstream_side, sock=upstream)
+            elif not await self._upstream_handshake(relay, upstream, config):
+                self._discard(relay, client, upstream)
+                return
         except asyncio.CancelledError:
             self._discard(relay, client, upstream)
             raise
@@ -371,6 +403,37 @@ class Listener:
                 self._release(source)
         if not relay.closed:
             relay.start()
+
+    async def _client_handshake(self, relay: Relay, client: socket.socket, source: str,
+                                config: ListenerConfig) -> bool:
+        side = relay.client
+        try:
+            await self.loop.connect_accepted_socket(
+                lambda: side, client, ssl=self.tls.server,
+                ssl_handshake_timeout=config.connect_timeout)
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            self.stats.refuse("tls handshake failed")
+            self._tls_warn.warning("listener %s: TLS handshake with client %s failed: %s",
+                                   self.name, source, _tls_reason(exc))
+            self._discard(relay, client, None)
+            return False
+        return True
+
+    async def _upstream_handshake(self, relay: Relay, upstream: socket.socket,
+                                  config: ListenerConfig) -> bool:
+        side = relay.upstream
+        try:
+            await self.loop.create_connection(
+                lambda: side, sock=upstream, ssl=self.tls.client,
+                server_hostname=self.tls.server_name,
+                ssl_handshake_timeout=config.connect_timeout)
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            self.stats.refuse("upstream tls failed")
+            self._tls_warn.warning("listener %s: TLS handshake with upstream %s (name %s) "
+                                   "failed: %s; client closed", self.name, config.upstream,
+                                   self.tls.server_name, _tls_reason(exc))
+            return False
+        return True
 
     def _discard(self, relay: Relay | None, client: socket.socket,
                  upstream: socket.socket | None) -> None:

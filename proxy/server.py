@@ -21,6 +21,7 @@ from .listener import BindError, Listener
 from .relay import BufferPool
 from .reload import ReloadPlan, plan_reload
 from .resolver import Resolver
+from .tls import ListenerTls, TlsError
 
 log = logging.getLogger("cacheport.server")
 
@@ -67,10 +68,10 @@ class Server:
         self._idle = asyncio.Event()
         self._cut_now = asyncio.Event()
         self._resolver = Resolver(loop)
-        listeners = [self._make_listener(lc) for lc in self.config.listeners]
         try:
+            listeners = [self._make_listener(lc) for lc in self.config.listeners]
             self._bind_all(listeners, {})
-        except BindError as exc:
+        except (BindError, TlsError) as exc:
             raise StartError(str(exc)) from None
         for listener in listeners:
             listener.start()
@@ -116,10 +117,13 @@ class Server:
         # A listener re-created on the same address takes over the old socket, so
         # renaming a listener never closes its port, even for an instant.
         handoff = {str(old.config.listen): old.sock for old in removed if old.sock is not None}
-        added = [self._make_listener(lc) for lc in plan.added]
         try:
+            # Certificates are re-read on every reload, also for listeners otherwise unchanged.
+            new_tls = {lc.name: ListenerTls(lc) for lc in config.listeners
+                       if lc.name in self.listeners and (lc.tls or lc.upstream_tls)}
+            added = [self._make_listener(lc) for lc in plan.added]
             self._bind_all(added, handoff)
-        except BindError as exc:
+        except (BindError, TlsError) as exc:
             self.reload_failures += 1
             raise ReloadError(f"{config.path}: {exc}; the running port map is unchanged") \
                 from None
@@ -132,7 +136,11 @@ class Server:
                 old.stop_accepting()
             self._drain_later(old, config.drain_timeout)
         for lc in plan.changed:
-            self.listeners[lc.name].reconfigure(lc, self._pool(lc.buffer_size))
+            self.listeners[lc.name].reconfigure(lc, self._pool(lc.buffer_size),
+                                                new_tls.get(lc.name))
+        for name in plan.unchanged:
+            if name in new_tls:
+                self.listeners[name].tls = new_tls[name]
         for listener in added:
             listener.start()
             self.listeners[listener.name] = listener

@@ -1,0 +1,278 @@
+"""TLS on both legs, with certificates made by trustme and real TLS-enabled servers."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import ssl
+import subprocess
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+import trustme
+import yaml
+from pymemcache.client.base import Client
+
+from proxy.config import load_config
+from tests.support import (
+    ProxyThread,
+    ServerProcess,
+    free_port,
+    make_config,
+    port_open,
+    running_proxy,
+    wait_until,
+)
+
+
+@dataclass
+class Pki:
+    dir: Path
+    ca: trustme.CA
+    ca_file: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path  # cert and key in one PEM
+    other_ca_file: Path  # a CA that signed nothing here
+
+    def issue(self, name: str, **kwargs: object) -> tuple[Path, Path]:
+        cert = self.ca.issue_cert("localhost", "127.0.0.1", **kwargs)  # type: ignore[arg-type]
+        cert_path, key_path = self.dir / f"{name}.pem", self.dir / f"{name}.key"
+        cert.cert_chain_pems[0].write_to_path(str(cert_path))
+        cert.private_key_pem.write_to_path(str(key_path))
+        return cert_path, key_path
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    other = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    pki = Pki(tmp_path, ca, ca_file, tmp_path / "x", tmp_path / "x", tmp_path / "client.pem",
+              other)
+    pki.server_cert, pki.server_key = pki.issue("server")
+    client = ca.issue_cert("client@example.test")
+    client.private_key_and_cert_chain_pem.write_to_path(str(pki.client_cert))
+    return pki
+
+
+def tls_redis(pki: Pki, cert: Path | None = None, key: Path | None = None) -> ServerProcess:
+    """A redis-server speaking only TLS (in-transit encryption on), on a free port."""
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", str(cert or pki.server_cert),
+         "--tls-key-file", str(key or pki.server_key),
+         "--tls-ca-cert-file", str(pki.ca_file), "--tls-auth-clients", "no",
+         "--save", "", "--appendonly", "no", "--logfile", ""],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = ServerProcess("redis", proc, port)
+    wait_until(lambda: port_open(port), 10, message="redis-server with TLS to listen")
+    return server
+
+
+@pytest.fixture
+def plain_redis() -> Iterator[ServerProcess]:
+    from tests.support import start_server
+
+    server = start_server("redis")
+    yield server
+    server.stop()
+
+
+def client_tls_listener(upstream: ServerProcess, pki: Pki, **tls: object) -> dict[str, object]:
+    return {"name": "tls", "listen": "127.0.0.1:0", "upstream": upstream.address,
+            "protocol": "redis",
+            "tls": {"cert": str(pki.server_cert), "key": str(pki.server_key), **tls}}
+
+
+def test_clients_speak_tls_to_cacheport(pki: Pki, plain_redis: ServerProcess) -> None:
+    with running_proxy([client_tls_listener(plain_redis, pki)]) as proxy:
+        r = redis.Redis(port=proxy.port("tls"), ssl=True, ssl_ca_certs=str(pki.ca_file),
+                        socket_timeout=10)
+        value = os.urandom(4 << 20)
+        assert r.set("big", value)
+        assert r.get("big") == value
+        assert r.ping()
+        r.close()
+    assert redis.Redis(port=plain_redis.port).get("big") == value
+
+
+def test_tls_listener_refuses_old_protocols_and_plaintext(
+    pki: Pki, plain_redis: ServerProcess
+) -> None:
+    with running_proxy([client_tls_listener(plain_redis, pki)]) as proxy:
+        port = proxy.port("tls")
+        old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        old.load_verify_locations(str(pki.ca_file))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.1 on purpose
+            old.maximum_version = ssl.TLSVersion.TLSv1_1
+            old.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+                pytest.raises((ssl.SSLError, ConnectionResetError)):
+            old.wrap_socket(raw, server_hostname="localhost").do_handshake()
+        # A plaintext client gets a clean close, not a hang.
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            raw.sendall(b"PING\r\n")
+            try:
+                answer = raw.recv(100)
+            except ConnectionResetError:
+                answer = b""
+            assert answer == b""  # closed; nothing reached the upstream
+        listener = proxy.server.listeners["tls"]
+        wait_until(lambda: listener.stats.refused.get("tls handshake failed", 0) == 2, 5,
+                   message="both refusals to be counted")
+
+
+def test_mutual_tls_needs_a_client_certificate(pki: Pki, plain_redis: ServerProcess) -> None:
+    listener = client_tls_listener(plain_redis, pki, client_ca=str(pki.ca_file))
+    with running_proxy([listener]) as proxy:
+        port = proxy.port("tls")
+        anonymous = redis.Redis(port=port, ssl=True, ssl_ca_certs=str(pki.ca_file),
+                                socket_timeout=5)
+        with pytest.raises(redis.ConnectionError):
+            anonymous.ping()
+        anonymous.close()
+        known = redis.Redis(port=port, ssl=True, ssl_ca_certs=str(pki.ca_file),
+                            ssl_certfile=str(pki.client_cert), socket_timeout=5)
+        assert known.ping()
+        known.close()
+        assert proxy.server.listeners["tls"].stats.refused["tls handshake failed"] >= 1
+
+
+def test_cacheport_speaks_tls_to_an_encrypted_redis_node(pki: Pki) -> None:
+    node = tls_redis(pki)
+    try:
+        listener = {"name": "r", "listen": "127.0.0.1:0", "upstream": node.address,
+                    "protocol": "redis",
+                    "upstream_tls": {"ca": str(pki.ca_file), "server_name": "localhost"}}
+        with running_proxy([listener]) as proxy:
+            r = redis.Redis(port=proxy.port("r"), socket_timeout=10)  # plaintext to cacheport
+            for i in range(1000):
+                r.set(f"k{i}", i)
+            assert r.get("k999") == b"999"
+            r.close()
+    finally:
+        node.stop()
+
+
+def test_cacheport_speaks_tls_to_an_encrypted_memcached_node(pki: Pki) -> None:
+    port = free_port()
+    user = ["-u", "root"] if os.geteuid() == 0 else []
+    proc = subprocess.Popen(
+        ["memcached", *user, "-l", "127.0.0.1", "-p", str(port), "-Z", "-o",
+         f"ssl_chain_cert={pki.server_cert},ssl_key={pki.server_key}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    node = ServerProcess("memcached", proc, port)
+    try:
+        wait_until(lambda: port_open(port), 10)
+        listener = {"name": "m", "listen": "127.0.0.1:0", "upstream": node.address,
+                    "protocol": "memcached", "upstream_tls": {"ca": str(pki.ca_file)}}
+        with running_proxy([listener]) as proxy:
+            mc = Client(("127.0.0.1", proxy.port("m")), connect_timeout=5, timeout=10)
+            assert mc.set("greeting", b"over TLS")
+            assert mc.get("greeting") == b"over TLS"
+            mc.close()
+    finally:
+        node.stop()
+
+
+@pytest.mark.parametrize("problem", ["unknown CA", "expired", "wrong name"])
+def test_untrusted_upstream_certificate_is_refused_cleanly(
+    pki: Pki, problem: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    cert = key = None
+    ca = str(pki.ca_file)
+    server_name = "localhost"
+    if problem == "unknown CA":
+        ca = str(pki.other_ca_file)
+    elif problem == "expired":
+        past = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
+        cert, key = pki.issue("expired", not_before=past - datetime.timedelta(days=30),
+                              not_after=past)
+    else:
+        server_name = "cache.example.test"
+    node = tls_redis(pki, cert, key)
+    try:
+        listener = {"name": "r", "listen": "127.0.0.1:0", "upstream": node.address,
+                    "upstream_tls": {"ca": ca, "server_name": server_name}}
+        with running_proxy([listener]) as proxy:
+            with socket.create_connection(("127.0.0.1", proxy.port("r")), timeout=5) as raw:
+                raw.sendall(b"PING\r\n")
+                try:
+                    assert raw.recv(100) == b""
+                except ConnectionResetError:
+                    pass
+            stats = proxy.server.listeners["r"].stats
+            wait_until(lambda: stats.refused.get("upstream tls failed") == 1, 5)
+    finally:
+        node.stop()
+    lines = [r.getMessage() for r in caplog.records if "TLS handshake with upstream" in
+             r.getMessage()]
+    assert lines and "certificate verify failed" in lines[0], lines
+
+
+def test_verify_false_is_explicit_and_warned(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    node = tls_redis(pki)
+    try:
+        listener = {"name": "r", "listen": "127.0.0.1:0", "upstream": node.address,
+                    "upstream_tls": {"verify": False}}
+        with running_proxy([listener]) as proxy:
+            r = redis.Redis(port=proxy.port("r"), socket_timeout=5)
+            assert r.ping()
+            r.close()
+    finally:
+        node.stop()
+    assert any("verify: false" in r.getMessage() for r in caplog.records)
+
+
+def test_certificates_are_reread_on_reload(pki: Pki, plain_redis: ServerProcess) -> None:
+    path = pki.dir / "map.yaml"
+    path.write_text(yaml.safe_dump({"listeners": [client_tls_listener(plain_redis, pki)]}))
+    proxy = ProxyThread(load_config(path)).start()
+    try:
+        port = proxy.port("tls")
+
+        def serial() -> int:
+            ctx = ssl.create_default_context(cafile=str(pki.ca_file))
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+                    ctx.wrap_socket(raw, server_hostname="localhost") as conn:
+                der = conn.getpeercert(binary_form=True)
+                assert der is not None
+                return hash(der)
+
+        before = serial()
+        new_cert, new_key = pki.issue("renewed")
+        pki.server_cert.write_bytes(new_cert.read_bytes())  # renewed in place, as certbot does
+        pki.server_key.write_bytes(new_key.read_bytes())
+        assert serial() == before  # not re-read until a reload
+        plan = proxy.call(lambda: proxy.server.reload(load_config(path)))
+        assert plan.empty
+        assert serial() != before
+    finally:
+        proxy.stop()
+
+
+def test_bad_certificate_files_are_config_errors(tmp_path: Path, pki: Pki) -> None:
+    from proxy.config import ConfigError
+    from proxy.server import Server, StartError
+
+    with pytest.raises(ConfigError, match="field 'tls': cert: no such file"):
+        make_config([{"name": "a", "listen": "127.0.0.1:0", "upstream": "127.0.0.1:1",
+                      "tls": {"cert": str(tmp_path / "missing.pem"), "key": "k"}}])
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    config = make_config([{"name": "a", "listen": "127.0.0.1:0", "upstream": "127.0.0.1:1",
+                           "tls": {"cert": str(garbage), "key": str(garbage)}}])
+    import asyncio
+
+    with pytest.raises(StartError, match="listener 'a': field 'tls': cannot use cert"):
+        asyncio.run(Server(config).start())
