@@ -234,6 +234,8 @@ class _LineFramer:
         base = self.position
         pos = 0
         pending = self._unit
+        if base == 0 and n and data[0] in (_BINARY_REQUEST, _BINARY_RESPONSE):
+            raise McProtocolError("binary protocol, not the text protocol")
         while True:
             if self._block:
                 take = min(self._block, n - pos)
@@ -261,8 +263,6 @@ class _LineFramer:
             else:
                 line = bytes(data[pos : nl + 1])
             pos = nl + 1
-            if line[0] in (_BINARY_REQUEST, _BINARY_RESPONSE) and self._start == 0 == base:
-                raise McProtocolError("binary protocol, not the text protocol")
             text = line[:-2] if line.endswith(b"\r\n") else line[:-1]
             size = data_len(line)
             if size >= 0:

@@ -24,6 +24,7 @@ asked to, so the client retries instead of dialling an unreachable address).
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final, Literal
@@ -31,6 +32,7 @@ from typing import Final, Literal
 from .resp import (
     ATTRIBUTE,
     BULK_ERROR,
+    CAPTURE_FOR,
     ERROR,
     PLAIN,
     PUSH,
@@ -335,7 +337,7 @@ class ClusterRewriter:
     ) -> None:
         self.remap = Remapper(mapper, upstream, on_unmapped)
         self.tryagain = unmapped_redirect == "tryagain"
-        self._parser = RequestParser()
+        self._parser = RequestParser(capture_for=CAPTURE_FOR)
         self._conv = Conversation(watched=(b"cluster",))
         self._scanner = Scanner()
         self._hold: bytearray | None = None
@@ -567,6 +569,14 @@ def topology_from_shards(frame: Frame, default_host: str) -> Topology:
     return Topology(tuple(nodes), "shards")
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass(slots=True)
 class _SlotsNode:
     host: str
@@ -605,10 +615,12 @@ def topology_from_slots(frame: Frame, default_host: str) -> Topology:
                 master_id = node_id
             acc = found.get(node_id)
             if acc is None:
+                endpoint_is_ip = bool(endpoint) and _is_ip(endpoint or "")
                 acc = found[node_id] = _SlotsNode(
                     host=host, port=port,
-                    ip=meta_ip or (endpoint if endpoint and endpoint[:1].isdigit() else ""),
-                    hostname=_str(meta.get(b"hostname")) or "",
+                    ip=meta_ip or (endpoint or "" if endpoint_is_ip else ""),
+                    hostname=_str(meta.get(b"hostname")) or (
+                        "" if endpoint_is_ip or endpoint == "?" else endpoint or ""),
                     master_id="" if i == 0 else master_id,
                 )
             acc.slots.append((start, end))

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 # Type bytes.
 BULK: Final = 0x24  # $
@@ -451,13 +451,14 @@ def parse(buf: Bytes, pos: int = 0) -> tuple[Frame, int]:
                     raise ProtocolError(f"bad length in header {bytes(header)!r}")
                 item = Frame("*", None)
             else:
-                frame = Frame(kind, [])
-                if t != ATTRIBUTE:
-                    frame.attrs, attrs = attrs, None
+                # An attribute before an attribute stays chained to it.
+                frame = Frame(kind, [], attrs)
+                attrs = None
                 if count == 0:
                     item = frame
                 else:
-                    stack.append([frame, count * 2 if t in (MAP, ATTRIBUTE) else count])
+                    stack.append([frame, count * 2 if t in (MAP, ATTRIBUTE) and count > 0
+                                  else count])
                     continue
         elif t == END:
             if not stack or stack[-1][1] != -1:
@@ -469,8 +470,6 @@ def parse(buf: Bytes, pos: int = 0) -> tuple[Frame, int]:
         while True:
             assert item is not None
             if item.kind == "|":
-                if attrs is not None:
-                    raise ProtocolError("two attributes in a row")
                 attrs = item
                 break
             if attrs is not None and not isinstance(item.value, list):
@@ -522,13 +521,13 @@ def encode(frame: Frame) -> bytes:
 # --------------------------------------------------------------------------- requests
 
 
-@dataclass(frozen=True, slots=True)
-class Command:
+class Command(NamedTuple):
     """One client command, reduced to what matching replies to it needs.
 
     ``name`` is lower-cased (b"" if it was too long to capture); ``args`` are the leading
     arguments after the name, as sent, as many as the parser captures (it stops at the first
-    one longer than its limit); ``argc`` counts every argument after the name.
+    one longer than its limit); ``argc`` counts every argument after the name. (A named
+    tuple: one is made per command on the hot path, and tuples are the cheapest to make.)
     """
 
     name: bytes
@@ -610,18 +609,21 @@ class RequestParser:
     It follows Redis's own reading rules (``processMultibulkBuffer``, ``processInlineBuffer``):
     a ``*0`` or ``*-1`` header and an empty inline line are no command (and get no reply);
     bulk payloads are skipped, not copied, except the name and the first ``capture`` short
-    arguments. Malformed input raises ``ProtocolError`` (Redis answers it with an error and
-    closes the connection).
+    arguments (only for the commands named in ``capture_for``, if given). Malformed input
+    raises ``RequestError`` (Redis answers it with an error and closes the connection).
     """
 
     __slots__ = (
-        "_args", "_cap", "_capturing", "_inline", "_left", "_line", "_skip", "_total",
-        "capture", "max_capture",
+        "_args", "_cap", "_capturing", "_left", "_line", "_skip", "_total",
+        "capture", "capture_for", "max_capture",
     )
 
-    def __init__(self, capture: int = 2, max_capture: int = 512) -> None:
+    def __init__(self, capture: int = 2, max_capture: int = 512,
+                 capture_for: Iterable[bytes] | None = None) -> None:
         self.capture = capture  # arguments kept after the name
         self.max_capture = max_capture  # longest argument kept
+        self.capture_for = None if capture_for is None else frozenset(
+            c.lower() for c in capture_for)
         self._left = 0  # bulk arguments still to read in the current command
         self._total = 0
         self._args: list[bytes] = []
@@ -629,7 +631,6 @@ class RequestParser:
         self._cap: bytearray | None = None  # an argument being captured across chunks
         self._skip = 0  # payload bytes (with CRLF) left of the current argument
         self._line = bytearray()
-        self._inline = False
 
     @property
     def idle(self) -> bool:
@@ -641,6 +642,9 @@ class RequestParser:
                 self._capturing = False
             else:
                 self._args.append(value)
+                if (len(self._args) == 1 and self.capture_for is not None
+                        and value.lower() not in self.capture_for):
+                    self._capturing = False
         self._left -= 1
         if self._left:
             return None
@@ -657,10 +661,62 @@ class RequestParser:
             raise RequestError(str(exc), out) from None
         return out
 
+    def _whole(self, data: Bytes, pos: int, n: int) -> tuple[Command, int] | None:
+        """The multibulk command at ``pos`` if it is complete and well formed in ``data``.
+
+        The fast path for pipelined traffic; None sends the caller down the byte-by-byte
+        state machine, which also produces the errors for malformed input. Like Redis, it
+        skips the two bytes after a bulk argument without looking at them.
+        """
+        find = data.find
+        nl = find(b"\r\n", pos)
+        if nl < 0:
+            return None
+        try:
+            count = int(data[pos + 1 : nl])
+        except ValueError:
+            return None
+        if count <= 0 or count > 1048576:
+            return None
+        p = nl + 2
+        keep = self.capture + 1
+        max_capture = self.max_capture
+        args: list[bytes] = []
+        dollar = BULK
+        for _ in range(count):
+            if p >= n or data[p] != dollar:
+                return None
+            nl = find(b"\r\n", p)
+            if nl < 0:
+                return None
+            try:
+                size = int(data[p + 1 : nl])
+            except ValueError:
+                return None
+            p = nl + 4 + size
+            if size < 0 or p > n:
+                return None
+            if keep:
+                if size <= max_capture and len(args) < keep:
+                    args.append(bytes(data[nl + 2 : p - 2]))
+                    if len(args) == 1 and self.capture_for is not None \
+                            and args[0].lower() not in self.capture_for:
+                        keep = 0
+                else:
+                    keep = 0
+        return Command(args[0].lower() if args else b"", tuple(args[1:]), count - 1), p
+
     def _feed(self, data: Bytes, out: list[Command]) -> None:
         n = len(data)
         pos = 0
         while True:
+            if not self._left and not self._skip and not self._line and pos < n \
+                    and data[pos] == ARRAY:
+                whole = self._whole(data, pos, n)
+                if whole is not None:
+                    out.append(whole[0])
+                    pos = whole[1]
+                    continue
             if self._skip:
                 skip = self._skip
                 take = min(skip, n - pos)
@@ -672,8 +728,6 @@ class RequestParser:
                     return
                 value: bytes | None = None
                 if self._cap is not None:
-                    if self._cap[-2:] != b"\r\n":
-                        raise ProtocolError("bulk argument not followed by CRLF")
                     value = bytes(self._cap[:-2])
                     self._cap = None
                 cmd = self._done_arg(value)
@@ -706,10 +760,8 @@ class RequestParser:
                 size = _length(line[:-2])
                 if size < 0 or size > MAX_BULK:
                     raise ProtocolError("invalid bulk length")
-                end = pos + size + 2
+                end = pos + size + 2  # Redis skips the CRLF after it unchecked
                 if end <= n:
-                    if data[end - 2] != _CR or data[end - 1] != _LF:
-                        raise ProtocolError("bulk argument not followed by CRLF")
                     keep = (self._capturing and size <= self.max_capture
                             and len(self._args) <= self.capture)
                     cmd = self._done_arg(bytes(data[pos : end - 2]) if keep else None)
@@ -761,6 +813,8 @@ _KINDS: Final[dict[bytes, int]] = {
     b"monitor": _OPAQUE, b"sync": _OPAQUE, b"psync": _OPAQUE,
 }
 # Subscription confirmations: (which set: channels, patterns, shard channels; adds?)
+CAPTURE_FOR: Final = frozenset((*_KINDS, b"client", b"cluster"))
+"""Commands whose arguments reply matching looks at (the rest only need their name)."""
 _CONFIRMS: Final[dict[bytes, tuple[int, bool]]] = {
     b"subscribe": (0, True), b"unsubscribe": (0, False),
     b"psubscribe": (1, True), b"punsubscribe": (1, False),
@@ -835,6 +889,9 @@ class Conversation:
         """Record a command the client sent (call before its reply can arrive)."""
         name = cmd.name
         kind = WATCHED if name in self._watched else _KINDS.get(name, PLAIN)
+        if kind == PLAIN and not (self._reply_off or self._skip_next) and name != b"client":
+            self.pending.append((PLAIN, cmd))  # the common case
+            return
         if name == b"client" and cmd.arg(0) == b"reply" and not self._req_multi:
             mode = cmd.arg(1)
             if mode == b"off":
