@@ -1,0 +1,698 @@
+"""Redis Cluster through a NAT host: rewrite node addresses in replies, parse topologies.
+
+::
+
+    client --feed_request--> ClusterRewriter --(bytes unchanged)--> upstream node
+    client <--feed_reply---  ClusterRewriter <--------------------- upstream node
+                             |  -MOVED/-ASK slot host:port       -> announce:mapped-port
+                             |  CLUSTER SLOTS / SHARDS / NODES /
+                             |  REPLICAS node endpoints          -> announce, mapped ports
+                             +- everything else: byte for byte, usually the very same object
+
+Replies are framed (``resp.Scanner``) and matched to the commands that caused them
+(``resp.Conversation``), never found by searching the byte stream, so a stored value that
+contains ``-MOVED`` comes back unchanged. Only frames that may need rewriting (errors,
+replies to CLUSTER, pub/sub and MULTI bookkeeping) are held until complete; everything else
+is forwarded as it arrives, however large.
+
+The mapper turns an internal ``(host, port)`` (what the node calls itself or a peer) into
+the ``(host, port)`` clients must use. It returns None for a node it does not know yet; the
+rewriter then reports it (``on_unmapped``, ``unmapped``) so the caller can refresh its
+topology, and leaves that endpoint as it was (or answers a redirect with ``-TRYAGAIN`` if
+asked to, so the client retries instead of dialling an unreachable address).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+from .resp import (
+    ATTRIBUTE,
+    BULK_ERROR,
+    CAPTURE_FOR,
+    ERROR,
+    PLAIN,
+    PUSH,
+    Bytes,
+    Conversation,
+    Frame,
+    ProtocolError,
+    RequestError,
+    RequestParser,
+    Scanner,
+    bulk,
+    encode,
+    integer,
+    parse_one,
+)
+
+Mapper = Callable[[str, int], "tuple[str, int] | None"]
+"""Internal (host, port) -> announced (host, port), or None if that node is not mapped yet."""
+
+
+def _s(b: bytes) -> str:
+    return b.decode("utf-8", "surrogateescape")
+
+
+def _b(s: str) -> bytes:
+    return s.encode("utf-8", "surrogateescape")
+
+
+class Remapper:
+    """Looks endpoints up in the mapper and remembers the ones it could not map.
+
+    ``upstream`` is the internal address of the node this connection goes to: an empty host
+    in a redirect (``-MOVED 3999 :6380``) or a NULL endpoint in CLUSTER SLOTS means "the
+    host you are connected to", i.e. this one.
+    """
+
+    __slots__ = ("mapper", "on_unmapped", "unmapped", "upstream")
+
+    def __init__(self, mapper: Mapper, upstream: tuple[str, int],
+                 on_unmapped: Callable[[str, int], None] | None = None) -> None:
+        self.mapper = mapper
+        self.upstream = upstream
+        self.on_unmapped = on_unmapped
+        self.unmapped: set[tuple[str, int]] = set()
+
+    def lookup(self, candidates: Iterable[str | None], port: int) -> tuple[str, int] | None:
+        """Map the first candidate host (with ``port``) the mapper knows."""
+        first: str | None = None
+        for host in candidates:
+            if not host or host == "?":
+                continue
+            if first is None:
+                first = host
+            mapped = self.mapper(host, port)
+            if mapped is not None:
+                return mapped
+        if first is not None:
+            self.unmapped.add((first, port))
+            if self.on_unmapped is not None:
+                self.on_unmapped(first, port)
+        return None
+
+
+# --------------------------------------------------------------------------- redirects
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """A parsed ``-MOVED`` or ``-ASK`` error; ``host`` is "" for the ``:port`` form."""
+
+    kind: str  # "MOVED" or "ASK"
+    slot: int
+    host: str
+    port: int
+
+
+def parse_redirect(raw: Bytes) -> Redirect | None:
+    """Parse a whole error frame (``-MOVED 3999 10.0.1.5:6379\\r\\n``); None if not a redirect."""
+    if not (raw.startswith(b"-MOVED ") or raw.startswith(b"-ASK ")) or raw[-2:] != b"\r\n":
+        return None
+    parts = bytes(raw[1:-2]).split(b" ")
+    if len(parts) != 3 or not parts[1].isdigit():
+        return None
+    host, colon, port = parts[2].rpartition(b":")
+    if not colon or not port.isdigit():
+        return None
+    return Redirect(_s(parts[0]), int(parts[1]), _s(host), int(port))
+
+
+def rewrite_redirect(raw: Bytes, remap: Remapper, tryagain: bool = False) -> bytes | None:
+    """The redirect with the announced endpoint in place; None if not a redirect or unmapped.
+
+    With ``tryagain`` an unmapped target becomes ``-TRYAGAIN`` (clients retry it shortly)
+    instead of being left as an address the client cannot reach.
+    """
+    r = parse_redirect(raw)
+    if r is None:
+        return None
+    mapped = remap.lookup([r.host or remap.upstream[0]], r.port)
+    if mapped is None:
+        if tryagain:
+            return b"-TRYAGAIN cacheport has no port for that node yet, retry\r\n"
+        return None
+    return b"-%s %d %s:%d\r\n" % (_b(r.kind), r.slot, _b(mapped[0]), mapped[1])
+
+
+# --------------------------------------------------------------------------- node lists
+
+
+def _port(f: Frame | None) -> int | None:
+    if f is None or not isinstance(f.value, bytes):
+        return None
+    try:
+        return int(f.bytes_value or b"")
+    except ValueError:
+        return None
+
+
+def _str(f: Frame | None) -> str | None:
+    v = None if f is None else f.bytes_value
+    return None if v is None else _s(v)
+
+
+def _fields(f: Frame) -> dict[bytes, Frame]:
+    """A RESP3 map or its RESP2 flat-array form as {key: value frame}."""
+    out: dict[bytes, Frame] = {}
+    for k, v in f.pairs():
+        key = k.bytes_value
+        if key is not None:
+            out[key.lower()] = v
+    return out
+
+
+def _set_host(f: Frame, host: str) -> None:
+    if f.kind not in "$+=" or f.value is None:
+        f.kind = "$"
+    f.value = (b"txt:" if f.kind == "=" else b"") + _b(host)
+
+
+def rewrite_slots(frame: Frame, remap: Remapper) -> bool:
+    """Rewrite a CLUSTER SLOTS reply in place; True if anything changed.
+
+    Each node is ``[endpoint, port, id, {ip, hostname}]``; a NULL endpoint means "the host
+    you asked", and the metadata map (7.0+) is a flat array in RESP2.
+    """
+    changed = False
+    for rng in frame.items:
+        for node in rng.items[2:]:
+            f = node.items
+            port = _port(f[1]) if len(f) > 1 else None
+            if not port:
+                continue
+            meta = _fields(f[3]) if len(f) > 3 else {}
+            endpoint = f[0].bytes_value
+            first = remap.upstream[0] if endpoint is None else _s(endpoint)
+            mapped = remap.lookup([first, _str(meta.get(b"ip")), _str(meta.get(b"hostname"))],
+                                  port)
+            if mapped is None:
+                continue
+            host, new_port = mapped
+            if f[0].value is None:
+                f[0] = bulk(host)
+            else:
+                _set_host(f[0], host)
+            f[1] = integer(new_port)
+            for key in (b"ip", b"hostname"):
+                if key in meta:
+                    _set_host(meta[key], host)
+            changed = True
+    return changed
+
+
+def _rewrite_shard_node(node: Frame, remap: Remapper) -> bool:
+    f = _fields(node)
+    hosts = [_str(f.get(b"endpoint")), _str(f.get(b"ip")), _str(f.get(b"hostname"))]
+    port, tls_port = _port(f.get(b"port")), _port(f.get(b"tls-port"))
+    mapped = remap.lookup(hosts, port) if port else None
+    mapped_tls = remap.lookup(hosts, tls_port) if tls_port else None
+    if mapped is None and mapped_tls is None:
+        return False
+    host = (mapped or mapped_tls or ("", 0))[0]
+    for key in (b"endpoint", b"ip", b"hostname"):
+        if key in f:
+            _set_host(f[key], host)
+    if mapped is not None:
+        f[b"port"].value = b"%d" % mapped[1]
+    if mapped_tls is not None:
+        f[b"tls-port"].value = b"%d" % mapped_tls[1]
+    return True
+
+
+def rewrite_shards(frame: Frame, remap: Remapper) -> bool:
+    """Rewrite a CLUSTER SHARDS reply in place (endpoint, ip, hostname, port, tls-port)."""
+    changed = False
+    for shard in frame.items:
+        nodes = _fields(shard).get(b"nodes")
+        for node in nodes.items if nodes is not None else ():
+            changed |= _rewrite_shard_node(node, remap)
+    return changed
+
+
+def rewrite_node_line(line: bytes, remap: Remapper) -> bytes:
+    """Rewrite one CLUSTER NODES line: ``<id> <ip:port@cport[,hostname]> ...``.
+
+    The bus port is left alone (clients never use it); aux fields a newer server may add
+    after the hostname are kept, with a ``tls-port=`` one mapped too.
+    """
+    fields = line.split(b" ")
+    if len(fields) < 2:
+        return line
+    hostport, at, rest = fields[1].partition(b"@")
+    ip, colon, port_s = hostport.rpartition(b":")
+    if not colon or not port_s.isdigit() or int(port_s) == 0:
+        return line
+    extras = rest.split(b",") if at else []
+    hostname = extras[1] if len(extras) > 1 and b"=" not in extras[1] else b""
+    hosts = [_s(ip), _s(hostname)]
+    mapped = remap.lookup(hosts, int(port_s))
+    if mapped is None:
+        return line
+    host = _b(mapped[0])
+    for i, extra in enumerate(extras[1:], start=1):
+        if i == 1 and extra == hostname and hostname:
+            extras[i] = host
+        elif extra.startswith(b"tls-port="):
+            tls = extra[9:]
+            if tls.isdigit() and int(tls):
+                tmapped = remap.lookup(hosts, int(tls))
+                if tmapped is not None:
+                    extras[i] = b"tls-port=%d" % tmapped[1]
+    fields[1] = b"%s:%d" % (host, mapped[1]) + ((b"@" + b",".join(extras)) if at else b"")
+    return b" ".join(fields)
+
+
+def rewrite_nodes_text(text: bytes, remap: Remapper) -> bytes:
+    """Rewrite every line of CLUSTER NODES output (line endings kept)."""
+    return b"\n".join(rewrite_node_line(line, remap) if line else line
+                      for line in text.split(b"\n"))
+
+
+def rewrite_nodes(frame: Frame, remap: Remapper) -> bool:
+    """Rewrite a CLUSTER NODES reply (a bulk string, or RESP3 verbatim ``txt:``) in place."""
+    text = frame.bytes_value
+    if text is None:
+        return False
+    new = rewrite_nodes_text(text, remap)
+    if new == text:
+        return False
+    assert isinstance(frame.value, bytes)
+    frame.value = frame.value[: len(frame.value) - len(text)] + new
+    return True
+
+
+def rewrite_replicas(frame: Frame, remap: Remapper) -> bool:
+    """Rewrite a CLUSTER REPLICAS / SLAVES reply: an array of CLUSTER NODES lines."""
+    changed = False
+    for item in frame.items:
+        changed |= rewrite_nodes(item, remap)
+    return changed
+
+
+REWRITERS: Final[dict[bytes, Callable[[Frame, Remapper], bool]]] = {
+    b"slots": rewrite_slots,
+    b"shards": rewrite_shards,
+    b"nodes": rewrite_nodes,
+    b"replicas": rewrite_replicas,
+    b"slaves": rewrite_replicas,
+}
+"""CLUSTER subcommand (lower case) -> in-place rewriter of its reply."""
+
+
+# --------------------------------------------------------------------------- the rewriter
+
+
+class ClusterRewriter:
+    """Rewrites node addresses in the replies on one client connection to a cluster node.
+
+    Call ``feed_request`` with every chunk the client sends, before it goes upstream (a
+    reply is matched to the commands already fed), and ``feed_reply`` with every chunk the
+    node sends; forward what they return. ``feed_reply`` returns ``data`` itself when
+    nothing in it changed and holds back only an incomplete frame that may need rewriting
+    (it then returns the bytes before it). Pass ``bytes`` or ``bytearray`` chunks.
+
+    ``feed_reply`` raises ``ProtocolError`` if the node sends something that is not RESP;
+    the caller should close the connection. A client that sends malformed RESP is not an
+    error here: Redis answers it with an error and closes; the rewriter stops matching
+    (``request_error`` says why) and still rewrites redirects, which need no matching.
+    """
+
+    __slots__ = (
+        "_conv", "_hold", "_opaque", "_parser", "_scanner", "redirects_rewritten",
+        "remap", "replies_rewritten", "request_error", "tryagain",
+    )
+
+    def __init__(
+        self,
+        mapper: Mapper,
+        upstream: tuple[str, int],
+        *,
+        on_unmapped: Callable[[str, int], None] | None = None,
+        unmapped_redirect: Literal["keep", "tryagain"] = "keep",
+    ) -> None:
+        self.remap = Remapper(mapper, upstream, on_unmapped)
+        self.tryagain = unmapped_redirect == "tryagain"
+        self._parser = RequestParser(capture_for=CAPTURE_FOR)
+        self._conv = Conversation(watched=(b"cluster",))
+        self._scanner = Scanner()
+        self._hold: bytearray | None = None
+        self._opaque = False
+        self.request_error: str | None = None
+        self.redirects_rewritten = 0
+        self.replies_rewritten = 0
+
+    @property
+    def unmapped(self) -> set[tuple[str, int]]:
+        """Internal endpoints seen on this connection that the mapper did not know."""
+        return self.remap.unmapped
+
+    @property
+    def opaque(self) -> bool:
+        """True once the connection stopped being request/reply (MONITOR, SYNC, PSYNC)."""
+        return self._opaque
+
+    @property
+    def conversation(self) -> Conversation:
+        return self._conv
+
+    def feed_request(self, data: Bytes) -> Bytes:
+        """Note the commands in a client chunk; returns the chunk unchanged."""
+        if self.request_error is None and not self._opaque:
+            try:
+                commands = self._parser.feed(data)
+            except RequestError as exc:
+                self.request_error = str(exc)
+                commands = exc.commands
+            request = self._conv.request
+            for cmd in commands:
+                request(cmd)
+        return data
+
+    def feed_reply(self, data: Bytes) -> Bytes:
+        """Rewrite a chunk from the node; returns the bytes to send to the client."""
+        if self._opaque:
+            return data
+        conv = self._conv
+        pending = conv.pending
+        scanner = self._scanner
+        n = len(data)
+        pos = emit = 0
+        out: list[Bytes] | None = None
+        if self._hold is not None:
+            end = scanner.scan(data, 0)
+            if end < 0:
+                self._hold += data
+                return b""
+            self._hold += data[:end]
+            raw = bytes(self._hold)
+            self._hold = None
+            new = self._on_frame(raw)
+            out = [raw if new is None else new]
+            pos = emit = end
+        elif not scanner.idle:
+            # The rest of a reply that is being passed through.
+            pos = scanner.scan(data, 0)
+            if pos < 0:
+                return data
+        while pos < n:
+            t = data[pos]
+            if (not conv.special and pending and pending[0][0] == PLAIN and t != ERROR
+                    and t != PUSH and t != ATTRIBUTE and t != BULK_ERROR):
+                pending.popleft()  # the common case: a plain reply to a plain command
+            elif conv.next_is_opaque():
+                self._opaque = True
+                break
+            elif not conv.needs_whole(t):
+                conv.consume(t)
+            else:
+                start = pos
+                end = scanner.scan(data, pos)
+                if end < 0:
+                    if out is None:
+                        out = []
+                    if start > emit:
+                        out.append(data[emit:start])
+                    self._hold = bytearray(data[start:])
+                    emit = n
+                    break
+                new = self._on_frame(data[start:end])
+                if new is not None:
+                    if out is None:
+                        out = []
+                    if start > emit:
+                        out.append(data[emit:start])
+                    out.append(new)
+                    emit = end
+                pos = end
+                continue
+            pos = scanner.scan(data, pos)
+            if pos < 0:
+                break
+        if out is None:
+            return data
+        if emit < n:
+            out.append(data[emit:])
+        return b"".join(out)
+
+    def _on_frame(self, raw: Bytes) -> bytes | None:
+        """A whole reply frame: match it, and return its rewritten bytes if they change."""
+        reply = self._conv.reply(raw)
+        if raw[0] == ERROR:
+            new = rewrite_redirect(raw, self.remap, self.tryagain)
+            if new is not None:
+                self.redirects_rewritten += 1
+            return new
+        cmd = reply.command
+        if cmd is None:
+            return None
+        frame = reply.frame
+        changed = False
+        if cmd.name == b"cluster" and not reply.queued:
+            rewrite = REWRITERS.get(cmd.arg(0) or b"")
+            if rewrite is None:
+                return None
+            frame = frame or parse_one(raw)
+            changed = not frame.is_error and rewrite(frame, self.remap)
+        elif reply.exec_commands and frame is not None:
+            for c, result in zip(reply.exec_commands, frame.items, strict=True):
+                rewrite = REWRITERS.get(c.arg(0) or b"") if c.name == b"cluster" else None
+                if rewrite is not None and not result.is_error:
+                    changed |= rewrite(result, self.remap)
+        if not changed or frame is None:
+            return None
+        self.replies_rewritten += 1
+        return encode(frame)
+
+
+# --------------------------------------------------------------------------- topology
+
+
+class TopologyError(ValueError):
+    """A CLUSTER SHARDS / SLOTS / NODES reply that is an error or not the expected shape."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterNode:
+    """One node as the cluster describes it.
+
+    ``host`` is the endpoint the cluster sends clients to (its preferred endpoint; the
+    queried host when the reply says NULL). ``slots`` are the ranges served by the node's
+    shard (for a replica: its master's). ``health`` comes from CLUSTER SHARDS ("online",
+    "failed", "loading") or CLUSTER NODES flags; CLUSTER SLOTS lists only serving nodes.
+    """
+
+    node_id: str
+    host: str
+    port: int
+    tls_port: int = 0
+    ip: str = ""
+    hostname: str = ""
+    role: Literal["master", "replica"] = "master"
+    master_id: str = ""
+    health: str = "online"
+    slots: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """The cluster's nodes, from whichever command could be run."""
+
+    nodes: tuple[ClusterNode, ...] = field(default_factory=tuple)
+    source: str = ""  # "shards", "slots" or "nodes"
+
+    @property
+    def masters(self) -> tuple[ClusterNode, ...]:
+        return tuple(n for n in self.nodes if n.role == "master")
+
+    def by_id(self) -> dict[str, ClusterNode]:
+        return {n.node_id: n for n in self.nodes}
+
+    def owner(self, slot: int) -> ClusterNode | None:
+        """The master serving ``slot``, if any."""
+        for n in self.masters:
+            if any(a <= slot <= b for a, b in n.slots):
+                return n
+        return None
+
+
+def _check(frame: Frame, what: str) -> None:
+    if frame.is_error:
+        raise TopologyError(f"{what} failed: {_s(frame.bytes_value or b'')}")
+    if not isinstance(frame.value, list):
+        raise TopologyError(f"{what} reply is not an array (type {frame.kind!r})")
+
+
+def _int(f: Frame | None, what: str) -> int:
+    value = _port(f)
+    if value is None:
+        raise TopologyError(f"{what} is not an integer")
+    return value
+
+
+def _ranges(values: list[int]) -> tuple[tuple[int, int], ...]:
+    return tuple(sorted((values[i], values[i + 1]) for i in range(0, len(values) - 1, 2)))
+
+
+def topology_from_shards(frame: Frame, default_host: str) -> Topology:
+    """Parse a CLUSTER SHARDS reply (Redis 7.0+; RESP2 or RESP3)."""
+    _check(frame, "CLUSTER SHARDS")
+    nodes: list[ClusterNode] = []
+    try:
+        for shard in frame.items:
+            f = _fields(shard)
+            slots = _ranges([_int(s, "slot") for s in f[b"slots"].items])
+            members = [_fields(node) for node in f[b"nodes"].items]
+            master = next((_str(m.get(b"id")) for m in members
+                           if _str(m.get(b"role")) == "master"), "")
+            for m in members:
+                ip, hostname = _str(m.get(b"ip")) or "", _str(m.get(b"hostname")) or ""
+                endpoint = _str(m.get(b"endpoint"))
+                role: Literal["master", "replica"] = (
+                    "master" if _str(m.get(b"role")) == "master" else "replica")
+                nodes.append(ClusterNode(
+                    node_id=_str(m[b"id"]) or "",
+                    host=endpoint if endpoint and endpoint != "?" else (ip or default_host),
+                    port=_port(m.get(b"port")) or 0,
+                    tls_port=_port(m.get(b"tls-port")) or 0,
+                    ip=ip, hostname=hostname, role=role,
+                    master_id="" if role == "master" else (master or ""),
+                    health=_str(m.get(b"health")) or "online",
+                    slots=slots,
+                ))
+    except KeyError as exc:
+        raise TopologyError(f"CLUSTER SHARDS entry without {exc.args[0]!r}") from None
+    return Topology(tuple(nodes), "shards")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(slots=True)
+class _SlotsNode:
+    host: str
+    port: int
+    ip: str
+    hostname: str
+    master_id: str
+    slots: list[tuple[int, int]] = field(default_factory=list)
+
+
+def topology_from_slots(frame: Frame, default_host: str) -> Topology:
+    """Parse a CLUSTER SLOTS reply (any version; RESP2 or RESP3).
+
+    The first node of each range is its master. Ranges of one node are merged; a node
+    without an id (Redis < 4) is named ``host:port``.
+    """
+    _check(frame, "CLUSTER SLOTS")
+    found: dict[str, _SlotsNode] = {}
+    for rng in frame.items:
+        items = rng.items
+        if len(items) < 3:
+            raise TopologyError("CLUSTER SLOTS range without a master")
+        start, end = _int(items[0], "slot"), _int(items[1], "slot")
+        master_id = ""
+        for i, node in enumerate(items[2:]):
+            f = node.items
+            if len(f) < 2:
+                raise TopologyError("CLUSTER SLOTS node without endpoint and port")
+            endpoint = _str(f[0])
+            port = _int(f[1], "port")
+            meta = _fields(f[3]) if len(f) > 3 else {}
+            meta_ip = _str(meta.get(b"ip"))
+            host = endpoint if endpoint and endpoint != "?" else (meta_ip or default_host)
+            node_id = (_str(f[2]) if len(f) > 2 else None) or f"{host}:{port}"
+            if i == 0:
+                master_id = node_id
+            acc = found.get(node_id)
+            if acc is None:
+                endpoint_is_ip = bool(endpoint) and _is_ip(endpoint or "")
+                acc = found[node_id] = _SlotsNode(
+                    host=host, port=port,
+                    ip=meta_ip or (endpoint or "" if endpoint_is_ip else ""),
+                    hostname=_str(meta.get(b"hostname")) or (
+                        "" if endpoint_is_ip or endpoint == "?" else endpoint or ""),
+                    master_id="" if i == 0 else master_id,
+                )
+            acc.slots.append((start, end))
+    return Topology(tuple(
+        ClusterNode(node_id=node_id, host=a.host, port=a.port, ip=a.ip, hostname=a.hostname,
+                    role="replica" if a.master_id else "master", master_id=a.master_id,
+                    slots=tuple(sorted(a.slots)))
+        for node_id, a in found.items()
+    ), "slots")
+
+
+def topology_from_nodes(text: bytes | str, default_host: str) -> Topology:
+    """Parse CLUSTER NODES text. Nodes without an address (``:0``) are left out."""
+    if isinstance(text, str):
+        text = _b(text)
+    parsed: list[tuple[str, str, int, str, str, str, str, list[tuple[int, int]]]] = []
+    for line in text.splitlines():
+        fields = line.split(b" ")
+        if not line.strip():
+            continue
+        if len(fields) < 8:
+            raise TopologyError(f"CLUSTER NODES line with {len(fields)} fields: {line[:80]!r}")
+        node_id, addr, flags = _s(fields[0]), fields[1], _s(fields[2]).split(",")
+        hostport, _, rest = addr.partition(b"@")
+        ip, _, port_s = hostport.rpartition(b":")
+        if not port_s.isdigit():
+            raise TopologyError(f"CLUSTER NODES address {addr!r} has no port")
+        port = int(port_s)
+        if port == 0 or "noaddr" in flags or "handshake" in flags:
+            continue
+        extras = rest.split(b",")
+        hostname = _s(extras[1]) if len(extras) > 1 and b"=" not in extras[1] else ""
+        role = "master" if "master" in flags else "replica"
+        health = "failed" if ("fail" in flags or "fail?" in flags) else "online"
+        master = _s(fields[3]) if fields[3] != b"-" else ""
+        slots: list[tuple[int, int]] = []
+        for s in fields[8:]:
+            a, dash, b = s.partition(b"-")
+            if s.startswith(b"["):
+                continue  # a slot being imported or migrated
+            if not a.isdigit() or (dash and not b.isdigit()):
+                raise TopologyError(f"CLUSTER NODES slot field {s!r}")
+            slots.append((int(a), int(b) if dash else int(a)))
+        parsed.append((node_id, _s(ip) or default_host, port, hostname, role, master, health,
+                       slots))
+    by_id = {p[0]: p for p in parsed}
+    nodes = []
+    for node_id, host, port, hostname, role, master, health, slots in parsed:
+        if role == "replica" and master in by_id:
+            slots = by_id[master][7]
+        nodes.append(ClusterNode(
+            node_id=node_id, host=host, port=port, ip=host, hostname=hostname,
+            role="master" if role == "master" else "replica", master_id=master,
+            health=health, slots=tuple(sorted(slots)),
+        ))
+    return Topology(tuple(nodes), "nodes")
+
+
+def parse_topology(raw: Bytes, command: Literal["shards", "slots", "nodes"],
+                   default_host: str) -> Topology:
+    """Parse the raw reply to ``CLUSTER <command>``; raises ``TopologyError``."""
+    try:
+        frame = parse_one(raw)
+    except ProtocolError as exc:
+        raise TopologyError(f"CLUSTER {command.upper()} reply is not RESP: {exc}") from None
+    if command == "shards":
+        return topology_from_shards(frame, default_host)
+    if command == "slots":
+        return topology_from_slots(frame, default_host)
+    if frame.is_error:
+        raise TopologyError(f"CLUSTER NODES failed: {_s(frame.bytes_value or b'')}")
+    text = frame.bytes_value
+    if text is None:
+        raise TopologyError("CLUSTER NODES reply is not a string")
+    return topology_from_nodes(text, default_host)
