@@ -13,6 +13,7 @@ import difflib
 import ipaddress
 import os
 import re
+import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,17 @@ _SIZE_RE = re.compile(r"^\s*(\d+)\s*(k|kb|kib|m|mb|mib)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {None: 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
                "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20}
 _DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = 80
+_REPR.maxother = 80
+_REPR.maxlevel = 2
+
+
+def _show(value: Any) -> str:
+    """A short repr for error messages, whatever the YAML held (huge, deeply nested)."""
+    return _REPR.repr(value)
 
 
 class ConfigError(Exception):
@@ -153,9 +165,9 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _Map:
         try:
             hash(key)
         except TypeError:
-            raise _Located(line, f"a mapping key must be a plain value, got {key!r}") from None
+            raise _Located(line, f"a mapping key must be a plain value, got {_show(key)}") from None
         if key in result:
-            raise _Located(line, f"duplicate key {key!r} (first on line {result.lines[key]})")
+            raise _Located(line, f"duplicate key {_show(key)} (first on line {result.lines[key]})")
         result[key] = loader.construct_object(value_node, deep=True)
         result.lines[key] = line
     return result
@@ -181,57 +193,58 @@ def parse_duration(value: Any, *, allow_off: bool = False) -> float | None:
     if allow_off and (value is False or value is None or value in ("off", "none", 0)):
         return None
     if isinstance(value, bool):
-        raise ValueError(f"expected a duration like 500ms, 3s or 10m, got {value!r}")
+        raise ValueError(f"expected a duration like 500ms, 3s or 10m, got {_show(value)}")
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
         seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
     else:
         hint = " or off" if allow_off else ""
-        raise ValueError(f"expected a duration like 500ms, 3s or 10m{hint}, got {value!r}")
+        raise ValueError(f"expected a duration like 500ms, 3s or 10m{hint}, got {_show(value)}")
     if seconds <= 0:
-        raise ValueError(f"expected a duration greater than zero, got {value!r}")
+        raise ValueError(f"expected a duration greater than zero, got {_show(value)}")
     return seconds
 
 
 def parse_size(value: Any) -> int:
     """``65536``, ``64k``, ``1m``."""
     if isinstance(value, bool):
-        raise ValueError(f"expected a size like 64k, got {value!r}")
+        raise ValueError(f"expected a size like 64k, got {_show(value)}")
     if isinstance(value, int):
         size = value
     elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
         unit = m.group(2).lower() if m.group(2) else None
         size = int(m.group(1)) * _SIZE_UNITS[unit]
     else:
-        raise ValueError(f"expected a size like 64k or 1m, got {value!r}")
+        raise ValueError(f"expected a size like 64k or 1m, got {_show(value)}")
     if not 4096 <= size <= 16 << 20:
-        raise ValueError(f"expected a size between 4k and 16m, got {value!r}")
+        raise ValueError(f"expected a size between 4k and 16m, got {_show(value)}")
     return size
 
 
 def _check_host(host: str, original: Any) -> str:
     if not host:
-        raise ValueError(f"missing host in {original!r}")
+        raise ValueError(f"missing host in {_show(original)}")
     try:
         return str(ipaddress.ip_address(host))
     except ValueError:
         pass
     labels = host.rstrip(".").split(".")
     if len(host) > 253 or not all(_HOST_LABEL_RE.match(label) for label in labels):
-        raise ValueError(f"{host!r} in {original!r} is neither an IP address nor a valid hostname")
+        raise ValueError(
+            f"{_show(host)} in {_show(original)} is neither an IP address nor a valid hostname")
     if all(label.isdigit() for label in labels):
-        raise ValueError(f"{host!r} in {original!r} is not a valid IPv4 address")
+        raise ValueError(f"{_show(host)} in {_show(original)} is not a valid IPv4 address")
     return host
 
 
 def _check_port(text: str, original: Any, *, allow_zero: bool) -> int:
     if not text.isdigit():
-        raise ValueError(f"port {text!r} in {original!r} is not a number")
+        raise ValueError(f"port {_show(text)} in {_show(original)} is not a number")
     port = int(text)
     low = 0 if allow_zero else 1
     if not low <= port <= 65535:
-        raise ValueError(f"port {port} in {original!r} is out of range ({low}-65535)")
+        raise ValueError(f"port {port} in {_show(original)} is out of range ({low}-65535)")
     return port
 
 
@@ -240,35 +253,35 @@ def parse_address(
 ) -> Address:
     """Parse ``host:port``, ``[v6]:port``, ``:port``, a bare port, or a bare host."""
     if isinstance(value, bool) or not isinstance(value, str | int):
-        raise ValueError(f"expected host:port, got {value!r}")
+        raise ValueError(f"expected host:port, got {_show(value)}")
     if isinstance(value, int):
         text = str(value)
     else:
         text = value.strip()
     if text.isdigit():
         if default_host is None:
-            raise ValueError(f"expected host:port, got a bare port {value!r}")
+            raise ValueError(f"expected host:port, got a bare port {_show(value)}")
         return Address(default_host, _check_port(text, value, allow_zero=allow_zero))
     host: str
     port_text: str | None
     if text.startswith("["):
         end = text.find("]")
         if end < 0:
-            raise ValueError(f"missing ']' in {value!r}")
+            raise ValueError(f"missing ']' in {_show(value)}")
         host, rest = text[1:end], text[end + 1 :]
         if rest and not rest.startswith(":"):
-            raise ValueError(f"expected [ipv6]:port, got {value!r}")
+            raise ValueError(f"expected [ipv6]:port, got {_show(value)}")
         port_text = rest[1:] if rest else None
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise ValueError(f"{host!r} in {value!r} is not an IPv6 address") from None
+            raise ValueError(f"{_show(host)} in {_show(value)} is not an IPv6 address") from None
     elif text.count(":") > 1:
         try:
             ipaddress.IPv6Address(text)
         except ValueError:
             raise ValueError(
-                f"write IPv6 addresses in brackets, like [::1]:6379, got {value!r}"
+                f"write IPv6 addresses in brackets, like [::1]:6379, got {_show(value)}"
             ) from None
         host, port_text = text, None
     elif ":" in text:
@@ -277,12 +290,12 @@ def parse_address(
         host, port_text = text, None
     if not host:
         if default_host is None:
-            raise ValueError(f"missing host in {value!r}")
+            raise ValueError(f"missing host in {_show(value)}")
         host = default_host
     host = _check_host(host, value)
     if port_text is None:
         if default_port is None:
-            raise ValueError(f"missing port in {value!r}")
+            raise ValueError(f"missing port in {_show(value)}")
         return Address(host, default_port)
     return Address(host, _check_port(port_text, value, allow_zero=allow_zero))
 
@@ -315,10 +328,10 @@ def _unknown_keys(ctx: _Context, mapping: _Map, allowed: tuple[str, ...], where:
     for key in mapping:
         if key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = f" (did you mean {_show(close[0])}?)" if close else ""
             known = ", ".join(allowed)
             raise ctx.error(
-                f"unknown field {key!r}{hint}; known fields: {known}",
+                f"unknown field {_show(key)}{hint}; known fields: {known}",
                 line=mapping.lines.get(key, mapping.line),
                 where=where,
             )
@@ -335,20 +348,20 @@ def _field(
         return parse(mapping[key])
     except ValueError as exc:
         raise ctx.error(
-            f"field {key!r}: {exc}", line=mapping.lines.get(key, mapping.line), where=where
+            f"field {_show(key)}: {exc}", line=mapping.lines.get(key, mapping.line), where=where
         ) from None
 
 
 def _parse_protocol(value: Any) -> Protocol:
     if value not in PROTOCOLS:
-        raise ValueError(f"expected one of {', '.join(PROTOCOLS)}, got {value!r}")
+        raise ValueError(f"expected one of {', '.join(PROTOCOLS)}, got {_show(value)}")
     return cast(Protocol, value)
 
 
 def _parse_name(value: Any) -> str:
     if not isinstance(value, str) or not _NAME_RE.match(value):
         raise ValueError(
-            f"expected a name of letters, digits, '.', '_' or '-' (at most 64), got {value!r}"
+            f"expected a name of letters, digits, '.', '_' or '-' (at most 64), got {_show(value)}"
         )
     return value
 
@@ -368,19 +381,19 @@ def parse_networks(value: Any) -> tuple[Network, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not value:
-        raise ValueError(f"expected a list of CIDRs like [198.51.100.27/32], got {value!r}")
+        raise ValueError(f"expected a list of CIDRs like [198.51.100.27/32], got {_show(value)}")
     networks: list[Network] = []
     for item in value:
         if not isinstance(item, str):
-            raise ValueError(f"expected a CIDR like 198.51.100.0/24, got {item!r}")
+            raise ValueError(f"expected a CIDR like 198.51.100.0/24, got {_show(item)}")
         try:
             net = ipaddress.ip_network(item.strip(), strict=True)
         except ValueError as exc:
             try:
                 loose = ipaddress.ip_network(item.strip(), strict=False)
             except ValueError:
-                raise ValueError(f"{item!r} is not a CIDR ({exc})") from None
-            raise ValueError(f"{item!r} has host bits set; did you mean {loose}?") from None
+                raise ValueError(f"{_show(item)} is not a CIDR ({exc})") from None
+            raise ValueError(f"{_show(item)} has host bits set; did you mean {loose}?") from None
         networks.append(net)
     return tuple(networks)
 
@@ -389,7 +402,7 @@ def _parse_limit(value: Any) -> int | None:
     if value is None or value is False or value == "off":
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"expected a whole number of connections >= 1 or off, got {value!r}")
+        raise ValueError(f"expected a whole number of connections >= 1 or off, got {_show(value)}")
     return value
 
 
@@ -399,26 +412,27 @@ _BASE_DIR: contextvars.ContextVar[Path] = contextvars.ContextVar("base_dir", def
 def _readable_file(value: Any, key: str) -> str:
     """A path to a readable file; relative paths are relative to the port map's folder."""
     if not isinstance(value, str) or not value:
-        raise ValueError(f"{key}: expected a file path, got {value!r}")
+        raise ValueError(f"{key}: expected a file path, got {_show(value)}")
     path = _BASE_DIR.get() / value
     if not path.is_file():
-        raise ValueError(f"{key}: no such file {value!r}")
+        raise ValueError(f"{key}: no such file {_show(value)}")
     if not os.access(path, os.R_OK):
-        raise ValueError(f"{key}: {value!r} is not readable by this user")
+        raise ValueError(f"{key}: {_show(value)} is not readable by this user")
     return str(path)
 
 
 def _sub_mapping(value: Any, allowed: tuple[str, ...], required: tuple[str, ...]) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise ValueError(f"expected a mapping with {', '.join(allowed)}, got {value!r}")
+        raise ValueError(f"expected a mapping with {', '.join(allowed)}, got {_show(value)}")
     for key in value:
         if key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown field {key!r}{hint}; known fields: {', '.join(allowed)}")
+            hint = f" (did you mean {_show(close[0])}?)" if close else ""
+            known = ", ".join(allowed)
+            raise ValueError(f"unknown field {_show(key)}{hint}; known fields: {known}")
     for key in required:
         if key not in value:
-            raise ValueError(f"missing required field {key!r}")
+            raise ValueError(f"missing required field {_show(key)}")
     return dict(value)
 
 
@@ -441,10 +455,10 @@ def parse_upstream_tls(value: Any) -> UpstreamTlsConfig | None:
     raw = _sub_mapping(value, ("server_name", "ca", "verify"), ())
     server_name = raw.get("server_name")
     if server_name is not None and (not isinstance(server_name, str) or not server_name):
-        raise ValueError(f"server_name: expected a host name, got {server_name!r}")
+        raise ValueError(f"server_name: expected a host name, got {_show(server_name)}")
     verify = raw.get("verify", True)
     if not isinstance(verify, bool):
-        raise ValueError(f"verify: expected true or false, got {verify!r}")
+        raise ValueError(f"verify: expected true or false, got {_show(verify)}")
     ca = _readable_file(raw["ca"], "ca") if "ca" in raw else None
     return UpstreamTlsConfig(server_name=server_name, ca=ca, verify=verify)
 
@@ -476,15 +490,15 @@ def _listener(
 ) -> ListenerConfig:
     where = f"listeners[{index}]: "
     if not isinstance(raw, _Map):
-        raise ctx.error(f"expected a mapping with name, listen and upstream, got {raw!r}",
+        raise ctx.error(f"expected a mapping with name, listen and upstream, got {_show(raw)}",
                         line=line, where=where)
     if "name" in raw:
         name = _field(ctx, raw, "name", where, _parse_name)
-        where = f"listener {name!r}: "
+        where = f"listener {_show(name)}: "
     _unknown_keys(ctx, raw, _LISTENER_KEYS + _TUNABLE_KEYS, where)
     for required in ("name", "listen", "upstream"):
         if required not in raw:
-            raise ctx.error(f"missing required field {required!r}", line=raw.line, where=where)
+            raise ctx.error(f"missing required field {_show(required)}", line=raw.line, where=where)
     settings = {**defaults, **_tunables(ctx, raw, where)}
     protocol: Protocol = settings.get("protocol", "tcp")
     listen = _field(
@@ -544,13 +558,13 @@ def _parse_config(data: Any, path: str) -> Config:
     if data is None:
         raise ctx.error("the file is empty; expected a mapping with a 'listeners' list")
     if not isinstance(data, _Map):
-        raise ctx.error(f"expected a mapping with a 'listeners' list at the top, got {data!r}")
+        raise ctx.error(f"expected a mapping with a 'listeners' list at the top, got {_show(data)}")
     _unknown_keys(ctx, data, _TOP_KEYS, "")
     defaults: dict[str, Any] = {}
     if "defaults" in data:
         raw_defaults = data["defaults"]
         if not isinstance(raw_defaults, _Map):
-            raise ctx.error(f"expected a mapping, got {raw_defaults!r}",
+            raise ctx.error(f"expected a mapping, got {_show(raw_defaults)}",
                             line=data.lines["defaults"], where="defaults: ")
         _unknown_keys(ctx, raw_defaults, _TUNABLE_KEYS, "defaults: ")
         defaults = _tunables(ctx, raw_defaults, "defaults: ")
@@ -559,7 +573,7 @@ def _parse_config(data: Any, path: str) -> Config:
         raise ctx.error("the port map has no listeners; add at least one under 'listeners'",
                         line=data.lines.get("listeners"))
     if not isinstance(raw_listeners, list):
-        raise ctx.error(f"'listeners' must be a list, got {raw_listeners!r}",
+        raise ctx.error(f"'listeners' must be a list, got {_show(raw_listeners)}",
                         line=data.lines["listeners"])
     listeners: list[ListenerConfig] = []
     first_line = data.lines["listeners"]
@@ -600,7 +614,7 @@ def parse_workers(value: Any) -> int:
     if isinstance(value, str) and value.isdigit():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
-        raise ValueError(f"expected a number of workers from 1 to 256 or auto, got {value!r}")
+        raise ValueError(f"expected a number of workers from 1 to 256 or auto, got {_show(value)}")
     return value
 
 
@@ -617,6 +631,8 @@ def load_yaml(text: str, path: str = "<config>") -> Any:
         raise ConfigError(f"{loc}: invalid YAML: {problem}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a port map") from None
 
 
 def load_config(path: str | Path) -> Config:
