@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -16,9 +17,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__, iptables, runtime, supervisor
-from .config import Config, ConfigError, load_config, parse_workers
+from .admin import AdminError, fetch_status, format_status
+from .config import (
+    DEFAULT_ADMIN_PORT,
+    Config,
+    ConfigError,
+    load_config,
+    parse_address,
+    parse_workers,
+)
 
 EXIT_OK = 0
+EXIT_UNREACHABLE = 1
 EXIT_CONFIG = 2
 
 log = logging.getLogger("cacheport")
@@ -73,6 +83,33 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     _print_table(config)
     print(f"{args.file}: OK, {len(config.listeners)} listener(s)")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        if args.config is None:
+            address = parse_address(args.admin or f"127.0.0.1:{DEFAULT_ADMIN_PORT}",
+                                    default_host="127.0.0.1", default_port=DEFAULT_ADMIN_PORT)
+        else:
+            config = load_config(args.config)
+            if config.admin is None:
+                print(f"cacheport: {args.config}: the admin endpoint is off (admin: off), so "
+                      f"there is no status to read", file=sys.stderr)
+                return EXIT_CONFIG
+            address = config.admin.listen
+    except ValueError as exc:
+        print(f"cacheport: --admin: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ConfigError as exc:
+        print(f"cacheport: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        doc = fetch_status(address, timeout=args.timeout)
+    except AdminError as exc:
+        print(f"cacheport: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    print(json.dumps(doc, indent=2) if args.json else format_status(doc))
     return EXIT_OK
 
 
@@ -149,6 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", metavar="FILE")
     check.set_defaults(func=cmd_check)
     iptables.register(sub)
+
+    status = sub.add_parser("status", help="show a running cacheport's listeners, upstreams "
+                            "and their health (from its admin endpoint)")
+    where = status.add_mutually_exclusive_group()
+    where.add_argument("-c", "--config", metavar="FILE",
+                       help="ask the admin endpoint this port map configures")
+    where.add_argument("--admin", metavar="HOST:PORT",
+                       help=f"ask this admin endpoint (default: 127.0.0.1:{DEFAULT_ADMIN_PORT})")
+    status.add_argument("--json", action="store_true", help="print the raw /status JSON")
+    status.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                        help="how long to wait for an answer (default: %(default)s)")
+    status.set_defaults(func=cmd_status)
     return parser
 
 

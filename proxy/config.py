@@ -15,7 +15,7 @@ import os
 import re
 import reprlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
@@ -29,6 +29,12 @@ DEFAULT_PORTS: dict[str, int] = {"memcached": 11211, "redis": 6379}
 DEFAULT_CONNECT_TIMEOUT = 3.0
 DEFAULT_BUFFER_SIZE = 64 * 1024
 DEFAULT_DRAIN_TIMEOUT = 30.0
+DEFAULT_ADMIN_PORT = 9180
+DEFAULT_CHECK_INTERVAL = 2.0  # HAProxy's inter 2s, rise 2, fall 3
+DEFAULT_CHECK_TIMEOUT = 1.0
+
+OnDown = Literal["keep", "close"]
+RedisRole = Literal["any", "primary"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HOST_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
@@ -81,6 +87,52 @@ class Address:
         return f"[{self.host}]:{self.port}" if self.is_ipv6 else f"{self.host}:{self.port}"
 
 
+class Secret:
+    """A password that never shows itself: ``repr``, ``str`` and f-strings print ``***``.
+
+    Only ``reveal()`` gives the value, and only the redis checker calls it, so a
+    config dumped into a log line, an exception or ``/status`` cannot leak it.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    def __str__(self) -> str:
+        return "***"
+
+    def __format__(self, spec: str) -> str:
+        return "***"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash((Secret, self._value))
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    """How one listener checks its upstream(s); HAProxy's defaults (inter 2s, rise 2, fall 3)."""
+
+    kind: Protocol
+    interval: float = DEFAULT_CHECK_INTERVAL
+    timeout: float = DEFAULT_CHECK_TIMEOUT
+    rise: int = 2
+    fall: int = 3
+    stats: bool = False  # memcached: also read curr_connections with ``stats``
+    username: str | None = None  # redis: Redis 6 ACL / ElastiCache RBAC user
+    password: Secret | None = field(default=None, repr=False)
+    role: RedisRole = "any"  # redis: ``primary`` also requires ROLE to say master
+
+
 @dataclass(frozen=True, slots=True)
 class TlsConfig:
     """TLS for clients (termination): cacheport presents ``cert``; ``client_ca`` asks for
@@ -117,10 +169,29 @@ class ListenerConfig:
     max_connections_per_client: int | None = None
     tls: TlsConfig | None = None
     upstream_tls: UpstreamTlsConfig | None = None
+    health: HealthConfig | None = None  # None: not checked, always used
+    backup: tuple[Address, ...] = ()  # used in order while the upstream is DOWN
+    on_down: OnDown = "keep"  # close: also cut live connections to a node that goes DOWN
 
     @property
     def allows_everyone(self) -> bool:
         return self.allow is not None and any(net.prefixlen == 0 for net in self.allow)
+
+    @property
+    def upstreams(self) -> tuple[Address, ...]:
+        """The upstream first, then the backups: the order new connections try them in."""
+        return (self.upstream, *self.backup)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The HTTP admin endpoint (/metrics, /healthz, /readyz, /status)."""
+
+    listen: Address = Address("127.0.0.1", DEFAULT_ADMIN_PORT)
+    # /readyz also needs at least one healthy (or unchecked) upstream, not only bound ports
+    ready_requires_healthy: bool = True
+    # False when the YAML has no admin block: then a taken port is a warning, not a failure
+    explicit: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +202,7 @@ class Config:
     listeners: tuple[ListenerConfig, ...]
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     workers: int = 1
+    admin: AdminConfig | None = AdminConfig()  # None: ``admin: off``
 
     def listener(self, name: str) -> ListenerConfig:
         for lc in self.listeners:
@@ -303,12 +375,20 @@ def parse_address(
 # ---------------------------------------------------------------------------
 # The schema
 
-_LISTENER_KEYS = ("name", "listen", "upstream", "protocol")
+_LISTENER_KEYS = ("name", "listen", "upstream", "protocol", "backup")
 _TUNABLE_KEYS = (
     "protocol", "connect_timeout", "idle_timeout", "buffer_size", "dns_ttl",
     "allow", "max_connections", "max_connections_per_client", "tls", "upstream_tls",
+    "on_down",
 )
-_TOP_KEYS = ("defaults", "listeners", "drain_timeout", "workers")
+# ``health`` may also sit in ``defaults``, but merges key by key instead of replacing
+_HEALTH_FIELD = "health"
+_TOP_KEYS = ("defaults", "listeners", "drain_timeout", "workers", "admin")
+_HEALTH_KEYS = ("kind", "interval", "timeout", "rise", "fall", "stats", "username",
+                "password", "password_env", "password_file", "role")
+_PASSWORD_KEYS = ("password", "password_env", "password_file")
+_REDIS_ONLY = ("username", "role", *_PASSWORD_KEYS)
+_ADMIN_KEYS = ("listen", "ready_requires_healthy")
 
 T = TypeVar("T")
 
@@ -463,6 +543,12 @@ def parse_upstream_tls(value: Any) -> UpstreamTlsConfig | None:
     return UpstreamTlsConfig(server_name=server_name, ca=ca, verify=verify)
 
 
+def _parse_on_down(value: Any) -> OnDown:
+    if value not in ("keep", "close"):
+        raise ValueError(f"expected keep or close, got {_show(value)}")
+    return cast(OnDown, value)
+
+
 _TUNABLE_PARSERS: dict[str, Callable[[Any], Any]] = {
     "tls": parse_tls,
     "upstream_tls": parse_upstream_tls,
@@ -474,7 +560,187 @@ _TUNABLE_PARSERS: dict[str, Callable[[Any], Any]] = {
     "idle_timeout": _parse_idle_timeout,
     "buffer_size": parse_size,
     "dns_ttl": _parse_connect_timeout,
+    "on_down": _parse_on_down,
 }
+
+
+# -- health ------------------------------------------------------------------
+
+
+def _is_off(value: Any) -> bool:
+    # YAML 1.1 reads a bare ``off`` as False
+    return value is False or value is None or value == "off"
+
+
+def _parse_count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
+        raise ValueError(f"expected a whole number of checks from 1 to 100, got {_show(value)}")
+    return value
+
+
+def _parse_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_show(value)}")
+    return value
+
+
+def _parse_role(value: Any) -> RedisRole:
+    if value not in ("any", "primary"):
+        raise ValueError(f"expected primary or any, got {_show(value)}")
+    return cast(RedisRole, value)
+
+
+def _parse_username(value: Any) -> str:
+    if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+        raise ValueError(f"expected a user name without spaces, got {_show(value)}")
+    return value
+
+
+def _parse_password(value: Any) -> Secret:
+    # Never echo the value: a mistyped password is still a password.
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a non-empty string (the value is not shown)")
+    return Secret(value)
+
+
+def _password_from_env(value: Any) -> Secret:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected the name of an environment variable, got {_show(value)}")
+    secret = os.environ.get(value)
+    if not secret:
+        raise ValueError(f"environment variable {_show(value)} is not set or is empty")
+    return Secret(secret)
+
+
+def _password_from_file(value: Any) -> Secret:
+    """A file holding the password; relative paths are relative to the port map's folder."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a file path, got {_show(value)}")
+    path = _BASE_DIR.get() / value
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"no such file {_show(value)}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{_show(value)} is not UTF-8 text") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {_show(value)}: {exc.strerror}") from None
+    secret = text.rstrip("\r\n")
+    if not secret:
+        raise ValueError(f"{_show(value)} is empty")
+    return Secret(secret)
+
+
+def _parse_health_interval(value: Any) -> float:
+    seconds = parse_duration(value)
+    assert seconds is not None
+    return seconds
+
+
+class _HealthSpec:
+    """One ``health:`` block, validated but not yet merged: ``None`` fields were not given."""
+
+    def __init__(self, values: dict[str, Any], block: _Map | None) -> None:
+        self.values = values
+        self.block = block  # for error lines; None for ``health: on``
+
+
+def _health_spec(ctx: _Context, value: Any, line: int, where: str) -> _HealthSpec | None:
+    """Parse ``health: off | on | {...}``; ``None`` means off."""
+    if _is_off(value):
+        return None
+    if value is True or value == "on":
+        return _HealthSpec({}, None)
+    if not isinstance(value, _Map):
+        raise ctx.error(f"field 'health': expected off, on or a mapping of check settings, "
+                        f"got {_show(value)}", line=line, where=where)
+    hwhere = f"{where}health: "
+    _unknown_keys(ctx, value, _HEALTH_KEYS, hwhere)
+    given = [key for key in _PASSWORD_KEYS if key in value]
+    if len(given) > 1:
+        raise ctx.error(f"give only one of {', '.join(_PASSWORD_KEYS)}, got "
+                        f"{' and '.join(given)}", line=value.lines[given[1]], where=hwhere)
+    parsers: dict[str, Callable[[Any], Any]] = {
+        "kind": _parse_protocol,
+        "interval": _parse_health_interval,
+        "timeout": _parse_health_interval,
+        "rise": _parse_count,
+        "fall": _parse_count,
+        "stats": _parse_bool,
+        "username": _parse_username,
+        "password": _parse_password,
+        "password_env": _password_from_env,
+        "password_file": _password_from_file,
+        "role": _parse_role,
+    }
+    values: dict[str, Any] = {}
+    for key in _HEALTH_KEYS:
+        if key in value:
+            parsed = _field(ctx, value, key, hwhere, parsers[key])
+            values["password" if key in _PASSWORD_KEYS else key] = parsed
+    return _HealthSpec(values, value)
+
+
+def _merge_health(
+    ctx: _Context,
+    default: _HealthSpec | None,
+    own: _HealthSpec | None,
+    own_given: bool,
+    protocol: Protocol,
+    where: str,
+    line: int,
+) -> HealthConfig | None:
+    """The listener's own block overrides ``defaults`` key by key; ``off`` turns it off."""
+    if (own_given and own is None) or (not own_given and default is None):
+        return None
+    values = {**(default.values if default else {}), **(own.values if own else {})}
+    kind: Protocol = values.setdefault("kind", protocol)
+    block = own.block if own is not None else None
+    hwhere = f"{where}health: "
+    # Only the listener's own block is held to these: defaults may carry redis
+    # credentials that simply do not apply to the memcached listeners.
+    misplaced = {key: "redis" for key in _REDIS_ONLY} | {"stats": "memcached"}
+    for key, wants in misplaced.items():
+        if kind != wants and block is not None and key in block:
+            raise ctx.error(f"field {key!r} applies only to {wants} checks, and this check "
+                            f"is {kind}", line=block.lines[key], where=hwhere)
+        if kind != wants:
+            values.pop(key, None)
+    if "timeout" not in values and "interval" in values:
+        # A short interval without a timeout: the check must still end before the next.
+        values["timeout"] = min(DEFAULT_CHECK_TIMEOUT, values["interval"])
+    health = HealthConfig(**values)
+    if health.timeout > health.interval:
+        at = line
+        if block is not None:
+            at = block.lines.get("timeout", block.lines.get("interval", block.line))
+        raise ctx.error(f"timeout {health.timeout:g}s is longer than interval "
+                        f"{health.interval:g}s; a check must end before the next one starts",
+                        line=at, where=hwhere)
+    return health
+
+
+# -- admin -------------------------------------------------------------------
+
+
+def _admin(ctx: _Context, value: Any, line: int) -> AdminConfig | None:
+    if _is_off(value):
+        return None
+    if not isinstance(value, _Map):
+        raise ctx.error(f"expected off or a mapping with 'listen', got {_show(value)}",
+                        line=line, where="admin: ")
+    _unknown_keys(ctx, value, _ADMIN_KEYS, "admin: ")
+    settings: dict[str, Any] = {"explicit": True}
+    if "listen" in value:
+        # A bare port means loopback here, not every address as for listeners.
+        settings["listen"] = _field(
+            ctx, value, "listen", "admin: ",
+            lambda v: parse_address(v, default_host="127.0.0.1",
+                                    default_port=DEFAULT_ADMIN_PORT, allow_zero=True))
+    if "ready_requires_healthy" in value:
+        settings["ready_requires_healthy"] = _field(
+            ctx, value, "ready_requires_healthy", "admin: ", _parse_bool)
+    return AdminConfig(**settings)
 
 
 def _tunables(ctx: _Context, mapping: _Map, where: str) -> dict[str, Any]:
@@ -486,7 +752,12 @@ def _tunables(ctx: _Context, mapping: _Map, where: str) -> dict[str, Any]:
 
 
 def _listener(
-    ctx: _Context, index: int, raw: Any, defaults: Mapping[str, Any], line: int
+    ctx: _Context,
+    index: int,
+    raw: Any,
+    defaults: Mapping[str, Any],
+    default_health: _HealthSpec | None,
+    line: int,
 ) -> ListenerConfig:
     where = f"listeners[{index}]: "
     if not isinstance(raw, _Map):
@@ -495,7 +766,7 @@ def _listener(
     if "name" in raw:
         name = _field(ctx, raw, "name", where, _parse_name)
         where = f"listener {_show(name)}: "
-    _unknown_keys(ctx, raw, _LISTENER_KEYS + _TUNABLE_KEYS, where)
+    _unknown_keys(ctx, raw, _LISTENER_KEYS + _TUNABLE_KEYS + (_HEALTH_FIELD,), where)
     for required in ("name", "listen", "upstream"):
         if required not in raw:
             raise ctx.error(f"missing required field {_show(required)}", line=raw.line, where=where)
@@ -516,13 +787,41 @@ def _listener(
             raise
 
     upstream = _field(ctx, raw, "upstream", where, parse_upstream)
+
+    def parse_backup(value: Any) -> tuple[Address, ...]:
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"expected a list of host:port, got {_show(value)}")
+        backups: list[Address] = []
+        for item in value:
+            address = parse_upstream(item)
+            if address == upstream:
+                raise ValueError(f"{_show(item)} is the upstream itself")
+            if address in backups:
+                raise ValueError(f"{_show(item)} is listed twice")
+            backups.append(address)
+        return tuple(backups)
+
+    backup = _field(ctx, raw, "backup", where, parse_backup) if "backup" in raw else ()
+    own_health = (
+        _health_spec(ctx, raw[_HEALTH_FIELD], raw.lines[_HEALTH_FIELD], where)
+        if _HEALTH_FIELD in raw else None
+    )
+    health = _merge_health(ctx, default_health, own_health, _HEALTH_FIELD in raw, protocol,
+                           where, raw.line)
+    if health is None:
+        # Without checks nothing ever says the upstream is DOWN, so these would never act.
+        for key in ("backup", "on_down"):
+            if key in raw and (key == "backup" or settings.get("on_down") == "close"):
+                raise ctx.error(f"field {key!r} needs health checks to act, and they are off "
+                                f"for this listener", line=raw.lines[key], where=where)
     if settings.get("allow") is None and not _is_loopback(listen):
         raise ctx.error(
             f"field 'listen': {listen} is reachable from other hosts but no 'allow' list says "
             "who may connect; add allow: [CIDR, ...] to the listener or to defaults "
             "(allow: [0.0.0.0/0] opens it to everyone)",
             line=raw.lines.get("listen", raw.line), where=where)
-    return ListenerConfig(name=name, listen=listen, upstream=upstream, **settings)
+    return ListenerConfig(name=name, listen=listen, upstream=upstream, backup=backup,
+                          health=health, **settings)
 
 
 def _is_loopback(address: Address) -> bool:
@@ -561,13 +860,21 @@ def _parse_config(data: Any, path: str) -> Config:
         raise ctx.error(f"expected a mapping with a 'listeners' list at the top, got {_show(data)}")
     _unknown_keys(ctx, data, _TOP_KEYS, "")
     defaults: dict[str, Any] = {}
+    # Health checks are on unless a defaults or listener block says ``health: off``.
+    default_health: _HealthSpec | None = _HealthSpec({}, None)
     if "defaults" in data:
         raw_defaults = data["defaults"]
         if not isinstance(raw_defaults, _Map):
             raise ctx.error(f"expected a mapping, got {_show(raw_defaults)}",
                             line=data.lines["defaults"], where="defaults: ")
-        _unknown_keys(ctx, raw_defaults, _TUNABLE_KEYS, "defaults: ")
+        _unknown_keys(ctx, raw_defaults, (*_TUNABLE_KEYS, _HEALTH_FIELD), "defaults: ")
         defaults = _tunables(ctx, raw_defaults, "defaults: ")
+        if _HEALTH_FIELD in raw_defaults:
+            default_health = _health_spec(ctx, raw_defaults[_HEALTH_FIELD],
+                                          raw_defaults.lines[_HEALTH_FIELD], "defaults: ")
+    admin: AdminConfig | None = AdminConfig()
+    if "admin" in data:
+        admin = _admin(ctx, data["admin"], data.lines["admin"])
     raw_listeners = data.get("listeners")
     if raw_listeners is None or raw_listeners == []:
         raise ctx.error("the port map has no listeners; add at least one under 'listeners'",
@@ -579,7 +886,7 @@ def _parse_config(data: Any, path: str) -> Config:
     first_line = data.lines["listeners"]
     for index, raw in enumerate(raw_listeners):
         line = raw.line if isinstance(raw, _Map) else first_line
-        lc = _listener(ctx, index, raw, defaults, line)
+        lc = _listener(ctx, index, raw, defaults, default_health, line)
         for other in listeners:
             if other.name == lc.name:
                 raise ctx.error(f"duplicate name {lc.name!r}, already used by listeners"
@@ -590,13 +897,17 @@ def _parse_config(data: Any, path: str) -> Config:
                     f"address {lc.listen} is already used by listener {other.name!r}"
                     f" ({other.listen})", line=raw.lines.get("listen", line),
                     where=f"listener {lc.name!r}: field 'listen': ")
+        if admin is not None and _conflicts(admin.listen, lc.listen):
+            raise ctx.error(
+                f"address {lc.listen} is already used by the admin endpoint ({admin.listen})",
+                line=raw.lines.get("listen", line), where=f"listener {lc.name!r}: field 'listen': ")
         listeners.append(lc)
     top: dict[str, Any] = {}
     if "drain_timeout" in data:
         top["drain_timeout"] = _field(ctx, data, "drain_timeout", "", _parse_drain)
     if "workers" in data:
         top["workers"] = _field(ctx, data, "workers", "", parse_workers)
-    return Config(path=path, listeners=tuple(listeners), **top)
+    return Config(path=path, listeners=tuple(listeners), admin=admin, **top)
 
 
 def _parse_drain(value: Any) -> float:

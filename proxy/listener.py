@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .config import Address, ListenerConfig
+from .health.state import State, choose_upstream
+from .metrics import UpstreamBook
 from .relay import BufferPool, Relay
 from .resolver import ResolveError, Resolver
 from .tls import ListenerTls
@@ -143,6 +145,7 @@ class Listener:
         self.tls = ListenerTls(config)
         self._per_client: dict[str, int] = {}  # live connections per source IP
         self._not_allowed_seen: dict[str, float] = {}
+        self.book = UpstreamBook()  # which upstream each relay uses; per-upstream totals
 
     @property
     def name(self) -> str:
@@ -368,25 +371,34 @@ class Listener:
         tls = self.tls
         upstream: socket.socket | None = None
         relay: Relay | None = None
+        target = self._choose_upstream(config)
         try:
+            if target is None:
+                # Every upstream is DOWN: close now rather than make the client wait out
+                # connect_timeout against a node the checks already know is gone.
+                self.stats.refuse("upstream down")
+                client.close()
+                return
             client.setblocking(False)
             _tune(client)
-            relay = Relay(self.pool, self._relay_closed, source)
+            relay = Relay(self.pool, self._upstream_relay_closed, source)
             self.relays.add(relay)
             client_side, upstream_side = relay.client, relay.upstream
             if tls.server is not None and not await self._client_handshake(
                     relay, client, source, config):
                 return
-            upstream = await self._dial(config)
+            started = time.perf_counter()  # uvloop's loop.time() has millisecond steps
+            upstream = await self._dial(config, target)
             if upstream is None or relay.closed:
                 self._discard(relay, client, upstream)
                 return
+            self.book.opened(relay, target, time.perf_counter() - started)
             _tune(upstream)
             if tls.server is None:
                 await self.loop.connect_accepted_socket(lambda: client_side, client)
             if tls.client is None:
                 await self.loop.create_connection(lambda: upstream_side, sock=upstream)
-            elif not await self._upstream_handshake(relay, upstream, config):
+            elif not await self._upstream_handshake(relay, upstream, config, target):
                 self._discard(relay, client, upstream)
                 return
         except asyncio.CancelledError:
@@ -420,18 +432,23 @@ class Listener:
         return True
 
     async def _upstream_handshake(self, relay: Relay, upstream: socket.socket,
-                                  config: ListenerConfig) -> bool:
+                                  config: ListenerConfig, target: Address) -> bool:
         side = relay.upstream
+        # A backup is another node: without an explicit server_name it is named by its host.
+        name = self.tls.server_name
+        if target != config.upstream and config.upstream_tls is not None \
+                and config.upstream_tls.server_name is None:
+            name = target.host
         try:
             await self.loop.create_connection(
                 lambda: side, sock=upstream, ssl=self.tls.client,
-                server_hostname=self.tls.server_name,
+                server_hostname=name,
                 ssl_handshake_timeout=config.connect_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
             self.stats.refuse("upstream tls failed")
             self._tls_warn.warning("listener %s: TLS handshake with upstream %s (name %s) "
-                                   "failed: %s; client closed", self.name, config.upstream,
-                                   self.tls.server_name, _tls_reason(exc))
+                                   "failed: %s; client closed", self.name, target,
+                                   name, _tls_reason(exc))
             return False
         return True
 
@@ -444,9 +461,8 @@ class Listener:
         if upstream is not None:
             upstream.close()
 
-    async def _dial(self, config: ListenerConfig) -> socket.socket | None:
-        """Connect to the upstream, trying each address; ``None`` (logged) when none answers."""
-        target = config.upstream
+    async def _dial(self, config: ListenerConfig, target: Address) -> socket.socket | None:
+        """Connect to ``target``, trying each address; ``None`` (logged) when none answers."""
         deadline = self.loop.time() + config.connect_timeout
         try:
             async with asyncio.timeout(config.connect_timeout):
@@ -486,6 +502,35 @@ class Listener:
             self.name, target, last_error,
         )
         return None
+
+    # -- upstream choice and health ---------------------------------------------
+
+    # Set by the server when health checks run: ``state(listener, upstream)``,
+    # ``None`` for an upstream that is not checked.
+    health: Callable[[str, Address], State | None] | None = None
+
+    def _choose_upstream(self, config: ListenerConfig) -> Address | None:
+        """The upstream for a new connection: the first of upstream, backups not DOWN."""
+        health = self.health
+        if health is None:
+            return config.upstream
+        name = config.name
+        return choose_upstream((addr, health(name, addr)) for addr in config.upstreams)
+
+    def _upstream_relay_closed(self, relay: Relay) -> None:
+        self._relay_closed(relay)
+        self.book.closed(relay)
+
+    def close_upstream_connections(self, upstream: Address) -> int:
+        """``on_down: close``: end the live connections to ``upstream`` so clients reconnect."""
+        relays = self.book.live(upstream)
+        self.book.of(upstream).closed_on_down += len(relays)
+        for relay in relays:
+            relay.close()
+        if relays:
+            log.info("listener %s: closed %d connection(s) to upstream %s, which is DOWN",
+                     self.name, len(relays), upstream)
+        return len(relays)
 
     def _connect_done(self, task: asyncio.Task[None]) -> None:
         self.connecting.discard(task)

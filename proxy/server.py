@@ -1,11 +1,14 @@
 """The set of listeners: started together, changed by reload, stopped in order.
 
-Start binds every listener before any accepts, so a port that is taken leaves
-nothing half-started. A reload is planned from two validated configs
-(``reload.plan_reload``), binds what it adds before changing anything, and then
-changes only what differs. Stop is ordered and idempotent: stop accepting
-everywhere, give live connections up to ``drain_timeout`` to finish, cut the
-rest.
+Start binds every listener (and the admin endpoint) before any accepts, so a
+port that is taken leaves nothing half-started; then the listeners accept, the
+health monitor starts checking and the admin endpoint serves. A reload is
+planned from two validated configs (``reload.plan_reload``), binds what it adds
+before changing anything, and then changes only what differs (the health
+monitor keeps what its checks saw of unchanged upstreams). Stop is ordered and
+idempotent: stop accepting everywhere, give live connections up to
+``drain_timeout`` to finish, cut the rest, stop the checks, and close the admin
+endpoint last so it answers (``/readyz`` 503) while connections drain.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ import logging
 import socket
 from dataclasses import dataclass
 
+from .admin import AdminError, AdminServer
 from .config import Config, ListenerConfig
+from .health.monitor import HealthMonitor, Target
+from .health.state import State, Transition
 from .listener import BindError, Listener
 from .relay import BufferPool
 from .reload import ReloadPlan, plan_reload
@@ -58,6 +64,8 @@ class Server:
         self._cut_now: asyncio.Event | None = None
         self._drain_tasks: set[asyncio.Task[None]] = set()
         self._stopped = False
+        self.monitor: HealthMonitor | None = None
+        self.admin: AdminServer | None = None
 
     # -- start -----------------------------------------------------------------
 
@@ -68,20 +76,60 @@ class Server:
         self._idle = asyncio.Event()
         self._cut_now = asyncio.Event()
         self._resolver = Resolver(loop)
+        admin = None
+        if self.config.admin is not None:
+            admin = AdminServer(self.config.admin, lambda: self.listeners.values(),
+                                lambda: self.monitor, reuse_port=self.reuse_port)
         try:
             listeners = [self._make_listener(lc) for lc in self.config.listeners]
             self._bind_all(listeners, {})
         except (BindError, TlsError) as exc:
             raise StartError(str(exc)) from None
+        try:
+            admin = self._bind_admin(admin) if admin is not None else None
+        except AdminError as exc:
+            for listener in listeners:
+                listener.unbind()
+            raise StartError(str(exc)) from None
+        monitor = HealthMonitor(on_change=self._on_health_change)
+        monitor.sync(self.config.listeners)
+        self.monitor = monitor
         for listener in listeners:
+            listener.health = monitor.state
             listener.start()
             self.listeners[listener.name] = listener
+        monitor.start()
+        if admin is not None:
+            await admin.start()
+            self.admin = admin
         log.info("cacheport serving %d listener(s) from %s", len(listeners), self.config.path)
 
     def _make_listener(self, lc: ListenerConfig) -> Listener:
         assert self.loop is not None and self._resolver is not None
-        return Listener(lc, self.loop, self._pool(lc.buffer_size), self._resolver,
-                        self._maybe_idle, reuse_port=self.reuse_port)
+        listener = Listener(lc, self.loop, self._pool(lc.buffer_size), self._resolver,
+                            self._maybe_idle, reuse_port=self.reuse_port)
+        if self.monitor is not None:
+            listener.health = self.monitor.state
+        return listener
+
+    def _bind_admin(self, admin: AdminServer) -> AdminServer | None:
+        """Bind the admin endpoint; a taken default port is a warning, a configured one fatal."""
+        try:
+            admin.bind()
+        except AdminError as exc:
+            if admin.config.explicit:
+                raise
+            log.warning("%s; serving without it (set admin.listen, or admin: off)", exc)
+            return None
+        return admin
+
+    def _on_health_change(self, target: Target, transition: Transition) -> None:
+        """``on_down: close``: cut the live connections to an upstream that went DOWN."""
+        if transition.new is not State.DOWN:
+            return
+        listener = self.listeners.get(target.listener)
+        if listener is not None and listener.config.on_down == "close":
+            listener.close_upstream_connections(target.upstream)
 
     def _pool(self, size: int) -> BufferPool:
         return self._pools.setdefault(size, BufferPool(size))
@@ -145,6 +193,11 @@ class Server:
             listener.start()
             self.listeners[listener.name] = listener
         self.config = config
+        if self.monitor is not None:
+            # Unchanged (listener, upstream, check) targets keep their state and counts.
+            self.monitor.sync(config.listeners)
+        if self.admin is not None and config.admin != self.admin.config:
+            log.warning("reload: the admin block changed; it takes effect at the next restart")
         self.reloads += 1
         log.info("reloaded %s: %s", config.path, plan.summary())
         return plan
@@ -208,6 +261,10 @@ class Server:
         for task in list(self._drain_tasks):
             task.cancel()
         await asyncio.sleep(0)  # let cancelled connect tasks clean up
+        if self.monitor is not None:
+            await self.monitor.stop()
+        if self.admin is not None:
+            await self.admin.stop()
         result = StopResult(drained=max(at_start - cut, 0), cut=cut)
         log.info("cacheport stopped: %d connection(s) drained, %d cut", result.drained, result.cut)
         return result

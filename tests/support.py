@@ -143,8 +143,13 @@ def start_server(kind: str, extra: list[str] | None = None, host: str = "127.0.0
 
 
 def make_config(listeners: list[dict[str, Any]], **top: Any) -> Config:
-    """Build a Config through the real YAML validator."""
-    doc = {"listeners": listeners, **top}
+    """Build a Config through the real YAML validator.
+
+    Health checks are off unless the test sets ``health`` (in ``defaults`` or on a
+    listener): their connections would otherwise reach upstreams that tests watch.
+    """
+    defaults = {"health": False, **(top.pop("defaults", None) or {})}
+    doc = {"defaults": defaults, "listeners": listeners, **top}
     return parse_config(load_yaml(yaml.safe_dump(doc)), "<test>")
 
 
