@@ -3,6 +3,7 @@ against cacheport serving real memcached and redis-server nodes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
@@ -14,6 +15,7 @@ import yaml
 from pymemcache.client.base import Client as MemcacheClient
 
 from proxy.admin import format_status
+from proxy.server import StopResult
 from tests.healthkit import (
     DOWN_WITHIN,
     FAST,
@@ -219,11 +221,12 @@ def test_stop_closes_the_admin_endpoint_and_is_idempotent(redis_server: ServerPr
                   "protocol": "redis", "health": FAST}]
     with proxy_with_admin(listeners) as proxy:
         address = admin_address(proxy)
-        proxy.call(proxy.server.stop)
-        proxy.call(proxy.server.stop)
+        assert http_get(proxy, "/healthz")[0] == 200
+        proxy.stop()  # the server's own ordered stop, on its loop
         with pytest.raises(OSError):
             socket.create_connection((address.host, address.port), timeout=2).close()
         assert proxy.server.monitor is not None and not proxy.server.monitor.targets
+        assert asyncio.run(proxy.server.stop()) == StopResult(0, 0)  # twice is harmless
 
 
 def test_a_taken_admin_port_fails_start_only_when_configured(
@@ -282,3 +285,33 @@ def test_cacheport_status_reads_the_admin_address_from_the_config(
     assert result.returncode == 2 and "admin endpoint is off" in result.stderr
     result = run_cli("status", "--admin", "nope:port")
     assert result.returncode == 2 and "--admin:" in result.stderr
+
+
+def test_every_worker_serves_the_admin_endpoint(tmp_path: Path,
+                                                redis_server: ServerProcess) -> None:
+    """With workers: N each worker binds the admin port too (SO_REUSEPORT), so /healthz and
+    /status answer whichever worker the kernel picks, and no worker fails to start."""
+    admin_port = free_port()
+    path = tmp_path / "workers.yaml"
+    path.write_text(yaml.safe_dump({
+        "workers": 2, "drain_timeout": "1s",
+        "admin": {"listen": f"127.0.0.1:{admin_port}"},
+        "listeners": [{"name": "rd", "listen": f"127.0.0.1:{free_port()}",
+                       "upstream": redis_server.address, "protocol": "redis",
+                       "health": FAST}],
+    }))
+    proc = CacheportProcess(path)
+    try:
+        wait_until(lambda: "serving with 2 workers" in proc.log(), 20,
+                   message="both workers to be ready")
+        seen: set[str] = set()
+        for _ in range(40):
+            result = run_cli("status", "--admin", f"127.0.0.1:{admin_port}", "--json")
+            assert result.returncode == 0, result.stderr
+            seen.add(json.loads(result.stdout)["worker"])
+            if len(seen) == 2:
+                break
+        assert seen <= {"0", "1"} and seen
+        assert "Traceback" not in proc.log()
+    finally:
+        proc.stop()

@@ -11,7 +11,9 @@ import pytest
 import redis
 from pymemcache.client.base import Client as MemcacheClient
 
+from proxy.config import Address
 from tests.healthkit import (
+    ADMIN,
     DOWN_WITHIN,
     FAST,
     UP_WITHIN,
@@ -21,7 +23,7 @@ from tests.healthkit import (
     upstream_status,
     wait_health,
 )
-from tests.support import ServerProcess, start_server, wait_until
+from tests.support import ServerProcess, free_port, make_config, start_server, wait_until
 
 
 @pytest.fixture(params=["memcached", "redis"])
@@ -180,3 +182,40 @@ def test_on_down_decides_whether_live_connections_to_a_demoted_primary_survive(
         direct = redis.Redis(port=b.port, socket_timeout=5)
         assert direct.get("followed") == b"yes"
         direct.close()
+
+
+def test_reload_keeps_what_the_checks_saw_and_checks_new_upstreams(
+        two_primaries: tuple[ServerProcess, ServerProcess]) -> None:
+    kind = "redis"
+    first, second = two_primaries
+    dead = f"127.0.0.1:{free_port()}"
+    listeners = [
+        {"name": "kept", "listen": "127.0.0.1:0", "upstream": dead, "protocol": kind,
+         "health": FAST},
+        {"name": "moved", "listen": "127.0.0.1:0", "upstream": first.address,
+         "protocol": kind, "health": FAST},
+    ]
+    with proxy_with_admin(listeners) as proxy:
+        wait_health(proxy, "kept", dead, "down", DOWN_WITHIN)
+        wait_health(proxy, "moved", first.address, "up", UP_WITHIN)
+        monitor = proxy.server.monitor
+        assert monitor is not None
+        host, port = dead.split(":")
+        kept = monitor.targets[("kept", Address(host, int(port)))]
+        new = make_config([
+            listeners[0],
+            {**listeners[1], "upstream": second.address},
+            {"name": "added", "listen": "127.0.0.1:0", "upstream": second.address,
+             "protocol": kind, "health": FAST},
+        ], admin=ADMIN)
+        plan = proxy.call(lambda: proxy.server.reload(new))
+        assert [lc.name for lc in plan.added] == ["added"]
+        # The unchanged listener's target is the same object, still DOWN: no new first check.
+        assert monitor.targets[("kept", kept.upstream)] is kept and kept.state.value == "down"
+        assert [str(t.upstream) for t in monitor.targets_of("moved")] == [second.address]
+        wait_health(proxy, "moved", second.address, "up", UP_WITHIN)
+        wait_health(proxy, "added", second.address, "up", UP_WITHIN)
+        client = redis.Redis(port=proxy.port("moved"), socket_timeout=5)
+        client.set("where", "second")
+        client.close()
+        assert read(kind, second, "where") == "second"

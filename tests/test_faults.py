@@ -30,7 +30,10 @@ def cacheport(
     port = free_port()
     options = "".join(f", {k}: {v}" for k, v in extra.items())
     path = tmp_path / f"faults-{port}.yaml"
-    path.write_text(f"listeners:\n  - {{name: t, listen: '127.0.0.1:{port}', "
+    # No admin endpoint and no health checks: these tests count every socket the
+    # process holds and every connection the upstream sees.
+    path.write_text(f"admin: off\ndefaults: {{health: off}}\n"
+                    f"listeners:\n  - {{name: t, listen: '127.0.0.1:{port}', "
                     f"upstream: '{upstream}'{options}}}\n")
     proc = CacheportProcess(path)
     try:

@@ -279,13 +279,10 @@ async def run_check(checker: Checker, limit: float,
     try:
         done, _pending = await asyncio.wait((task,), timeout=limit)
     except asyncio.CancelledError:
-        task.cancel()
+        _abandon(task, leftovers)
         raise
     if not done:
-        task.cancel()
-        if leftovers is not None:
-            leftovers.add(task)
-            task.add_done_callback(leftovers.discard)
+        _abandon(task, leftovers)
         return CheckResult(False, f"timed out after {limit:g}s")
     exc = task.exception()
     if exc is None:
@@ -293,6 +290,15 @@ async def run_check(checker: Checker, limit: float,
     if isinstance(exc, Exception):  # one bad check must not end the checks
         return CheckResult(False, describe_error(exc))
     raise exc
+
+
+def _abandon(task: asyncio.Task[CheckResult],
+             leftovers: set[asyncio.Task[CheckResult]] | None) -> None:
+    """Cancel a check nobody waits for any more; keep it where its owner can await its end."""
+    task.cancel()
+    if leftovers is not None and not task.done():
+        leftovers.add(task)
+        task.add_done_callback(leftovers.discard)
 
 
 def _retrieve(task: asyncio.Task[CheckResult]) -> None:

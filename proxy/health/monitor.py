@@ -145,11 +145,14 @@ class HealthMonitor:
         tasks = [t.task for t in targets if t.task is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        # Checks cut short still close their connections; their own socket timeouts
+        # bound how long that can take.
         leftovers = list(self._leftovers)
         for task in leftovers:
             task.cancel()
         if leftovers:
-            await asyncio.wait(leftovers, timeout=1.0)
+            grace = max((t.config.timeout for t in targets), default=1.0) + 0.5
+            await asyncio.wait(leftovers, timeout=grace)
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
