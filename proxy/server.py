@@ -6,6 +6,11 @@ nothing half-started. A reload is planned from two validated configs
 changes only what differs. Stop is ordered and idempotent: stop accepting
 everywhere, give live connections up to ``drain_timeout`` to finish, cut the
 rest.
+
+Clusters (``clusters:``) add listeners of their own at run time: each cluster's
+``ClusterManager`` calls ``add_listener`` / ``remove_listener`` as nodes come and go,
+outside any file reload. Those listeners are named ``<cluster>:<port>``, which no
+port-map listener name can be, so a reload's plan never touches them.
 """
 
 from __future__ import annotations
@@ -15,9 +20,12 @@ import contextlib
 import logging
 import socket
 from dataclasses import dataclass
+from typing import Any
 
-from .config import Config, ListenerConfig
-from .listener import BindError, Listener
+from .cluster.manager import ClusterManager
+from .cluster.ports import StateFile
+from .config import ClusterConfig, Config, ListenerConfig
+from .listener import BindError, Listener, RelayFactory
 from .relay import BufferPool
 from .reload import ReloadPlan, plan_reload
 from .resolver import Resolver
@@ -58,6 +66,7 @@ class Server:
         self._cut_now: asyncio.Event | None = None
         self._drain_tasks: set[asyncio.Task[None]] = set()
         self._stopped = False
+        self.clusters: dict[str, ClusterManager] = {}
 
     # -- start -----------------------------------------------------------------
 
@@ -76,12 +85,61 @@ class Server:
         for listener in listeners:
             listener.start()
             self.listeners[listener.name] = listener
-        log.info("cacheport serving %d listener(s) from %s", len(listeners), self.config.path)
+        await self._apply_clusters(self.config)
+        log.info("cacheport serving %d listener(s) from %s", len(self.listeners),
+                 self.config.path)
 
     def _make_listener(self, lc: ListenerConfig) -> Listener:
         assert self.loop is not None and self._resolver is not None
         return Listener(lc, self.loop, self._pool(lc.buffer_size), self._resolver,
                         self._maybe_idle, reuse_port=self.reuse_port)
+
+    # -- listeners at run time (clusters) ---------------------------------------------
+
+    def add_listener(self, lc: ListenerConfig, relay_factory: RelayFactory | None = None
+                     ) -> Listener:
+        """Bind and start one more listener now; raises ``BindError`` or ``TlsError``."""
+        if lc.name in self.listeners:
+            raise BindError(f"listener {lc.name!r} exists already")
+        listener = self._make_listener(lc)
+        if relay_factory is not None:
+            listener.relay_factory = relay_factory
+        listener.bind()
+        listener.start()
+        self.listeners[lc.name] = listener
+        return listener
+
+    def remove_listener(self, name: str, drain_timeout: float | None = None) -> None:
+        """Stop accepting on ``name`` now; its connections get ``drain_timeout`` to finish."""
+        listener = self.listeners.pop(name)
+        listener.stop_accepting()
+        self._drain_later(listener, self.config.drain_timeout if drain_timeout is None
+                          else drain_timeout)
+
+    def _state_file(self, config: Config) -> StateFile | None:
+        path = config.state_file
+        return StateFile(path) if path is not None else None
+
+    async def _apply_clusters(self, config: Config) -> None:
+        """Start, reconfigure or close cluster managers to match ``config.clusters``."""
+        wanted: dict[str, ClusterConfig] = {cc.name: cc for cc in config.clusters}
+        state = self._state_file(config) if wanted else None
+        for name in [n for n in self.clusters if n not in wanted]:
+            await self.clusters.pop(name).close()
+            log.info("cluster %s removed; its listeners drain", name)
+        for name, cc in wanted.items():
+            manager = self.clusters.get(name)
+            if manager is None:
+                manager = ClusterManager(cc, self, state)
+                self.clusters[name] = manager
+                await manager.start()
+            elif manager.config != cc or (manager.state and manager.state.path) != (
+                    state and state.path):
+                await manager.reconfigure(cc, state)
+
+    def cluster_status(self) -> list[dict[str, Any]]:
+        """Every cluster's nodes, roles, slots and ports, for ``/status`` (JSON-ready)."""
+        return [manager.status() for manager in self.clusters.values()]
 
     def _pool(self, size: int) -> BufferPool:
         return self._pools.setdefault(size, BufferPool(size))
@@ -145,6 +203,7 @@ class Server:
             listener.start()
             self.listeners[listener.name] = listener
         self.config = config
+        await self._apply_clusters(config)
         self.reloads += 1
         log.info("reloaded %s: %s", config.path, plan.summary())
         return plan
@@ -195,6 +254,8 @@ class Server:
         if self._stopping is not None:
             self._stopping.set()
         timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
+        for manager in self.clusters.values():
+            await manager.stop()
         everyone = [*self.listeners.values(), *self.draining]
         for listener in everyone:
             listener.stop_accepting()
