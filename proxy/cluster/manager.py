@@ -42,6 +42,7 @@ log = logging.getLogger("cacheport.cluster")
 
 MIN_INTERVAL = 1.0  # refreshes asked for by redirects run at most this often
 KNOWN_NODES_ASKED = 3  # besides the seed, how many known nodes a refresh may ask
+MAX_RESERVED = 16  # ports reserved for nodes named in replies but not yet discovered
 
 
 class ListenerHost(Protocol):
@@ -94,6 +95,7 @@ class ClusterManager:
         self._last_started = -MIN_INTERVAL
         self._state_warned = False
         self._logged_unassigned: tuple[str, ...] = ()
+        self._reserved: dict[str, int] = {}  # identity -> port, named in a reply, not discovered
 
     @property
     def name(self) -> str:
@@ -194,7 +196,13 @@ class ClusterManager:
 
     def _apply(self, nodes: list[Node]) -> None:
         by_id = {n.identity: n for n in nodes}
+        unconfirmed = set(self._reserved) - set(by_id)
         changes = self._assign(list(by_id))
+        self._reserved.clear()
+        for identity in unconfirmed:
+            log.warning("cluster %s: %s was named in a reply but discovery does not list it; "
+                        "its reserved port %d is released", self.name, identity,
+                        changes.retired.pop(identity, 0))
         self.nodes = by_id
         self._persist()
         for identity, port in changes.added.items():
@@ -215,14 +223,24 @@ class ClusterManager:
         self._reconcile()
 
     def _assign(self, identities: list[str]) -> PortChanges:
-        """Assign ports, through the state file when there is one (other workers share it)."""
+        """Assign ports, through the state file when there is one (other workers share it).
+
+        Reservations keep their port if the cluster confirms the node; the others are
+        freed at once rather than retired.
+        """
         now = time.time()
+        release = set(self._reserved) - set(identities)
         if self.state is not None:
             result: list[PortChanges] = []
 
             def change(entry: dict[str, Any]) -> dict[str, Any]:
                 self.book.load_json(entry.get("ports"))
+                taken = set(self.book.assigned.values()) | set(self.book.retired)
+                for identity, port in self._reserved.items():
+                    if identity not in self.book.assigned and port not in taken:
+                        self.book.assigned[identity] = port
                 result.append(self.book.assign(identities, now))
+                self.book.release(release)
                 return {**entry, "ports": self.book.to_json()}
 
             try:
@@ -232,7 +250,9 @@ class ClusterManager:
                 self._warn_state(exc)
                 if result:
                     return result[0]
-        return self.book.assign(identities, now)
+        changes = self.book.assign(identities, now)
+        self.book.release(release)
+        return changes
 
     def _persist(self) -> None:
         """Remember the nodes' addresses, so a restart can serve them before discovery."""
@@ -359,8 +379,30 @@ class ClusterManager:
         """Internal node endpoint -> ``(announce, its port)``; None if it has no listener."""
         return self._redis_map.get((host, port))
 
-    def _mc_port(self, node: AutoDiscoveryNode) -> int | None:
-        return self._mc_ports.get(node.hostname)
+    def _mc_port(self, entry: AutoDiscoveryNode) -> int | None:
+        """The port for an auto-discovery entry; a node new to cacheport gets one reserved.
+
+        A client caches a config version until the version changes, so an entry passed
+        through with its private address would stick. A node seen here first gets a port
+        reserved at once (the reply goes out with it) and an immediate refresh; only that
+        refresh, which asks the configuration endpoint itself, binds a listener -- a
+        client that stored a forged ``AmazonElastiCache:cluster`` value never gets one,
+        and its reservation is released, not retired.
+        """
+        port = self._mc_ports.get(entry.hostname)
+        known = self.nodes.get(entry.hostname)
+        if known is None or known.address != Address(entry.ip or entry.hostname, entry.port):
+            self.request_refresh()  # new, or moved: the next refresh binds / retargets
+        if port is None and known is None:
+            port = self.book.port_of(entry.hostname)
+            if port is None and len(self._reserved) < MAX_RESERVED:
+                port = self.book.reserve(entry.hostname)
+                if port is not None:
+                    self._reserved[entry.hostname] = port
+                    log.info("cluster %s: auto-discovery reply names new node %s; port %d "
+                             "reserved until discovery confirms it", self.name,
+                             entry.hostname, port)
+        return port
 
     def _on_unmapped(self, *_what: object) -> None:
         self.stats.unmapped += 1

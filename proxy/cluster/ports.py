@@ -103,6 +103,30 @@ class PortBook:
             added[identity] = port
         return PortChanges(added, retired, tuple(unassigned))
 
+    def reserve(self, identity: str) -> int | None:
+        """Give ``identity`` a port now without retiring anyone (None: the range is full)."""
+        port = self.assigned.get(identity)
+        if port is not None:
+            return port
+        own = next((p for p, r in self.retired.items() if r.identity == identity), None)
+        if own is not None:
+            del self.retired[own]
+            self.assigned[identity] = own
+            return own
+        taken = set(self.assigned.values()) | set(self.retired)
+        port = next((p for p in range(self.low, self.high + 1) if p not in taken), None)
+        if port is not None:
+            self.assigned[identity] = port
+        return port
+
+    def release(self, identities: set[str]) -> None:
+        """Forget identities' ports without a grace period (reservations never confirmed)."""
+        for identity in identities:
+            self.assigned.pop(identity, None)
+            for port, r in list(self.retired.items()):
+                if r.identity == identity:
+                    del self.retired[port]
+
     # -- persistence -----------------------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:
