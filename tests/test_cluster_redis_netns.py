@@ -19,7 +19,6 @@ import socket
 import subprocess
 import textwrap
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
