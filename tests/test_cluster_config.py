@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config import Address, ConfigError, load_config
+from tests.support import run_cli
 
 GOOD = """
     defaults:
@@ -151,3 +152,16 @@ def test_ports_may_not_overlap_listeners_or_other_clusters(tmp_path: Path) -> No
 def test_an_empty_map_still_asks_for_listeners_or_clusters(tmp_path: Path) -> None:
     assert "add at least one under 'listeners' (or a cluster under 'clusters')" in error_of(
         tmp_path, "drain_timeout: 5s\n")
+
+
+def test_check_lists_clusters(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        clusters:
+          - {name: c, engine: memcached, seed: "10.0.0.1", announce: 127.0.0.1,
+             ports: 12000-12009, listen: 127.0.0.1, seed_port: 11999}
+    """)
+    result = run_cli("check", str(path))
+    assert result.returncode == 0, result.stderr
+    assert ("cluster c: memcached, seed 10.0.0.1:11211, announce 127.0.0.1, "
+            "ports 12000-12009, seed_port 11999") in result.stdout
+    assert result.stdout.strip().endswith("OK, 0 listener(s), 1 cluster(s)")

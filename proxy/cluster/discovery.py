@@ -66,7 +66,10 @@ def _context(tls: UpstreamTlsConfig | None) -> ssl.SSLContext | None:
 
 async def _open(address: Address, tls: UpstreamTlsConfig | None, server_name: str | None,
                 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    ctx = _context(tls)
+    try:
+        ctx = _context(tls)
+    except (ssl.SSLError, OSError) as exc:
+        raise DiscoveryError(f"cannot set up TLS: {exc}") from None
     name = None
     if ctx is not None:
         name = (tls.server_name if tls is not None and tls.server_name else None) \
