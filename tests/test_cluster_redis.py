@@ -227,3 +227,61 @@ def test_a_reload_removes_and_restores_a_cluster_with_the_same_ports(
         assert raw(next(iter(before.values())), b"PING\r\n") == b"+PONG\r\n"
     finally:
         proxy.stop()
+
+
+def _key_in_slot_of(node: dict[str, Any]) -> tuple[int, str]:
+    slot = node["slots"][0][0]
+    return slot, next(f"k{i}" for i in range(100_000)
+                      if redis.cluster.key_slot(f"k{i}".encode()) == slot)
+
+
+def test_empty_host_redirects_name_the_node_the_connection_reached(
+        masters: list[ServerProcess], tmp_path: Path) -> None:
+    """``-MOVED 1 :6380`` means "the host you are on, that port": cacheport knows which."""
+    admins = [redis.Redis(port=m.port, socket_timeout=5) for m in masters]
+    proxy = proxy_for(masters, tmp_path)
+    try:
+        for a in admins:
+            a.config_set("cluster-preferred-endpoint-type", "unknown-endpoint")
+        # The seed listener goes to masters[0]; ask it (and its own port) for another's key.
+        nodes = status(proxy)["nodes"]
+        seed_node = next(n for n in nodes if n["address"] == f"{HOST}:{masters[0].port}")
+        owner = next(n for n in nodes if n is not seed_node)
+        slot, key = _key_in_slot_of(owner)
+        direct = raw(masters[0].port, get(key))
+        assert direct.startswith(b"-MOVED %d :" % slot)  # what the node really says
+        for port in (seed_node["port"], status(proxy)["seed_port"]):
+            assert raw(port, get(key)) == b"-MOVED %d %s:%d\r\n" % (
+                slot, HOST.encode(), owner["port"])
+    finally:
+        proxy.stop()
+        for a in admins:
+            a.config_set("cluster-preferred-endpoint-type", "ip")
+            a.close()
+
+
+def test_sharded_pubsub_is_redirected_and_then_delivered(
+        masters: list[ServerProcess], tmp_path: Path) -> None:
+    proxy = proxy_for(masters, tmp_path)
+    try:
+        nodes = status(proxy)["nodes"]
+        slot, channel = _key_in_slot_of(nodes[2])
+        sub = b"*2\r\n$10\r\nSSUBSCRIBE\r\n$%d\r\n%s\r\n" % (len(channel), channel.encode())
+        assert raw(nodes[0]["port"], sub) == b"-MOVED %d %s:%d\r\n" % (
+            slot, HOST.encode(), nodes[2]["port"])
+        with socket.create_connection((HOST, nodes[2]["port"]), timeout=5) as s:
+            s.sendall(sub)
+            assert s.recv(256).startswith(b"*3\r\n$10\r\nssubscribe\r\n")
+            message = "-MOVED 1 10.0.0.1:6379"
+            assert redis.Redis(port=nodes[2]["port"]).execute_command(
+                "SPUBLISH", channel, message) == 1
+            expected = b"*3\r\n$8\r\nsmessage\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+                len(channel), channel.encode(), len(message), message.encode())
+            got = b""
+            while len(got) < len(expected):
+                chunk = s.recv(256)
+                assert chunk
+                got += chunk
+            assert got == expected
+    finally:
+        proxy.stop()
