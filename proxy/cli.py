@@ -82,7 +82,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"cacheport: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     _print_table(config)
-    print(f"{args.file}: OK, {len(config.listeners)} listener(s)")
+    for cc in config.clusters:
+        seed_port = f", seed_port {cc.seed_port}" if cc.seed_port is not None else ""
+        print(f"cluster {cc.name}: {cc.engine}, seed {cc.seed}, announce {cc.announce}, "
+              f"ports {cc.ports[0]}-{cc.ports[1]}{seed_port}")
+    clusters = f", {len(config.clusters)} cluster(s)" if config.clusters else ""
+    print(f"{args.file}: OK, {len(config.listeners)} listener(s){clusters}")
     return EXIT_OK
 
 

@@ -25,6 +25,12 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Protocol = Literal["tcp", "memcached", "redis"]
 PROTOCOLS: tuple[Protocol, ...] = ("tcp", "memcached", "redis")
 DEFAULT_PORTS: dict[str, int] = {"memcached": 11211, "redis": 6379}
+Engine = Literal["redis-cluster", "memcached"]
+ENGINES: tuple[Engine, ...] = ("redis-cluster", "memcached")
+ENGINE_PROTOCOL: dict[str, Protocol] = {"redis-cluster": "redis", "memcached": "memcached"}
+DEFAULT_REFRESH = 30.0
+DEFAULT_RETIRE_GRACE = 600.0
+MAX_CLUSTER_PORTS = 1024
 
 DEFAULT_CONNECT_TIMEOUT = 3.0
 DEFAULT_BUFFER_SIZE = 64 * 1024
@@ -195,6 +201,41 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """A cluster whose nodes cacheport discovers and gives one port each (``clusters:``).
+
+    ``template`` carries the listener settings every node's listener gets (allow list,
+    timeouts, TLS); its ``listen`` host is the bind address and its ``upstream`` the seed.
+    """
+
+    name: str
+    engine: Engine
+    seed: Address
+    announce: str  # what clients are told: the NAT host's public IP or DNS name
+    announce_ip: str  # the ip field of auto-discovery entries ("" when unknown)
+    ports: tuple[int, int]  # first and last port, inclusive
+    template: ListenerConfig
+    seed_port: int | None = None
+    refresh: float = DEFAULT_REFRESH
+    retire_grace: float = DEFAULT_RETIRE_GRACE
+
+    @property
+    def listen_host(self) -> str:
+        return self.template.listen.host
+
+    @property
+    def port_count(self) -> int:
+        return self.ports[1] - self.ports[0] + 1
+
+    def addresses(self) -> list[Address]:
+        """Every address this cluster may bind: its whole range and its seed port."""
+        ports = list(range(self.ports[0], self.ports[1] + 1))
+        if self.seed_port is not None:
+            ports.append(self.seed_port)
+        return [Address(self.listen_host, p) for p in ports]
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """A whole validated port map."""
 
@@ -203,12 +244,27 @@ class Config:
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     workers: int = 1
     admin: AdminConfig | None = AdminConfig()  # None: ``admin: off``
+    clusters: tuple[ClusterConfig, ...] = ()
+    state_dir: str | None = None  # where cluster port assignments persist (None: in memory)
 
     def listener(self, name: str) -> ListenerConfig:
         for lc in self.listeners:
             if lc.name == name:
                 return lc
         raise KeyError(name)
+
+    @property
+    def state_file(self) -> str | None:
+        """The JSON file that keeps cluster port assignments across restarts.
+
+        ``state_dir/cacheport-state.json`` when set, else ``<port map>.state.json`` next
+        to the YAML; None for a config that did not come from a file.
+        """
+        if self.state_dir is not None:
+            return str(Path(self.state_dir) / "cacheport-state.json")
+        if self.path.startswith("<"):
+            return None
+        return str(Path(self.path).with_suffix(".state.json"))
 
 
 # ---------------------------------------------------------------------------
@@ -383,12 +439,16 @@ _TUNABLE_KEYS = (
 )
 # ``health`` may also sit in ``defaults``, but merges key by key instead of replacing
 _HEALTH_FIELD = "health"
-_TOP_KEYS = ("defaults", "listeners", "drain_timeout", "workers", "admin")
+_TOP_KEYS = ("defaults", "listeners", "clusters", "drain_timeout", "workers", "admin",
+             "state_dir")
 _HEALTH_KEYS = ("kind", "interval", "timeout", "rise", "fall", "stats", "username",
                 "password", "password_env", "password_file", "role")
 _PASSWORD_KEYS = ("password", "password_env", "password_file")
 _REDIS_ONLY = ("username", "role", *_PASSWORD_KEYS)
 _ADMIN_KEYS = ("listen", "ready_requires_healthy")
+_CLUSTER_KEYS = ("name", "engine", "seed", "announce", "announce_ip", "ports", "seed_port",
+                 "listen", "refresh", "retire_grace")
+_CLUSTER_TUNABLE_KEYS = tuple(k for k in _TUNABLE_KEYS if k != "protocol")
 
 T = TypeVar("T")
 
@@ -876,14 +936,17 @@ def _parse_config(data: Any, path: str) -> Config:
     if "admin" in data:
         admin = _admin(ctx, data["admin"], data.lines["admin"])
     raw_listeners = data.get("listeners")
-    if raw_listeners is None or raw_listeners == []:
-        raise ctx.error("the port map has no listeners; add at least one under 'listeners'",
+    if (raw_listeners is None or raw_listeners == []) and not data.get("clusters"):
+        raise ctx.error("the port map has no listeners; add at least one under 'listeners' "
+                        "(or a cluster under 'clusters')",
                         line=data.lines.get("listeners"))
+    if raw_listeners is None:
+        raw_listeners = []
     if not isinstance(raw_listeners, list):
         raise ctx.error(f"'listeners' must be a list, got {_show(raw_listeners)}",
                         line=data.lines["listeners"])
     listeners: list[ListenerConfig] = []
-    first_line = data.lines["listeners"]
+    first_line = data.lines.get("listeners", data.line)
     for index, raw in enumerate(raw_listeners):
         line = raw.line if isinstance(raw, _Map) else first_line
         lc = _listener(ctx, index, raw, defaults, default_health, line)
@@ -907,7 +970,178 @@ def _parse_config(data: Any, path: str) -> Config:
         top["drain_timeout"] = _field(ctx, data, "drain_timeout", "", _parse_drain)
     if "workers" in data:
         top["workers"] = _field(ctx, data, "workers", "", parse_workers)
+    if "state_dir" in data:
+        top["state_dir"] = _field(ctx, data, "state_dir", "", _parse_state_dir)
+    if "clusters" in data:
+        top["clusters"] = _clusters(ctx, data, defaults, listeners)
     return Config(path=path, listeners=tuple(listeners), admin=admin, **top)
+
+
+def _parse_state_dir(value: Any) -> str:
+    """A folder for the state file; relative to the port map's folder; created if missing."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a folder path, got {_show(value)}")
+    path = _BASE_DIR.get() / value
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{_show(value)} exists and is not a folder")
+    return str(path)
+
+
+def parse_port_range(value: Any) -> tuple[int, int]:
+    """``6380-6399`` (inclusive) or a single port."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ValueError(f"expected a port range like 6380-6399, got {_show(value)}")
+    text = str(value).strip()
+    first, dash, last = text.partition("-")
+    first, last = first.strip(), last.strip() if dash else first.strip()
+    low = _check_port(first, value, allow_zero=False)
+    high = _check_port(last, value, allow_zero=False)
+    if high < low:
+        raise ValueError(f"range {_show(value)} ends before it starts")
+    if high - low + 1 > MAX_CLUSTER_PORTS:
+        raise ValueError(f"range {_show(value)} has {high - low + 1} ports; "
+                         f"at most {MAX_CLUSTER_PORTS}")
+    return low, high
+
+
+def _parse_engine(value: Any) -> Engine:
+    if value not in ENGINES:
+        raise ValueError(f"expected one of {', '.join(ENGINES)}, got {_show(value)}")
+    return cast(Engine, value)
+
+
+def _parse_announce(value: Any) -> str:
+    """The host clients are told to use: an IP or DNS name, no port."""
+    if isinstance(value, bool) or not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected the NAT host's public IP or DNS name, got {_show(value)}")
+    text = value.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    if ":" in text and not _is_ipv6(text):
+        raise ValueError(f"expected a host without a port, got {_show(value)}")
+    return _check_host(text, value)
+
+
+def _parse_announce_ip(value: Any) -> str:
+    try:
+        return str(ipaddress.ip_address(str(value).strip()))
+    except ValueError:
+        raise ValueError(f"expected an IP address, got {_show(value)}") from None
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _parse_single_port(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"expected a port number, got {_show(value)}")
+    return _check_port(str(value).strip(), value, allow_zero=False)
+
+
+def _parse_bind_host(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected an address to bind, like 0.0.0.0, got {_show(value)}")
+    text = value.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    return _check_host(text, value)
+
+
+def _cluster(ctx: _Context, index: int, raw: Any, defaults: Mapping[str, Any],
+             line: int) -> ClusterConfig:
+    where = f"clusters[{index}]: "
+    if not isinstance(raw, _Map):
+        raise ctx.error(f"expected a mapping with name, engine, seed, announce and ports, "
+                        f"got {_show(raw)}", line=line, where=where)
+    if "name" in raw:
+        name = _field(ctx, raw, "name", where, _parse_name)
+        where = f"cluster {_show(name)}: "
+    _unknown_keys(ctx, raw, _CLUSTER_KEYS + _CLUSTER_TUNABLE_KEYS, where)
+    for required in ("name", "engine", "seed", "announce", "ports"):
+        if required not in raw:
+            raise ctx.error(f"missing required field {_show(required)}", line=raw.line,
+                            where=where)
+    engine = _field(ctx, raw, "engine", where, _parse_engine)
+    protocol = ENGINE_PROTOCOL[engine]
+    default_port = DEFAULT_PORTS[protocol]
+    seed = _field(ctx, raw, "seed", where,
+                  lambda v: parse_address(v, default_host=None, default_port=default_port))
+    announce = _field(ctx, raw, "announce", where, _parse_announce)
+    if "announce_ip" in raw:
+        announce_ip = _field(ctx, raw, "announce_ip", where, _parse_announce_ip)
+    else:
+        announce_ip = announce if Address(announce, 0).is_ip else ""
+    ports = _field(ctx, raw, "ports", where, parse_port_range)
+    seed_port = (_field(ctx, raw, "seed_port", where, _parse_single_port)
+                 if "seed_port" in raw else None)
+    if seed_port is not None and ports[0] <= seed_port <= ports[1]:
+        raise ctx.error(f"field 'seed_port': {seed_port} is inside the node range "
+                        f"{ports[0]}-{ports[1]}; pick a port outside it",
+                        line=raw.lines["seed_port"], where=where)
+    host = _field(ctx, raw, "listen", where, _parse_bind_host) if "listen" in raw \
+        else "0.0.0.0"
+    refresh = (_field(ctx, raw, "refresh", where, _parse_connect_timeout)
+               if "refresh" in raw else DEFAULT_REFRESH)
+    grace = (_field(ctx, raw, "retire_grace", where, _parse_drain)
+             if "retire_grace" in raw else DEFAULT_RETIRE_GRACE)
+    settings = {**{k: v for k, v in defaults.items() if k != "protocol"},
+                **{key: _field(ctx, raw, key, where, _TUNABLE_PARSERS[key])
+                   for key in _CLUSTER_TUNABLE_KEYS if key in raw}}
+    listen = Address(host, ports[0])
+    if settings.get("allow") is None and not _is_loopback(listen):
+        raise ctx.error(
+            f"its listeners bind {host}, reachable from other hosts, but no 'allow' list says "
+            "who may connect; add allow: [CIDR, ...] to the cluster or to defaults",
+            line=raw.lines.get("listen", raw.line), where=where)
+    template = ListenerConfig(name=name, listen=listen, upstream=seed, protocol=protocol,
+                              **settings)
+    return ClusterConfig(name=name, engine=engine, seed=seed, announce=announce,
+                         announce_ip=announce_ip, ports=ports, template=template,
+                         seed_port=seed_port, refresh=refresh, retire_grace=grace)
+
+
+def _clusters(ctx: _Context, data: _Map, defaults: Mapping[str, Any],
+              listeners: list[ListenerConfig]) -> tuple[ClusterConfig, ...]:
+    raw_clusters = data["clusters"]
+    line = data.lines["clusters"]
+    if raw_clusters is None:
+        return ()
+    if not isinstance(raw_clusters, list):
+        raise ctx.error(f"'clusters' must be a list, got {_show(raw_clusters)}", line=line)
+    clusters: list[ClusterConfig] = []
+    for index, raw in enumerate(raw_clusters):
+        at = raw.line if isinstance(raw, _Map) else line
+        cc = _cluster(ctx, index, raw, defaults, at)
+        where = f"cluster {cc.name!r}: "
+        for other in clusters:
+            if other.name == cc.name:
+                raise ctx.error(f"duplicate name {cc.name!r}, already used by clusters"
+                                f"[{clusters.index(other)}]", line=at,
+                                where=where + "field 'name': ")
+        for lc in listeners:
+            if lc.name == cc.name:
+                raise ctx.error(f"name {cc.name!r} is already used by a listener", line=at,
+                                where=where + "field 'name': ")
+        mine = {a.port for a in cc.addresses()}
+        host = Address(cc.listen_host, 1)
+        for lc in listeners:
+            if lc.listen.port in mine and _conflicts(lc.listen, Address(host.host,
+                                                                         lc.listen.port)):
+                raise ctx.error(
+                    f"listener {lc.name!r} ({lc.listen}) uses a port of this cluster's range "
+                    f"{cc.ports[0]}-{cc.ports[1]} or its seed_port", line=at, where=where)
+        for other in clusters:
+            common = mine & {a.port for a in other.addresses()}
+            if common and _conflicts(host, Address(other.listen_host, 1)):
+                raise ctx.error(f"port {min(common)} is also in cluster {other.name!r}'s "
+                                "range or seed_port", line=at, where=where)
+        clusters.append(cc)
+    return tuple(clusters)
 
 
 def _parse_drain(value: Any) -> float:

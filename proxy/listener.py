@@ -32,6 +32,9 @@ from .tls import ListenerTls
 
 log = logging.getLogger("cacheport.listener")
 
+RelayFactory = Callable[[BufferPool, Callable[[Relay], None], str], Relay]
+"""Builds the relay for each new connection: ``(pool, on_close, source) -> Relay``."""
+
 _ACCEPT_BATCH = 64
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _ACCEPT_BACKOFF = 0.5
@@ -146,6 +149,9 @@ class Listener:
         self._per_client: dict[str, int] = {}  # live connections per source IP
         self._not_allowed_seen: dict[str, float] = {}
         self.book = UpstreamBook()  # which upstream each relay uses; per-upstream totals
+        # Cluster listeners set a factory of rewriting relays (proxy.cluster.relay); the
+        # default keeps the plain relay. Anything but Relay here must not be spliced.
+        self.relay_factory: RelayFactory = Relay
 
     @property
     def name(self) -> str:
@@ -381,7 +387,7 @@ class Listener:
                 return
             client.setblocking(False)
             _tune(client)
-            relay = Relay(self.pool, self._upstream_relay_closed, source)
+            relay = self.relay_factory(self.pool, self._upstream_relay_closed, source)
             self.relays.add(relay)
             client_side, upstream_side = relay.client, relay.upstream
             if tls.server is not None and not await self._client_handshake(

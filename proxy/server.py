@@ -9,6 +9,11 @@ monitor keeps what its checks saw of unchanged upstreams). Stop is ordered and
 idempotent: stop accepting everywhere, give live connections up to
 ``drain_timeout`` to finish, cut the rest, stop the checks, and close the admin
 endpoint last so it answers (``/readyz`` 503) while connections drain.
+
+Clusters (``clusters:``) add listeners of their own at run time: each cluster's
+``ClusterManager`` calls ``add_listener`` / ``remove_listener`` as nodes come and go,
+outside any file reload. Those listeners are named ``<cluster>:<port>``, which no
+port-map listener name can be, so a reload's plan never touches them.
 """
 
 from __future__ import annotations
@@ -18,12 +23,15 @@ import contextlib
 import logging
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 from .admin import AdminError, AdminServer
-from .config import Config, ListenerConfig
+from .cluster.manager import ClusterManager
+from .cluster.ports import StateFile
+from .config import ClusterConfig, Config, ListenerConfig
 from .health.monitor import HealthMonitor, Target
 from .health.state import State, Transition
-from .listener import BindError, Listener
+from .listener import BindError, Listener, RelayFactory
 from .relay import BufferPool
 from .reload import ReloadPlan, plan_reload
 from .resolver import Resolver
@@ -66,6 +74,7 @@ class Server:
         self._stopped = False
         self.monitor: HealthMonitor | None = None
         self.admin: AdminServer | None = None
+        self.clusters: dict[str, ClusterManager] = {}
 
     # -- start -----------------------------------------------------------------
 
@@ -99,10 +108,12 @@ class Server:
             listener.start()
             self.listeners[listener.name] = listener
         monitor.start()
+        await self._apply_clusters(self.config)
         if admin is not None:
             await admin.start()
             self.admin = admin
-        log.info("cacheport serving %d listener(s) from %s", len(listeners), self.config.path)
+        log.info("cacheport serving %d listener(s) from %s", len(self.listeners),
+                 self.config.path)
 
     def _make_listener(self, lc: ListenerConfig) -> Listener:
         assert self.loop is not None and self._resolver is not None
@@ -130,6 +141,53 @@ class Server:
         listener = self.listeners.get(target.listener)
         if listener is not None and listener.config.on_down == "close":
             listener.close_upstream_connections(target.upstream)
+
+    # -- listeners at run time (clusters) ---------------------------------------------
+
+    def add_listener(self, lc: ListenerConfig, relay_factory: RelayFactory | None = None
+                     ) -> Listener:
+        """Bind and start one more listener now; raises ``BindError`` or ``TlsError``."""
+        if lc.name in self.listeners:
+            raise BindError(f"listener {lc.name!r} exists already")
+        listener = self._make_listener(lc)
+        if relay_factory is not None:
+            listener.relay_factory = relay_factory
+        listener.bind()
+        listener.start()
+        self.listeners[lc.name] = listener
+        return listener
+
+    def remove_listener(self, name: str, drain_timeout: float | None = None) -> None:
+        """Stop accepting on ``name`` now; its connections get ``drain_timeout`` to finish."""
+        listener = self.listeners.pop(name)
+        listener.stop_accepting()
+        self._drain_later(listener, self.config.drain_timeout if drain_timeout is None
+                          else drain_timeout)
+
+    def _state_file(self, config: Config) -> StateFile | None:
+        path = config.state_file
+        return StateFile(path) if path is not None else None
+
+    async def _apply_clusters(self, config: Config) -> None:
+        """Start, reconfigure or close cluster managers to match ``config.clusters``."""
+        wanted: dict[str, ClusterConfig] = {cc.name: cc for cc in config.clusters}
+        state = self._state_file(config) if wanted else None
+        for name in [n for n in self.clusters if n not in wanted]:
+            await self.clusters.pop(name).close()
+            log.info("cluster %s removed; its listeners drain", name)
+        for name, cc in wanted.items():
+            manager = self.clusters.get(name)
+            if manager is None:
+                manager = ClusterManager(cc, self, state)
+                self.clusters[name] = manager
+                await manager.start()
+            elif manager.config != cc or (manager.state and manager.state.path) != (
+                    state and state.path):
+                await manager.reconfigure(cc, state)
+
+    def cluster_status(self) -> list[dict[str, Any]]:
+        """Every cluster's nodes, roles, slots and ports, for ``/status`` (JSON-ready)."""
+        return [manager.status() for manager in self.clusters.values()]
 
     def _pool(self, size: int) -> BufferPool:
         return self._pools.setdefault(size, BufferPool(size))
@@ -198,6 +256,7 @@ class Server:
             self.monitor.sync(config.listeners)
         if self.admin is not None and config.admin != self.admin.config:
             log.warning("reload: the admin block changed; it takes effect at the next restart")
+        await self._apply_clusters(config)
         self.reloads += 1
         log.info("reloaded %s: %s", config.path, plan.summary())
         return plan
@@ -248,6 +307,8 @@ class Server:
         if self._stopping is not None:
             self._stopping.set()
         timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
+        for manager in self.clusters.values():
+            await manager.stop()
         everyone = [*self.listeners.values(), *self.draining]
         for listener in everyone:
             listener.stop_accepting()

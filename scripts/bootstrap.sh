@@ -7,7 +7,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${CACHEPORT_VENV:-$ROOT/.venv}
-APT_PACKAGES=(memcached redis-server redis-tools python3-venv netcat-openbsd)
+APT_PACKAGES=(memcached redis-server redis-tools python3-venv netcat-openbsd iproute2)
 EXTRAS=${CACHEPORT_EXTRAS:-dev}
 
 say() { printf '==> %s\n' "$*" >&2; }
@@ -19,6 +19,7 @@ missing_commands() {
     command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
     command -v redis-cli >/dev/null 2>&1 || missing+=(redis-cli)
     command -v python3 >/dev/null 2>&1 || missing+=(python3)
+    command -v ip >/dev/null 2>&1 || missing+=(ip)
     printf '%s\n' "${missing[@]}"
 }
 

@@ -1,0 +1,1 @@
+"""Cluster-aware forwarding: discovery, stable per-node ports, rewriting relays."""

@@ -1,0 +1,249 @@
+"""Ask a cluster which nodes it has: one short connection, one or two commands.
+
+::
+
+    cacheport --CLUSTER SHARDS (else CLUSTER SLOTS)----------------------> seed / a known node
+    cacheport --config get cluster (else get AmazonElastiCache:cluster)--> configuration endpoint
+
+Redis: CLUSTER SHARDS (7.0+) lists every node with its role and health, including
+masters without slots and failed nodes; older servers (or an ACL that denies it) get
+CLUSTER SLOTS, which lists only nodes serving slots. Memcached: ``config get cluster``
+(engine 1.4.14+), else ``get AmazonElastiCache:cluster``. Parsing is the sans-IO code
+in ``proxy.protocols``; this module only moves the bytes, each step under a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..config import Address, UpstreamTlsConfig
+from ..protocols.memcache import AutoDiscoveryError, parse_config_reply
+from ..protocols.redis_cluster import ClusterNode, TopologyError, parse_topology
+from ..protocols.resp import ProtocolError, Reader
+from ..tls import client_context
+
+MAX_REPLY = 16 << 20  # a CLUSTER SHARDS reply of 500 nodes is well under 1 MiB
+
+
+class DiscoveryError(Exception):
+    """No usable topology from that address; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """One cache node as cacheport tracks it.
+
+    ``identity`` is what keeps its port (node id / hostname); ``address`` is where
+    cacheport dials it; ``endpoints`` are every internal ``(host, port)`` the cluster may
+    tell a client about it (ip, hostname, preferred endpoint; plain and TLS port).
+    """
+
+    identity: str
+    address: Address
+    hostname: str = ""
+    role: str = "master"
+    health: str = "online"
+    slots: tuple[tuple[int, int], ...] = ()
+    endpoints: tuple[tuple[str, int], ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True, slots=True)
+class Discovery:
+    """The nodes one query returned, and how they were found."""
+
+    nodes: tuple[Node, ...]
+    source: str  # the command that answered
+    queried: str  # the address that answered
+    version: int | None = None  # Memcached config version
+
+
+def _context(tls: UpstreamTlsConfig | None) -> ssl.SSLContext | None:
+    return client_context(tls) if tls is not None else None
+
+
+async def _open(address: Address, tls: UpstreamTlsConfig | None, server_name: str | None,
+                ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    try:
+        ctx = _context(tls)
+    except (ssl.SSLError, OSError) as exc:
+        raise DiscoveryError(f"cannot set up TLS: {exc}") from None
+    name = None
+    if ctx is not None:
+        name = (tls.server_name if tls is not None and tls.server_name else None) \
+            or server_name or address.host
+    try:
+        return await asyncio.open_connection(address.host, address.port, ssl=ctx,
+                                             server_hostname=name, limit=MAX_REPLY)
+    except ssl.SSLError as exc:
+        raise DiscoveryError(f"TLS handshake with {address} failed: "
+                             f"{exc.reason or exc}") from None
+    except OSError as exc:
+        raise DiscoveryError(f"cannot connect to {address}: {exc.strerror or exc}") from None
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    try:
+        async with asyncio.timeout(1):
+            await writer.wait_closed()
+    except (OSError, TimeoutError, ssl.SSLError):
+        pass
+
+
+# --------------------------------------------------------------------------- Redis
+
+
+def _command(*words: bytes) -> bytes:
+    return b"*%d\r\n" % len(words) + b"".join(b"$%d\r\n%s\r\n" % (len(w), w) for w in words)
+
+
+async def _resp_call(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     request: bytes) -> bytes:
+    writer.write(request)
+    frames = Reader()
+    total = 0
+    while True:
+        chunk = await reader.read(65536)
+        if not chunk:
+            raise DiscoveryError("the node closed the connection")
+        total += len(chunk)
+        if total > MAX_REPLY:
+            raise DiscoveryError(f"reply larger than {MAX_REPLY} bytes")
+        frames.feed(chunk)
+        try:
+            raw = frames.next_raw()
+        except ProtocolError as exc:
+            raise DiscoveryError(f"reply is not RESP: {exc}") from None
+        if raw is not None:
+            return raw
+
+
+def _node_of(n: ClusterNode, tls: bool) -> Node | None:
+    port = n.tls_port if tls and n.tls_port else (n.port or n.tls_port)
+    if not port:
+        return None
+    hosts = [h for h in dict.fromkeys((n.host, n.ip, n.hostname)) if h and h != "?"]
+    ports = [p for p in dict.fromkeys((n.port, n.tls_port)) if p]
+    return Node(
+        identity=n.node_id,
+        address=Address(n.ip or n.host, port),
+        hostname=n.hostname,
+        role=n.role,
+        health=n.health,
+        slots=n.slots,
+        endpoints=tuple((h, p) for h in hosts for p in ports),
+    )
+
+
+async def discover_redis_at(address: Address, tls: UpstreamTlsConfig | None,
+                            server_name: str | None = None) -> Discovery:
+    """CLUSTER SHARDS at ``address``, falling back to CLUSTER SLOTS on an error reply."""
+    reader, writer = await _open(address, tls, server_name)
+    try:
+        peer = writer.get_extra_info("peername")
+        here = str(peer[0]) if peer else address.host
+        errors = []
+        for source in ("shards", "slots"):
+            raw = await _resp_call(reader, writer, _command(b"CLUSTER", source.upper().encode()))
+            if raw[:1] == b"-":
+                message = raw[1:].decode("utf-8", "replace").strip()
+                if message.startswith("NOAUTH"):
+                    raise DiscoveryError(
+                        f"{address} wants AUTH; cluster discovery does not authenticate yet")
+                errors.append(f"CLUSTER {source.upper()}: {message}")
+                continue
+            try:
+                topology = parse_topology(raw, source, here)
+            except TopologyError as exc:
+                raise DiscoveryError(str(exc)) from None
+            nodes = [node for n in topology.nodes if (node := _node_of(n, tls is not None))]
+            return Discovery(tuple(nodes), f"CLUSTER {source.upper()}", str(address))
+        raise DiscoveryError("; ".join(errors))
+    finally:
+        await _close(writer)
+
+
+# --------------------------------------------------------------------------- Memcached
+
+
+def _mc_complete(buf: bytes) -> int:
+    """Length of a whole reply at the start of ``buf``; 0 while incomplete; -1 for an error."""
+    nl = buf.find(b"\r\n")
+    if nl < 0:
+        return 0
+    line = buf[:nl]
+    if line == b"END":
+        return -1  # get of a missing key: no configuration here
+    if line.startswith((b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR")) or b" " not in line:
+        return -1
+    words = line.split()
+    if len(words) < 4 or not words[3].isdigit():
+        raise DiscoveryError(f"unexpected reply line {line[:80]!r}")
+    end = nl + 2 + int(words[3]) + 2 + 5
+    return end if len(buf) >= end else 0
+
+
+async def _mc_call(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   request: bytes) -> bytes | None:
+    writer.write(request)
+    buf = b""
+    while True:
+        chunk = await reader.read(65536)
+        if not chunk:
+            raise DiscoveryError("the node closed the connection")
+        buf += chunk
+        if len(buf) > MAX_REPLY:
+            raise DiscoveryError(f"reply larger than {MAX_REPLY} bytes")
+        end = _mc_complete(buf)
+        if end < 0:
+            return None
+        if end:
+            return buf[:end]
+
+
+async def discover_memcached_at(address: Address, tls: UpstreamTlsConfig | None,
+                                server_name: str | None = None) -> Discovery:
+    """``config get cluster``, falling back to ``get AmazonElastiCache:cluster``."""
+    reader, writer = await _open(address, tls, server_name)
+    try:
+        for source, request in (("config get cluster", b"config get cluster\r\n"),
+                                ("get AmazonElastiCache:cluster",
+                                 b"get AmazonElastiCache:cluster\r\n")):
+            raw = await _mc_call(reader, writer, request)
+            if raw is None:
+                continue
+            try:
+                config = parse_config_reply(raw)
+            except AutoDiscoveryError as exc:
+                raise DiscoveryError(f"{source}: {exc}") from None
+            nodes = tuple(
+                Node(identity=n.hostname, address=Address(n.ip or n.hostname, n.port),
+                     hostname=n.hostname, role="node",
+                     endpoints=((n.hostname, n.port),))
+                for n in config.nodes)
+            return Discovery(nodes, source, str(address), config.version)
+        raise DiscoveryError(f"{address} answers neither 'config get cluster' nor 'get "
+                             "AmazonElastiCache:cluster'; is it an ElastiCache configuration "
+                             "endpoint?")
+    finally:
+        await _close(writer)
+
+
+async def discover(engine: str, candidates: Sequence[Address], tls: UpstreamTlsConfig | None,
+                   each: float, server_names: dict[Address, str] | None = None
+                   ) -> Discovery:
+    """Try each candidate (the seed first) until one answers, ``each`` seconds apiece."""
+    query = discover_redis_at if engine == "redis-cluster" else discover_memcached_at
+    errors: list[str] = []
+    for address in dict.fromkeys(candidates):
+        try:
+            async with asyncio.timeout(each):
+                return await query(address, tls, (server_names or {}).get(address))
+        except TimeoutError:
+            errors.append(f"{address}: no answer within {each:g}s")
+        except DiscoveryError as exc:
+            errors.append(f"{address}: {exc}")
+    raise DiscoveryError("; ".join(errors) or "no address to ask")

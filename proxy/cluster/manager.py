@@ -1,0 +1,501 @@
+"""One cluster: discover its nodes, give each a port, keep a rewriting listener per node.
+
+::
+
+    refresh (every `refresh`, and at once after a MOVED or an unmapped node)
+      discover ---> Discovery(nodes) ---> PortBook.assign ---> StateFile
+                                              |
+                                              v
+      reconcile: add a listener per new node, reconfigure a node whose IP changed,
+                 remove (drain) the listener of a node that left; its port rests
+                 for `retire_grace` before another node may have it
+
+    client --> listener <cluster>:<port> --> RewritingRelay(rewriter) --> that node
+
+The manager does no socket work itself beyond discovery: the listener host (the
+``Server``) binds, starts and drains listeners. Mappers read plain dicts that a refresh
+replaces whole, so relays never see a half-updated table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..config import Address, ClusterConfig, ListenerConfig
+from ..listener import BindError, Listener, RelayFactory
+from ..protocols.memcache import AutoDiscoveryNode, AutoDiscoveryRewriter, announce_mapper
+from ..protocols.redis_cluster import ClusterRewriter
+from ..relay import BufferPool, Relay
+from ..tls import TlsError
+from .discovery import Discovery, DiscoveryError, Node, discover
+from .ports import PortBook, PortChanges, StateError, StateFile
+from .relay import Feed, RewritingRelay
+
+log = logging.getLogger("cacheport.cluster")
+
+MIN_INTERVAL = 1.0  # refreshes asked for by redirects run at most this often
+KNOWN_NODES_ASKED = 3  # besides the seed, how many known nodes a refresh may ask
+MAX_RESERVED = 16  # ports reserved for nodes named in replies but not yet discovered
+
+
+class ListenerHost(Protocol):
+    """What the manager needs from the ``Server``: listeners added and removed at run time."""
+
+    listeners: dict[str, Listener]
+
+    def add_listener(self, lc: ListenerConfig, relay_factory: RelayFactory | None = None
+                     ) -> Listener: ...
+
+    def remove_listener(self, name: str) -> None: ...
+
+
+@dataclass
+class ClusterStats:
+    """Counters for metrics and ``/status``; plain integers."""
+
+    refreshes: int = 0
+    refresh_failures: int = 0
+    port_range_full: int = 0  # refreshes that found a node no free port for
+    redirects: int = 0  # MOVED/ASK replies rewritten
+    unmapped: int = 0  # node addresses seen in replies before they had a port
+    bind_failures: int = 0
+    protocol_errors: int = 0  # connections closed because a peer broke the protocol
+    listeners_added: int = 0
+    listeners_removed: int = 0
+
+
+class ClusterManager:
+    """Keeps one cluster's per-node listeners in step with the cluster."""
+
+    def __init__(self, config: ClusterConfig, host: ListenerHost,
+                 state: StateFile | None = None) -> None:
+        self.config = config
+        self.host = host
+        self.state = state
+        self.stats = ClusterStats()
+        self.book = PortBook(config.ports[0], config.ports[1], config.retire_grace)
+        self.nodes: dict[str, Node] = {}  # identity -> node, as last discovered
+        self.unassigned: tuple[str, ...] = ()
+        self.discovery: Discovery | None = None
+        self.last_error: str | None = None
+        self.last_refresh: float | None = None  # wall clock of the last successful refresh
+        self._owned: dict[str, ListenerConfig] = {}  # listener name -> its config
+        self._redis_map: dict[tuple[str, int], tuple[str, int]] = {}
+        self._mc_ports: dict[str, int] = {}
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._refresh_lock: asyncio.Lock | None = None
+        self._last_started = -MIN_INTERVAL
+        self._state_warned = False
+        self._logged_unassigned: tuple[str, ...] = ()
+        self._reserved: dict[str, int] = {}  # identity -> port, named in a reply, not discovered
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def listener_name(self, port: int | None) -> str:
+        """``<cluster>:<port>`` for a node, ``<cluster>:seed`` for the seed listener.
+
+        Config names never contain ':', so these never clash with the port map's own.
+        """
+        return f"{self.name}:{port}" if port is not None else f"{self.name}:seed"
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """First refresh (bounded); if it fails, serve the nodes the state file remembers."""
+        self._wake = asyncio.Event()
+        self._refresh_lock = asyncio.Lock()
+        remembered = self._load_state()
+        if not await self.refresh("start") and remembered:
+            log.warning("cluster %s: serving the %d node(s) remembered in %s until discovery "
+                        "works", self.name, len(remembered), self.state and self.state.path)
+            self._apply(remembered)
+        elif self.discovery is None:
+            self._reconcile()  # the seed listener at least
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=self.name)
+
+    async def stop(self) -> None:
+        """Stop refreshing; the listeners are left to the server's own stop."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def close(self) -> None:
+        """The cluster left the port map: stop refreshing and drain all its listeners."""
+        await self.stop()
+        for name in list(self._owned):
+            self._remove(name)
+
+    async def reconfigure(self, config: ClusterConfig, state: StateFile | None) -> None:
+        """A reload changed this cluster: new settings apply to every listener at once."""
+        self.config = config
+        self.state = state
+        self.book.low, self.book.high = config.ports
+        self.book.grace = config.retire_grace
+        if not await self.refresh("reload"):
+            self._apply(list(self.nodes.values()))
+
+    def request_refresh(self) -> None:
+        """Refresh soon (at most once per ``MIN_INTERVAL``); safe from any callback."""
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.refresh):
+                    await self._wake.wait()
+            reason = "redirect or unmapped node" if self._wake.is_set() else "timer"
+            wait = self._last_started + MIN_INTERVAL - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)  # coalesce a burst of redirects into one refresh
+            self._wake.clear()
+            await self.refresh(reason)
+
+    # -- refresh ----------------------------------------------------------------------
+
+    async def refresh(self, reason: str = "manual") -> bool:
+        """Discover and apply; False (logged, counted) when no node answered."""
+        assert self._refresh_lock is not None, "start() first"
+        async with self._refresh_lock:
+            self._last_started = asyncio.get_running_loop().time()
+            template = self.config.template
+            known = sorted(self.nodes.values(), key=lambda n: n.role != "master")
+            candidates = [self.config.seed, *[n.address for n in known][:KNOWN_NODES_ASKED]]
+            names = {n.address: n.hostname for n in known if n.hostname}
+            try:
+                found = await discover(self.config.engine, candidates, template.upstream_tls,
+                                       max(template.connect_timeout, 1.0) * 2, names)
+            except DiscoveryError as exc:
+                self.stats.refresh_failures += 1
+                if exc.args[0] != self.last_error:
+                    log.error("cluster %s: discovery failed (%s): %s", self.name, reason, exc)
+                self.last_error = str(exc)
+                return False
+            self.stats.refreshes += 1
+            if self.last_error is not None:
+                log.info("cluster %s: discovery works again", self.name)
+            self.last_error = None
+            self.last_refresh = time.time()
+            self.discovery = found
+            self._apply(list(found.nodes))
+            return True
+
+    def _apply(self, nodes: list[Node]) -> None:
+        by_id = {n.identity: n for n in nodes}
+        unconfirmed = set(self._reserved) - set(by_id)
+        changes = self._assign(list(by_id))
+        self._reserved.clear()
+        for identity in unconfirmed:
+            log.warning("cluster %s: %s was named in a reply but discovery does not list it; "
+                        "its reserved port %d is released", self.name, identity,
+                        changes.retired.pop(identity, 0))
+        self.nodes = by_id
+        self._persist()
+        for identity, port in changes.added.items():
+            log.info("cluster %s: node %s (%s) gets port %d", self.name, identity,
+                     by_id[identity].address, port)
+        for identity, port in changes.retired.items():
+            log.info("cluster %s: node %s left; its listener on port %d drains and the port "
+                     "rests for %gs", self.name, identity, port, self.config.retire_grace)
+        self.unassigned = changes.unassigned
+        if changes.unassigned:
+            self.stats.port_range_full += 1
+            if changes.unassigned != self._logged_unassigned:
+                log.error("cluster %s: port range %d-%d is full; %d node(s) have no listener: "
+                          "%s (widen 'ports'; existing nodes are unaffected)", self.name,
+                          *self.config.ports, len(changes.unassigned),
+                          ", ".join(changes.unassigned))
+        self._logged_unassigned = changes.unassigned
+        self._reconcile()
+
+    def _assign(self, identities: list[str]) -> PortChanges:
+        """Assign ports, through the state file when there is one (other workers share it).
+
+        Reservations keep their port if the cluster confirms the node; the others are
+        freed at once rather than retired.
+        """
+        now = time.time()
+        release = set(self._reserved) - set(identities)
+        if self.state is not None:
+            result: list[PortChanges] = []
+
+            def change(entry: dict[str, Any]) -> dict[str, Any]:
+                self.book.load_json(entry.get("ports"))
+                taken = set(self.book.assigned.values()) | set(self.book.retired)
+                for identity, port in self._reserved.items():
+                    if identity not in self.book.assigned and port not in taken:
+                        self.book.assigned[identity] = port
+                result.append(self.book.assign(identities, now))
+                self.book.release(release)
+                return {**entry, "ports": self.book.to_json()}
+
+            try:
+                self.state.update_cluster(self.name, change)
+                return result[0]
+            except StateError as exc:
+                self._warn_state(exc)
+                if result:
+                    return result[0]
+        changes = self.book.assign(identities, now)
+        self.book.release(release)
+        return changes
+
+    def _persist(self) -> None:
+        """Remember the nodes' addresses, so a restart can serve them before discovery."""
+        if self.state is None:
+            return
+        nodes = {n.identity: {"host": n.address.host, "port": n.address.port,
+                              "hostname": n.hostname, "role": n.role,
+                              "endpoints": [list(e) for e in n.endpoints]}
+                 for n in self.nodes.values()}
+
+        def change(entry: dict[str, Any]) -> dict[str, Any]:
+            return {**entry, "ports": self.book.to_json(), "nodes": nodes,
+                    "refreshed": self.last_refresh}
+
+        try:
+            self.state.update_cluster(self.name, change)
+        except StateError as exc:
+            self._warn_state(exc)
+
+    def _load_state(self) -> list[Node]:
+        if self.state is None:
+            return []
+        try:
+            entry = self.state.read_cluster(self.name)
+        except StateError as exc:
+            self._warn_state(exc)
+            return []
+        self.book.load_json(entry.get("ports"))
+        remembered: list[Node] = []
+        raw_nodes = entry.get("nodes")
+        for identity, raw in (raw_nodes.items() if isinstance(raw_nodes, dict) else ()):
+            try:
+                endpoints = tuple((str(h), int(p)) for h, p in raw.get("endpoints", ()))
+                remembered.append(Node(identity=identity,
+                                       address=Address(str(raw["host"]), int(raw["port"])),
+                                       hostname=str(raw.get("hostname", "")),
+                                       role=str(raw.get("role", "master")),
+                                       health="unknown", endpoints=endpoints))
+            except (KeyError, TypeError, ValueError, AttributeError):
+                continue
+        return remembered
+
+    def _warn_state(self, exc: StateError) -> None:
+        if not self._state_warned:
+            log.warning("cluster %s: %s; port assignments are kept in memory only", self.name,
+                        exc)
+            self._state_warned = True
+
+    # -- listeners --------------------------------------------------------------------
+
+    def _desired(self) -> dict[str, tuple[ListenerConfig, str | None]]:
+        """Listener name -> (config, identity of its node; None for the seed)."""
+        template = self.config.template
+        host = self.config.listen_host
+        out: dict[str, tuple[ListenerConfig, str | None]] = {}
+        if self.config.seed_port is not None:
+            name = self.listener_name(None)
+            out[name] = (dataclasses.replace(template, name=name,
+                                             listen=Address(host, self.config.seed_port)), None)
+        for identity, node in self.nodes.items():
+            port = self.book.port_of(identity)
+            if port is None:
+                continue
+            upstream_tls = template.upstream_tls
+            if upstream_tls is not None and upstream_tls.server_name is None and node.hostname:
+                upstream_tls = dataclasses.replace(upstream_tls, server_name=node.hostname)
+            name = self.listener_name(port)
+            out[name] = (dataclasses.replace(template, name=name, listen=Address(host, port),
+                                             upstream=node.address,
+                                             upstream_tls=upstream_tls), identity)
+        return out
+
+    def _reconcile(self) -> None:
+        desired = self._desired()
+        for name in [n for n in self._owned if n not in desired]:
+            self._remove(name)
+        for name, (lc, _identity) in desired.items():
+            old = self._owned.get(name)
+            if old is not None and name in self.host.listeners and old.listen == lc.listen:
+                if old != lc:
+                    self.host.listeners[name].reconfigure(lc)
+                    self._owned[name] = lc
+                    if old.upstream != lc.upstream:
+                        log.info("cluster %s: listener %s now forwards to %s (was %s)",
+                                 self.name, name, lc.upstream, old.upstream)
+                continue
+            if old is not None:
+                self._remove(name)
+            try:
+                self.host.add_listener(lc, self._relay_factory(lc))
+            except (BindError, TlsError) as exc:
+                self.stats.bind_failures += 1
+                log.error("cluster %s: %s; will retry at the next refresh", self.name, exc)
+                continue
+            self.stats.listeners_added += 1
+            self._owned[name] = lc
+        self._rebuild_maps(desired)
+
+    def _remove(self, name: str) -> None:
+        self._owned.pop(name, None)
+        if name in self.host.listeners:
+            self.host.remove_listener(name)
+            self.stats.listeners_removed += 1
+
+    def _rebuild_maps(self, desired: dict[str, tuple[ListenerConfig, str | None]]) -> None:
+        """Only nodes whose listener is up are mapped; the rest count as unmapped."""
+        announce = self.config.announce
+        redis_map: dict[tuple[str, int], tuple[str, int]] = {}
+        mc_ports: dict[str, int] = {}
+        for name, (lc, identity) in desired.items():
+            if identity is None or name not in self._owned:
+                continue
+            node = self.nodes[identity]
+            target = (announce, lc.listen.port)
+            for endpoint in (*node.endpoints, (node.address.host, node.address.port)):
+                redis_map[endpoint] = target
+            mc_ports[identity] = lc.listen.port
+        self._redis_map = redis_map
+        self._mc_ports = mc_ports
+
+    # -- relays -----------------------------------------------------------------------
+
+    def map_redis(self, host: str, port: int) -> tuple[str, int] | None:
+        """Internal node endpoint -> ``(announce, its port)``; None if it has no listener."""
+        return self._redis_map.get((host, port))
+
+    def _mc_port(self, entry: AutoDiscoveryNode) -> int | None:
+        """The port for an auto-discovery entry; a node new to cacheport gets one reserved.
+
+        A client caches a config version until the version changes, so an entry passed
+        through with its private address would stick. A node seen here first gets a port
+        reserved at once (the reply goes out with it) and an immediate refresh; only that
+        refresh, which asks the configuration endpoint itself, binds a listener -- a
+        client that stored a forged ``AmazonElastiCache:cluster`` value never gets one,
+        and its reservation is released, not retired.
+        """
+        port = self._mc_ports.get(entry.hostname)
+        known = self.nodes.get(entry.hostname)
+        if known is None or known.address != Address(entry.ip or entry.hostname, entry.port):
+            self.request_refresh()  # new, or moved: the next refresh binds / retargets
+        if port is None and known is None:
+            port = self.book.port_of(entry.hostname)
+            if port is None and len(self._reserved) < MAX_RESERVED:
+                port = self.book.reserve(entry.hostname)
+                if port is not None:
+                    self._reserved[entry.hostname] = port
+                    log.info("cluster %s: auto-discovery reply names new node %s; port %d "
+                             "reserved until discovery confirms it", self.name,
+                             entry.hostname, port)
+        return port
+
+    def _on_unmapped(self, *_what: object) -> None:
+        self.stats.unmapped += 1
+        self.request_refresh()
+
+    def _on_protocol_error(self, _who: str) -> None:
+        self.stats.protocol_errors += 1
+
+    def _relay_factory(self, lc: ListenerConfig) -> RelayFactory:
+        if self.config.engine == "memcached":
+            mapper = announce_mapper(self.config.announce, self.config.announce_ip,
+                                     self._mc_port)
+
+            def make_mc(pool: BufferPool, on_close: Callable[[Relay], None],
+                        source: str) -> Relay:
+                rw = AutoDiscoveryRewriter(mapper, on_unmapped=self._on_unmapped)
+                return RewritingRelay(pool, on_close, source, rw,
+                                      on_protocol_error=self._on_protocol_error)
+
+            return make_mc
+        upstream = (lc.upstream.host, lc.upstream.port)
+
+        def make_redis(pool: BufferPool, on_close: Callable[[Relay], None],
+                       source: str) -> Relay:
+            rw = ClusterRewriter(self.map_redis, upstream, on_unmapped=self._on_unmapped,
+                                 unmapped_redirect="tryagain")
+            return RewritingRelay(pool, on_close, source, rw,
+                                  feed_reply=self._watch_redirects(rw),
+                                  on_upstream=self._upstream_setter(rw),
+                                  on_protocol_error=self._on_protocol_error)
+
+        return make_redis
+
+    def _watch_redirects(self, rw: ClusterRewriter) -> Feed:
+        """feed_reply, plus a refresh request when a MOVED/ASK went by (slots moved)."""
+        feed = rw.feed_reply
+
+        def feed_reply(data: bytes) -> bytes | bytearray:
+            before = rw.redirects_rewritten
+            out = feed(data)
+            if rw.redirects_rewritten != before:
+                self.stats.redirects += rw.redirects_rewritten - before
+                self.request_refresh()
+            return out
+
+        return feed_reply
+
+    @staticmethod
+    def _upstream_setter(rw: ClusterRewriter) -> Callable[[str, int], None]:
+        """The address really reached: what an empty-host ``-MOVED 1 :6380`` refers to."""
+        def set_upstream(host: str, port: int) -> None:
+            rw.remap.upstream = (host, port)
+        return set_upstream
+
+    # -- status -----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The cluster as ``cacheport status`` and ``/status`` show it (JSON-ready)."""
+        cfg = self.config
+        nodes = []
+        for identity, node in sorted(self.nodes.items(),
+                                     key=lambda kv: (self.book.port_of(kv[0]) or 1 << 20)):
+            port = self.book.port_of(identity)
+            listener = self.host.listeners.get(self.listener_name(port)) if port else None
+            nodes.append({
+                "id": identity,
+                "address": str(node.address),
+                "hostname": node.hostname,
+                "role": node.role,
+                "health": node.health,
+                "slots": [list(r) for r in node.slots],
+                "port": port,
+                "listening": listener is not None and listener.accepting,
+                "connections": listener.active if listener is not None else 0,
+            })
+        seed_listener = (self.host.listeners.get(self.listener_name(None))
+                         if cfg.seed_port is not None else None)
+        return {
+            "name": cfg.name,
+            "engine": cfg.engine,
+            "seed": str(cfg.seed),
+            "seed_port": cfg.seed_port,
+            "seed_listening": seed_listener is not None and seed_listener.accepting,
+            "announce": cfg.announce,
+            "ports": f"{cfg.ports[0]}-{cfg.ports[1]}",
+            "source": self.discovery.source if self.discovery else None,
+            "queried": self.discovery.queried if self.discovery else None,
+            "config_version": self.discovery.version if self.discovery else None,
+            "last_refresh": self.last_refresh,
+            "last_error": self.last_error,
+            "nodes": nodes,
+            "unassigned": list(self.unassigned),
+            "retired": [{"port": p, "id": r.identity, "until": r.until}
+                        for p, r in sorted(self.book.retired.items())],
+            "stats": dataclasses.asdict(self.stats),
+        }

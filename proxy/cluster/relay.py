@@ -1,0 +1,136 @@
+"""The relay variant for cluster listeners: every chunk goes through a rewriter.
+
+::
+
+    client --read--> [scratch] --copy--> rewriter.feed_request --write--> upstream
+    client <--write-- rewriter.feed_reply <--copy-- [scratch] <--read-- upstream
+                        |  -MOVED/-ASK, CLUSTER SLOTS/SHARDS/NODES, config get cluster:
+                        +- node addresses -> announce:mapped-port; the rest unchanged
+
+Plain ``tcp`` listeners keep ``proxy.relay``'s path, which never copies a chunk. Here
+each chunk is copied once out of the shared scratch buffer (the rewriters keep
+references to what they are given, and hold back incomplete frames), and usually the
+same ``bytes`` object goes on to the transport. Backpressure is the plain relay's:
+when the other transport cannot take a chunk at once, this side stops reading until
+that transport has drained, so a direction holds at most one chunk plus the one
+incomplete frame the rewriter is holding (only frames that may need rewriting are held:
+errors, CLUSTER replies, auto-discovery blocks).
+
+A peer that breaks the protocol (bytes the framer cannot parse) gets a clean close of
+both sides and a counter, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+from ..relay import BufferPool, Relay, Side
+
+log = logging.getLogger("cacheport.cluster")
+
+Feed = Callable[[bytes], "bytes | bytearray"]
+
+
+class Rewriter(Protocol):
+    """What ``ClusterRewriter`` and ``AutoDiscoveryRewriter`` have in common."""
+
+    def feed_request(self, data: bytes) -> bytes | bytearray: ...
+
+    def feed_reply(self, data: bytes) -> bytes | bytearray: ...
+
+
+class RewritingSide(Side):
+    """A ``Side`` that hands each chunk to ``feed`` and writes what comes back."""
+
+    __slots__ = ("blocked", "feed")
+
+    def __init__(self, relay: Relay, pool: BufferPool, feed: Feed) -> None:
+        super().__init__(relay, pool)
+        self.feed = feed
+        self.blocked = False  # reading paused until the peer transport drains
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.nbytes += nbytes
+        peer = self.peer.transport  # type: ignore[union-attr]
+        if peer is None or not self.relay.started:
+            self._keep_early(nbytes)
+            return
+        chunk = bytes(self.pool.scratch[:nbytes])
+        try:
+            out = self.feed(chunk)
+        except ValueError as exc:  # ProtocolError, McProtocolError
+            relay = self.relay
+            assert isinstance(relay, RewritingRelay)
+            relay.protocol_error(self, exc)
+            return
+        if out:
+            peer.write(out)
+            if peer.get_write_buffer_size():
+                self.blocked = True
+                self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def resume_writing(self) -> None:
+        """Our transport drained: the peer side may read again."""
+        peer = self.peer
+        if peer is not None and isinstance(peer, RewritingSide) and peer.blocked:
+            peer.blocked = False
+            if not peer.eof and not self.relay.closed:
+                peer.transport.resume_reading()  # type: ignore[union-attr]
+
+
+class _UpstreamSide(RewritingSide):
+    """Tells the relay which node address the connection reached (for ``:port`` redirects)."""
+
+    __slots__ = ()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        relay = self.relay
+        assert isinstance(relay, RewritingRelay)
+        if relay.on_upstream is not None:
+            peer = transport.get_extra_info("peername")
+            if peer:
+                relay.on_upstream(str(peer[0]), int(peer[1]))
+
+
+class RewritingRelay(Relay):
+    """A relay whose two directions pass through one connection's rewriter."""
+
+    __slots__ = ("on_protocol_error", "on_upstream", "rewriter")
+
+    def __init__(self, pool: BufferPool, on_close: Callable[[Relay], None], source: str,
+                 rewriter: Rewriter, *, feed_reply: Feed | None = None,
+                 on_upstream: Callable[[str, int], None] | None = None,
+                 on_protocol_error: Callable[[str], None] | None = None) -> None:
+        super().__init__(pool, on_close, source)
+        self.rewriter = rewriter
+        self.on_upstream = on_upstream
+        self.on_protocol_error = on_protocol_error
+        self.client = RewritingSide(self, pool, rewriter.feed_request)
+        self.upstream = _UpstreamSide(self, pool, feed_reply or rewriter.feed_reply)
+        self.client.peer = self.upstream
+        self.upstream.peer = self.client
+
+    def start(self) -> None:
+        """Pass what arrived during set-up through the rewriter, requests first."""
+        for side in (self.client, self.upstream):
+            if side.early is not None:
+                assert isinstance(side, RewritingSide)
+                try:
+                    side.early = bytes(side.feed(side.early))
+                except ValueError as exc:
+                    self.started = True
+                    self.protocol_error(side, exc)
+                    return
+        super().start()
+
+    def protocol_error(self, side: Side, exc: ValueError) -> None:
+        """A peer sent bytes the framer cannot parse: close both sides, count it."""
+        who = "client" if side is self.client else "upstream"
+        log.debug("closing a connection: the %s broke the protocol: %s", who, exc)
+        if self.on_protocol_error is not None:
+            self.on_protocol_error(who)
+        self.abort()

@@ -1,0 +1,150 @@
+"""Helpers for the cluster tests (no tests here): free port ranges, an ElastiCache-style
+configuration endpoint, async waits with deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+
+def free_range(count: int, host: str = "127.0.0.1", low: int = 20000, high: int = 32000) -> int:
+    """First port of ``count`` consecutive ports that are free now, below the ephemeral range."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(low, high - count)
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
+async def async_wait(predicate: Callable[[], Awaitable[Any] | Any], deadline_s: float,
+                     message: str = "condition", interval: float = 0.05) -> Any:
+    """``wait_until`` for coroutines: poll until truthy, fail with ``message`` at the deadline."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {deadline_s}s waiting for {message}")
+        await asyncio.sleep(interval)
+
+
+def ad_reply(version: int, nodes: list[tuple[str, str, int]], form: str = "config") -> bytes:
+    """The exact ElastiCache reply: version line ends LF, node line LF, then CRLF, END."""
+    block = b"%d\n%s\n" % (version, b" ".join(f"{h}|{ip}|{p}".encode() for h, ip, p in nodes))
+    head = b"CONFIG cluster" if form == "config" else b"VALUE AmazonElastiCache:cluster"
+    return b"%s 0 %d\r\n%s\r\nEND\r\n" % (head, len(block), block)
+
+
+class ConfigEndpoint:
+    """A test ElastiCache configuration endpoint in front of a real memcached.
+
+    Answers ``config get cluster`` (or, as an engine older than 1.4.14, ``ERROR`` to it and
+    the cluster under ``get AmazonElastiCache:cluster``) from its node list; every other
+    command goes to the real memcached, as on ElastiCache, where the configuration
+    endpoint is one of the nodes.
+    """
+
+    def __init__(self, backend: int, nodes: list[tuple[str, str, int]],
+                 old_engine: bool = False) -> None:
+        self.backend = backend
+        self.nodes = list(nodes)
+        self.version = 1
+        self.old_engine = old_engine
+        self.queries = 0
+        self._lock = threading.Lock()
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self.port: int = self._sock.getsockname()[1]
+        self._conns: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+        self._spawn(self._accept)
+
+    def set_nodes(self, nodes: list[tuple[str, str, int]]) -> None:
+        """A node list change: ElastiCache bumps the config version."""
+        with self._lock:
+            self.nodes = list(nodes)
+            self.version += 1
+
+    def _spawn(self, fn: Callable[..., None], *args: object) -> None:
+        t = threading.Thread(target=fn, args=args, daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self._conns.append(conn)
+            self._spawn(self._serve, conn)
+
+    def _answer(self, line: bytes) -> bytes | None:
+        with self._lock:
+            if line == b"config get cluster":
+                self.queries += 1
+                return b"ERROR\r\n" if self.old_engine else ad_reply(self.version, self.nodes)
+            if line == b"get AmazonElastiCache:cluster" and self.old_engine:
+                self.queries += 1
+                return ad_reply(self.version, self.nodes, "get")
+        return None
+
+    def _serve(self, conn: socket.socket) -> None:
+        backend: socket.socket | None = None
+        with contextlib.suppress(OSError):
+            while data := conn.recv(65536):
+                nl = data.find(b"\r\n")
+                answer = self._answer(data[:nl]) if nl >= 0 else None
+                if answer is not None:
+                    conn.sendall(answer)
+                    data = data[nl + 2:]
+                    if not data:
+                        continue
+                if backend is None:
+                    backend = socket.create_connection(("127.0.0.1", self.backend), timeout=10)
+                    self._conns.append(backend)
+                    self._spawn(self._pump, backend, conn)
+                backend.sendall(data)
+        conn.close()
+        if backend is not None:
+            with contextlib.suppress(OSError):
+                backend.shutdown(socket.SHUT_WR)
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+
+    def close(self) -> None:
+        self._closed = True
+        for s in [self._sock, *self._conns]:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+        for t in self._threads:
+            t.join(5)

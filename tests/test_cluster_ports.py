@@ -1,0 +1,118 @@
+"""Stable port assignment: identity keeps its port, departures rest, a full range is reported."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+from pathlib import Path
+
+from proxy.cluster.ports import PortBook, StateFile
+
+
+def test_nodes_get_the_lowest_free_ports_in_identity_order() -> None:
+    book = PortBook(6380, 6389, grace=60)
+    changes = book.assign(["c", "a", "b"], now=0)
+    assert changes.added == {"a": 6380, "b": 6381, "c": 6382}
+    assert book.assign(["a", "b", "c"], now=1).empty
+
+
+def test_a_node_keeps_its_port_whatever_else_comes_and_goes() -> None:
+    book = PortBook(6380, 6389, grace=60)
+    book.assign(["a", "b", "c"], now=0)
+    changes = book.assign(["c", "d"], now=1)
+    assert changes.retired == {"a": 6380, "b": 6381}
+    assert changes.added == {"d": 6383}  # 6380 and 6381 rest, c keeps 6382
+    assert book.port_of("c") == 6382
+
+
+def test_a_departed_nodes_port_rests_for_the_grace_period_then_is_reused() -> None:
+    book = PortBook(6380, 6381, grace=60)
+    book.assign(["a", "b"], now=0)
+    book.assign(["b"], now=10)
+    assert book.assign(["b", "x"], now=69).unassigned == ("x",)  # 6380 still rests
+    assert book.assign(["b", "x"], now=70).added == {"x": 6380}
+
+
+def test_a_node_back_within_the_grace_period_gets_its_own_port() -> None:
+    book = PortBook(6380, 6389, grace=60)
+    book.assign(["a", "b"], now=0)
+    book.assign(["b"], now=1)
+    book.assign(["b", "z"], now=2)  # z must not take a's resting port
+    assert book.port_of("z") == 6382
+    assert book.assign(["a", "b", "z"], now=3).added == {"a": 6380}
+    assert not book.retired
+
+
+def test_a_full_range_leaves_existing_nodes_alone_and_names_the_rest() -> None:
+    book = PortBook(6380, 6381, grace=0)
+    book.assign(["a", "b"], now=0)
+    changes = book.assign(["a", "b", "c", "d"], now=1)
+    assert changes.unassigned == ("c", "d") and not changes.added
+    assert book.assigned == {"a": 6380, "b": 6381}
+    book.assign(["b", "c", "d"], now=2)  # a left; no grace: c takes its port at once
+    assert book.assigned == {"b": 6381, "c": 6380}
+
+
+def test_a_narrower_range_moves_only_the_nodes_outside_it() -> None:
+    book = PortBook(6380, 6389, grace=60)
+    book.assign(["a", "b", "c"], now=0)
+    book.low, book.high = 6381, 6389
+    changes = book.assign(["a", "b", "c"], now=1)
+    assert changes.added == {"a": 6383}
+    assert book.assigned == {"a": 6383, "b": 6381, "c": 6382}
+
+
+def test_the_book_survives_a_round_trip_through_json_and_drops_junk() -> None:
+    book = PortBook(6380, 6389, grace=60)
+    book.assign(["a", "b"], now=0)
+    book.assign(["b"], now=1)
+    again = PortBook(6380, 6389, grace=60)
+    again.load_json(json.loads(json.dumps(book.to_json())))
+    assert again.assigned == book.assigned and again.retired == book.retired
+    again.load_json({"assigned": {"x": "6380", "y": 6381, "z": 6381, "t": True},
+                     "retired": {"nope": {}, "6385": {"id": "q", "until": 9}}})
+    assert again.assigned == {"y": 6381}
+    assert set(again.retired) == {6385}
+    again.load_json(["not", "a", "mapping"])
+    assert not again.assigned
+
+
+def _assign_in_process(path: str, identities: list[str], out: multiprocessing.Queue[str]) -> None:
+    state = StateFile(path)
+    book = PortBook(7000, 7099, grace=60)
+
+    def change(entry: dict[str, object]) -> dict[str, object]:
+        book.load_json(entry.get("ports"))
+        book.assign(identities, now=0)
+        return {**entry, "ports": book.to_json()}
+
+    state.update_cluster("c", change)
+    out.put(json.dumps(book.assigned, sort_keys=True))
+
+
+def test_workers_sharing_a_state_file_agree_on_every_port(tmp_path: Path) -> None:
+    path = str(tmp_path / "state" / "cacheport-state.json")
+    ctx = multiprocessing.get_context("fork")
+    out: multiprocessing.Queue[str] = ctx.Queue()
+    # Each worker sees the nodes in a different order, and some see one more node.
+    orders = [[f"n{i}" for i in range(30)], [f"n{i}" for i in reversed(range(31))]] * 3
+    procs = [ctx.Process(target=_assign_in_process, args=(path, ids, out)) for ids in orders]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(20)
+        assert p.exitcode == 0
+    final = json.loads(Path(path).read_text())["clusters"]["c"]["ports"]["assigned"]
+    assert len(final) == 31 and len(set(final.values())) == 31
+    for _ in procs:
+        seen = json.loads(out.get(timeout=5))
+        assert all(final[k] == v for k, v in seen.items())
+
+
+def test_a_corrupt_state_file_is_replaced_not_fatal(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    path.write_text("{not json")
+    state = StateFile(str(path))
+    assert state.read_cluster("c") == {}
+    state.update_cluster("c", lambda entry: {**entry, "ports": {"assigned": {"a": 1}}})
+    assert state.read_cluster("c") == {"ports": {"assigned": {"a": 1}}}
