@@ -115,10 +115,13 @@ class Side(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        if not self.relay.started:
-            return True  # passed on by Relay.start, after any early bytes
-        self.relay.half_close(self)
-        return True  # keep the transport: the other direction may still be sending
+        # Keep a TCP transport open: the other direction may still be sending. A TLS
+        # transport cannot stay half-open (asyncio warns if asked); it closes, and with
+        # it the relay, once the other side's pending bytes are flushed.
+        keep = self.transport.can_write_eof()  # type: ignore[union-attr]
+        if self.relay.started:
+            self.relay.half_close(self)
+        return keep
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:

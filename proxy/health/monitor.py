@@ -143,15 +143,16 @@ class HealthMonitor:
         for target in targets:
             self._drop(target)
         tasks = [t.task for t in targets if t.task is not None]
+        grace = max((t.config.timeout for t in targets), default=1.0) + 0.5
         if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # Bounded: a client library that swallows a cancellation must not hang a stop.
+            await asyncio.wait(tasks, timeout=grace)
         # Checks cut short still close their connections; their own socket timeouts
         # bound how long that can take.
         leftovers = list(self._leftovers)
         for task in leftovers:
             task.cancel()
         if leftovers:
-            grace = max((t.config.timeout for t in targets), default=1.0) + 0.5
             await asyncio.wait(leftovers, timeout=grace)
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
