@@ -100,6 +100,8 @@ class AdminServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopped = False
         self.routes: dict[tuple[str, str], Handler] = {}
+        # More of /status from the owner (clusters, reload counts), kept out of this module
+        self.status_extra: Callable[[], dict[str, Any]] | None = None
         self.add_route("GET", "/metrics", self._metrics)
         self.add_route("GET", "/healthz", self._healthz)
         self.add_route("GET", "/readyz", self._readyz)
@@ -226,6 +228,7 @@ class AdminServer:
             "ready": ready,
             "ready_reason": why,
             "listeners": [listener_status(lst, monitor) for lst in listeners],
+            **(self.status_extra() if self.status_extra is not None else {}),
         }
 
 

@@ -13,6 +13,8 @@ import logging
 import os
 import signal
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from . import __version__, iptables, runtime, supervisor
 from .admin import AdminError, fetch_status, format_status
 from .config import (
     DEFAULT_ADMIN_PORT,
+    Address,
     Config,
     ConfigError,
     load_config,
@@ -46,6 +49,13 @@ def _loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
             factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
             return factory
     return asyncio.new_event_loop
+
+
+def _admin_address(text: str) -> Address:
+    try:
+        return parse_address(text, default_host="127.0.0.1", default_port=None)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _workers(text: str) -> int:
@@ -138,22 +148,42 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    """Validate the file here first, so a bad file is reported by this command."""
+    """Validate the file here first, so a bad file is reported by this command; then ask
+    the running cacheport through its admin endpoint (which answers with the outcome) or,
+    with --pid-file, by SIGHUP."""
     try:
-        load_config(args.config)
+        config = load_config(args.config)
     except ConfigError as exc:
         print(f"cacheport: {exc}; nothing was reloaded", file=sys.stderr)
         return EXIT_CONFIG
+    if args.pid_file is not None:
+        try:
+            pid = int(Path(args.pid_file).read_text().strip())
+            os.kill(pid, signal.SIGHUP)
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            print(f"cacheport: cannot signal the process in {args.pid_file}: {reason}",
+                  file=sys.stderr)
+            return 1
+        print(f"{args.config}: valid; reload signalled to cacheport (pid {pid})")
+        return EXIT_OK
+    address = args.admin or (config.admin.listen if config.admin is not None else None)
+    if address is None:
+        print("cacheport: the map says admin: off; use --pid-file", file=sys.stderr)
+        return EXIT_CONFIG
+    request = urllib.request.Request(f"http://{address}/-/reload", method="POST", data=b"")
     try:
-        pid = int(Path(args.pid_file).read_text().strip())
-        os.kill(pid, signal.SIGHUP)
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        print(f"cacheport: cannot signal the process in {args.pid_file}: {reason}",
-              file=sys.stderr)
+        with urllib.request.urlopen(request, timeout=args.timeout) as reply:
+            print(reply.read().decode(errors="replace").strip())
+            return EXIT_OK
+    except urllib.error.HTTPError as exc:
+        print(f"cacheport: {exc.read().decode(errors='replace').strip()}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(f"cacheport: cannot reach the admin endpoint at {address}: {reason} "
+              "(is cacheport running? or use --pid-file)", file=sys.stderr)
         return 1
-    print(f"{args.config}: valid; reload signalled to cacheport (pid {pid})")
-    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,8 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     reload = sub.add_parser("reload", help="validate a port map, then make the running "
                             "cacheport re-read it (SIGHUP)")
     reload.add_argument("-c", "--config", required=True, metavar="FILE")
-    reload.add_argument("--pid-file", required=True, metavar="PATH",
-                        help="the --pid-file the running cacheport was given")
+    reload.add_argument("--pid-file", metavar="PATH",
+                        help="signal the process in this pid file instead of asking the "
+                        "admin endpoint")
+    reload.add_argument("--admin", type=_admin_address, metavar="HOST:PORT",
+                        help="admin endpoint (default: the map's admin.listen)")
+    reload.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS")
     reload.set_defaults(func=cmd_reload)
 
     check = sub.add_parser("check", help="validate a port map and print it as a table")

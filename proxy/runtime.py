@@ -14,10 +14,11 @@ import logging
 import os
 import resource
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .admin import Handler, Request, Response
 from .config import Config, ConfigError, load_config
 from .reload import ReloadPlan
 from .server import ReloadError, Server, StartError
@@ -78,6 +79,22 @@ class Reloader:
             log.error("reload (%s) failed, the running port map is unchanged: %s", trigger, exc)
 
 
+def reload_handler(reload: Callable[[], Awaitable[object]]) -> Handler:
+    """``POST /-/reload``: 200 with what changed, 400 with why nothing did."""
+
+    async def handle(_request: Request) -> Response:
+        try:
+            result = await reload()
+        except (ConfigError, ReloadError) as exc:
+            log.error("reload (admin endpoint) failed, the running port map is unchanged: %s",
+                      exc)
+            return Response.text(400, f"reload failed, nothing changed: {exc}")
+        summary = result.summary() if isinstance(result, ReloadPlan) else str(result)
+        return Response.text(200, f"reloaded: {summary}")
+
+    return handle
+
+
 def _fingerprint(path: str) -> str | None:
     try:
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()
@@ -126,7 +143,7 @@ def pid_file(path: str | None) -> Iterator[None]:
 async def serve(config: Config, options: RunOptions) -> int:
     """Run until SIGINT/SIGTERM; exit status 0 after a clean stop, 2 if start-up failed."""
     raise_nofile_limit()
-    server = Server(config, reuse_port=options.reuse_port)
+    server = Server(config, reuse_port=options.reuse_port, private_admin=options.reuse_port)
     try:
         await server.start()
     except StartError as exc:
@@ -134,9 +151,11 @@ async def serve(config: Config, options: RunOptions) -> int:
         return EXIT_CONFIG
     from .supervisor import notify_ready
 
-    notify_ready()
     loop = asyncio.get_running_loop()
     reloader = Reloader(server, options.config_path)
+    if server.admin is not None:
+        server.admin.add_route("POST", "/-/reload", reload_handler(reloader.reload))
+    notify_ready(server.admin.bound if server.admin is not None else None)
     reload_requested = asyncio.Event()
     loop.add_signal_handler(signal.SIGINT, server.request_stop)
     loop.add_signal_handler(signal.SIGTERM, server.request_stop)

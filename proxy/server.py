@@ -20,15 +20,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from .admin import AdminError, AdminServer
 from .cluster.manager import ClusterManager
 from .cluster.ports import StateFile
-from .config import ClusterConfig, Config, ListenerConfig
+from .config import Address, ClusterConfig, Config, ListenerConfig
 from .health.monitor import HealthMonitor, Target
 from .health.state import State, Transition
 from .listener import BindError, Listener, RelayFactory
@@ -38,6 +43,23 @@ from .resolver import Resolver
 from .tls import ListenerTls, TlsError
 
 log = logging.getLogger("cacheport.server")
+
+
+class ServerCollector(Collector):
+    """Process-wide counters that belong to no listener: reloads and their failures."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        reloads = CounterMetricFamily("cacheport_reloads", "Port map reloads applied")
+        reloads.add_metric([], self.server.reloads)
+        yield reloads
+        failures = CounterMetricFamily(
+            "cacheport_reload_failures",
+            "Reloads refused (invalid file, port taken); the running map was kept")
+        failures.add_metric([], self.server.reload_failures)
+        yield failures
 
 
 class StartError(Exception):
@@ -57,9 +79,13 @@ class StopResult:
 class Server:
     """Owns the listeners of one port map on one event loop."""
 
-    def __init__(self, config: Config, *, reuse_port: bool = False) -> None:
+    def __init__(self, config: Config, *, reuse_port: bool = False,
+                 private_admin: bool = False) -> None:
         self.config = config
         self.reuse_port = reuse_port  # set for multi-process workers (SO_REUSEPORT)
+        # A worker serves its admin endpoint on a loopback port of its own; the supervisor
+        # serves the configured address and gathers every worker's (proxy/fleet.py).
+        self.private_admin = private_admin
         self.listeners: dict[str, Listener] = {}
         self.draining: set[Listener] = set()  # removed by a reload, finishing their connections
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -87,8 +113,16 @@ class Server:
         self._resolver = Resolver(loop)
         admin = None
         if self.config.admin is not None:
-            admin = AdminServer(self.config.admin, lambda: self.listeners.values(),
-                                lambda: self.monitor, reuse_port=self.reuse_port)
+            admin_config = self.config.admin
+            if self.private_admin:
+                admin_config = dataclasses.replace(
+                    admin_config, listen=Address("127.0.0.1", 0), explicit=True)
+            admin = AdminServer(admin_config, lambda: self.listeners.values(),
+                                lambda: self.monitor)
+            admin.registry.register(ServerCollector(self))
+            admin.status_extra = lambda: {"reloads": self.reloads,
+                                          "reload_failures": self.reload_failures,
+                                          "clusters": self.cluster_status()}
         try:
             listeners = [self._make_listener(lc) for lc in self.config.listeners]
             self._bind_all(listeners, {})

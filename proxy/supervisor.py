@@ -22,7 +22,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from .config import ConfigError, load_config
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from . import fleet
+from .admin import AdminError, AdminServer, Request, Response
+from .config import Address, AdminConfig, ConfigError, load_config
+from .metrics import CONTENT_TYPE_LATEST
 from .runtime import EXIT_CONFIG, EXIT_OK, RunOptions, pid_file, raise_nofile_limit, watch_file
 
 log = logging.getLogger("cacheport.supervisor")
@@ -35,13 +40,13 @@ HEALTHY_AFTER = 30.0  # a worker that lived this long restarts without back-off
 START_TIMEOUT = 30.0
 
 
-def notify_ready() -> None:
-    """Called by a worker once every listener is bound."""
+def notify_ready(admin: Address | None = None) -> None:
+    """Called by a worker once every listener is bound; says where its admin endpoint is."""
     fd = os.environ.get(READY_FD_ENV)
     if fd is None:
         return
     try:
-        os.write(int(fd), b"ready\n")
+        os.write(int(fd), f"ready {admin or '-'}\n".encode())
         os.close(int(fd))
     except (OSError, ValueError):
         pass
@@ -55,6 +60,14 @@ class Worker:
     restarts: int = 0
     backoff: float = BACKOFF_FIRST
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    admin: Address | None = None  # the worker's private admin endpoint
+
+
+def _parse_admin(words: list[str]) -> Address | None:
+    if not words or words[0] == "-":
+        return None
+    host, _, port = words[0].rpartition(":")
+    return Address(host.strip("[]"), int(port)) if port.isdigit() else None
 
 
 class Supervisor:
@@ -88,10 +101,11 @@ class Supervisor:
     async def _await_ready(self, worker: Worker, read_fd: int) -> None:
         loop = asyncio.get_running_loop()
         try:
-            data = await loop.run_in_executor(None, os.read, read_fd, 16)
+            data = await loop.run_in_executor(None, os.read, read_fd, 128)
         finally:
             os.close(read_fd)
         if data.startswith(b"ready"):
+            worker.admin = _parse_admin(data.decode(errors="replace").split()[1:])
             worker.ready.set()
 
     async def start(self) -> bool:
@@ -171,13 +185,84 @@ class Supervisor:
                 waits[loop.create_task(worker.process.wait())] = worker
 
 
+def fleet_admin(supervisor: Supervisor, config: AdminConfig) -> AdminServer:
+    """The admin endpoint at the configured address, answering for every worker."""
+    admin = AdminServer(config, lambda: [], lambda: None)
+
+    def addresses() -> list[tuple[str, Address | None]]:
+        return [(str(w.index), w.admin if w.ready.is_set() else None)
+                for w in supervisor.workers]
+
+    def own_metrics() -> list[Metric]:
+        running = GaugeMetricFamily("cacheport_workers", "Worker processes running")
+        running.add_metric([], sum(1 for w in supervisor.workers
+                                   if w.process is not None and w.process.returncode is None))
+        restarts = CounterMetricFamily("cacheport_worker_restarts",
+                                       "Workers restarted after they exited", labels=["worker"])
+        for w in supervisor.workers:
+            restarts.add_metric([str(w.index)], w.restarts)
+        return [running, restarts]
+
+    async def metrics(_request: Request) -> Response:
+        texts = await fleet.gather_metrics(addresses)
+        return Response(200, fleet.render_merged(texts, own_metrics()), CONTENT_TYPE_LATEST)
+
+    async def status(_request: Request) -> Response:
+        return Response.json(200, fleet.merge_status(await fleet.gather_status(addresses)))
+
+    async def readyz(_request: Request) -> Response:
+        doc = fleet.merge_status(await fleet.gather_status(addresses))
+        return Response.text(200 if doc["ready"] else 503, str(doc["ready_reason"]))
+
+    async def reload(_request: Request) -> Response:
+        try:
+            load_config(supervisor.options.config_path)
+        except ConfigError as exc:
+            return Response.text(400, f"reload failed, nothing changed: {exc}")
+        results = []
+        ok = True
+        for worker, address in addresses():
+            if address is None:
+                ok = False
+                results.append(f"worker {worker}: not ready")
+                continue
+            try:
+                code, body = await fleet.http_request(address, "POST", "/-/reload")
+            except (OSError, TimeoutError) as exc:
+                code, body = 502, str(exc).encode()
+            ok = ok and code == 200
+            results.append(f"worker {worker}: {body.decode(errors='replace').strip()}")
+        return Response.text(200 if ok else 400, "\n".join(results))
+
+    admin.add_route("GET", "/metrics", metrics)
+    admin.add_route("GET", "/status", status)
+    admin.add_route("GET", "/readyz", readyz)
+    admin.add_route("POST", "/-/reload", reload)
+    return admin
+
+
 async def supervise(options: RunOptions, worker_args: list[str], count: int) -> int:
     raise_nofile_limit()
     supervisor = Supervisor(options, worker_args, count)
     loop = asyncio.get_running_loop()
+    admin_config = load_config(options.config_path).admin
+    admin = fleet_admin(supervisor, admin_config) if admin_config is not None else None
+    if admin is not None:
+        try:
+            admin.bind()
+        except AdminError as exc:
+            if admin.config.explicit:
+                log.error("%s; nothing was started", exc)
+                return EXIT_CONFIG
+            log.warning("%s; serving without it (set admin.listen, or admin: off)", exc)
+            admin = None
     with pid_file(options.pid_file):
         if not await supervisor.start():
+            if admin is not None:
+                await admin.stop()
             return EXIT_CONFIG
+        if admin is not None:
+            await admin.start()
 
         def reload() -> None:
             try:
@@ -198,6 +283,8 @@ async def supervise(options: RunOptions, worker_args: list[str], count: int) -> 
         finally:
             if watcher is not None:
                 watcher.cancel()
+            if admin is not None:
+                await admin.stop()
             for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
     log.info("all workers stopped")

@@ -286,3 +286,43 @@ def test_stopping_twice_is_harmless(redis_server: ServerProcess) -> None:
     assert (first.cut, second.cut) == (1, 0)  # type: ignore[attr-defined]
     proxy.stop()
     live.close()
+
+
+@pytest.mark.timeout(60)
+def test_reload_through_the_admin_endpoint_reports_the_outcome(
+    tmp_path: Path, two_nodes: tuple[ServerProcess, ServerProcess]
+) -> None:
+    a, b = two_nodes
+    admin_port, p1, p2 = free_port(), free_port(), free_port()
+    path = tmp_path / "map.yaml"
+    admin = {"listen": f"127.0.0.1:{admin_port}"}
+    write_map(path, [listener("one", p1, a.address)], admin=admin)
+    proc = CacheportProcess(path)
+    try:
+        proc.wait_serving()
+        write_map(path, [listener("one", p1, a.address), listener("two", p2, b.address)],
+                  admin=admin)
+        result = run_cli("reload", "-c", str(path))
+        assert result.returncode == 0, result.stderr
+        assert "reloaded: added: two" in result.stdout
+        assert conn(p2).get("where") == b"B"
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        try:
+            write_map(path, [listener("one", p1, a.address), listener("two", p2, b.address),
+                             listener("three", taken.getsockname()[1], b.address)],
+                      admin=admin)
+            result = run_cli("reload", "-c", str(path))
+        finally:
+            taken.close()
+        assert result.returncode == 2
+        assert "listener 'three'" in result.stderr and "already in use" in result.stderr
+        import urllib.request
+
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics",
+                                         timeout=5).read().decode()
+        assert "cacheport_reloads_total 1.0" in metrics
+        assert "cacheport_reload_failures_total 1.0" in metrics
+    finally:
+        proc.stop()

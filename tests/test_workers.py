@@ -101,3 +101,66 @@ def test_workers_fail_together_when_a_port_is_taken(tmp_path: Path) -> None:
         taken.close()
     assert "address already in use" in proc.log()
     assert "failed to start; stopping the others" in proc.log()
+
+
+@pytest.mark.timeout(90)
+def test_supervisor_admin_reports_every_worker_together(
+    tmp_path: Path, redis_server: ServerProcess
+) -> None:
+    import json
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.support import run_cli
+
+    admin_port, port = free_port(), free_port()
+    path = tmp_path / "fleet.yaml"
+    path.write_text(
+        f"workers: 2\ndrain_timeout: 1s\nadmin: {{listen: '127.0.0.1:{admin_port}'}}\n"
+        f"listeners:\n  - {{name: rd, listen: '127.0.0.1:{port}', "
+        f"upstream: '{redis_server.address}', protocol: redis, health: off}}\n")
+    proc = CacheportProcess(path)
+    try:
+        wait_until(lambda: "serving with 2 workers" in proc.log(), 20,
+                   message="both workers to be ready")
+        sent = 0
+        for i in range(40):  # new connections, spread by the kernel over both workers
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                request = f"*2\r\n$4\r\nECHO\r\n$2\r\n{i:02d}\r\n".encode()
+                s.sendall(request)
+                sent += len(request)
+                assert s.recv(100) == f"$2\r\n{i:02d}\r\n".encode()
+        base = f"http://127.0.0.1:{admin_port}"
+
+        def scrape() -> dict[tuple[str, str], float]:
+            text = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
+            values: dict[tuple[str, str], float] = {}
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == "cacheport_connections_accepted_total":
+                        values[("accepted", sample.labels["worker"])] = sample.value
+                    if (sample.name == "cacheport_bytes_total"
+                            and sample.labels.get("direction") == "upstream"):
+                        key = ("up", sample.labels["worker"])
+                        values[key] = values.get(key, 0) + sample.value
+            return values
+
+        values = wait_until(lambda: (v := scrape()) and sum(
+            n for (k, _w), n in v.items() if k == "accepted") == 40 and v, 10,
+            message="all 40 connections in the merged metrics")
+        workers = {w for (_k, w) in values}
+        assert workers == {"0", "1"}
+        assert sum(n for (k, _w), n in values.items() if k == "up") == sent
+        status = json.loads(urllib.request.urlopen(f"{base}/status", timeout=5).read())
+        assert [w["worker"] for w in status["workers"]] == ["0", "1"]
+        assert status["ready"] is True
+        assert urllib.request.urlopen(f"{base}/readyz", timeout=5).status == 200
+        table = run_cli("status", "--admin", f"127.0.0.1:{admin_port}")
+        assert table.returncode == 0 and "rd" in table.stdout
+        reload = run_cli("reload", "-c", str(path))
+        assert reload.returncode == 0, reload.stderr
+        assert reload.stdout.count("reloaded") == 2  # both workers answered
+    finally:
+        proc.stop()
+    assert "Traceback" not in proc.log()
