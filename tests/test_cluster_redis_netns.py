@@ -133,13 +133,20 @@ class Lab:
         raise AssertionError(f"slot {slot} has no master")
 
     def settled(self) -> bool:
-        """Every node reports cluster_state:ok and agrees on the number of nodes."""
+        """Every node reports cluster_state:ok, they agree on the number of nodes, and
+        redis-cli's own check finds them agreeing on the slots (what --cluster reshard
+        insists on; gossip can take a while to converge on a loaded machine)."""
         try:
             infos = [self.admin(n.ip, "CLUSTER", "INFO") for n in self.live()]
         except redis.RedisError:
             return False
-        return all("cluster_state:ok" in i for i in infos) and len(
-            {i.split("cluster_known_nodes:")[1].split()[0] for i in infos}) == 1
+        if not (all("cluster_state:ok" in i for i in infos) and len(
+                {i.split("cluster_known_nodes:")[1].split()[0] for i in infos}) == 1):
+            return False
+        check = subprocess.run(
+            [*self.net.prefix(self.net.vpc), require_binary("redis-cli"), "--cluster", "check",
+             f"{self.live()[0].ip}:{NODE_PORT}"], capture_output=True, text=True, timeout=30)
+        return check.returncode == 0 and "All nodes agree" in check.stdout
 
     # -- cacheport's view, from its state file ----------------------------------------
 
@@ -385,6 +392,15 @@ def _migrate_one_slot_halfway(lab: Lab, slot: int, source: dict[str, Any],
 def test_client_follows_rewritten_ask_and_moved_while_slots_move(
         lab: Lab, rc: RedisCluster, recorder: ConnectRecorder) -> None:
     slot = redis.cluster.key_slot(b"ask")
+
+    def roles_agree() -> bool:
+        """The gossiped roles (CLUSTER SHARDS) match what every node says of itself; right
+        after the failover test they can lag behind on a loaded machine."""
+        gossiped = {n["ip"] for s in lab.shards() for n in s["nodes"] if n["role"] == "master"}
+        actual = {n.ip for n in lab.live() if lab.admin(n.ip, "ROLE")[0] == "master"}
+        return gossiped == actual
+
+    wait_until(lambda: lab.settled() and roles_agree(), 30, 0.2, "roles to agree")
     source = lab.master_of(slot)
     target = next(n for s in lab.shards() for n in s["nodes"]
                   if n["role"] == "master" and n["id"] != source["id"])
@@ -414,6 +430,7 @@ def test_client_follows_rewritten_ask_and_moved_while_slots_move(
         except redis.ResponseError as exc:
             if "only with masters" not in str(exc):
                 raise
+    wait_until(lab.settled, 30, 0.2, "the nodes to agree before resharding")
     lab.redis_cli("--cluster", "reshard", f"{source['ip']}:{NODE_PORT}", "--cluster-from",
                   source["id"], "--cluster-to", target["id"], "--cluster-slots", "100",
                   "--cluster-yes")
@@ -442,6 +459,7 @@ def test_a_node_added_gets_a_listener_without_restart_and_a_removed_one_drains(
     wait_until(lab.settled, 20, 0.1, "the cluster to know the new node")
     # Give it slots; the client finds its keys there through the new port.
     donor = lab.master_of(0)
+    wait_until(lab.settled, 30, 0.2, "the nodes to agree before resharding")
     lab.redis_cli("--cluster", "reshard", f"{donor['ip']}:{NODE_PORT}", "--cluster-from",
                   donor["id"], "--cluster-to", newcomer.node_id, "--cluster-slots", "50",
                   "--cluster-yes")
@@ -455,6 +473,7 @@ def test_a_node_added_gets_a_listener_without_restart_and_a_removed_one_drains(
 
     # Remove it again: slots back, forgotten by the others, reset. A connection held
     # through its listener is left to drain; new ones are refused.
+    wait_until(lab.settled, 30, 0.2, "the nodes to agree before resharding")
     lab.redis_cli("--cluster", "reshard", f"{newcomer.ip}:{NODE_PORT}", "--cluster-from",
                   newcomer.node_id, "--cluster-to", donor["id"], "--cluster-slots", "50",
                   "--cluster-yes")
