@@ -306,7 +306,8 @@ def run(args: argparse.Namespace) -> int:
         ok = True
         return 0
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the clean-up finish
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # let the clean-up finish
         problems = reaper.close()
         for problem in problems:
             _say(f"clean-up: {problem}")
@@ -315,6 +316,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             _say(f"logs kept in {workdir}")
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGHUP, _on_signal)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -323,7 +323,7 @@ def plot(path: Path, samples: dict[tuple[str, str], array.array[int]], targets: 
     if not backends:
         return "no latency samples: no plot"
     fig, axes = plt.subplots(1, len(backends), figsize=(7 * len(backends), 5), squeeze=False)
-    ticks = [0, 50, 90, 99, 99.9, 99.99]
+    ticks = [50, 90, 99, 99.9, 99.99]
     for ax, backend in zip(axes[0], backends, strict=True):
         for t in targets:
             data = samples.get((backend, t))
