@@ -160,7 +160,6 @@ def machine_info() -> dict[str, Any]:
         "redis_benchmark": _first_line(["redis-benchmark", "--version"]),
         "cc": _first_line(["cc", "--version"]),
         "mem_total_kb": _meminfo("MemTotal"),
-        "loadavg_start": os.getloadavg(),
     }
 
 
@@ -222,6 +221,7 @@ def run(args: argparse.Namespace) -> int:
         raise BenchError(f"RLIMIT_NOFILE is {nofile}; {plan.connections} connections through "
                          f"a proxy need about {needed} (ulimit -n, or --connections)")
     started = dt.datetime.now(dt.UTC)
+    load_start = os.getloadavg()
     t0 = time.monotonic()
     notes: list[str] = []
     workdir = Path(tempfile.mkdtemp(prefix="cacheport-bench-"))
@@ -271,6 +271,7 @@ def run(args: argparse.Namespace) -> int:
         versions = {n: all_targets[n].version() for n in running}
         configs = {n: r.config for n, r in running.items()}
         machine = machine_info()
+        machine["loadavg_start"] = load_start
         machine["loadavg_end"] = os.getloadavg()
         base: dict[str, Any] = {
             "schema": 1,

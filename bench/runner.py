@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .clients import Client, redis_benchmark
+from .clients import Client, Run, redis_benchmark
 from .procs import BenchError, Reaper, cpu_seconds, memory
 from .targets import Backend, Options, Running, Target
 from .topology import Topology
@@ -39,11 +39,13 @@ class Plan:
     tp_depth: int = 16
     tp_requests: int = 400_000
     tp_size: int = 100
-    tp_cap: float = 8.0
+    tp_cap: float = 8.0  # per round
+    tp_rounds: int = 2
     bulk_sizes: tuple[int, ...] = (16 * 1024, 1024 * 1024)
     bulk_requests: tuple[int, ...] = (20_000, 1_000)
     bulk_conns: int = 4
-    bulk_cap: float = 6.0
+    bulk_cap: float = 6.0  # per round
+    bulk_rounds: int = 2
     connections: int = 5_000
     conn_cap: float = 60.0
 
@@ -105,8 +107,44 @@ def latency_metrics(samples: array.array[int], elapsed: float) -> dict[str, Any]
     }
 
 
+@dataclass
+class _Acc:
+    """One target's share of one workload over the rounds of a repetition."""
+
+    requests: int = 0
+    elapsed: float = 0.0
+    bytes_in: int = 0
+    cpu: float | None = None
+    wall: float = 0.0
+    samples: array.array[int] = field(default_factory=lambda: array.array("I"))
+    error: str = ""
+
+    def add(self, run: Run, cpu0: float | None, cpu1: float | None) -> None:
+        self.requests += run.requests
+        self.elapsed += run.elapsed_s
+        self.bytes_in += run.bytes_in
+        if cpu0 is not None and cpu1 is not None:
+            self.cpu = (self.cpu or 0.0) + cpu1 - cpu0
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One thing measured per target in a round: a backend, and for bulk a value size."""
+
+    label: str
+    backend: str
+    size: int
+    requests: int
+
+
 class Bench:
-    """Runs the plan over the launched targets; collects ``Record``s and latency samples."""
+    """Runs the plan over the launched targets; collects ``Record``s and latency samples.
+
+    Latency, throughput and bulk run in rounds: each repetition's requests are split
+    into short runs that go round the targets (in a rotating order), so a burst of
+    noise from the shared machine lands on all of them rather than on whichever target
+    ran at that moment. The rounds of one repetition add up to one record per target.
+    """
 
     def __init__(self, reaper: Reaper, topo: Topology, client: Client,
                  backends: dict[str, Backend], targets: dict[str, Target],
@@ -133,12 +171,12 @@ class Bench:
         for rep in range(self.plan.reps):
             order = _rotate(names, rep)
             for workload in self.workloads:
-                if workload == "latency":
-                    self._latency_rounds(rep, order)
-                    continue
-                for backend in self._backends_for(workload):
+                if workload == "connections":
+                    backend = self._backends_for(workload)[0]
                     for name in order:
-                        self._measure(rep, workload, backend, name)
+                        self._connections(rep, backend, name)
+                else:
+                    self._rounds(rep, workload, order)
 
     def _backends_for(self, workload: str) -> list[str]:
         kinds = list(self.backends)
@@ -147,26 +185,104 @@ class Bench:
         # Bulk and idle connections are about the proxy, not the protocol: one backend.
         return ["memcached" if "memcached" in kinds else kinds[0]]
 
-    def _measure(self, rep: int, workload: str, backend: str, name: str) -> None:
-        run = self.running[name]
-        if workload == "connections" and self.targets[name].kind != "proxy":
-            return  # no proxy process whose memory could be measured
-        if not run.alive():
-            self._record(Record(rep, workload, backend, name, False,
-                                error=f"{name} is no longer running"))
-            return
-        started = time.monotonic()
-        try:
-            records = {
-                "throughput": self._throughput,
-                "bulk": self._bulk,
-                "connections": self._connections,
-            }[workload](rep, backend, name, run)
-        except BenchError as exc:
-            records = [Record(rep, workload, backend, name, False, error=str(exc))]
-        for record in records:
-            record.metrics.setdefault("wall_s", round(time.monotonic() - started, 3))
-            self._record(record)
+    def _steps(self, workload: str) -> tuple[list[_Step], int]:
+        p = self.plan
+        if workload == "latency":
+            steps = [_Step(b, b, p.lat_size, p.lat_requests) for b in self._backends_for(workload)]
+            return steps, p.lat_rounds
+        if workload == "throughput":
+            steps = [_Step(b, b, p.tp_size, p.tp_requests) for b in self._backends_for(workload)]
+            return steps, p.tp_rounds
+        b = self._backends_for(workload)[0]
+        steps = [_Step(f"{b} {_size_label(size)}", b, size, n)
+                 for size, n in zip(p.bulk_sizes, p.bulk_requests, strict=True)]
+        return steps, p.bulk_rounds
+
+    def _rounds(self, rep: int, workload: str, order: list[str]) -> None:
+        steps, rounds = self._steps(workload)
+        acc: dict[tuple[str, str], _Acc] = {}
+        for rnd in range(rounds):
+            for step in steps:
+                per_round = max(1, step.requests // rounds)
+                for name in _rotate(order, rnd):
+                    a = acc.setdefault((step.label, name), _Acc())
+                    run = self.running[name]
+                    if a.error:
+                        continue  # one failure fails this target's record for the repetition
+                    if not run.alive():
+                        a.error = f"{name} is no longer running"
+                        continue
+                    started = time.monotonic()
+                    try:
+                        self._once(workload, step, per_round, name, run, a)
+                    except BenchError as exc:
+                        a.error = str(exc)
+                    finally:
+                        a.wall += time.monotonic() - started
+        for step in steps:
+            for name in order:
+                a = acc[(step.label, name)]
+                if a.error or not a.requests:
+                    self._record(Record(rep, workload, step.label, name, False,
+                                        error=a.error or "no requests completed"))
+                else:
+                    self._record(Record(rep, workload, step.label, name, True,
+                                        self._metrics(workload, step, rounds, name, a)))
+
+    def _once(self, workload: str, step: _Step, n: int, name: str, run: Running,
+              a: _Acc) -> None:
+        """One client run against one target; adds what it did to ``a``."""
+        p = self.plan
+        host, port = run.endpoints[step.backend]
+        if workload == "latency":
+            cpu0 = self._cpu(run)
+            result, samples = self.client.latency(
+                host, port, step.backend, "mix", step.size, n, p.lat_cap, p.lat_warmup,
+                self.workdir / f"lat-{name}-{step.backend}.u32")
+            a.add(result, cpu0, self._cpu(run))
+            a.samples.extend(samples)
+        elif workload == "throughput" and step.backend == "redis":
+            # The key redis-benchmark GETs, so GET returns a value rather than nil.
+            self.client.pipelined(host, port, "redis", "set", step.size, 1, 1, 1, 5.0,
+                                  key="key:__rand_int__")
+            cpu0 = self._cpu(run)
+            result = redis_benchmark(self.topo.prefix(self.topo.client_ns), host, port,
+                                     p.tp_conns, p.tp_depth, n, step.size, p.tp_cap)
+            a.add(result, cpu0, self._cpu(run))
+        elif workload == "throughput":
+            cpu0 = self._cpu(run)
+            result = self.client.pipelined(host, port, step.backend, "get", step.size,
+                                           p.tp_conns, p.tp_depth, n, p.tp_cap)
+            a.add(result, cpu0, self._cpu(run))
+        else:
+            cpu0 = self._cpu(run)
+            result = self.client.pipelined(host, port, step.backend, "get", step.size,
+                                           p.bulk_conns, 1, n, p.bulk_cap)
+            a.add(result, cpu0, self._cpu(run))
+
+    def _metrics(self, workload: str, step: _Step, rounds: int, name: str,
+                 a: _Acc) -> dict[str, Any]:
+        p = self.plan
+        metrics: dict[str, Any]
+        mb: float | None = None
+        if workload == "latency":
+            metrics = latency_metrics(a.samples, a.elapsed)
+            metrics["op"] = "alternating SET/GET"
+            self.samples.setdefault((step.backend, name), array.array("I")).extend(a.samples)
+        elif workload == "throughput":
+            tool = ("redis-benchmark -t get" if step.backend == "redis"
+                    else f"bench client ({self.client.kind}) GET")
+            metrics = {"tool": tool, "connections": p.tp_conns, "depth": p.tp_depth,
+                       "requests": a.requests, "elapsed_s": a.elapsed,
+                       "rps": a.requests / a.elapsed if a.elapsed > 0 else 0.0}
+        else:
+            mb = a.bytes_in / 1e6
+            metrics = {"connections": p.bulk_conns, "requests": a.requests,
+                       "bytes_in": a.bytes_in, "elapsed_s": a.elapsed,
+                       "mb_s": mb / a.elapsed if a.elapsed > 0 else 0.0}
+        metrics.update(value_bytes=step.size, rounds=rounds, wall_s=round(a.wall, 3))
+        _add_cpu(metrics, 0.0 if a.cpu is not None else None, a.cpu, a.requests, mb)
+        return metrics
 
     def _record(self, record: Record) -> None:
         self.records.append(record)
@@ -175,105 +291,22 @@ class Bench:
     def _cpu(self, run: Running) -> float | None:
         return cpu_seconds(run.pids) if run.procs else None
 
-    def _latency_rounds(self, rep: int, order: list[str]) -> None:
-        """Latency in short rounds across the targets, so a burst of noise from the
-        shared machine lands on all of them rather than on whichever ran at that moment."""
-        p = self.plan
-        per_round = max(1, p.lat_requests // p.lat_rounds)
-        acc: dict[tuple[str, str], _LatAcc] = {}
-        for rnd in range(p.lat_rounds):
-            for backend in self._backends_for("latency"):
-                for name in _rotate(order, rnd):
-                    a = acc.setdefault((backend, name), _LatAcc())
-                    run = self.running[name]
-                    if a.error:
-                        continue
-                    if not run.alive():
-                        a.error = f"{name} is no longer running"
-                        continue
-                    host, port = run.endpoints[backend]
-                    started = time.monotonic()
-                    try:
-                        cpu0 = self._cpu(run)
-                        result, samples = self.client.latency(
-                            host, port, backend, "mix", p.lat_size, per_round, p.lat_cap,
-                            p.lat_warmup, self.workdir / f"lat-{name}-{backend}.u32")
-                        cpu1 = self._cpu(run)
-                    except BenchError as exc:
-                        a.error = str(exc)
-                        continue
-                    finally:
-                        a.wall += time.monotonic() - started
-                    a.samples.extend(samples)
-                    a.elapsed += result.elapsed_s
-                    if cpu0 is not None and cpu1 is not None:
-                        a.cpu = (a.cpu or 0.0) + cpu1 - cpu0
-        for (backend, name), a in acc.items():
-            if a.error or not a.samples:
-                self._record(Record(rep, "latency", backend, name, False,
-                                    error=a.error or "no requests completed"))
-                continue
-            metrics = latency_metrics(a.samples, a.elapsed)
-            metrics.update(op="alternating SET/GET", value_bytes=p.lat_size, rounds=p.lat_rounds,
-                           wall_s=round(a.wall, 3))
-            _add_cpu(metrics, 0.0 if a.cpu is not None else None, a.cpu, len(a.samples), None)
-            self.samples.setdefault((backend, name), array.array("I")).extend(a.samples)
-            self._record(Record(rep, "latency", backend, name, True, metrics))
-
-    def _throughput(self, rep: int, backend: str, name: str, run: Running) -> list[Record]:
-        host, port = run.endpoints[backend]
-        p = self.plan
-        cpu0 = self._cpu(run)
-        if backend == "redis":
-            tool = "redis-benchmark -t get"
-            # The key redis-benchmark GETs, so GET returns a value rather than nil.
-            self.client.pipelined(host, port, backend, "set", p.tp_size, 1, 1, 1, 5.0,
-                                  key="key:__rand_int__")
-            cpu0 = self._cpu(run)
-            result = redis_benchmark(self.topo.prefix(self.topo.client_ns), host, port,
-                                     p.tp_conns, p.tp_depth, p.tp_requests, p.tp_size, p.tp_cap)
-        else:
-            tool = f"bench client ({self.client.kind}) GET"
-            result = self.client.pipelined(host, port, backend, "get", p.tp_size, p.tp_conns,
-                                           p.tp_depth, p.tp_requests, p.tp_cap)
-        cpu1 = self._cpu(run)
-        metrics: dict[str, Any] = {
-            "tool": tool, "connections": p.tp_conns, "depth": p.tp_depth,
-            "value_bytes": p.tp_size, "requests": result.requests,
-            "elapsed_s": result.elapsed_s,
-            "rps": result.requests / result.elapsed_s if result.elapsed_s > 0 else 0.0,
-        }
-        _add_cpu(metrics, cpu0, cpu1, result.requests, None)
-        return [Record(rep, "throughput", backend, name, True, metrics)]
-
-    def _bulk(self, rep: int, backend: str, name: str, run: Running) -> list[Record]:
-        host, port = run.endpoints[backend]
-        p = self.plan
-        records = []
-        for size, n in zip(p.bulk_sizes, p.bulk_requests, strict=True):
-            label = f"{backend} {_size_label(size)}"
-            try:
-                cpu0 = self._cpu(run)
-                result = self.client.pipelined(host, port, backend, "get", size, p.bulk_conns, 1,
-                                               n, p.bulk_cap)
-                cpu1 = self._cpu(run)
-            except BenchError as exc:
-                records.append(Record(rep, "bulk", label, name, False, error=str(exc)))
-                continue
-            mb = result.bytes_in / 1e6
-            metrics: dict[str, Any] = {
-                "value_bytes": size, "connections": p.bulk_conns, "requests": result.requests,
-                "bytes_in": result.bytes_in, "elapsed_s": result.elapsed_s,
-                "mb_s": mb / result.elapsed_s if result.elapsed_s > 0 else 0.0,
-            }
-            _add_cpu(metrics, cpu0, cpu1, result.requests, mb)
-            records.append(Record(rep, "bulk", label, name, True, metrics))
-        return records
-
-    def _connections(self, rep: int, backend: str, name: str, run: Running) -> list[Record]:
+    def _connections(self, rep: int, backend: str, name: str) -> None:
         """A fresh instance, so memory freed by earlier workloads cannot hide the cost."""
-        target = self.targets[name]
-        fresh = target.launch(self.reaper, self.topo, self.backends, self.opts, self.workdir)
+        if self.targets[name].kind != "proxy":
+            return  # no proxy process whose memory could be measured
+        started = time.monotonic()
+        try:
+            metrics = self._hold(backend, name)
+        except BenchError as exc:
+            self._record(Record(rep, "connections", backend, name, False, error=str(exc)))
+            return
+        metrics["wall_s"] = round(time.monotonic() - started, 3)
+        self._record(Record(rep, "connections", backend, name, True, metrics))
+
+    def _hold(self, backend: str, name: str) -> dict[str, Any]:
+        fresh = self.targets[name].launch(self.reaper, self.topo, self.backends, self.opts,
+                                          self.workdir)
         try:
             host, port = fresh.endpoints[backend]
             p = self.plan
@@ -289,7 +322,7 @@ class Bench:
             finally:
                 held.release()
             n = held.count
-            metrics = {
+            return {
                 "connections": n, "connect_s": held.elapsed_s,
                 "rss_before_kb": before.rss_kb, "pss_before_kb": before.pss_kb,
                 "rss_after_kb": after.rss_kb, "pss_after_kb": after.pss_kb,
@@ -297,18 +330,8 @@ class Bench:
                 "rss_per_conn_kb": (after.rss_kb - before.rss_kb) / n,
                 "pss_per_conn_kb": (after.pss_kb - before.pss_kb) / n,
             }
-            return [Record(rep, "connections", backend, name, True, metrics)]
         finally:
             fresh.stop(self.reaper)
-
-
-@dataclass
-class _LatAcc:
-    samples: array.array[int] = field(default_factory=lambda: array.array("I"))
-    elapsed: float = 0.0
-    wall: float = 0.0
-    cpu: float | None = None
-    error: str = ""
 
 
 def _rotate(names: list[str], k: int) -> list[str]:
