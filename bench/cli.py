@@ -187,7 +187,9 @@ def commit_info() -> dict[str, Any]:
         "commit": full,
         "short": full[:10],
         "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        # The results a run writes are not part of what it measures.
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                          ":(exclude)bench/results")),
     }
 
 
