@@ -1,0 +1,137 @@
+"""The bench must not silently rot: a few hundred requests through direct and cacheport.
+
+Runs ``python -m bench --quick`` end to end against real memcached and
+redis-server (no HAProxy or nginx needed), then checks that the JSON and the
+markdown carry sane figures and that nothing the bench started is left running.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.report import Summary
+from bench.runner import Record
+from tests.support import ROOT
+
+
+def _bench(tmp_path: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")  # the C client is built fresh, here
+    env["TMPDIR"] = str(tmp_path)  # the bench's configs and logs, to check clean-up
+    return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{entry}: {cmdline}")
+    return found
+
+
+@pytest.mark.timeout(90)
+def test_quick_run_reports_sane_figures_for_direct_and_cacheport(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    result = _bench(tmp_path, "--quick", "--targets", "direct,cacheport", "--requests", "300",
+                    "--connections", "50", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    [json_path] = out.glob("*.json")
+    [md_path] = out.glob("*.md")
+    doc: dict[str, Any] = json.loads(json_path.read_text())
+    assert doc["topology"] == "loopback"
+    assert set(doc["targets"]) == {"direct", "cacheport"}
+    assert doc["machine"]["cpus"] >= 1 and doc["machine"]["kernel"]
+    assert len(doc["commit"]["commit"]) == 40
+    failed = [r for r in doc["records"] if not r["ok"]]
+    assert not failed, failed
+
+    by = {(r["workload"], r["backend"], r["target"]): r["metrics"] for r in doc["records"]}
+    for backend in ("redis", "memcached"):
+        for target in ("direct", "cacheport"):
+            lat = by[("latency", backend, target)]
+            assert lat["requests"] == 300
+            assert 0 < lat["p50_us"] <= lat["p99_us"] <= lat["p999_us"] < 1_000_000
+            assert lat["rps"] > 0
+            tp = by[("throughput", backend, target)]
+            assert tp["requests"] >= 300 and tp["rps"] > 0
+        cacheport = by[("throughput", backend, "cacheport")]
+        assert 0 <= cacheport["cpu_us_per_req"] < 10_000  # the proxy's CPU was counted
+    for size in ("16KB", "1MB"):
+        bulk = by[("bulk", f"memcached {size}", "cacheport")]
+        assert bulk["mb_s"] > 0 and bulk["bytes_in"] >= 150 * 16 * 1024
+        assert "cpu_us_per_mb" in bulk
+    conns = by[("connections", "memcached", "cacheport")]
+    assert conns["connections"] == 50
+    assert math.isfinite(conns["pss_per_conn_kb"]) and conns["pss_after_kb"] > 0
+    assert ("connections", "memcached", "direct") not in by  # no proxy memory to measure
+
+    summary = doc["summary"]["cacheport"]
+    assert 0 < summary["throughput"]["redis"]["ratio_of_direct"] < 10
+    assert summary["latency"]["memcached"]["added_p50_us"] is not None
+
+    md = md_path.read_text()
+    assert "| direct |" in md and "| cacheport |" in md
+    assert "### Latency" in md and "### Idle connections" in md
+    assert result.stdout.strip() == md.strip()
+
+    # Everything the bench started (servers, cacheport, clients) was stopped by PID.
+    assert _processes_mentioning(str(tmp_path)) == []
+    assert not list(tmp_path.glob("cacheport-bench-*")), "work dir left after a clean run"
+
+
+@pytest.mark.timeout(60)
+def test_python_client_fallback_measures_the_same_workloads(tmp_path: Path) -> None:
+    """The client used when there is no C compiler must keep working too."""
+    out = tmp_path / "results"
+    result = _bench(tmp_path, "--quick", "--python-client", "--targets", "direct,cacheport",
+                    "--backends", "memcached", "--workloads", "latency,throughput,connections",
+                    "--requests", "200", "--connections", "20", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "WARNING: using the Python client" in result.stderr
+    [json_path] = out.glob("*.json")
+    doc = json.loads(json_path.read_text())
+    assert doc["client"] == "python client (fallback)"
+    assert all(r["ok"] for r in doc["records"]), doc["records"]
+    assert {(r["workload"], r["target"]) for r in doc["records"]} == {
+        ("latency", "direct"), ("latency", "cacheport"), ("throughput", "direct"),
+        ("throughput", "cacheport"), ("connections", "cacheport")}
+    assert _processes_mentioning(str(tmp_path)) == []
+
+
+def test_unknown_target_is_a_clear_usage_error(tmp_path: Path) -> None:
+    result = _bench(tmp_path, "--targets", "direct,varnish", timeout=30)
+    assert result.returncode == 2
+    assert "unknown target varnish" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_ratios_and_added_latency_are_paired_within_each_repetition() -> None:
+    def rec(rep: int, target: str, p50: float, rps: float) -> list[Record]:
+        return [Record(rep, "latency", "redis", target, True, {"p50_us": p50}),
+                Record(rep, "throughput", "redis", target, True, {"rps": rps})]
+
+    # A noisy second repetition slows both sides: pairing keeps the ratio at 0.5.
+    records = [*rec(0, "direct", 20, 1000), *rec(0, "cacheport", 50, 500),
+               *rec(1, "direct", 80, 200), *rec(1, "cacheport", 110, 100),
+               *rec(2, "direct", 21, 1100), *rec(2, "cacheport", 52, 550)]
+    s = Summary(records, ["direct", "cacheport"])
+    assert s.ratio("throughput", "redis", "cacheport", "rps") == pytest.approx(0.5)
+    assert s.added("latency", "redis", "cacheport", "p50_us") == pytest.approx(30)
+    assert s.value("latency", "redis", "cacheport", "p50_us") == pytest.approx(52)
