@@ -454,11 +454,42 @@ def format_status(doc: dict[str, Any]) -> str:
         cells = [cell.rjust(w) if i in numeric else cell.ljust(w)
                  for i, (cell, w) in enumerate(zip(row, widths, strict=True))]
         lines.append("  ".join(cells).rstrip())
+    for cluster in doc.get("clusters") or []:
+        lines += ["", *format_cluster(cluster)]
+    workers = doc.get("workers")
+    if workers:
+        lines += ["", "workers: " + ", ".join(
+            f"{w.get('worker')} (pid {w.get('pid')}, {'ready' if w.get('ready') else 'not ready'})"
+            for w in workers)]
     ready = "ready" if doc.get("ready") else str(doc.get("ready_reason", "not ready"))
     lines.append("")
     lines.append(f"cacheport {doc.get('version', '?')}, up {_duration(doc.get('uptime_seconds'))}"
                  f", {ready}; * marks where new connections go")
     return "\n".join(lines)
+
+
+def format_cluster(cluster: dict[str, Any]) -> list[str]:
+    """One cluster's nodes: identity, role, slot ranges, the port clients are given."""
+    seed = f", seed port {cluster['seed_port']}" if cluster.get("seed_port") else ""
+    error = f"; last error: {cluster['last_error']}" if cluster.get("last_error") else ""
+    lines = [f"cluster {cluster.get('name')} ({cluster.get('engine')}, seed {cluster.get('seed')}"
+             f", announce {cluster.get('announce')}, ports {cluster.get('ports')}{seed}){error}"]
+    header = ("NODE", "ADDRESS", "ROLE", "SLOTS", "PORT", "ACTIVE")
+    rows: list[tuple[str, ...]] = [header]
+    for node in cluster.get("nodes", []):
+        slots = ",".join(f"{a}-{b}" if a != b else str(a) for a, b in node.get("slots") or [])
+        port = str(node.get("port") or "-")
+        if node.get("port") and not node.get("listening"):
+            port += " (not listening)"
+        rows.append((str(node.get("hostname") or node.get("id", "?"))[:40],
+                     str(node.get("address", "?")), str(node.get("role") or "-"),
+                     slots or "-", port, str(node.get("connections", 0))))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    if cluster.get("unassigned"):
+        lines.append(f"no port (range full): {', '.join(map(str, cluster['unassigned']))}")
+    return lines
 
 
 def _duration(seconds: Any) -> str:

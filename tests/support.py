@@ -147,8 +147,10 @@ def make_config(listeners: list[dict[str, Any]], **top: Any) -> Config:
 
     Health checks are off unless the test sets ``health`` (in ``defaults`` or on a
     listener): their connections would otherwise reach upstreams that tests watch.
+    The admin endpoint is off unless the test sets ``admin``.
     """
     defaults = {"health": False, **(top.pop("defaults", None) or {})}
+    top.setdefault("admin", False)  # no admin endpoint on the default port unless asked
     doc = {"defaults": defaults, "listeners": listeners, **top}
     return parse_config(load_yaml(yaml.safe_dump(doc)), "<test>")
 

@@ -118,6 +118,29 @@ def test_status_shows_every_node_with_role_slots_and_port(
         proxy.stop()
 
 
+def test_status_endpoint_and_table_show_the_cluster(
+        masters: list[ServerProcess], tmp_path: Path) -> None:
+    from proxy.admin import fetch_status, format_status
+    from proxy.config import Address
+
+    admin_port = free_port()
+    config = make_config([], clusters=[cluster_config(masters[0].port, tmp_path)],
+                         state_dir=str(tmp_path / "state"),
+                         admin={"listen": f"127.0.0.1:{admin_port}"})
+    proxy = ProxyThread(config).start()
+    try:
+        doc = fetch_status(Address("127.0.0.1", admin_port))
+        (cluster,) = doc["clusters"]
+        assert {n["port"] for n in cluster["nodes"]} == {n["port"] for n in status(proxy)["nodes"]}
+        table = format_status(doc)
+        assert "cluster rc (redis-cluster" in table
+        for node in cluster["nodes"]:
+            assert str(node["port"]) in table and node["address"] in table
+        assert "master" in table and "0-" in table
+    finally:
+        proxy.stop()
+
+
 def test_discovery_falls_back_to_cluster_slots_when_shards_is_refused(
         masters: list[ServerProcess], tmp_path: Path) -> None:
     admins = [redis.Redis(port=m.port, socket_timeout=5) for m in masters]
