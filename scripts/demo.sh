@@ -69,6 +69,8 @@ Try it from another terminal:
   redis-cli -p $RD_PROXY ping
   redis-benchmark -p $RD_PROXY -q -t get,set -n 10000
   printf 'version\r\n' | nc -q1 127.0.0.1 $MC_PROXY
+  .venv/bin/cacheport status                 # health, connections, bytes per listener
+  curl -s 127.0.0.1:9180/metrics | grep ^cacheport_
 MSG
 if [ "$ONCE" = 1 ]; then
     echo "(--once: stopping)"

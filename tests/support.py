@@ -151,6 +151,8 @@ def make_config(listeners: list[dict[str, Any]], **top: Any) -> Config:
     """
     defaults = {"health": False, **(top.pop("defaults", None) or {})}
     top.setdefault("admin", False)  # no admin endpoint on the default port unless asked
+    if top["admin"] == "implicit default":
+        del top["admin"]  # as a port map without an admin block: 127.0.0.1:9180
     doc = {"defaults": defaults, "listeners": listeners, **top}
     return parse_config(load_yaml(yaml.safe_dump(doc)), "<test>")
 

@@ -250,7 +250,7 @@ def test_a_taken_admin_port_fails_start_only_when_configured(
         except OSError:
             pytest.skip("127.0.0.1:9180 is in use by something else")
         holder.listen(1)
-        with running_proxy(listeners) as proxy:
+        with running_proxy(listeners, admin="implicit default") as proxy:
             assert proxy.server.admin is None
             assert redis.Redis(port=proxy.port("rd"), socket_timeout=5).ping()
     assert any("serving without it" in r.getMessage() for r in caplog.records)
