@@ -973,7 +973,7 @@ def _parse_config(data: Any, path: str) -> Config:
     if "state_dir" in data:
         top["state_dir"] = _field(ctx, data, "state_dir", "", _parse_state_dir)
     if "clusters" in data:
-        top["clusters"] = _clusters(ctx, data, defaults, listeners)
+        top["clusters"] = _clusters(ctx, data, defaults, default_health, listeners)
     return Config(path=path, listeners=tuple(listeners), admin=admin, **top)
 
 
@@ -1053,7 +1053,7 @@ def _parse_bind_host(value: Any) -> str:
 
 
 def _cluster(ctx: _Context, index: int, raw: Any, defaults: Mapping[str, Any],
-             line: int) -> ClusterConfig:
+             default_health: _HealthSpec | None, line: int) -> ClusterConfig:
     where = f"clusters[{index}]: "
     if not isinstance(raw, _Map):
         raise ctx.error(f"expected a mapping with name, engine, seed, announce and ports, "
@@ -1061,7 +1061,7 @@ def _cluster(ctx: _Context, index: int, raw: Any, defaults: Mapping[str, Any],
     if "name" in raw:
         name = _field(ctx, raw, "name", where, _parse_name)
         where = f"cluster {_show(name)}: "
-    _unknown_keys(ctx, raw, _CLUSTER_KEYS + _CLUSTER_TUNABLE_KEYS, where)
+    _unknown_keys(ctx, raw, (*_CLUSTER_KEYS, *_CLUSTER_TUNABLE_KEYS, _HEALTH_FIELD), where)
     for required in ("name", "engine", "seed", "announce", "ports"):
         if required not in raw:
             raise ctx.error(f"missing required field {_show(required)}", line=raw.line,
@@ -1098,14 +1098,22 @@ def _cluster(ctx: _Context, index: int, raw: Any, defaults: Mapping[str, Any],
             f"its listeners bind {host}, reachable from other hosts, but no 'allow' list says "
             "who may connect; add allow: [CIDR, ...] to the cluster or to defaults",
             line=raw.lines.get("listen", raw.line), where=where)
+    # The cluster's health block gives discovery its credentials (Redis ACL / RBAC).
+    own_health = (
+        _health_spec(ctx, raw[_HEALTH_FIELD], raw.lines[_HEALTH_FIELD], where)
+        if _HEALTH_FIELD in raw else None
+    )
+    health = _merge_health(ctx, default_health, own_health, _HEALTH_FIELD in raw, protocol,
+                           where, raw.line)
     template = ListenerConfig(name=name, listen=listen, upstream=seed, protocol=protocol,
-                              **settings)
+                              health=health, **settings)
     return ClusterConfig(name=name, engine=engine, seed=seed, announce=announce,
                          announce_ip=announce_ip, ports=ports, template=template,
                          seed_port=seed_port, refresh=refresh, retire_grace=grace)
 
 
 def _clusters(ctx: _Context, data: _Map, defaults: Mapping[str, Any],
+              default_health: _HealthSpec | None,
               listeners: list[ListenerConfig]) -> tuple[ClusterConfig, ...]:
     raw_clusters = data["clusters"]
     line = data.lines["clusters"]
@@ -1116,7 +1124,7 @@ def _clusters(ctx: _Context, data: _Map, defaults: Mapping[str, Any],
     clusters: list[ClusterConfig] = []
     for index, raw in enumerate(raw_clusters):
         at = raw.line if isinstance(raw, _Map) else line
-        cc = _cluster(ctx, index, raw, defaults, at)
+        cc = _cluster(ctx, index, raw, defaults, default_health, at)
         where = f"cluster {cc.name!r}: "
         for other in clusters:
             if other.name == cc.name:

@@ -25,9 +25,9 @@ import logging
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .admin import AdminError, AdminServer
@@ -60,6 +60,35 @@ class ServerCollector(Collector):
             "Reloads refused (invalid file, port taken); the running map was kept")
         failures.add_metric([], self.server.reload_failures)
         yield failures
+        yield from self._cluster_metrics()
+
+    _CLUSTER_HELP: ClassVar[dict[str, str]] = {
+        "refreshes": "Cluster topology refreshes that succeeded",
+        "refresh_failures": "Cluster topology refreshes that found no node to answer",
+        "port_range_full": "Refreshes that found a node with no free port in the range",
+        "redirects": "MOVED/ASK replies rewritten to the announced address",
+        "unmapped": "Node addresses seen in replies before they had a port",
+        "bind_failures": "Per-node listeners that could not bind",
+        "protocol_errors": "Connections closed because a peer broke the protocol",
+        "listeners_added": "Per-node listeners started",
+        "listeners_removed": "Per-node listeners stopped (node left)",
+    }
+
+    def _cluster_metrics(self) -> Iterator[Metric]:
+        managers = list(self.server.clusters.values())
+        if not managers:
+            return
+        nodes = GaugeMetricFamily("cacheport_cluster_nodes",
+                                  "Nodes the cluster reported at the last refresh",
+                                  labels=["cluster"])
+        for manager in managers:
+            nodes.add_metric([manager.name], len(manager.nodes))
+        yield nodes
+        for field, text in self._CLUSTER_HELP.items():
+            family = CounterMetricFamily(f"cacheport_cluster_{field}", text, labels=["cluster"])
+            for manager in managers:
+                family.add_metric([manager.name], getattr(manager.stats, field))
+            yield family
 
 
 class StartError(Exception):

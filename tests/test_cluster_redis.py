@@ -134,6 +134,13 @@ def test_status_endpoint_and_table_show_the_cluster(
         assert {n["port"] for n in cluster["nodes"]} == {n["port"] for n in status(proxy)["nodes"]}
         table = format_status(doc)
         assert "cluster rc (redis-cluster" in table
+        import urllib.request
+
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics",
+                                         timeout=5).read().decode()
+        assert 'cacheport_cluster_nodes{cluster="rc"} 3.0' in metrics
+        assert 'cacheport_cluster_refreshes_total{cluster="rc"}' in metrics
+        assert 'cacheport_cluster_port_range_full_total{cluster="rc"} 0.0' in metrics
         for node in cluster["nodes"]:
             assert str(node["port"]) in table and node["address"] in table
         assert "master" in table and "0-" in table
@@ -308,3 +315,34 @@ def test_sharded_pubsub_is_redirected_and_then_delivered(
             assert got == expected
     finally:
         proxy.stop()
+
+
+@pytest.mark.parametrize("password", ["s3cret-Pw", "wrong-Pw"])
+def test_discovery_authenticates_with_the_cluster_health_credentials(
+        masters: list[ServerProcess], tmp_path: Path, password: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    admins = [redis.Redis(port=m.port, socket_timeout=5) for m in masters]
+    for a in admins:
+        a.config_set("requirepass", "s3cret-Pw")
+    try:
+        cluster = cluster_config(masters[0].port, tmp_path,
+                                 health={"password": password})
+        config = make_config([], clusters=[cluster], state_dir=str(tmp_path / "state"))
+        proxy = ProxyThread(config).start()
+        try:
+            st = status(proxy)
+            if password == "s3cret-Pw":
+                assert st["last_error"] is None
+                assert len(st["nodes"]) == 3 and all(n["listening"] for n in st["nodes"])
+            else:
+                assert "auth failed (WRONGPASS)" in str(st["last_error"])
+            assert password not in repr(st)
+        finally:
+            proxy.stop()
+    finally:
+        for m in masters:
+            with redis.Redis(port=m.port, socket_timeout=5, password="s3cret-Pw") as a:
+                a.config_set("requirepass", "")
+        for a in admins:
+            a.close()
+    assert all(password not in r.getMessage() for r in caplog.records)

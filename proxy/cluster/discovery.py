@@ -19,7 +19,7 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..config import Address, UpstreamTlsConfig
+from ..config import Address, Secret, UpstreamTlsConfig
 from ..protocols.memcache import AutoDiscoveryError, parse_config_reply
 from ..protocols.redis_cluster import ClusterNode, TopologyError, parse_topology
 from ..protocols.resp import ProtocolError, Reader
@@ -96,6 +96,9 @@ async def _close(writer: asyncio.StreamWriter) -> None:
 # --------------------------------------------------------------------------- Redis
 
 
+Auth = tuple[str | None, Secret]  # (ACL username or None, password)
+
+
 def _command(*words: bytes) -> bytes:
     return b"*%d\r\n" % len(words) + b"".join(b"$%d\r\n%s\r\n" % (len(w), w) for w in words)
 
@@ -139,12 +142,22 @@ def _node_of(n: ClusterNode, tls: bool) -> Node | None:
 
 
 async def discover_redis_at(address: Address, tls: UpstreamTlsConfig | None,
-                            server_name: str | None = None) -> Discovery:
+                            server_name: str | None = None, auth: Auth | None = None
+                            ) -> Discovery:
     """CLUSTER SHARDS at ``address``, falling back to CLUSTER SLOTS on an error reply."""
     reader, writer = await _open(address, tls, server_name)
     try:
         peer = writer.get_extra_info("peername")
         here = str(peer[0]) if peer else address.host
+        if auth is not None:
+            username, password = auth
+            words = [b"AUTH", *([username.encode()] if username else []),
+                     password.reveal().encode()]
+            answer = await _resp_call(reader, writer, _command(*words))
+            if answer[:1] == b"-":
+                # The server's words, never the password: "WRONGPASS invalid username-...".
+                reason = answer[1:].decode("utf-8", "replace").strip().split(" ", 1)[0]
+                raise DiscoveryError(f"{address}: auth failed ({reason})")
         errors = []
         for source in ("shards", "slots"):
             raw = await _resp_call(reader, writer, _command(b"CLUSTER", source.upper().encode()))
@@ -152,7 +165,8 @@ async def discover_redis_at(address: Address, tls: UpstreamTlsConfig | None,
                 message = raw[1:].decode("utf-8", "replace").strip()
                 if message.startswith("NOAUTH"):
                     raise DiscoveryError(
-                        f"{address} wants AUTH; cluster discovery does not authenticate yet")
+                        f"{address} wants AUTH; give the cluster a health: block with "
+                        "username and password (or password_env / password_file)")
                 errors.append(f"CLUSTER {source.upper()}: {message}")
                 continue
             try:
@@ -233,15 +247,17 @@ async def discover_memcached_at(address: Address, tls: UpstreamTlsConfig | None,
 
 
 async def discover(engine: str, candidates: Sequence[Address], tls: UpstreamTlsConfig | None,
-                   each: float, server_names: dict[Address, str] | None = None
-                   ) -> Discovery:
+                   each: float, server_names: dict[Address, str] | None = None,
+                   auth: Auth | None = None) -> Discovery:
     """Try each candidate (the seed first) until one answers, ``each`` seconds apiece."""
-    query = discover_redis_at if engine == "redis-cluster" else discover_memcached_at
     errors: list[str] = []
     for address in dict.fromkeys(candidates):
+        name = (server_names or {}).get(address)
         try:
             async with asyncio.timeout(each):
-                return await query(address, tls, (server_names or {}).get(address))
+                if engine == "redis-cluster":
+                    return await discover_redis_at(address, tls, name, auth)
+                return await discover_memcached_at(address, tls, name)
         except TimeoutError:
             errors.append(f"{address}: no answer within {each:g}s")
         except DiscoveryError as exc:

@@ -177,8 +177,11 @@ class ClusterManager:
             candidates = [self.config.seed, *[n.address for n in known][:KNOWN_NODES_ASKED]]
             names = {n.address: n.hostname for n in known if n.hostname}
             try:
+                health = template.health
+                auth = ((health.username, health.password)
+                        if health is not None and health.password is not None else None)
                 found = await discover(self.config.engine, candidates, template.upstream_tls,
-                                       max(template.connect_timeout, 1.0) * 2, names)
+                                       max(template.connect_timeout, 1.0) * 2, names, auth)
             except DiscoveryError as exc:
                 self.stats.refresh_failures += 1
                 if exc.args[0] != self.last_error:
