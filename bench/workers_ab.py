@@ -1,6 +1,6 @@
 """What `workers: 2` gives on this machine: redis-benchmark through 1 and 2 workers vs direct.
 
-    python bench/workers_ab.py [--reps 3] [--requests 200000]
+    python -m bench.workers_ab [--reps 3] [--requests 200000]
 
 Runs are interleaved (direct, 1 worker, 2 workers, repeated) and the medians
 reported, as requests/s and as a ratio of direct. Everything it starts is
@@ -10,42 +10,15 @@ stopped by PID; traffic stays on loopback.
 from __future__ import annotations
 
 import argparse
-import re
-import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench.ab import free_port, redis_rps, stop_all, table, wait_port
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, deadline: float = 20.0) -> None:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port} after {deadline}s")
-
-
-def rps(port: int, requests: int, pipeline: int) -> float:
-    out = subprocess.run(
-        ["redis-benchmark", "-p", str(port), "-q", "-t", "get", "-n", str(requests), "-c", "50",
-         "-P", str(pipeline)], capture_output=True, text=True, timeout=120).stdout
-    found = re.findall(r"GET: ([\d.]+) requests per second", out.replace("\r", "\n"))
-    return float(found[-1]) if found else 0.0
 
 
 def main() -> int:
@@ -72,31 +45,17 @@ def main() -> int:
             wait_port(port)
             ports[f"{workers} worker{'s' if workers > 1 else ''}"] = port
         time.sleep(1.0)
-        results: dict[tuple[str, int], list[float]] = {}
+        results: dict[tuple[str, str], list[float]] = {}
         for _rep in range(args.reps):
             for pipeline in (1, 16):
                 for name, port in ports.items():
-                    results.setdefault((name, pipeline), []).append(
-                        rps(port, args.requests, pipeline))
+                    results.setdefault((name, f"-P {pipeline}"), []).append(
+                        redis_rps(port, "get", args.requests, pipeline))
         print(f"redis-benchmark GET, 50 clients, {args.requests} requests, "
               f"median of {args.reps}\n")
-        print("| target | -P 1 req/s | x direct | -P 16 req/s | x direct |")
-        print("|---|---:|---:|---:|---:|")
-        for name in ports:
-            cells = []
-            for pipeline in (1, 16):
-                value = statistics.median(results[(name, pipeline)])
-                base = statistics.median(results[("direct", pipeline)])
-                cells += [f"{value:,.0f}", f"{value / base:.2f}x"]
-            print(f"| {name} | " + " | ".join(cells) + " |")
+        print(table(results, list(ports), ["-P 1", "-P 16"]))
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(procs)
     return 0
 
 
