@@ -339,3 +339,41 @@ def test_at_the_descriptor_limit_new_clients_are_refused_and_service_recovers(
     finally:
         proc.stop()
     assert "Traceback" not in proc.log()
+
+
+def test_garbage_through_a_listener_leaves_the_node_healthy(
+    memcached: ServerProcess, redis_server: ServerProcess
+) -> None:
+    from proxy.config import Address
+    from proxy.health.state import State
+    from tests.support import running_proxy
+
+    fast = {"interval": "200ms", "timeout": "150ms", "rise": 1, "fall": 2}
+    listeners = [
+        {"name": "mc", "listen": "127.0.0.1:0", "upstream": memcached.address,
+         "protocol": "memcached", "health": fast},
+        {"name": "rd", "listen": "127.0.0.1:0", "upstream": redis_server.address,
+         "protocol": "redis", "health": fast},
+    ]
+    with running_proxy(listeners) as proxy:
+        monitor = proxy.server.monitor
+        assert monitor is not None
+        nodes = {"mc": Address("127.0.0.1", memcached.port),
+                 "rd": Address("127.0.0.1", redis_server.port)}
+
+        def all_up() -> bool:
+            return all(proxy.call(lambda n=n, a=a: monitor.state(n, a)) is State.UP
+                       for n, a in nodes.items())
+
+        wait_until(all_up, 10, message="both nodes UP")
+        garbage = bytes(range(256)) * 64 + b"\r\n" + b"x" * (1 << 20) + b"\r\n"
+        for name in nodes:
+            for _ in range(5):
+                s = socket.create_connection(("127.0.0.1", proxy.port(name)), timeout=5)
+                with contextlib.suppress(OSError):
+                    s.sendall(garbage)
+                s.close()
+        deadline = time.monotonic() + 1.5  # several check intervals
+        while time.monotonic() < deadline:
+            assert all_up(), "a node went DOWN after garbage on its listener"
+            time.sleep(0.1)
