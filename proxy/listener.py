@@ -419,8 +419,12 @@ class Listener:
         finally:
             if relay is None:
                 self._release(source)
-        if not relay.closed:
-            relay.start()
+        if relay.closed:
+            # A side ended (or a stop cut the relay) while the other transport was being
+            # made; that transport is open and belongs to no live relay: end it.
+            relay.abort()
+            return
+        relay.start()
 
     async def _client_handshake(self, relay: Relay, client: socket.socket, source: str,
                                 config: ListenerConfig) -> bool:

@@ -196,13 +196,16 @@ class Relay:
             self.close()
 
     def abort(self) -> None:
-        """Tear down both sides at once; both peers get an RST."""
-        if self.closed:
-            return
+        """Tear down both sides at once; both peers get an RST.
+
+        Also after the relay has closed: a transport made while the relay was being set
+        up (the other side had already gone) is still open, and this ends it.
+        """
+        finished = self.closed
         self.closed = True
         for side in (self.client, self.upstream):
             t = side.transport
-            if t is None:
+            if t is None or t.is_closing():
                 continue
             sock = t.get_extra_info("socket")
             if sock is not None:
@@ -211,7 +214,8 @@ class Relay:
                 except OSError:
                     pass
             t.abort()
-        self._finish()
+        if not finished:
+            self._finish()
 
     def close(self) -> None:
         """Close both sides after their pending bytes are sent."""

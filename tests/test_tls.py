@@ -236,7 +236,8 @@ def test_verify_false_is_explicit_and_warned(pki: Pki, caplog: pytest.LogCapture
 
 def test_certificates_are_reread_on_reload(pki: Pki, plain_redis: ServerProcess) -> None:
     path = pki.dir / "map.yaml"
-    path.write_text(yaml.safe_dump({"listeners": [client_tls_listener(plain_redis, pki)]}))
+    path.write_text(yaml.safe_dump({"admin": False, "defaults": {"health": False},
+                                    "listeners": [client_tls_listener(plain_redis, pki)]}))
     proxy = ProxyThread(load_config(path)).start()
     try:
         port = proxy.port("tls")
