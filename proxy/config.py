@@ -24,6 +24,8 @@ import yaml
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Protocol = Literal["tcp", "memcached", "redis"]
 PROTOCOLS: tuple[Protocol, ...] = ("tcp", "memcached", "redis")
+Copy = Literal["auto", "splice", "buffer"]
+COPY_MODES: tuple[Copy, ...] = ("auto", "splice", "buffer")
 DEFAULT_PORTS: dict[str, int] = {"memcached": 11211, "redis": 6379}
 
 DEFAULT_CONNECT_TIMEOUT = 3.0
@@ -117,6 +119,12 @@ class ListenerConfig:
     max_connections_per_client: int | None = None
     tls: TlsConfig | None = None
     upstream_tls: UpstreamTlsConfig | None = None
+    copy: Copy = "auto"  # how bytes move: splice(2) through a pipe, or through a buffer
+
+    @property
+    def may_splice(self) -> bool:
+        """Only plain byte streams can skip userspace: no TLS, no protocol awareness."""
+        return self.protocol == "tcp" and self.tls is None and self.upstream_tls is None
 
     @property
     def allows_everyone(self) -> bool:
@@ -306,7 +314,7 @@ def parse_address(
 _LISTENER_KEYS = ("name", "listen", "upstream", "protocol")
 _TUNABLE_KEYS = (
     "protocol", "connect_timeout", "idle_timeout", "buffer_size", "dns_ttl",
-    "allow", "max_connections", "max_connections_per_client", "tls", "upstream_tls",
+    "allow", "max_connections", "max_connections_per_client", "tls", "upstream_tls", "copy",
 )
 _TOP_KEYS = ("defaults", "listeners", "drain_timeout", "workers")
 
@@ -356,6 +364,12 @@ def _parse_protocol(value: Any) -> Protocol:
     if value not in PROTOCOLS:
         raise ValueError(f"expected one of {', '.join(PROTOCOLS)}, got {_show(value)}")
     return cast(Protocol, value)
+
+
+def _parse_copy(value: Any) -> Copy:
+    if value not in COPY_MODES:
+        raise ValueError(f"expected one of {', '.join(COPY_MODES)}, got {_show(value)}")
+    return cast(Copy, value)
 
 
 def _parse_name(value: Any) -> str:
@@ -474,6 +488,7 @@ _TUNABLE_PARSERS: dict[str, Callable[[Any], Any]] = {
     "idle_timeout": _parse_idle_timeout,
     "buffer_size": parse_size,
     "dns_ttl": _parse_connect_timeout,
+    "copy": _parse_copy,
 }
 
 
@@ -522,7 +537,16 @@ def _listener(
             "who may connect; add allow: [CIDR, ...] to the listener or to defaults "
             "(allow: [0.0.0.0/0] opens it to everyone)",
             line=raw.lines.get("listen", raw.line), where=where)
-    return ListenerConfig(name=name, listen=listen, upstream=upstream, **settings)
+    lc = ListenerConfig(name=name, listen=listen, upstream=upstream, **settings)
+    if lc.copy == "splice" and not lc.may_splice:
+        why = (f"protocol {lc.protocol} listeners may parse the stream" if lc.protocol != "tcp"
+               else "TLS is encrypted and decrypted in userspace")
+        origin = "" if "copy" in raw else " (set in defaults)"
+        raise ctx.error(
+            f"field 'copy': splice{origin} needs a plain byte stream -- protocol tcp without "
+            f"tls or upstream_tls -- and {why}; use copy: auto or buffer for this listener",
+            line=raw.lines.get("copy", raw.line), where=where)
+    return lc
 
 
 def _is_loopback(address: Address) -> bool:
