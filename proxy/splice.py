@@ -15,6 +15,12 @@ watching its source and watches its destination instead: backpressure is the
 pipe itself (at most ``PipePool.size`` bytes per stalled direction, in kernel
 pages, not in the process).
 
+Under ``copy: auto`` (the default) the size of a direction's last read picks the
+next one's path: reads under ``BULK_READ`` (16 KiB) copy through the loop's
+scratch buffer -- as cheap as splicing for request/response traffic, and it
+leaves the pipe budget alone -- and a full read switches the direction to
+pipes until a small read switches it back (docs/hot-loop.md has the figures).
+
 When the kernel refuses a pipe (descriptor limit) or its size (an unprivileged
 user past ``fs.pipe-user-pages-soft`` gets EPERM from F_SETPIPE_SZ and tiny
 pipes), the connection copies through a buffer instead -- ``recv_into`` a
