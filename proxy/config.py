@@ -24,6 +24,8 @@ import yaml
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Protocol = Literal["tcp", "memcached", "redis"]
 PROTOCOLS: tuple[Protocol, ...] = ("tcp", "memcached", "redis")
+Copy = Literal["auto", "splice", "buffer"]
+COPY_MODES: tuple[Copy, ...] = ("auto", "splice", "buffer")
 DEFAULT_PORTS: dict[str, int] = {"memcached": 11211, "redis": 6379}
 Engine = Literal["redis-cluster", "memcached"]
 ENGINES: tuple[Engine, ...] = ("redis-cluster", "memcached")
@@ -178,6 +180,12 @@ class ListenerConfig:
     health: HealthConfig | None = None  # None: not checked, always used
     backup: tuple[Address, ...] = ()  # used in order while the upstream is DOWN
     on_down: OnDown = "keep"  # close: also cut live connections to a node that goes DOWN
+    copy: Copy = "auto"  # how bytes move: splice(2) through a pipe, or through a buffer
+
+    @property
+    def may_splice(self) -> bool:
+        """Only plain byte streams can skip userspace: no TLS, no protocol awareness."""
+        return self.protocol == "tcp" and self.tls is None and self.upstream_tls is None
 
     @property
     def allows_everyone(self) -> bool:
@@ -435,7 +443,7 @@ _LISTENER_KEYS = ("name", "listen", "upstream", "protocol", "backup")
 _TUNABLE_KEYS = (
     "protocol", "connect_timeout", "idle_timeout", "buffer_size", "dns_ttl",
     "allow", "max_connections", "max_connections_per_client", "tls", "upstream_tls",
-    "on_down",
+    "on_down", "copy",
 )
 # ``health`` may also sit in ``defaults``, but merges key by key instead of replacing
 _HEALTH_FIELD = "health"
@@ -496,6 +504,12 @@ def _parse_protocol(value: Any) -> Protocol:
     if value not in PROTOCOLS:
         raise ValueError(f"expected one of {', '.join(PROTOCOLS)}, got {_show(value)}")
     return cast(Protocol, value)
+
+
+def _parse_copy(value: Any) -> Copy:
+    if value not in COPY_MODES:
+        raise ValueError(f"expected one of {', '.join(COPY_MODES)}, got {_show(value)}")
+    return cast(Copy, value)
 
 
 def _parse_name(value: Any) -> str:
@@ -621,6 +635,7 @@ _TUNABLE_PARSERS: dict[str, Callable[[Any], Any]] = {
     "buffer_size": parse_size,
     "dns_ttl": _parse_connect_timeout,
     "on_down": _parse_on_down,
+    "copy": _parse_copy,
 }
 
 
@@ -880,8 +895,17 @@ def _listener(
             "who may connect; add allow: [CIDR, ...] to the listener or to defaults "
             "(allow: [0.0.0.0/0] opens it to everyone)",
             line=raw.lines.get("listen", raw.line), where=where)
-    return ListenerConfig(name=name, listen=listen, upstream=upstream, backup=backup,
-                          health=health, **settings)
+    lc = ListenerConfig(name=name, listen=listen, upstream=upstream, backup=backup,
+                        health=health, **settings)
+    if lc.copy == "splice" and not lc.may_splice:
+        why = (f"protocol {lc.protocol} listeners may parse the stream" if lc.protocol != "tcp"
+               else "TLS is encrypted and decrypted in userspace")
+        origin = "" if "copy" in raw else " (set in defaults)"
+        raise ctx.error(
+            f"field 'copy': splice{origin} needs a plain byte stream -- protocol tcp without "
+            f"tls or upstream_tls -- and {why}; use copy: auto or buffer for this listener",
+            line=raw.lines.get("copy", raw.line), where=where)
+    return lc
 
 
 def _is_loopback(address: Address) -> bool:

@@ -28,6 +28,7 @@ from .health.state import State, choose_upstream
 from .metrics import UpstreamBook
 from .relay import BufferPool, Relay
 from .resolver import ResolveError, Resolver
+from .splice import AnyRelay, SpliceRelay, choose_hub
 from .tls import ListenerTls
 
 log = logging.getLogger("cacheport.listener")
@@ -134,7 +135,7 @@ class Listener:
         self.resolver = resolver
         self.sock: socket.socket | None = None
         self.bound: Address | None = None
-        self.relays: set[Relay] = set()
+        self.relays: set[AnyRelay] = set()
         self.connecting: set[asyncio.Task[None]] = set()
         self.stats = ListenerStats()
         self.accepting = False
@@ -142,7 +143,7 @@ class Listener:
         self._accept_warn = _RateLimitedLog()
         self._resume_handle: asyncio.TimerHandle | None = None
         self._idle_handle: asyncio.TimerHandle | None = None
-        self._idle_seen: dict[Relay, tuple[int, float]] = {}
+        self._idle_seen: dict[AnyRelay, tuple[int, float]] = {}
         self._limit_warn = _RateLimitedLog()
         self._tls_warn = _RateLimitedLog()
         self.tls = ListenerTls(config)
@@ -376,7 +377,7 @@ class Listener:
         config = self.config
         tls = self.tls
         upstream: socket.socket | None = None
-        relay: Relay | None = None
+        relay: AnyRelay | None = None
         target = self._choose_upstream(config)
         try:
             if target is None:
@@ -387,11 +388,18 @@ class Listener:
                 return
             client.setblocking(False)
             _tune(client)
-            relay = self.relay_factory(self.pool, self._upstream_relay_closed, source)
+            # The copy path (docs/hot-loop.md): splice relays own raw sockets, the
+            # buffered Relay wraps them in transports. Cluster listeners bring their own
+            # (rewriting) relay factory and are never spliced.
+            hub = choose_hub(self.loop, config) if self.relay_factory is Relay else None
+            if hub is not None:
+                relay = SpliceRelay(hub, self.pool, self._upstream_relay_closed, source,
+                                    adaptive=config.copy == "auto")
+            else:
+                relay = self.relay_factory(self.pool, self._upstream_relay_closed, source)
             self.relays.add(relay)
-            client_side, upstream_side = relay.client, relay.upstream
-            if tls.server is not None and not await self._client_handshake(
-                    relay, client, source, config):
+            if tls.server is not None and isinstance(relay, Relay) and \
+                    not await self._client_handshake(relay, client, source, config):
                 return
             started = time.perf_counter()  # uvloop's loop.time() has millisecond steps
             upstream = await self._dial(config, target)
@@ -400,13 +408,17 @@ class Listener:
                 return
             self.book.opened(relay, target, time.perf_counter() - started)
             _tune(upstream)
-            if tls.server is None:
-                await self.loop.connect_accepted_socket(lambda: client_side, client)
-            if tls.client is None:
-                await self.loop.create_connection(lambda: upstream_side, sock=upstream)
-            elif not await self._upstream_handshake(relay, upstream, config, target):
-                self._discard(relay, client, upstream)
-                return
+            if isinstance(relay, SpliceRelay):
+                relay.attach(self.loop, client, upstream)
+            else:
+                client_side, upstream_side = relay.client, relay.upstream
+                if tls.server is None:
+                    await self.loop.connect_accepted_socket(lambda: client_side, client)
+                if tls.client is None:
+                    await self.loop.create_connection(lambda: upstream_side, sock=upstream)
+                elif not await self._upstream_handshake(relay, upstream, config, target):
+                    self._discard(relay, client, upstream)
+                    return
         except asyncio.CancelledError:
             self._discard(relay, client, upstream)
             raise
@@ -462,7 +474,7 @@ class Listener:
             return False
         return True
 
-    def _discard(self, relay: Relay | None, client: socket.socket,
+    def _discard(self, relay: AnyRelay | None, client: socket.socket,
                  upstream: socket.socket | None) -> None:
         """Undo a half-made connection: whatever is wrapped in a transport goes with the relay."""
         if relay is not None:
@@ -527,7 +539,7 @@ class Listener:
         name = config.name
         return choose_upstream((addr, health(name, addr)) for addr in config.upstreams)
 
-    def _upstream_relay_closed(self, relay: Relay) -> None:
+    def _upstream_relay_closed(self, relay: AnyRelay) -> None:
         self._relay_closed(relay)
         self.book.closed(relay)
 
@@ -547,7 +559,7 @@ class Listener:
         if self.on_idle is not None and not self.active:
             self.on_idle()
 
-    def _relay_closed(self, relay: Relay) -> None:
+    def _relay_closed(self, relay: AnyRelay) -> None:
         self.relays.discard(relay)
         self._release(relay.source)
         if self.on_idle is not None and not self.active:

@@ -43,7 +43,7 @@ from .config import Address
 if TYPE_CHECKING:
     from .health.monitor import HealthMonitor
     from .listener import Listener
-    from .relay import Relay
+    from .splice import AnyRelay
 
 __all__ = ["CONTENT_TYPE_LATEST", "Buckets", "CacheportCollector", "UpstreamBook", "make_registry"]
 
@@ -101,7 +101,7 @@ class UpstreamBook:
     __slots__ = ("counters", "relays")
 
     def __init__(self) -> None:
-        self.relays: dict[Relay, Address] = {}
+        self.relays: dict[AnyRelay, Address] = {}
         self.counters: dict[Address, UpstreamCounters] = {}
 
     def of(self, upstream: Address) -> UpstreamCounters:
@@ -110,13 +110,13 @@ class UpstreamBook:
             counters = self.counters[upstream] = UpstreamCounters()
         return counters
 
-    def opened(self, relay: Relay, upstream: Address, connect_seconds: float) -> None:
+    def opened(self, relay: AnyRelay, upstream: Address, connect_seconds: float) -> None:
         counters = self.of(upstream)
         counters.connections += 1
         counters.connect_seconds.observe(connect_seconds)
         self.relays[relay] = upstream
 
-    def closed(self, relay: Relay) -> None:
+    def closed(self, relay: AnyRelay) -> None:
         upstream = self.relays.pop(relay, None)
         if upstream is None:
             return
@@ -124,7 +124,7 @@ class UpstreamBook:
         counters.closed_bytes_upstream += relay.bytes_upstream
         counters.closed_bytes_downstream += relay.bytes_downstream
 
-    def live(self, upstream: Address) -> list[Relay]:
+    def live(self, upstream: Address) -> list[AnyRelay]:
         return [relay for relay, addr in self.relays.items() if addr == upstream]
 
     def totals(self) -> dict[Address, tuple[int, int, int]]:

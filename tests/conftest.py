@@ -32,3 +32,10 @@ def redis_server() -> Iterator[ServerProcess]:
 def loop_kind(request: pytest.FixtureRequest) -> str:
     """Run a test on uvloop (the default) and on plain asyncio (``--loop asyncio``)."""
     return str(request.param)
+
+
+@pytest.fixture(params=["splice", "buffer", "auto"])
+def copy_mode(request: pytest.FixtureRequest) -> str:
+    """The copy path under test (``copy:``): splice(2) through pipes, through a buffer,
+    or auto (small reads through a buffer, bulk through pipes)."""
+    return str(request.param)

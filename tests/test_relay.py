@@ -1,4 +1,8 @@
-"""Relay behaviour with raw sockets: half-close, reset, backpressure, dead upstreams, idle."""
+"""Relay behaviour with raw sockets: half-close, reset, backpressure, dead upstreams, idle.
+
+The core behaviours run on both copy paths (``copy: splice`` and ``copy: buffer``)
+and both event loops.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from proxy.splice import PIPE_SIZE, SpliceRelay
 from tests.support import CacheportProcess, free_port, running_proxy, wait_until
 from tests.upstreams import (
     echo_until_eof_then_reply,
@@ -40,10 +45,11 @@ def read_to_eof(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
-def test_client_half_close_reaches_upstream_and_reply_still_arrives(loop_kind: str) -> None:
+def test_client_half_close_reaches_upstream_and_reply_still_arrives(
+        loop_kind: str, copy_mode: str) -> None:
     payload = pattern(3 << 20)
     with tcp_upstream(echo_until_eof_then_reply) as port, \
-            running_proxy(tcp_listener(port), loop_kind) as proxy:
+            running_proxy(tcp_listener(port, copy=copy_mode), loop_kind) as proxy:
         sock = connect(proxy.port("t"))
         sock.sendall(payload)
         sock.shutdown(socket.SHUT_WR)  # upstream must see EOF after the last byte
@@ -52,9 +58,10 @@ def test_client_half_close_reaches_upstream_and_reply_still_arrives(loop_kind: s
     assert reply == b"got %d bytes;" % len(payload) + payload[-16:] + b";bye"
 
 
-def test_upstream_half_close_reaches_client_which_can_still_send(loop_kind: str) -> None:
+def test_upstream_half_close_reaches_client_which_can_still_send(
+        loop_kind: str, copy_mode: str) -> None:
     with tcp_upstream(talk_after_our_eof) as port, \
-            running_proxy(tcp_listener(port), loop_kind) as proxy:
+            running_proxy(tcp_listener(port, copy=copy_mode), loop_kind) as proxy:
         sock = connect(proxy.port("t"))
         assert read_to_eof(sock) == b"hello-then-fin"  # EOF passed through
         sock.sendall(b"still talking after the upstream's FIN")  # our direction stays open
@@ -65,9 +72,9 @@ def test_upstream_half_close_reaches_client_which_can_still_send(loop_kind: str)
         wait_until(lambda: proxy.server.active == 0, 5, message="relay to close")
 
 
-def test_upstream_reset_closes_client(loop_kind: str) -> None:
+def test_upstream_reset_closes_client(loop_kind: str, copy_mode: str) -> None:
     with tcp_upstream(reset_after_partial_reply) as port, \
-            running_proxy(tcp_listener(port), loop_kind) as proxy:
+            running_proxy(tcp_listener(port, copy=copy_mode), loop_kind) as proxy:
         sock = connect(proxy.port("t"))
         sock.sendall(b"request")
         received = b""
@@ -82,9 +89,9 @@ def test_upstream_reset_closes_client(loop_kind: str) -> None:
         wait_until(lambda: proxy.server.active == 0, 5, message="relay to close")
 
 
-def test_upstream_that_resets_at_once_closes_client(loop_kind: str) -> None:
+def test_upstream_that_resets_at_once_closes_client(loop_kind: str, copy_mode: str) -> None:
     with tcp_upstream(reset_immediately) as port, \
-            running_proxy(tcp_listener(port), loop_kind) as proxy:
+            running_proxy(tcp_listener(port, copy=copy_mode), loop_kind) as proxy:
         sock = connect(proxy.port("t"))
         sock.settimeout(5)
         with pytest.raises((ConnectionResetError, AssertionError)):
@@ -94,7 +101,7 @@ def test_upstream_that_resets_at_once_closes_client(loop_kind: str) -> None:
         wait_until(lambda: proxy.server.active == 0, 5, message="relay to close")
 
 
-def test_client_reset_closes_upstream(loop_kind: str) -> None:
+def test_client_reset_closes_upstream(loop_kind: str, copy_mode: str) -> None:
     upstream_saw: list[str] = []
 
     def handler(conn: socket.socket) -> None:
@@ -106,7 +113,8 @@ def test_client_reset_closes_upstream(loop_kind: str) -> None:
         except ConnectionResetError:
             upstream_saw.append("reset")
 
-    with tcp_upstream(handler) as port, running_proxy(tcp_listener(port), loop_kind) as proxy:
+    with tcp_upstream(handler) as port, \
+            running_proxy(tcp_listener(port, copy=copy_mode), loop_kind) as proxy:
         sock = connect(proxy.port("t"))
         sock.sendall(b"some request bytes")
         wait_until(lambda: proxy.server.active == 1 and proxy.server.listeners["t"].relays, 5)
@@ -159,7 +167,8 @@ def test_upstream_that_never_answers_closes_client_at_connect_timeout() -> None:
 
 @pytest.mark.timeout(120)
 @pytest.mark.slow
-def test_backpressure_bounds_memory_and_delivers_200mb_intact(tmp_path: Path) -> None:
+def test_backpressure_bounds_memory_and_delivers_200mb_intact(
+        tmp_path: Path, copy_mode: str) -> None:
     size = 200 << 20
     expected = hashlib.sha256(pattern(size)).hexdigest()
     with tcp_upstream(push(size)) as port:
@@ -167,7 +176,7 @@ def test_backpressure_bounds_memory_and_delivers_200mb_intact(tmp_path: Path) ->
         proxy_port = free_port()
         config.write_text(
             f"listeners:\n  - {{name: bp, listen: '127.0.0.1:{proxy_port}', "
-            f"upstream: '127.0.0.1:{port}'}}\n")
+            f"upstream: '127.0.0.1:{port}', copy: {copy_mode}}}\n")
         proc = CacheportProcess(config)
         try:
             proc.wait_serving()
@@ -196,11 +205,15 @@ def test_backpressure_bounds_memory_and_delivers_200mb_intact(tmp_path: Path) ->
     assert rss_after - rss_before < 16 << 20
 
 
-def test_buffered_bytes_stay_within_one_buffer_per_direction(loop_kind: str) -> None:
-    """cacheport's own count: a stalled direction holds at most one buffer_size chunk."""
+def test_stalled_direction_holds_at_most_one_buffer_or_one_pipe(
+        loop_kind: str, copy_mode: str) -> None:
+    """cacheport's own count: a stalled direction holds at most one buffer_size chunk
+    (buffer) or one pipe (splice, auto: in kernel pages), and stops reading the upstream."""
     size = 64 << 20
+    bound = 64 << 10 if copy_mode == "buffer" else PIPE_SIZE
     with tcp_upstream(push(size)) as port, \
-            running_proxy(tcp_listener(port, buffer_size="64k"), loop_kind) as proxy:
+            running_proxy(tcp_listener(port, buffer_size="64k", copy=copy_mode),
+                          loop_kind) as proxy:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
         sock.settimeout(60)
@@ -213,11 +226,13 @@ def test_buffered_bytes_stay_within_one_buffer_per_direction(loop_kind: str) -> 
 
         pending = wait_until(lambda: proxy.call(stalled_pending), 10,
                              message="the downstream direction to stall")
-        assert 0 < pending <= 64 << 10
+        assert 0 < pending <= bound
         moved = proxy.call(lambda: next(iter(listener.relays)).bytes_downstream)
         time.sleep(0.3)
         assert proxy.call(lambda: next(iter(listener.relays)).bytes_downstream) == moved
         assert moved < size  # it stopped reading the upstream
+        assert proxy.call(lambda: isinstance(next(iter(listener.relays)), SpliceRelay)) == (
+            copy_mode != "buffer")
         received = 0
         while chunk := sock.recv(1 << 20):
             received += len(chunk)
@@ -225,14 +240,15 @@ def test_buffered_bytes_stay_within_one_buffer_per_direction(loop_kind: str) -> 
     assert received == size
 
 
-def test_idle_timeout_closes_idle_client(loop_kind: str) -> None:
+def test_idle_timeout_closes_idle_client(loop_kind: str, copy_mode: str) -> None:
     def silent(conn: socket.socket) -> None:
         conn.settimeout(10)
         while conn.recv(1024):
             pass
 
     with tcp_upstream(silent) as port, \
-            running_proxy(tcp_listener(port, idle_timeout="500ms"), loop_kind) as proxy:
+            running_proxy(tcp_listener(port, idle_timeout="500ms", copy=copy_mode),
+                          loop_kind) as proxy:
         sock = connect(proxy.port("t"))
         sock.settimeout(5)
         start = time.monotonic()
@@ -259,7 +275,7 @@ def test_without_idle_timeout_idle_connection_stays_open() -> None:
         sock.close()
 
 
-def test_socket_options_on_both_legs() -> None:
+def test_socket_options_on_both_legs(copy_mode: str) -> None:
     seen: dict[str, int] = {}
 
     def inspect(conn: socket.socket) -> None:
@@ -267,19 +283,25 @@ def test_socket_options_on_both_legs() -> None:
         conn.recv(10)
         conn.sendall(b"ok")
 
-    with tcp_upstream(inspect) as port, running_proxy(tcp_listener(port)) as proxy:
+    with tcp_upstream(inspect) as port, \
+            running_proxy(tcp_listener(port, copy=copy_mode)) as proxy:
         sock = connect(proxy.port("t"))
         sock.sendall(b"x")
         assert sock.recv(10) == b"ok"
 
         def options() -> None:
             relay = next(iter(proxy.server.listeners["t"].relays))
-            for name, side in (("client", relay.client), ("upstream", relay.upstream)):
-                assert side.transport is not None
-                s = side.transport.get_extra_info("socket")
+            if isinstance(relay, SpliceRelay):
+                legs = {"client": relay.client_sock, "upstream": relay.upstream_sock}
+            else:
+                legs = {name: side.transport.get_extra_info("socket")  # type: ignore[union-attr]
+                        for name, side in (("client", relay.client),
+                                           ("upstream", relay.upstream))}
+            for name, s in legs.items():
+                assert s is not None
                 seen[f"{name}_nodelay"] = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
                 seen[f"{name}_keepalive"] = s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
 
         proxy.call(options)
         sock.close()
-    assert all(value for value in seen.values()), seen
+    assert len(seen) == 4 and all(value for value in seen.values()), seen
