@@ -178,7 +178,10 @@ def test_socket_numbers_reused_after_a_dropped_watcher_still_relay(loop_kind: st
 
     old, new, up, down = run_on(loop_kind, main)
     assert (up, down) == (b"ping", b"pong")
-    assert old & new, f"no descriptor number was reused ({old} vs {new}); test is moot"
+    if not old & new:
+        # Another thread (or a socket awaiting collection) took the freed numbers first;
+        # the relay still worked, but this run could not show the reuse case.
+        pytest.skip(f"no descriptor number was reused ({old} vs {new})")
 
 
 def test_loop_report_of_a_closed_watcher_probes_every_relay(
