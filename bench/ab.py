@@ -29,6 +29,15 @@ def wait_port(port: int, deadline: float = 20.0) -> None:
     raise SystemExit(f"nothing listens on {port} after {deadline}s")
 
 
+def start_redis(procs: list[subprocess.Popen[bytes]], *extra: str) -> int:
+    """A throwaway redis-server on a free port (``extra`` may add a TLS port); its port."""
+    port = free_port()
+    procs.append(subprocess.Popen(["redis-server", "--port", str(port), "--save", "",
+                                   "--appendonly", "no", *extra], stdout=subprocess.DEVNULL))
+    wait_port(port)
+    return port
+
+
 def redis_rps(port: int, test: str, requests: int, pipeline: int = 1, size: int = 3,
               extra: Sequence[str] = ()) -> float:
     """requests/s from one redis-benchmark run (50 clients); 0.0 if it printed none."""

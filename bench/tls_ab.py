@@ -22,7 +22,7 @@ from pathlib import Path
 
 import trustme
 
-from bench.ab import free_port, redis_rps, stop_all, table, wait_port
+from bench.ab import free_port, redis_rps, start_redis, stop_all, table, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,10 +40,7 @@ def main() -> int:
     ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        node = free_port()
-        procs.append(subprocess.Popen(["redis-server", "--port", str(node), "--save", "",
-                                       "--appendonly", "no"], stdout=subprocess.DEVNULL))
-        wait_port(node)
+        node = start_redis(procs)
         node_tls = free_port()
         procs.append(subprocess.Popen(
             ["redis-server", "--port", "0", "--tls-port", str(node_tls), "--save", "",

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.ab import free_port, redis_rps, stop_all, table, wait_port
+from bench.ab import free_port, redis_rps, start_redis, stop_all, table, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,10 +28,7 @@ def main() -> int:
     args = parser.parse_args()
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        node = free_port()
-        procs.append(subprocess.Popen(["redis-server", "--port", str(node), "--save", "",
-                                       "--appendonly", "no"], stdout=subprocess.DEVNULL))
-        wait_port(node)
+        node = start_redis(procs)
         ports = {"direct": node}
         tmp = Path(tempfile.mkdtemp(prefix="cacheport-workers-"))
         for workers in (1, 2):
