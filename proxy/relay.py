@@ -15,9 +15,12 @@ in the pool) and this side stops reading until the other transport has
 drained. So a direction holds at most one ``buffer_size`` chunk, an idle
 connection holds none, and no chunk is ever copied in Python.
 
-Transports rather than raw readiness callbacks: uvloop drops a readiness
-watcher silently when the kernel reports an error (an RST) on its socket,
-while its transports turn every error into ``connection_lost``.
+Transports rather than raw readiness callbacks: when the kernel reports
+EPOLLERR (an RST) on a socket, uvloop runs a readiness watcher's callbacks
+once more and then closes it for good -- and that last call may read bytes
+queued before the reset rather than the error, so a plain reader never learns
+of it. Its transports turn every error into ``connection_lost``. (The splice
+path in proxy/splice.py watches raw sockets anyway, with a watchdog for this.)
 
 Half-close: EOF from one side becomes ``write_eof()`` (shutdown after the last
 pending byte) on the other; the relay closes once both directions are done.
