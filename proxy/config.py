@@ -184,8 +184,12 @@ class ListenerConfig:
 
     @property
     def may_splice(self) -> bool:
-        """Only plain byte streams can skip userspace: no TLS, no protocol awareness."""
-        return self.protocol == "tcp" and self.tls is None and self.upstream_tls is None
+        """Only bytes cacheport need not see can skip userspace: no TLS on either leg.
+
+        ``protocol`` only chooses the health check; a listener never parses its stream
+        (cluster listeners, which rewrite, bring their own relay and never splice).
+        """
+        return self.tls is None and self.upstream_tls is None
 
     @property
     def allows_everyone(self) -> bool:
@@ -898,13 +902,11 @@ def _listener(
     lc = ListenerConfig(name=name, listen=listen, upstream=upstream, backup=backup,
                         health=health, **settings)
     if lc.copy == "splice" and not lc.may_splice:
-        why = (f"protocol {lc.protocol} listeners may parse the stream" if lc.protocol != "tcp"
-               else "TLS is encrypted and decrypted in userspace")
         origin = "" if "copy" in raw else " (set in defaults)"
         raise ctx.error(
-            f"field 'copy': splice{origin} needs a plain byte stream -- protocol tcp without "
-            f"tls or upstream_tls -- and {why}; use copy: auto or buffer for this listener",
-            line=raw.lines.get("copy", raw.line), where=where)
+            f"field 'copy': splice{origin} needs a plain byte stream -- no tls or upstream_tls "
+            "-- and TLS is encrypted and decrypted in userspace; use copy: auto or buffer "
+            "for this listener", line=raw.lines.get("copy", raw.line), where=where)
     return lc
 
 

@@ -324,16 +324,17 @@ def test_copy_splice_splices_every_byte(loop_kind: str) -> None:
     assert created >= 1
 
 
-def test_only_plain_tcp_listeners_splice(redis_server: Any) -> None:
+def test_copy_buffer_never_splices_and_protocol_listeners_do(redis_server: Any) -> None:
+    """``protocol`` only picks the health check: a plain redis listener splices too."""
     with tcp_upstream(echo) as port, running_proxy(
             [*tcp_listener(port, copy="buffer"),
              {"name": "r", "listen": "127.0.0.1:0", "upstream": redis_server.address,
               "protocol": "redis"}]) as proxy:
-        for name, hello in (("t", b"hi"), ("r", b"PING\r\n")):
+        for name, hello, kind in (("t", b"hi", Relay), ("r", b"PING\r\n", SpliceRelay)):
             with socket.create_connection(("127.0.0.1", proxy.port(name)), timeout=10) as s:
                 s.sendall(hello)
                 assert s.recv(10)
-                assert type(only_relay(proxy, name)) is Relay, name
+                assert type(only_relay(proxy, name)) is kind, name
 
 
 def test_pipes_are_leased_per_burst_and_reused(loop_kind: str) -> None:
@@ -615,9 +616,10 @@ def test_closing_a_stalled_splice_relay_resets_instead_of_cutting_silently(
 
 
 @pytest.mark.parametrize(("extra", "defaults", "expected"), [
-    ({"protocol": "redis", "copy": "splice"}, {}, "protocol redis listeners may parse"),
-    ({"copy": "splice", "upstream_tls": True}, {}, "TLS is encrypted and decrypted"),
-    ({"protocol": "memcached"}, {"copy": "splice"}, "splice (set in defaults) needs"),
+    ({"protocol": "redis", "copy": "splice", "upstream_tls": True}, {},
+     "TLS is encrypted and decrypted"),
+    ({"protocol": "memcached", "upstream_tls": True}, {"copy": "splice"},
+     "splice (set in defaults) needs"),
     ({"copy": "zerocopy"}, {}, "expected one of auto, splice, buffer"),
 ])
 def test_copy_setting_is_validated(extra: dict[str, Any], defaults: dict[str, Any],
@@ -655,7 +657,8 @@ def test_auto_buffers_where_splice_is_unavailable(monkeypatch: pytest.MonkeyPatc
     try:
         auto, redis, buffer = config.listeners
         assert splice_mod.choose_hub(loop, auto) is hub_for(loop)
-        assert splice_mod.choose_hub(loop, redis) is None
+        # protocol only picks the health check: a plain redis listener splices too
+        assert splice_mod.choose_hub(loop, redis) is hub_for(loop)
         assert splice_mod.choose_hub(loop, buffer) is None
         monkeypatch.setattr(splice_mod, "splice_supported", lambda: False)
         assert splice_mod.choose_hub(loop, auto) is None
