@@ -19,6 +19,7 @@ import ipaddress
 import logging
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -299,7 +300,9 @@ class Listener:
                         "listener %s: accept failed: %s", self.name, exc.strerror or exc
                     )
                 return
-            source = _peer[0]
+            # One string per client address, shared by its connections (and the per-client
+            # count), rather than a fresh one held by every relay.
+            source = sys.intern(_peer[0])
             refusal = self._admit(source)
             if refusal is not None:
                 self.stats.refuse(refusal)

@@ -35,8 +35,13 @@ readable) never hears of the error, and re-arming that descriptor raises
 RuntimeError. So: every callback makes its syscall and aborts on any error;
 re-arming failures abort; descriptors are always unregistered before they are
 closed; and a watchdog polls the sockets of relays that moved bytes (POLLERR
-means a pending fatal error) and of all relays when the loop reports an
+means a pending fatal error) and of all live relays when the loop reports an
 ``OSError`` without context, which is how other uvloop versions surface it.
+
+A relay that moved nothing for a tick parks: its sockets leave the loop's
+watchers (~560 bytes each under uvloop) for one epoll set of the hub's, which
+the loop watches as a single descriptor, and the first event wakes it
+(``SpliceHub``; docs/hot-loop.md has the figures).
 """
 
 from __future__ import annotations
@@ -63,14 +68,13 @@ log = logging.getLogger("cacheport.splice")
 PIPE_SIZE = 1 << 20  # measured: 1 MiB pipes move bulk with ~12 syscalls/MiB; 64 KiB is worst
 MAX_PIPES = 64  # per loop; beyond this a burst copies through the buffer instead
 REFUSED_RETRY = 5.0  # seconds before asking the kernel again after it refused a pipe
+PARK_TICK = 0.25  # how often live relays are looked at: idle ones park, busy ones are probed
 IDLE_TRIM = 2.0  # an idle loop closes its pooled pipes: kernel memory and the per-user budget
 BULK_READ = 16 << 10  # copy: auto -- reads below this copy through the buffer, at or above splice
-WATCHDOG_INTERVAL = 0.25  # uvloop only: how often sockets of busy relays are polled
-WATCHDOG_FULL_EVERY = 20  # ...and every this many rounds, all of them
 
+_POLL_DEAD = select.POLLERR | select.POLLNVAL
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _LINGER_RST = struct.pack("ii", 1, 0)
-_POLL_DEAD = select.POLLERR | select.POLLNVAL
 
 
 def splice_supported() -> bool:
@@ -207,36 +211,73 @@ def _close_pipe(pipe: tuple[int, int]) -> None:
 
 
 class SpliceHub:
-    """Per event loop: the pipe pool, the live splice relays and the uvloop watchdog."""
+    """Per event loop: the pipe pool, the live relays' watchdog, and the parked relays.
+
+    ::
+
+        live relay:    event loop --(a watcher per socket)--> _Way.readable/.writable
+        parked relay:  event loop --(hub's epoll fd)--> SpliceHub.dispatch --> wake, then the same
+
+    A live relay's sockets have event-loop watchers: the shortest path from the
+    kernel to the callback. A watcher costs ~560 bytes per socket under uvloop
+    (poll handle, callback handle, context copy, two dict entries), so a relay that
+    moved nothing for a whole tick is *parked*: its sockets move to one epoll set
+    the loop watches as a single descriptor, at one dict entry each, and the
+    first event wakes it back onto watchers (docs/hot-loop.md has the figures:
+    an idle connection drops from ~2.7 KB to ~1.2 KB). The same tick is uvloop's
+    watchdog: sockets of live relays that moved bytes are polled for a pending
+    error (see the module docstring); parked sockets need none, epoll reports
+    EPOLLERR/EPOLLHUP itself.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pipes: PipePool | None = None,
                  *, watchdog: bool | None = None) -> None:
         self._loop = weakref.ref(loop)  # loops are weakly keyed in _HUBS: never hold them
         self.pipes = pipes or PipePool()
-        self.relays: set[SpliceRelay] = set()
+        self.live: set[SpliceRelay] = set()  # started, not parked, not closed
+        self.count = 0  # started and not closed: live + parked
+        self.epoll = select.epoll()
+        # Socket fd -> the direction that reads it, for every parked relay; the direction
+        # that writes it is ``.other``.
+        self.parked: dict[int, _Way] = {}
+        self.parks = 0  # times a relay was parked (test seam; integer only)
         self.watchdog = _is_uvloop(loop) if watchdog is None else watchdog
         self.watchdog_aborts = 0  # relays cut because a socket had a pending error
         self.loop_reports = 0  # fatal poll errors the loop reported to its exception handler
-        self._rounds = 0
         # Flags, not timer handles: a handle refers to its loop, and the hub must not.
+        self._armed = False
         self._ticking = False
         self._trimming = False
         self._prev_handler: Any = None
-        # Pooled pipes are closed with the loop, whoever forgets the hub.
-        weakref.finalize(loop, _close_all, self.pipes.free)
+        # The epoll set and pooled pipes are closed with the loop, whoever forgets the hub.
+        weakref.finalize(loop, _close_all, self.pipes.free, self.epoll)
         if self.watchdog:
             self._prev_handler = loop.get_exception_handler()
             loop.set_exception_handler(self._on_loop_exception)
 
-    def add(self, relay: SpliceRelay) -> None:
-        self.relays.add(relay)
-        if self.watchdog and not self._ticking:
-            self._ticking = self._later(WATCHDOG_INTERVAL, self._tick)
+    def started(self, relay: SpliceRelay) -> None:
+        self.count += 1
+        self.woken(relay)
 
-    def discard(self, relay: SpliceRelay) -> None:
-        self.relays.discard(relay)
-        if not self.relays and self.pipes.free and not self._trimming:
+    def woken(self, relay: SpliceRelay) -> None:
+        """``relay`` is live (new, or woken from parking): the tick must look at it."""
+        self.live.add(relay)
+        if not self._ticking:
+            self._ticking = self._later(PARK_TICK, self._tick)
+
+    def finished(self, relay: SpliceRelay) -> None:
+        """A started relay closed: forget it; trim the pipes once none is left."""
+        self.live.discard(relay)
+        self._unpark(relay)
+        self.count -= 1
+        if not self.count and self.pipes.free and not self._trimming:
             self._trimming = self._later(IDLE_TRIM, self._idle_trim)
+
+    def _unpark(self, relay: SpliceRelay) -> None:
+        for fd in (relay.cfd, relay.ufd):
+            way = self.parked.get(fd)
+            if way is not None and way.relay is relay:
+                del self.parked[fd]
 
     def _later(self, delay: float, callback: Callable[[], None]) -> bool:
         loop = self._loop()
@@ -248,33 +289,84 @@ class SpliceHub:
     def _idle_trim(self) -> None:
         """No relay for a while: close pooled pipes (the next burst makes new ones)."""
         self._trimming = False
-        if not self.relays:
+        if not self.count:
             self.pipes.trim()
 
-    # -- the uvloop watchdog -----------------------------------------------------
+    # -- parking -------------------------------------------------------------------
+
+    def park(self, relay: SpliceRelay) -> None:
+        """Move a live relay's sockets from loop watchers to the epoll set."""
+        if not self._armed:
+            loop = self._loop()
+            if loop is None or loop.is_closed():
+                return
+            loop.add_reader(self.epoll.fileno(), self.dispatch)
+            self._armed = True
+        self.live.discard(relay)
+        self.parked[relay.cfd] = relay.up
+        self.parked[relay.ufd] = relay.down
+        self.parks += 1
+        relay.move(parked=True)
+
+    def dispatch(self) -> None:
+        """The epoll set is readable: wake the parked relays it names, run their event."""
+        try:
+            events = self.epoll.poll(0, _BATCH)
+        except OSError:  # EINTR; the loop calls again while events are pending
+            return
+        parked = self.parked
+        for fd, ev in events:
+            way = parked.get(fd)
+            if way is None:  # woken or closed earlier in this batch
+                continue
+            relay = way.relay
+            self._unpark(relay)
+            self.woken(relay)
+            relay.move(parked=False)
+            # Run the event now rather than on the watchers' first round: a reset that
+            # waits there would meet uvloop's run-once error path (module docstring).
+            if ev & _OUT_EV and way.other.stalled and not relay.closed:
+                way.other.writable()
+            if ev & _IN_EV and way.watching and not relay.closed:
+                way.readable()
+
+    # -- the tick: park idle relays; on uvloop, probe busy ones ------------------------
 
     def _tick(self) -> None:
-        self._rounds += 1
-        self.probe(full=self._rounds % WATCHDOG_FULL_EVERY == 0)
-        self._ticking = bool(self.relays) and self._later(WATCHDOG_INTERVAL, self._tick)
+        """Park the live relays that moved nothing since the last tick; probe the rest."""
+        self._ticking = False
+        idle = []
+        busy = []
+        for relay in self.live:
+            total = relay.up.nbytes + relay.down.nbytes
+            if total == relay.probed:
+                idle.append(relay)
+            else:
+                relay.probed = total
+                busy.append(relay)
+        for relay in idle:
+            if not relay.closed:
+                self.park(relay)
+        if self.watchdog and busy:
+            self._probe(busy)
+        if self.live:
+            self._ticking = self._later(PARK_TICK, self._tick)
 
-    def probe(self, full: bool = True) -> int:
-        """Cut relays whose sockets have a pending error; only busy ones unless ``full``.
+    def probe(self) -> int:
+        """Cut live relays whose sockets have a pending error; the number cut."""
+        return self._probe(list(self.live))
 
-        One poll(2) with no events requested: the kernel still reports POLLERR,
-        without consuming the error (getsockopt SO_ERROR would). Returns the number cut.
-        """
+    def _probe(self, relays: list[SpliceRelay]) -> int:
+        """One poll(2) with no events requested: the kernel still reports POLLERR,
+        without consuming the error (getsockopt SO_ERROR would)."""
         poller = select.poll()
         owners: dict[int, SpliceRelay] = {}
-        for relay in self.relays:
-            total = relay.up.nbytes + relay.down.nbytes
-            if not full and total == relay.probed:
+        for relay in relays:
+            if relay.closed:
                 continue
-            relay.probed = total
             for fd in relay.fds:
-                if fd >= 0:
-                    owners[fd] = relay
-                    poller.register(fd, 0)
+                owners[fd] = relay
+                poller.register(fd, 0)
         if not owners:
             return 0
         cut = 0
@@ -292,7 +384,7 @@ class SpliceHub:
         exc = context.get("exception")
         if isinstance(exc, OSError) and set(context) == {"exception"}:
             self.loop_reports += 1
-            self.probe(full=True)
+            self.probe()
             if exc.errno == errno.EBADF:
                 log.debug("splice: the loop closed a watcher after a socket error; probed")
                 return
@@ -301,6 +393,14 @@ class SpliceHub:
         else:
             loop.default_exception_handler(context)
 
+
+_BATCH = 64  # events taken from the epoll set per dispatch
+# getattr: the module imports where there is no epoll (and so no splicing), e.g. macOS.
+_IN = getattr(select, "EPOLLIN", 0x001)
+_OUT = getattr(select, "EPOLLOUT", 0x004)
+_ERR_HUP = getattr(select, "EPOLLERR", 0x008) | getattr(select, "EPOLLHUP", 0x010)
+_IN_EV = _IN | _ERR_HUP  # wakes the reading direction
+_OUT_EV = _OUT | _ERR_HUP  # ...and the writing one
 
 _HUBS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SpliceHub] = (
     weakref.WeakKeyDictionary())
@@ -318,7 +418,8 @@ def _is_uvloop(loop: asyncio.AbstractEventLoop) -> bool:
     return type(loop).__module__.startswith("uvloop")
 
 
-def _close_all(free: list[tuple[int, int]]) -> None:
+def _close_all(free: list[tuple[int, int]], epoll: select.epoll) -> None:
+    epoll.close()
     while free:
         _close_pipe(free.pop())
 
@@ -327,8 +428,8 @@ class _Way:
     """One direction of a splice relay: ``src`` -> leased pipe (or buffer) -> ``dst``."""
 
     __slots__ = ("adaptive", "buffered", "bufpool", "bulk", "bulk_at", "dst", "dst_sock", "eof",
-                 "free", "held", "held_at", "loop", "nbytes", "pending", "pipe", "pool",
-                 "readable", "relay", "size", "spliced", "src", "src_sock", "writable")
+                 "free", "held", "held_at", "nbytes", "other", "pending", "pipe", "pool",
+                 "relay", "size", "spliced", "src", "src_sock", "stalled", "watching")
 
     def __init__(self, relay: SpliceRelay, hub: SpliceHub, bufpool: BufferPool,
                  adaptive: bool) -> None:
@@ -337,7 +438,7 @@ class _Way:
         self.free = hub.pipes.free
         self.size = hub.pipes.size
         self.bufpool = bufpool
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self.other: _Way = self  # the opposite direction, set by the relay
         self.src = self.dst = -1
         self.src_sock: socket.socket | None = None
         self.dst_sock: socket.socket | None = None
@@ -349,23 +450,21 @@ class _Way:
         self.spliced = 0  # pipe leases taken from the free list (test seam; integer only)
         self.buffered = 0  # bytes that went through the buffer fallback
         self.eof = False
+        self.watching = False  # waiting for src to be readable
+        self.stalled = False  # bytes wait for dst: waiting for it to be writable
         # copy: auto -- the size of the last read picks the next one's path: small
         # request/response traffic copies (and leaves the pipe budget alone), bulk splices.
         self.adaptive = adaptive
         self.bulk = not adaptive
         self.bulk_at = min(BULK_READ, bufpool.size)
-        self.readable = self._readable  # bound once: re-arming allocates nothing more
-        self.writable = self._writable
 
-    def attach(self, loop: asyncio.AbstractEventLoop, src: socket.socket,
-               dst: socket.socket) -> None:
-        self.loop = loop
+    def attach(self, src: socket.socket, dst: socket.socket, src_fd: int, dst_fd: int) -> None:
         self.src_sock, self.dst_sock = src, dst
-        self.src, self.dst = src.fileno(), dst.fileno()
+        self.src, self.dst = src_fd, dst_fd
 
     # -- the hot path: one splice in, one splice out, integers ------------------------
 
-    def _readable(self) -> None:
+    def readable(self) -> None:
         if not self.bulk:
             self._copy_buffered()
             return
@@ -411,7 +510,7 @@ class _Way:
         self.pending = n - m
         self._stall()
 
-    def _writable(self) -> None:
+    def writable(self) -> None:
         pipe = self.pipe
         if pipe is None:
             self._flush_held()
@@ -487,27 +586,18 @@ class _Way:
 
     def _stall(self) -> None:
         """Bytes wait for ``dst``: stop reading ``src`` (backpressure), watch ``dst``."""
-        loop = self.loop
-        assert loop is not None
-        try:
-            loop.remove_reader(self.src)
-            loop.add_writer(self.dst, self.writable)
-        except (RuntimeError, OSError, ValueError):
-            # uvloop: the poll handle of this socket was closed after an error.
-            self.relay.abort()
+        self.watching = False
+        self.stalled = True
+        self.relay.rewatch()
 
     def _resume(self) -> None:
-        loop = self.loop
-        assert loop is not None
-        try:
-            loop.remove_writer(self.dst)
-            if not self.eof and not self.relay.closed:
-                loop.add_reader(self.src, self.readable)
-        except (RuntimeError, OSError, ValueError):
-            self.relay.abort()
+        self.stalled = False
+        self.watching = not self.eof and not self.relay.closed
+        self.relay.rewatch()
 
     def release(self, reset: bool) -> None:
         """The relay is closing: return or close the pipe, give back any buffer."""
+        self.watching = self.stalled = False
         pipe = self.pipe
         if pipe is not None:
             self.pipe = None
@@ -526,10 +616,14 @@ class SpliceRelay:
 
     Same face as ``relay.Relay`` for the listener: byte counters, ``closed``,
     ``abort``, ``close``, ``source``; ``attach`` then ``start`` instead of transports.
+    What each direction waits for lives in its flags (``watching``, ``stalled``);
+    ``rewatch`` applies them to loop watchers while live, to the hub's epoll set
+    while parked.
     """
 
-    __slots__ = ("__weakref__", "client_sock", "closed", "down", "fds", "hub", "loop",
-                 "on_close", "probed", "source", "started", "up", "upstream_sock")
+    __slots__ = ("__weakref__", "cfd", "client_sock", "closed", "cmask", "down", "hub", "loop",
+                 "on_close", "parked", "probed", "source", "started", "ufd", "umask", "up",
+                 "upstream_sock")
 
     def __init__(self, hub: SpliceHub, bufpool: BufferPool,
                  on_close: Callable[[SpliceRelay], None], source: str = "",
@@ -539,13 +633,21 @@ class SpliceRelay:
         self.on_close = on_close
         self.up = _Way(self, hub, bufpool, adaptive)  # client -> upstream
         self.down = _Way(self, hub, bufpool, adaptive)  # upstream -> client
+        self.up.other, self.down.other = self.down, self.up
         self.client_sock: socket.socket | None = None
         self.upstream_sock: socket.socket | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.fds: tuple[int, int] = (-1, -1)
+        self.cfd = self.ufd = -1  # each number is one int object, shared with the ways
+        self.cmask = self.umask = 0  # what is watched on each socket now: _IN | _OUT
+        self.parked = False
         self.closed = False
         self.started = False
-        self.probed = 0  # bytes_total when the watchdog last looked
+        self.probed = 0  # bytes_total when the hub's tick last looked
+
+    @property
+    def fds(self) -> tuple[int, int]:
+        """(client, upstream) socket numbers."""
+        return self.cfd, self.ufd
 
     @property
     def bytes_upstream(self) -> int:
@@ -581,30 +683,117 @@ class SpliceRelay:
         """Take ownership of both connected, non-blocking sockets."""
         self.loop = loop
         self.client_sock, self.upstream_sock = client, upstream
-        self.fds = (client.fileno(), upstream.fileno())
-        self.up.attach(loop, client, upstream)
-        self.down.attach(loop, upstream, client)
+        self.cfd, self.ufd = client.fileno(), upstream.fileno()
+        self.up.attach(client, upstream, self.cfd, self.ufd)
+        self.down.attach(upstream, client, self.ufd, self.cfd)
 
     def start(self) -> None:
         """Start relaying: whatever arrived during set-up waits in the kernel till now."""
         assert self.loop is not None, "attach() first"
         self.started = True
-        self.hub.add(self)
+        self.hub.started(self)
+        self.up.watching = self.down.watching = True
+        self.rewatch()
+
+    def _masks(self) -> tuple[int, int]:
+        up, down = self.up, self.down
+        return ((_IN if up.watching else 0) | (_OUT if down.stalled else 0),
+                (_IN if down.watching else 0) | (_OUT if up.stalled else 0))
+
+    def rewatch(self) -> None:
+        """Bring the watchers (or, parked, the epoll set) in line with the flags."""
+        if self.closed:
+            return
+        cmask, umask = self._masks()
         try:
-            self.loop.add_reader(self.up.src, self.up.readable)
-            self.loop.add_reader(self.down.src, self.down.readable)
+            if cmask != self.cmask:
+                self._watch(self.cfd, self.cmask, cmask, self.up, self.down)
+                self.cmask = cmask
+            if umask != self.umask:
+                self._watch(self.ufd, self.umask, umask, self.down, self.up)
+                self.umask = umask
+        except (RuntimeError, OSError, ValueError):
+            # uvloop: the poll handle of this socket was closed after an error.
+            self.abort()
+
+    def _watch(self, fd: int, old: int, new: int, reader: _Way, writer: _Way) -> None:
+        if self.parked:
+            epoll = self.hub.epoll
+            if new == 0:
+                epoll.unregister(fd)
+            elif old == 0:
+                epoll.register(fd, new)
+            else:
+                epoll.modify(fd, new)
+            return
+        loop = self.loop
+        assert loop is not None
+        change = old ^ new
+        if change & _IN:
+            if new & _IN:
+                loop.add_reader(fd, reader.readable)
+            else:
+                loop.remove_reader(fd)
+        if change & _OUT:
+            if new & _OUT:
+                loop.add_writer(fd, writer.writable)
+            else:
+                loop.remove_writer(fd)
+
+    def move(self, parked: bool) -> None:
+        """Hand both sockets from loop watchers to the hub's epoll set, or back."""
+        masks = (self.cmask, self.umask)
+        self._unwatch()
+        self.parked = parked
+        self._rewatch_from(masks)
+
+    def _rewatch_from(self, masks: tuple[int, int]) -> None:
+        """Register ``masks`` afresh on the current side (nothing is registered now)."""
+        self.cmask = self.umask = 0
+        try:
+            if masks[0]:
+                self._watch(self.cfd, 0, masks[0], self.up, self.down)
+                self.cmask = masks[0]
+            if masks[1]:
+                self._watch(self.ufd, 0, masks[1], self.down, self.up)
+                self.umask = masks[1]
         except (RuntimeError, OSError, ValueError):
             self.abort()
+
+    def _unwatch(self) -> None:
+        """Take both sockets off whatever watches them; errors are beside the point."""
+        if self.parked:
+            for fd, mask in ((self.cfd, self.cmask), (self.ufd, self.umask)):
+                if mask:
+                    try:
+                        self.hub.epoll.unregister(fd)
+                    except (OSError, ValueError):
+                        pass
+        else:
+            loop = self.loop
+            if loop is not None and not loop.is_closed():
+                # Always both: a poll handle uvloop closed after an error stays registered
+                # under this number and would meet the next socket that gets it.
+                for fd in (self.cfd, self.ufd):
+                    if fd < 0:
+                        continue
+                    for remove in (loop.remove_reader, loop.remove_writer):
+                        try:
+                            remove(fd)
+                        except (RuntimeError, OSError, ValueError):
+                            pass
+        self.cmask = self.umask = 0
 
     def half_close(self, way: _Way) -> None:
         """``way`` read EOF with nothing pending: pass the FIN on, keep the other way."""
         way.eof = True
-        loop = self.loop
-        assert loop is not None
+        way.watching = False
+        self.rewatch()
+        if self.closed:
+            return
         try:
-            loop.remove_reader(way.src)
             way.dst_sock.shutdown(socket.SHUT_WR)  # type: ignore[union-attr]
-        except (RuntimeError, OSError, ValueError):
+        except OSError:
             self.abort()
             return
         if self.up.eof and self.down.eof:
@@ -625,19 +814,10 @@ class SpliceRelay:
         if self.closed:
             return
         self.closed = True
-        loop = self.loop
+        self._unwatch()  # before closing: the numbers may go to other sockets at once
         for sock in (self.client_sock, self.upstream_sock):
             if sock is None:
                 continue
-            fd = sock.fileno()
-            if fd >= 0 and loop is not None and not loop.is_closed():
-                # Always unregister before closing: a poll handle uvloop closed after an
-                # error stays registered under this number and would meet the next socket.
-                for remove in (loop.remove_reader, loop.remove_writer):
-                    try:
-                        remove(fd)
-                    except (RuntimeError, OSError, ValueError):
-                        pass
             if reset:
                 try:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
@@ -646,7 +826,8 @@ class SpliceRelay:
             sock.close()
         self.up.release(reset)
         self.down.release(reset)
-        self.hub.discard(self)
+        if self.started:
+            self.hub.finished(self)
         self.on_close(self)
 
 

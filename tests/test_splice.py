@@ -114,9 +114,10 @@ def test_reset_queued_behind_data_closes_the_relay(loop_kind: str, watchdog: boo
     """Bytes and then an RST wait in the upstream socket before the relay's first read.
 
     The first read gets the bytes, not the error. On uvloop the poll handle saw EPOLLERR,
-    ran the callback once and closed: without the watchdog nothing would ever read the
-    socket again (this test pins that uvloop behaviour; if it changes, the no-watchdog
-    case on uvloop fails and the watchdog may be reconsidered). asyncio polls again.
+    ran the callback once and closed, so no loop watcher would ever read the socket
+    again: the watchdog probes the relay that moved bytes, and without it the relay
+    still parks on the next idle tick, where the hub's epoll set reports the error.
+    asyncio polls again.
     """
 
     async def main() -> tuple[bool, bytes]:
@@ -132,7 +133,7 @@ def test_reset_queued_behind_data_closes_the_relay(loop_kind: str, watchdog: boo
                 assert time.monotonic() < deadline, "the RST never arrived"
                 await asyncio.sleep(0.005)
             relay.start()
-            done = await closes_within(closed, 2.0 if watchdog else 1.0)
+            done = await closes_within(closed, 3.0)
             got = b""
             try:
                 got = await loop.sock_recv(client_peer, 1024)
@@ -141,10 +142,7 @@ def test_reset_queued_behind_data_closes_the_relay(loop_kind: str, watchdog: boo
             return done, got
 
     done, got = run_on(loop_kind, main)
-    if watchdog or loop_kind == "asyncio":
-        assert done, "the relay never noticed the upstream's reset"
-    else:
-        assert not done, "uvloop kept polling after EPOLLERR: the watchdog may be unneeded"
+    assert done, "the relay never noticed the upstream's reset"
     assert got in (b"", b"a reply that arrives just before the reset")
 
 
@@ -188,7 +186,7 @@ def test_loop_report_of_a_closed_watcher_probes_every_relay(
         loop_kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """uvloop versions that report the poll error to the loop's exception handler
     (a bare ``{'exception': OSError(EBADF)}``) get every relay probed at once."""
-    monkeypatch.setattr(splice_mod, "WATCHDOG_INTERVAL", 60.0)  # only the report may act
+    monkeypatch.setattr(splice_mod, "PARK_TICK", 60.0)  # only the report may act
     forwarded: list[dict[str, Any]] = []
 
     async def main() -> tuple[bool, int]:
@@ -215,6 +213,119 @@ def test_loop_report_of_a_closed_watcher_probes_every_relay(
     cut, reports = run_on(loop_kind, main)
     assert cut and reports == 1
     assert forwarded == [{"message": "someone else's problem"}]
+
+
+# -- idle relays park in the hub's epoll set ---------------------------------------------
+
+
+async def until(predicate: Callable[[], object], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {seconds}s waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def loop_watches(hub: SpliceHub, fd: int) -> bool:
+    """Whether an epoll set other than the hub's (the loop's own) watches ``fd``: the
+    kernel lists every registered descriptor in /proc/self/fdinfo, for both loop kinds."""
+    for entry in os.listdir("/proc/self/fd"):
+        if int(entry) == hub.epoll.fileno():
+            continue
+        try:
+            if os.readlink(f"/proc/self/fd/{entry}") != "anon_inode:[eventpoll]":
+                continue
+            info = Path(f"/proc/self/fdinfo/{entry}").read_text()
+        except OSError:
+            continue
+        if any(line.split()[1] == str(fd) for line in info.splitlines()
+               if line.startswith("tfd:")):
+            return True
+    return False
+
+
+def test_an_idle_relay_parks_and_wakes_for_either_side(loop_kind: str) -> None:
+    """No bytes for a tick: both sockets leave the loop's watchers for the hub's epoll
+    set; a byte from either peer wakes the relay and arrives, and it parks again."""
+
+    async def main() -> list[bytes]:
+        loop = asyncio.get_running_loop()
+        hub = SpliceHub(loop)
+        closed = asyncio.Event()
+        got = []
+        with relay_pair(hub, loop, closed) as (relay, client_peer, upstream_peer):
+            relay.start()
+            assert not relay.parked and relay in hub.live
+            # (libuv hands a new watcher to the kernel on the loop's next round)
+            await until(lambda: all(loop_watches(hub, fd) for fd in relay.fds), 0.2,
+                        "the loop to watch both sockets")
+            for sender, receiver, payload in ((client_peer, upstream_peer, b"GET k\r\n"),
+                                              (upstream_peer, client_peer, b"VALUE k\r\n")):
+                await until(lambda: relay.parked, 3, "the relay to park")
+                assert not any(loop_watches(hub, fd) for fd in relay.fds)
+                assert relay not in hub.live and set(hub.parked) == set(relay.fds)
+                await loop.sock_sendall(sender, payload)
+                got.append(await asyncio.wait_for(loop.sock_recv(receiver, 100), 5))
+                assert not relay.parked and relay in hub.live
+            # (libuv hands a new watcher to the kernel on the loop's next round)
+            await until(lambda: all(loop_watches(hub, fd) for fd in relay.fds), 0.2,
+                        "the loop to watch both sockets")
+            await until(lambda: relay.parked, 3, "the relay to park again")
+            client_peer.shutdown(socket.SHUT_WR)  # a FIN wakes it too, and passes through
+            got.append(await asyncio.wait_for(loop.sock_recv(upstream_peer, 100), 5))
+            assert not closed.is_set()
+        assert hub.parks >= 3 and not hub.parked
+        return got
+
+    assert run_on(loop_kind, main) == [b"GET k\r\n", b"VALUE k\r\n", b""]
+
+
+def test_a_parked_relay_notices_a_reset(loop_kind: str) -> None:
+    async def main() -> bool:
+        loop = asyncio.get_running_loop()
+        hub = SpliceHub(loop, watchdog=False)  # only the epoll set may see it
+        closed = asyncio.Event()
+        with relay_pair(hub, loop, closed) as (relay, client_peer, upstream_peer):
+            relay.start()
+            await until(lambda: relay.parked, 3, "the relay to park")
+            reset(upstream_peer)
+            done = await closes_within(closed, 3)
+            with pytest.raises(OSError):  # the client got an RST, not a clean FIN
+                client_peer.setblocking(True)
+                client_peer.settimeout(5)
+                if not client_peer.recv(10):
+                    raise AssertionError("a FIN instead of a reset")
+            return done
+
+    assert run_on(loop_kind, main)
+
+
+def test_a_stalled_relay_parks_and_resumes_when_the_reader_drains(loop_kind: str) -> None:
+    """A client that stops reading: the relay stalls on it, parks waiting for
+    writability, and delivers every byte once the client reads again."""
+    payload = pattern(8 << 20)
+
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+        hub = SpliceHub(loop)
+        closed = asyncio.Event()
+        with relay_pair(hub, loop, closed) as (relay, client_peer, upstream_peer):
+            relay.start()
+            upstream_peer.setblocking(True)
+            sender = threading.Thread(target=upstream_peer.sendall, args=(payload,))
+            sender.start()
+            await until(lambda: relay.down.stalled and relay.parked, 5,
+                        "the relay to stall on the client and park")
+            assert relay.umask == 0  # not reading the upstream: backpressure holds
+            chunks, got = [], 0
+            while got < len(payload):
+                chunk = await asyncio.wait_for(loop.sock_recv(client_peer, 1 << 20), 10)
+                assert chunk, "closed early"
+                chunks.append(chunk)
+                got += len(chunk)
+            await asyncio.to_thread(sender.join, 10)
+            return b"".join(chunks)
+
+    assert hashlib.sha256(run_on(loop_kind, main)).digest() == hashlib.sha256(payload).digest()
 
 
 # -- the path is taken, pipes are pooled ------------------------------------------------
