@@ -294,6 +294,7 @@ def markdown(doc: dict[str, Any], s: Summary) -> str:
         "",
         *summary_table(s),
         *standing(s),
+        *standing(s, "cacheport-2w"),
         *detail_tables(s, doc["plan"]),
     ]
     failed = [r for r in doc["records"] if not r["ok"]]

@@ -32,8 +32,8 @@ from .topology import Topology, add_dnat, remove_dnat
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("redis", "memcached")
 PEERS = ("haproxy", "haproxy-tuned", "haproxy-splice", "nginx")
-ALL_TARGETS = ("direct", "dnat", "cacheport", "haproxy", "haproxy-tuned", "haproxy-splice",
-               "nginx", "socat", "cacheport-splice", "cacheport-buffer")
+ALL_TARGETS = ("direct", "dnat", "cacheport", "cacheport-2w", "haproxy", "haproxy-tuned",
+               "haproxy-splice", "nginx", "socat", "cacheport-splice", "cacheport-buffer")
 DEFAULT_TARGETS = ("direct", "dnat", "cacheport", "haproxy", "haproxy-tuned", "haproxy-splice",
                    "nginx", "socat")
 NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
@@ -190,9 +190,11 @@ class Dnat(Target):
 
 
 class Cacheport(Target):
-    def __init__(self, name: str, description: str, copy: str | None = None) -> None:
+    def __init__(self, name: str, description: str, copy: str | None = None,
+                 workers: int | None = None) -> None:
         super().__init__(name, description)
         self.copy = copy
+        self.workers = workers
 
     def version(self) -> str:
         return _first_line([sys.executable, "-m", "proxy", "--version"], cwd=ROOT)
@@ -206,6 +208,9 @@ class Cacheport(Target):
             defaults[key] = yaml.safe_load(value)
         if self.copy is not None:
             defaults["copy"] = self.copy
+        if topo.client_net is not None:
+            # A listener others can reach needs an allow list (as any operator's would).
+            defaults["allow"] = [topo.client_net]
         listeners = []
         for kind, (host, port) in endpoints.items():
             b = backends[kind]
@@ -213,7 +218,10 @@ class Cacheport(Target):
                 "name": kind, "listen": f"{host}:{port}", "upstream": f"{b.host}:{b.port}",
                 "protocol": kind if opts.cacheport_protocol == "native" else "tcp",
             })
-        text = yaml.safe_dump({"defaults": defaults, "listeners": listeners}, sort_keys=False)
+        doc: dict[str, object] = {"defaults": defaults, "listeners": listeners}
+        if self.workers is not None:
+            doc = {"workers": self.workers, **doc}
+        text = yaml.safe_dump(doc, sort_keys=False)
         path = workdir / f"{tag}.yaml"
         path.write_text(text)
         env = _env()
@@ -403,6 +411,9 @@ def make_targets() -> dict[str, Target]:
         "direct": Direct("direct", "client straight to the cache server"),
         "dnat": Dnat("dnat", "iptables -t nat PREROUTING DNAT on the NAT host (kernel)"),
         "cacheport": Cacheport("cacheport", "cacheport run, generated port map"),
+        # HAProxy's defaults run a thread per core; this is cacheport's equivalent.
+        "cacheport-2w": Cacheport("cacheport-2w", "cacheport with workers: 2 (SO_REUSEPORT)",
+                                  workers=2),
         "cacheport-splice": Cacheport("cacheport-splice", "cacheport with copy: splice",
                                       "splice"),
         "cacheport-buffer": Cacheport("cacheport-buffer", "cacheport with copy: buffer",

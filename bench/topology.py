@@ -27,6 +27,7 @@ from functools import partial
 from .procs import BenchError, Reaper, run_checked
 
 CLIENT_NET = ("192.0.2.2", "192.0.2.1")  # client, NAT host (client side)
+CLIENT_CIDR = "192.0.2.0/24"
 CACHE_NET = ("198.51.100.2", "198.51.100.1")  # cache node, NAT host (cache side)
 _STALE = re.compile(r"^cpb(\d+)-(client|nat|cache)$")
 
@@ -42,6 +43,7 @@ class Topology:
     proxy_host: str  # where the proxies listen and the DNAT rules match
     cache_host: str  # where the cache servers listen
     ports: PortAllocator = field(default_factory=lambda: PortAllocator(None))
+    client_net: str | None = None  # the clients' CIDR, for allow lists; None on loopback
 
     def prefix(self, ns: str | None) -> list[str]:
         return ["ip", "netns", "exec", ns] if ns else []
@@ -134,7 +136,7 @@ def build_netns(reaper: Reaper) -> Topology:
     for argv in steps:
         run_checked(argv, "building the namespace topology")
     return Topology("netns", client, nat, cache, CLIENT_NET[1], CACHE_NET[0],
-                    PortAllocator(7100))
+                    PortAllocator(7100), CLIENT_CIDR)
 
 
 def _delete_ns(ns: str) -> None:

@@ -71,6 +71,7 @@ REFUSED_RETRY = 5.0  # seconds before asking the kernel again after it refused a
 PARK_TICK = 0.25  # how often live relays are looked at: idle ones park, busy ones are probed
 IDLE_TRIM = 2.0  # an idle loop closes its pooled pipes: kernel memory and the per-user budget
 BULK_READ = 16 << 10  # copy: auto -- reads below this copy through the buffer, at or above splice
+SMALL_READS = 2  # copy: auto -- this many small spliced reads in a row go back to copying
 
 _POLL_DEAD = select.POLLERR | select.POLLNVAL
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
@@ -429,7 +430,7 @@ class _Way:
 
     __slots__ = ("adaptive", "buffered", "bufpool", "bulk", "bulk_at", "dst", "dst_sock", "eof",
                  "free", "held", "held_at", "nbytes", "other", "pending", "pipe", "pool",
-                 "relay", "size", "spliced", "src", "src_sock", "stalled", "watching")
+                 "relay", "size", "small", "spliced", "src", "src_sock", "stalled", "watching")
 
     def __init__(self, relay: SpliceRelay, hub: SpliceHub, bufpool: BufferPool,
                  adaptive: bool) -> None:
@@ -457,6 +458,7 @@ class _Way:
         self.adaptive = adaptive
         self.bulk = not adaptive
         self.bulk_at = min(BULK_READ, bufpool.size)
+        self.small = 0  # small spliced reads in a row (copy: auto)
 
     def attach(self, src: socket.socket, dst: socket.socket, src_fd: int, dst_fd: int) -> None:
         self.src_sock, self.dst_sock = src, dst
@@ -495,7 +497,13 @@ class _Way:
             return
         self.nbytes += n
         if n < self.bulk_at and self.adaptive:
-            self.bulk = False  # the burst is over
+            # Not at the first small read: that is usually the tail of one large reply,
+            # and the next reply would then start with a copy (docs/hot-loop.md).
+            self.small += 1
+            if self.small >= SMALL_READS:
+                self.bulk = False  # the bulk is over
+        else:
+            self.small = 0
         try:
             m = _splice(pipe[0], self.dst, n, None, None, _FLAGS)
         except BlockingIOError:
@@ -547,6 +555,7 @@ class _Way:
         self.buffered += n
         if n >= self.bulk_at and self.adaptive:
             self.bulk = True  # a full read: more is waiting, splice it
+            self.small = 0
         try:
             m = self.dst_sock.send(buf[:n])  # type: ignore[union-attr]
         except (BlockingIOError, InterruptedError):

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs what cacheport's demo and tests need on a Debian/Ubuntu machine:
-# apt packages (memcached, redis-server, redis-tools, python3-venv), a
+# apt packages (memcached, redis-server, redis-tools, python3-venv, iproute2,
+# iptables for the network-namespace tests), a
 # virtualenv in .venv, and cacheport itself with its test extras.
 # Sourced by scripts/demo.sh and scripts/test.sh; safe to run again.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${CACHEPORT_VENV:-$ROOT/.venv}
-APT_PACKAGES=(memcached redis-server redis-tools python3-venv netcat-openbsd iproute2)
+APT_PACKAGES=(memcached redis-server redis-tools python3-venv netcat-openbsd iproute2 iptables)
 EXTRAS=${CACHEPORT_EXTRAS:-dev}
 
 say() { printf '==> %s\n' "$*" >&2; }

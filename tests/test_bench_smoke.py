@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +95,45 @@ def test_quick_run_reports_sane_figures_for_direct_and_cacheport(tmp_path: Path)
     # Everything the bench started (servers, cacheport, clients) was stopped by PID.
     assert _processes_mentioning(str(tmp_path)) == []
     assert not list(tmp_path.glob("cacheport-bench-*")), "work dir left after a clean run"
+
+
+def _namespaces() -> set[str]:
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in listing.splitlines() if line.strip()}
+
+
+def _cannot_build_namespaces() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to build network namespaces"
+    missing = [tool for tool in ("ip", "iptables") if shutil.which(tool) is None]
+    return f"needs {', '.join(missing)}" if missing else None
+
+
+@pytest.mark.timeout(150)
+def test_netns_quick_run_measures_cacheport_and_dnat_in_the_nat_topology(tmp_path: Path) -> None:
+    """The NAT-instance topology end to end: a cacheport that the namespaces' clients can
+    reach (its allow list included), the kernel DNAT rule, and the namespaces gone after."""
+    reason = _cannot_build_namespaces()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "results"
+    before = _namespaces()
+    result = _bench(tmp_path, "--quick", "--netns", "--targets", "direct,dnat,cacheport",
+                    "--backends", "redis", "--workloads", "latency,throughput",
+                    "--requests", "300", "--out", str(out), timeout=140)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipped" not in result.stderr, result.stderr[-3000:]
+    [json_path] = out.glob("*.json")
+    doc = json.loads(json_path.read_text())
+    assert doc["topology"] == "netns"
+    assert set(doc["targets"]) == {"direct", "dnat", "cacheport"}
+    assert all(r["ok"] for r in doc["records"]), doc["records"]
+    lat = {r["target"]: r["metrics"] for r in doc["records"] if r["workload"] == "latency"}
+    assert set(lat) == {"direct", "dnat", "cacheport"}
+    assert all(0 < m["p50_us"] < 1_000_000 and m["requests"] == 300 for m in lat.values())
+    assert "allow:" in doc["targets"]["cacheport"]["config"]
+    assert _namespaces() <= before, "the bench left namespaces behind"
+    assert _processes_mentioning(str(tmp_path)) == []
 
 
 @pytest.mark.timeout(60)
