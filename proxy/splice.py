@@ -225,7 +225,7 @@ class SpliceHub:
     moved nothing for a whole tick is *parked*: its sockets move to one epoll set
     the loop watches as a single descriptor, at one dict entry each, and the
     first event wakes it back onto watchers (docs/hot-loop.md has the figures:
-    an idle connection drops from ~2.7 KB to ~1.2 KB). The same tick is uvloop's
+    an idle connection drops from ~2.7 KB to ~1.5-1.7 KB). The same tick is uvloop's
     watchdog: sockets of live relays that moved bytes are polled for a pending
     error (see the module docstring); parked sockets need none, epoll reports
     EPOLLERR/EPOLLHUP itself.
