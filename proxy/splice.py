@@ -750,24 +750,14 @@ class SpliceRelay:
                 loop.remove_writer(fd)
 
     def move(self, parked: bool) -> None:
-        """Hand both sockets from loop watchers to the hub's epoll set, or back."""
-        masks = (self.cmask, self.umask)
+        """Hand both sockets from loop watchers to the hub's epoll set, or back.
+
+        Nothing is watched after ``_unwatch``, so ``rewatch`` registers what the flags
+        say on the new side.
+        """
         self._unwatch()
         self.parked = parked
-        self._rewatch_from(masks)
-
-    def _rewatch_from(self, masks: tuple[int, int]) -> None:
-        """Register ``masks`` afresh on the current side (nothing is registered now)."""
-        self.cmask = self.umask = 0
-        try:
-            if masks[0]:
-                self._watch(self.cfd, 0, masks[0], self.up, self.down)
-                self.cmask = masks[0]
-            if masks[1]:
-                self._watch(self.ufd, 0, masks[1], self.down, self.up)
-                self.umask = masks[1]
-        except (RuntimeError, OSError, ValueError):
-            self.abort()
+        self.rewatch()
 
     def _unwatch(self) -> None:
         """Take both sockets off whatever watches them; errors are beside the point."""
