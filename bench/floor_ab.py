@@ -18,7 +18,6 @@ import argparse
 import array
 import asyncio
 import json
-import os
 import socket
 import statistics
 import subprocess
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from bench.ab import free_port, start_redis, stop_all, wait_port
 from bench.clients import build_c_client
+from bench.procs import cpu_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,14 +71,6 @@ def forward(listen_port: int, upstream_port: int) -> None:
             loop.add_reader(upstream.fileno(), pump(loop, upstream, client))
 
     uvloop.run(serve())
-
-
-def _cpu_seconds(pid: int) -> float:
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-            total += int(f.read().split()[0])
-    return total / 1e9
 
 
 def main() -> int:
@@ -130,13 +122,13 @@ def main() -> int:
             for name in order:
                 if name not in pids:
                     continue
-                before = _cpu_seconds(pids[name])
+                before = cpu_seconds([pids[name]])
                 result = subprocess.run(
                     [str(client), "-m", "pipe", "-H", "127.0.0.1", "-p", str(ports[name]), "-P",
                      "redis", "-x", "get", "-s", "100", "-c", "50", "-d", "16", "-n", "200000",
                      "-t", "30"], check=True, capture_output=True, text=True, timeout=60)
                 done = json.loads(result.stdout.strip().splitlines()[-1])["requests"]
-                cpu[name].append((_cpu_seconds(pids[name]) - before) * 1e6 / done)
+                cpu[name].append((cpu_seconds([pids[name]]) - before) * 1e6 / done)
         print(f"redis, loopback, medians of {args.reps}; added = minus direct in the same rep\n")
         print("| target | p50 µs | added p50 | p99 µs | added p99 | CPU µs/req, 50 conns x 16 |")
         print("|---|---:|---:|---:|---:|---:|")
