@@ -136,6 +136,24 @@ def test_netns_quick_run_measures_cacheport_and_dnat_in_the_nat_topology(tmp_pat
     assert _processes_mentioning(str(tmp_path)) == []
 
 
+@pytest.mark.timeout(150)
+def test_sockmap_probe_measures_the_kernel_redirect_beside_cacheport() -> None:
+    """bench/sockmap_ab.py, the BPF sockmap probe, cannot rot: one small repetition."""
+    if os.geteuid() != 0:
+        pytest.skip("the probe loads a BPF program: needs root (CAP_BPF, CAP_NET_ADMIN)")
+    result = subprocess.run([sys.executable, "-m", "bench.sockmap_ab", "--reps", "1",
+                             "--requests", "300"], capture_output=True, text=True,
+                            timeout=140, cwd=ROOT)
+    if "refused the BPF program" in result.stderr:
+        pytest.skip(result.stderr.strip().splitlines()[-1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line for line in result.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| target")}
+    assert {"direct", "cacheport", "sockmap"} <= set(rows), result.stdout
+    assert "(the cap" in rows["sockmap"] and "(the cap" not in rows["cacheport"], result.stdout
+    assert _processes_mentioning("bench.sockmap_ab --forward") == []
+
+
 @pytest.mark.timeout(60)
 def test_python_client_fallback_measures_the_same_workloads(tmp_path: Path) -> None:
     """The client used when there is no C compiler must keep working too."""
