@@ -24,8 +24,8 @@ import yaml
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Protocol = Literal["tcp", "memcached", "redis"]
 PROTOCOLS: tuple[Protocol, ...] = ("tcp", "memcached", "redis")
-Copy = Literal["auto", "splice", "buffer"]
-COPY_MODES: tuple[Copy, ...] = ("auto", "splice", "buffer")
+Copy = Literal["auto", "splice", "buffer", "sockmap"]
+COPY_MODES: tuple[Copy, ...] = ("auto", "splice", "buffer", "sockmap")
 DEFAULT_PORTS: dict[str, int] = {"memcached": 11211, "redis": 6379}
 Engine = Literal["redis-cluster", "memcached"]
 ENGINES: tuple[Engine, ...] = ("redis-cluster", "memcached")
@@ -180,7 +180,7 @@ class ListenerConfig:
     health: HealthConfig | None = None  # None: not checked, always used
     backup: tuple[Address, ...] = ()  # used in order while the upstream is DOWN
     on_down: OnDown = "keep"  # close: also cut live connections to a node that goes DOWN
-    copy: Copy = "auto"  # how bytes move: splice(2) through a pipe, or through a buffer
+    copy: Copy = "auto"  # how bytes move: splice(2), a buffer, or the kernel (BPF sockmap)
 
     @property
     def may_splice(self) -> bool:
@@ -901,10 +901,10 @@ def _listener(
             line=raw.lines.get("listen", raw.line), where=where)
     lc = ListenerConfig(name=name, listen=listen, upstream=upstream, backup=backup,
                         health=health, **settings)
-    if lc.copy == "splice" and not lc.may_splice:
+    if lc.copy in ("splice", "sockmap") and not lc.may_splice:
         origin = "" if "copy" in raw else " (set in defaults)"
         raise ctx.error(
-            f"field 'copy': splice{origin} needs a plain byte stream -- no tls or upstream_tls "
+            f"field 'copy': {lc.copy}{origin} needs a plain byte stream -- no tls or upstream_tls "
             "-- and TLS is encrypted and decrypted in userspace; use copy: auto or buffer "
             "for this listener", line=raw.lines.get("copy", raw.line), where=where)
     return lc

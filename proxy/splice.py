@@ -62,6 +62,7 @@ from typing import Any
 
 from .config import ListenerConfig
 from .relay import BufferPool, Relay
+from .sockmap import SockmapRelay
 
 log = logging.getLogger("cacheport.splice")
 
@@ -830,4 +831,4 @@ class SpliceRelay:
         self.on_close(self)
 
 
-AnyRelay = Relay | SpliceRelay  # what a listener tracks: either path, one face
+AnyRelay = Relay | SpliceRelay | SockmapRelay  # what a listener tracks: any path, one face
