@@ -78,7 +78,6 @@ _LINGER_RST = struct.pack("ii", 1, 0)
 _PAIR = struct.Struct("<QqQQQ")
 _U64 = struct.Struct("<Q")
 _FD = struct.Struct("<I")
-_NO_TAKE = (1 << 64) - 1  # a "taken" entry that matches no count
 _IN = getattr(select, "EPOLLIN", 0x001)
 _OUT = getattr(select, "EPOLLOUT", 0x004)
 _RDHUP = getattr(select, "EPOLLRDHUP", 0x2000)
@@ -167,7 +166,7 @@ def verdict_program(pairs_fd: int, taken_fd: int, socks_fd: int) -> bytes:
         if (pair->paused) {
             taken = lookup(&taken, cookie(skb));
             if (!taken || *taken != pair->passed) goto pass;  /* Python still behind */
-            pair->paused = 0; pair->credit = CREDIT; *taken = NO_TAKE;
+            pair->paused = 0; pair->credit = CREDIT; *taken = -1;  /* matches no count */
         }
         pair->credit -= skb->len;
         if (pair->credit < 0) { pair->paused = 1; goto pass; }
