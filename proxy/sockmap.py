@@ -196,7 +196,7 @@ def verdict_program(pairs_fd: int, taken_fd: int, socks_fd: int) -> bytes:
         ("jr", jne, 1, 2, "pass"),
         _insn(0x7A, 7, 0, 32, 0),  # pair->paused = 0
         _insn(0xB7, 1, imm=CREDIT), _insn(0x7B, 7, 1, 8),  # pair->credit = CREDIT
-        _insn(0x7A, 0, 0, 0, -1),  # *taken = NO_TAKE
+        _insn(0x7A, 0, 0, 0, -1),  # *taken = -1: matches no count
         "spend",
         _insn(0x79, 1, 7, 8), _insn(0x1F, 1, 8), _insn(0x7B, 7, 1, 8),  # credit -= len
         ("j", jslt, 1, 0, "pause"),
@@ -263,7 +263,7 @@ def written(sock: socket.socket) -> tuple[int, int]:
 
 
 class Kernel:
-    """One process's maps and verdict program; ``ways`` finds a direction by cookie."""
+    """One process's maps and verdict program."""
 
     def __init__(self, pairs: int = MAX_PAIRS) -> None:
         self.fds: list[int] = []
@@ -302,19 +302,16 @@ class Kernel:
     def pair(self, a: socket.socket, b: socket.socket) -> tuple[int, int]:
         """Forward between ``a`` and ``b`` in the kernel from now on; their cookies.
 
-        Both directions start paused, so a chunk that arrives while only one socket
-        is in the SOCKHASH (nowhere to redirect it to) is passed, not dropped; Python
-        takes whatever was passed and the first chunk after that switches the
+        Both sockets must be established (the caller checks; the kernel refuses
+        others). Both directions start paused, so a chunk that arrives while only one
+        socket is in the SOCKHASH (nowhere to redirect it to) is passed, not dropped;
+        Python takes whatever was passed and the first chunk after that switches the
         direction to the kernel. Setting SO_RCVLOWAT runs TCP's data-ready hook, now
         the verdict, on what arrived before the pairing.
         """
         ca, cb = cookie(a), cookie(b)
         inserted = False
         try:
-            if written(a)[1] != _TCP_ESTABLISHED or written(b)[1] != _TCP_ESTABLISHED:
-                # A FIN came first (say a client that sent its request and shut down):
-                # the kernel takes only established sockets.
-                raise OSError(errno.EOPNOTSUPP, "a socket is no longer established")
             _elem(_MAP_UPDATE, self.pairs, _U64.pack(ca), _PAIR.pack(cb, CREDIT, 0, 0, 1))
             _elem(_MAP_UPDATE, self.pairs, _U64.pack(cb), _PAIR.pack(ca, CREDIT, 0, 0, 1))
             for sock, c in ((b, cb), (a, ca)):
@@ -405,7 +402,6 @@ class SockmapHub:
         self.ways: dict[int, _KWay] = {}  # socket fd -> the direction that reads it
         self.masks: dict[int, int] = {}  # socket fd -> what the epoll set watches (0: absent)
         self.scratch = memoryview(bytearray(SCRATCH))
-        self.count = 0
         loop.add_reader(self.epoll.fileno(), self.dispatch)
         weakref.finalize(loop, self.epoll.close)
 
@@ -519,6 +515,13 @@ class _KWay:
         self.waiting = True
         self._wait_drained()
 
+    def unlanded(self) -> tuple[int, int]:
+        """(bytes redirected or sent here that are not in dst's TCP stream yet, dst's
+        TCP state): what the kernel still holds for dst."""
+        done, state = written(self.dst)
+        return (self.relay.kernel.counts(self.cookie)[0] + self.py_sent
+                - (done - self.base)), state
+
     def _wait_drained(self) -> None:
         """Everything the kernel redirected from src must be in dst's stream first."""
         self.timer = None
@@ -526,12 +529,11 @@ class _KWay:
         if relay.closed:
             return
         try:
-            done, state = written(self.dst)
-            redirected = relay.kernel.counts(self.cookie)[0]
+            unlanded, state = self.unlanded()
         except OSError:
             relay.abort()
             return
-        if done - self.base < redirected + self.py_sent:
+        if unlanded > 0:
             if state not in (_TCP_ESTABLISHED, _TCP_CLOSE_WAIT):
                 relay.abort()  # dst can no longer take what the kernel holds for it
                 return
@@ -618,7 +620,11 @@ class SockmapRelay:
         assert self.client_sock is not None and self.upstream_sock is not None
         up, down = self.up, self.down
         try:
-            up.base, down.base = written(up.dst)[0], written(down.dst)[0]
+            (up.base, up_state), (down.base, down_state) = written(up.dst), written(down.dst)
+            if up_state != _TCP_ESTABLISHED or down_state != _TCP_ESTABLISHED:
+                # A FIN came first (say a client that sent its request and shut down):
+                # the kernel takes only established sockets.
+                raise NotPaired(errno.EOPNOTSUPP, "a socket is no longer established")
             up.cookie, down.cookie = self.kernel.pair(self.client_sock, self.upstream_sock)
         except NotPaired:
             if self.fallback is None:
@@ -629,13 +635,8 @@ class SockmapRelay:
             inner.start()
             return
         self.started = True
-        self.hub.count += 1
         self.hub.register(up)
         self.hub.register(down)
-
-    @property
-    def fds(self) -> tuple[int, int]:
-        return self.up.src_fd, self.down.src_fd
 
     def _inner_closed(self, _relay: object) -> None:
         self.closed = True
@@ -674,11 +675,8 @@ class SockmapRelay:
             return self.inner.pending_downstream
         if self.closed or not self.started:
             return 0
-        way = self.down
         try:
-            landed = written(way.dst)[0] - way.base
-            return max(self.kernel.counts(way.cookie)[0] + way.py_sent - landed, 0) + \
-                len(way.held)
+            return max(self.down.unlanded()[0], 0) + len(self.down.held)
         except OSError:
             return 0
 
@@ -712,8 +710,7 @@ class SockmapRelay:
     def _holding(self) -> bool:
         try:
             for way in (self.up, self.down):
-                if way.held or (written(way.dst)[0] - way.base <
-                                self.kernel.counts(way.cookie)[0] + way.py_sent):
+                if way.held or way.unlanded()[0] > 0:
                     return True
         except OSError:
             return True
@@ -731,7 +728,6 @@ class SockmapRelay:
                 self.hub.unregister(way.src_fd)
             self.kernel.forget(self.up.cookie, self.down.cookie)
             self.kernel.live -= 1
-            self.hub.count -= 1
         for sock in (self.client_sock, self.upstream_sock):
             if sock is None:
                 continue
