@@ -232,7 +232,10 @@ class ProxyThread:
         self.loop.call_soon_threadsafe(self.server.request_stop)
         self._thread.join(10 + drain)
         if self._thread.is_alive():
-            raise RuntimeError("cacheport thread did not stop within its deadline")
+            # Name what the loop is still waiting on: the only lead to a hung stop.
+            pending = sorted({repr(task.get_coro()) for task in asyncio.all_tasks(self.loop)})
+            raise RuntimeError("cacheport thread did not stop within its deadline; "
+                               f"pending tasks: {pending}")
 
 
 @contextlib.contextmanager
