@@ -295,7 +295,6 @@ def markdown(doc: dict[str, Any], s: Summary) -> str:
         *summary_table(s),
         *standing(s),
         *standing(s, "cacheport-2w"),
-        *standing(s, "cacheport-sockmap"),
         *detail_tables(s, doc["plan"]),
     ]
     failed = [r for r in doc["records"] if not r["ok"]]

@@ -25,6 +25,7 @@ import asyncio
 import ctypes
 import json
 import os
+import platform
 import shutil
 import socket
 import statistics
@@ -37,10 +38,25 @@ from pathlib import Path
 
 from bench.ab import free_port, start_redis, stop_all, wait_port
 from bench.clients import build_c_client
-from proxy.sockmap import _bpf, _insn  # the same raw bpf(2) loader cacheport uses
 
 ROOT = Path(__file__).resolve().parent.parent
 STALL_CAP = 256 << 20  # stop feeding a stalled target here: the point is made, memory spared
+_NR_BPF = {"x86_64": 321, "aarch64": 280}
+
+
+def _bpf(cmd: int, attr: bytearray) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    buf = (ctypes.c_char * len(attr)).from_buffer(attr)
+    ret = int(libc.syscall(_NR_BPF[platform.machine()], cmd, buf, len(attr)))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ret
+
+
+def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+    return struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
 
 
 class Sockmap:

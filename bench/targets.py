@@ -32,9 +32,8 @@ from .topology import Topology, add_dnat, remove_dnat
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("redis", "memcached")
 PEERS = ("haproxy", "haproxy-tuned", "haproxy-splice", "nginx")
-ALL_TARGETS = ("direct", "dnat", "cacheport", "cacheport-2w", "cacheport-sockmap", "haproxy",
-               "haproxy-tuned", "haproxy-splice", "nginx", "socat", "cacheport-splice",
-               "cacheport-buffer")
+ALL_TARGETS = ("direct", "dnat", "cacheport", "cacheport-2w", "haproxy", "haproxy-tuned",
+               "haproxy-splice", "nginx", "socat", "cacheport-splice", "cacheport-buffer")
 DEFAULT_TARGETS = ("direct", "dnat", "cacheport", "haproxy", "haproxy-tuned", "haproxy-splice",
                    "nginx", "socat")
 NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
@@ -415,10 +414,6 @@ def make_targets() -> dict[str, Target]:
         # HAProxy's defaults run a thread per core; this is cacheport's equivalent.
         "cacheport-2w": Cacheport("cacheport-2w", "cacheport with workers: 2 (SO_REUSEPORT)",
                                   workers=2),
-        # The kernel forwards (BPF sockmap; needs root). Its CPU columns count only the
-        # process: the kernel's share runs in softirq and kworker threads.
-        "cacheport-sockmap": Cacheport("cacheport-sockmap", "cacheport with copy: sockmap "
-                                       "(BPF; the kernel forwards)", "sockmap"),
         "cacheport-splice": Cacheport("cacheport-splice", "cacheport with copy: splice",
                                       "splice"),
         "cacheport-buffer": Cacheport("cacheport-buffer", "cacheport with copy: buffer",

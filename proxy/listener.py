@@ -29,7 +29,6 @@ from .health.state import State, choose_upstream
 from .metrics import UpstreamBook
 from .relay import BufferPool, Relay
 from .resolver import ResolveError, Resolver
-from .sockmap import SockmapRelay, kernel_for_process
 from .splice import AnyRelay, SpliceRelay, choose_hub
 from .tls import ListenerTls
 
@@ -395,19 +394,10 @@ class Listener:
             # The copy path (docs/hot-loop.md): splice relays own raw sockets, the
             # buffered Relay wraps them in transports. Cluster listeners bring their own
             # (rewriting) relay factory and are never spliced.
-            plain = self.relay_factory is Relay
-            kernel = kernel_for_process() if plain and config.copy == "sockmap" else None
-            hub = choose_hub(self.loop, config) if plain else None
-            if kernel is not None and not kernel.full and hub is not None:
-                splice_hub, pool = hub, self.pool
-                relay = SockmapRelay(
-                    kernel, self.loop, self._upstream_relay_closed, source,
-                    fallback=lambda done: SpliceRelay(splice_hub, pool, done, source,
-                                                      adaptive=True))
-            elif hub is not None:
-                # copy: sockmap where the kernel refused BPF (logged once) runs as auto.
+            hub = choose_hub(self.loop, config) if self.relay_factory is Relay else None
+            if hub is not None:
                 relay = SpliceRelay(hub, self.pool, self._upstream_relay_closed, source,
-                                    adaptive=config.copy in ("auto", "sockmap"))
+                                    adaptive=config.copy == "auto")
             else:
                 relay = self.relay_factory(self.pool, self._upstream_relay_closed, source)
             self.relays.add(relay)
@@ -421,7 +411,7 @@ class Listener:
                 return
             self.book.opened(relay, target, time.perf_counter() - started)
             _tune(upstream)
-            if isinstance(relay, (SpliceRelay, SockmapRelay)):
+            if isinstance(relay, SpliceRelay):
                 relay.attach(self.loop, client, upstream)
             else:
                 client_side, upstream_side = relay.client, relay.upstream
@@ -449,13 +439,7 @@ class Listener:
             # made; that transport is open and belongs to no live relay: end it.
             relay.abort()
             return
-        try:
-            relay.start()
-        except OSError as exc:  # only a sockmap relay's pairing can fail here
-            log.warning("listener %s: the kernel refused to pair a connection: %s",
-                        self.name, exc)
-            self.stats.refuse("client error")
-            relay.abort()
+        relay.start()
 
     async def _client_handshake(self, relay: Relay, client: socket.socket, source: str,
                                 config: ListenerConfig) -> bool:

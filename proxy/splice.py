@@ -62,7 +62,6 @@ from typing import Any
 
 from .config import ListenerConfig
 from .relay import BufferPool, Relay
-from .sockmap import SockmapRelay
 
 log = logging.getLogger("cacheport.splice")
 
@@ -831,4 +830,4 @@ class SpliceRelay:
         self.on_close(self)
 
 
-AnyRelay = Relay | SpliceRelay | SockmapRelay  # what a listener tracks: any path, one face
+AnyRelay = Relay | SpliceRelay  # what a listener tracks: either path, one face

@@ -34,15 +34,8 @@ def loop_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture(params=["splice", "buffer", "auto", "sockmap"])
+@pytest.fixture(params=["splice", "buffer", "auto"])
 def copy_mode(request: pytest.FixtureRequest) -> str:
     """The copy path under test (``copy:``): splice(2) through pipes, through a buffer,
-    auto (small reads through a buffer, bulk through pipes), or the kernel (BPF sockmap;
-    skipped where the kernel refuses the program, e.g. without root)."""
-    if request.param == "sockmap":
-        from proxy import sockmap
-
-        if sockmap.kernel_for_process() is None:
-            pytest.skip("copy: sockmap: the kernel refused the BPF program (needs CAP_BPF "
-                        "and CAP_NET_ADMIN)")
+    or auto (small reads through a buffer, bulk through pipes)."""
     return str(request.param)

@@ -150,7 +150,12 @@ def test_sockmap_probe_measures_the_kernel_redirect_beside_cacheport() -> None:
     rows = {line.split("|")[1].strip(): line for line in result.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| target")}
     assert {"direct", "cacheport", "sockmap"} <= set(rows), result.stdout
-    assert "(the cap" in rows["sockmap"] and "(the cap" not in rows["cacheport"], result.stdout
+    # The bare redirect takes in what the client sends (up to the probe's cap, if the
+    # machine is fast enough to get there in the second); cacheport only its buffers.
+    taken = {name: float(rows[name].split("|")[6].split("MB")[0].replace(",", ""))
+             for name in ("cacheport", "sockmap")}
+    assert taken["sockmap"] > 3 * taken["cacheport"], result.stdout
+    assert "(the cap" not in rows["cacheport"], result.stdout
     assert _processes_mentioning("bench.sockmap_ab --forward") == []
 
 
