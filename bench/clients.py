@@ -10,6 +10,7 @@ from __future__ import annotations
 import array
 import hashlib
 import json
+import math
 import os
 import selectors
 import shutil
@@ -187,12 +188,18 @@ def _parse(stdout: str) -> Run:
                int(d["bytes_out"]), int(d["connections"]))
 
 
+RB_MIN_S = 0.05  # redis-benchmark's own timing is trusted for runs at least this long
+
+
 def redis_benchmark(prefix: Sequence[str], host: str, port: int, conns: int, depth: int,
                     n: int, size: int, tcap: float) -> Run:
     """redis-benchmark GET: requests/s as it reports them, elapsed as we measure it.
 
     redis-benchmark has no time cap of its own; it is killed after ``tcap`` plus slack
-    and the measurement counts as failed.
+    and the measurement counts as failed. It times a run in whole milliseconds, so a run
+    shorter than that prints ``inf`` requests/s, and one of a few milliseconds is off by
+    tens of percent: below ``RB_MIN_S`` our own wall clock (which includes its start-up,
+    so errs low) is used instead.
     """
     exe = shutil.which("redis-benchmark")
     if exe is None:
@@ -212,5 +219,6 @@ def redis_benchmark(prefix: Sequence[str], host: str, port: int, conns: int, dep
         cells = [c.strip('"') for c in line.split(",")]
         if cells and cells[0] == "GET" and len(cells) > 1:
             rps = float(cells[1])
-            return Run(n, n / rps if rps else elapsed, 0, 0, conns)
+            timed = n / rps if math.isfinite(rps) and rps > 0 else 0.0
+            return Run(n, timed if timed >= RB_MIN_S else elapsed, 0, 0, conns)
     raise BenchError(f"redis-benchmark printed no GET result: {result.stdout[-300:]!r}")
