@@ -47,6 +47,7 @@ the loop watches as a single descriptor, and the first event wakes it
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import fcntl
 import logging
@@ -69,6 +70,8 @@ PIPE_SIZE = 1 << 20  # measured: 1 MiB pipes move bulk with ~12 syscalls/MiB; 64
 MAX_PIPES = 64  # per loop; beyond this a burst copies through the buffer instead
 REFUSED_RETRY = 5.0  # seconds before asking the kernel again after it refused a pipe
 PARK_TICK = 0.25  # how often live relays are looked at: idle ones park, busy ones are probed
+TRIM_PARKS = 64  # a tick that parks this many relays hands the freed heap back to the OS...
+TRIM_EVERY = 0.5  # ...at most this often (seconds); one trailing trim covers the parks between
 IDLE_TRIM = 2.0  # an idle loop closes its pooled pipes: kernel memory and the per-user budget
 BULK_READ = 16 << 10  # copy: auto -- reads below this copy through the buffer, at or above splice
 SMALL_READS = 2  # copy: auto -- this many small spliced reads in a row go back to copying
@@ -249,6 +252,9 @@ class SpliceHub:
         self._armed = False
         self._ticking = False
         self._trimming = False
+        self._heap_trimmed = 0.0  # loop time of the last heap trim
+        self._heap_due = False  # a trailing heap trim is scheduled
+        self.heap_trims = 0  # test seam; integer only
         self._prev_handler: Any = None
         # The epoll set and pooled pipes are closed with the loop, whoever forgets the hub.
         weakref.finalize(loop, _close_all, self.pipes.free, self.epoll)
@@ -348,10 +354,36 @@ class SpliceHub:
         for relay in idle:
             if not relay.closed:
                 self.park(relay)
+        if len(idle) >= TRIM_PARKS:
+            self._trim_heap()
         if self.watchdog and busy:
             self._probe(busy)
         if self.live:
             self._ticking = self._later(PARK_TICK, self._tick)
+
+    def _trim_heap(self) -> None:
+        """Return the heap that parking just freed to the OS.
+
+        A live relay's watchers live in the C heap (uvloop's poll handles); parking a
+        burst of relays frees them, but malloc keeps the pages. Measured with the bench's
+        connections workload on a machine that opened 5,000 connections in 0.9 s, each
+        with one request: 2.06-2.09 KB PSS per idle connection without the trim,
+        1.70-1.77 with it. malloc_trim took ~3 ms on a 64 MB heap, hence the rate limit.
+        """
+        loop = self._loop()
+        if _MALLOC_TRIM is None or loop is None or loop.is_closed():
+            return
+        wait = self._heap_trimmed + TRIM_EVERY - loop.time()
+        if wait <= 0:
+            self._heap_trimmed = loop.time()
+            self.heap_trims += 1
+            _MALLOC_TRIM(0)
+        elif not self._heap_due:
+            self._heap_due = self._later(wait, self._trailing_trim)
+
+    def _trailing_trim(self) -> None:
+        self._heap_due = False
+        self._trim_heap()
 
     def probe(self) -> int:
         """Cut live relays whose sockets have a pending error; the number cut."""
@@ -396,6 +428,20 @@ class SpliceHub:
 
 
 _BATCH = 64  # events taken from the epoll set per dispatch
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``; None where the C library has none (musl, macOS)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _malloc_trim()
 # getattr: the module imports where there is no epoll (and so no splicing), e.g. macOS.
 _IN = getattr(select, "EPOLLIN", 0x001)
 _OUT = getattr(select, "EPOLLOUT", 0x004)
