@@ -428,6 +428,12 @@ class SpliceHub:
 
 
 _BATCH = 64  # events taken from the epoll set per dispatch
+# getattr: the module imports where there is no epoll (and so no splicing), e.g. macOS.
+_IN = getattr(select, "EPOLLIN", 0x001)
+_OUT = getattr(select, "EPOLLOUT", 0x004)
+_ERR_HUP = getattr(select, "EPOLLERR", 0x008) | getattr(select, "EPOLLHUP", 0x010)
+_IN_EV = _IN | _ERR_HUP  # wakes the reading direction
+_OUT_EV = _OUT | _ERR_HUP  # ...and the writing one
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -442,13 +448,6 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 
 _MALLOC_TRIM = _malloc_trim()
-# getattr: the module imports where there is no epoll (and so no splicing), e.g. macOS.
-_IN = getattr(select, "EPOLLIN", 0x001)
-_OUT = getattr(select, "EPOLLOUT", 0x004)
-_ERR_HUP = getattr(select, "EPOLLERR", 0x008) | getattr(select, "EPOLLHUP", 0x010)
-_IN_EV = _IN | _ERR_HUP  # wakes the reading direction
-_OUT_EV = _OUT | _ERR_HUP  # ...and the writing one
-
 _HUBS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SpliceHub] = (
     weakref.WeakKeyDictionary())
 
