@@ -229,7 +229,10 @@ class ProxyThread:
         if self.loop is None or not self._thread.is_alive():
             return
         self._drain = drain
-        self.loop.call_soon_threadsafe(self.server.request_stop)
+        try:
+            self.loop.call_soon_threadsafe(self.server.request_stop)
+        except RuntimeError:
+            pass  # the loop closed after the check above: the server stopped by itself
         self._thread.join(10 + drain)
         if self._thread.is_alive():
             # Name what the loop is still waiting on: the only lead to a hung stop.
