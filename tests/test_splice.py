@@ -34,7 +34,7 @@ import proxy.splice as splice_mod
 from proxy.config import ConfigError
 from proxy.relay import BufferPool, Relay
 from proxy.splice import PipePool, SpliceHub, SpliceRelay, hub_for, open_pipe
-from tests.support import ROOT, make_config, running_proxy, start_server, wait_until
+from tests.support import ROOT, ServerProcess, make_config, running_proxy, start_server, wait_until
 from tests.upstreams import pattern, tcp_upstream
 
 _RST = struct.pack("ii", 1, 0)
@@ -280,43 +280,35 @@ def test_an_idle_relay_parks_and_wakes_for_either_side(loop_kind: str) -> None:
 
 
 def test_a_burst_of_parked_relays_hands_the_heap_back(
-        loop_kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        loop_kind: str, memcached: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
     """Many relays parking in one tick trim the C heap (their watchers' memory), and
     every connection still works afterwards."""
     if splice_mod._MALLOC_TRIM is None:
         pytest.skip("this C library has no malloc_trim")
     monkeypatch.setattr(splice_mod, "TRIM_PARKS", 8)  # 40 relays park in a tick or three
     count = 40
-    node = start_server("memcached")
-    try:
-        with running_proxy([{"name": "m", "listen": "127.0.0.1:0", "upstream": node.address,
-                             "protocol": "memcached"}], loop_kind) as proxy:
-            relay_burst(proxy, count)
-    finally:
-        node.stop()
+    with running_proxy([{"name": "m", "listen": "127.0.0.1:0", "upstream": memcached.address,
+                         "protocol": "memcached"}], loop_kind) as proxy:
+        port = proxy.port("m")
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=5)
+                 for _ in range(count)]
+        try:
+            for sock in socks:
+                sock.sendall(b"version\r\n")
+            assert all(sock.recv(100).startswith(b"VERSION") for sock in socks)
 
+            def hub() -> SpliceHub:
+                return hub_for(asyncio.get_running_loop())
 
-def relay_burst(proxy: Any, count: int) -> None:
-    """``count`` connections with one request each, parked together, then used again."""
-    port = proxy.port("m")
-    socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.sendall(b"version\r\n")
-        assert all(sock.recv(100).startswith(b"VERSION") for sock in socks)
-
-        def hub() -> SpliceHub:
-            return hub_for(asyncio.get_running_loop())
-
-        wait_until(lambda: proxy.call(lambda: len(hub().parked)) == 2 * count, 5,
-                   message="every relay to park")
-        assert proxy.call(lambda: hub().heap_trims) >= 1
-        for sock in socks:
-            sock.sendall(b"version\r\n")
-        assert all(sock.recv(100).startswith(b"VERSION") for sock in socks)
-    finally:
-        for sock in socks:
-            sock.close()
+            wait_until(lambda: proxy.call(lambda: len(hub().parked)) == 2 * count, 5,
+                       message="every relay to park")
+            assert proxy.call(lambda: hub().heap_trims) >= 1
+            for sock in socks:
+                sock.sendall(b"version\r\n")
+            assert all(sock.recv(100).startswith(b"VERSION") for sock in socks)
+        finally:
+            for sock in socks:
+                sock.close()
 
 
 def test_a_parked_relay_notices_a_reset(loop_kind: str) -> None:
