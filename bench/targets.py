@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("redis", "memcached")
 PEERS = ("haproxy", "haproxy-tuned", "haproxy-splice", "nginx")
 ALL_TARGETS = ("direct", "dnat", "cacheport", "cacheport-2w", "haproxy", "haproxy-tuned",
-               "haproxy-splice", "nginx", "socat", "cacheport-splice", "cacheport-buffer")
+               "haproxy-splice", "nginx", "socat", "cacheport-splice", "cacheport-buffer",
+               "cacheport-python")
 DEFAULT_TARGETS = ("direct", "dnat", "cacheport", "haproxy", "haproxy-tuned", "haproxy-splice",
                    "nginx", "socat")
 NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
@@ -191,10 +192,11 @@ class Dnat(Target):
 
 class Cacheport(Target):
     def __init__(self, name: str, description: str, copy: str | None = None,
-                 workers: int | None = None) -> None:
+                 workers: int | None = None, relay: str | None = None) -> None:
         super().__init__(name, description)
         self.copy = copy
         self.workers = workers
+        self.relay = relay
 
     def version(self) -> str:
         return _first_line([sys.executable, "-m", "proxy", "--version"], cwd=ROOT)
@@ -208,6 +210,8 @@ class Cacheport(Target):
             defaults[key] = yaml.safe_load(value)
         if self.copy is not None:
             defaults["copy"] = self.copy
+        if self.relay is not None:
+            defaults["relay"] = self.relay
         if topo.client_net is not None:
             # A listener others can reach needs an allow list (as any operator's would).
             defaults["allow"] = [topo.client_net]
@@ -418,6 +422,8 @@ def make_targets() -> dict[str, Target]:
                                       "splice"),
         "cacheport-buffer": Cacheport("cacheport-buffer", "cacheport with copy: buffer",
                                       "buffer"),
+        "cacheport-python": Cacheport("cacheport-python", "cacheport with relay: python "
+                                      "(no native engine)", relay="python"),
         "haproxy": Haproxy("haproxy", "HAProxy mode tcp, defaults", "default"),
         "haproxy-tuned": Haproxy("haproxy-tuned", "HAProxy tuned: bufsize 64k, pipesize 1M, "
                                  "maxpipes, splice-auto, nbthread 1", "tuned"),

@@ -26,6 +26,8 @@ Protocol = Literal["tcp", "memcached", "redis"]
 PROTOCOLS: tuple[Protocol, ...] = ("tcp", "memcached", "redis")
 Copy = Literal["auto", "splice", "buffer"]
 COPY_MODES: tuple[Copy, ...] = ("auto", "splice", "buffer")
+RelayKind = Literal["auto", "native", "python"]
+RELAY_KINDS: tuple[RelayKind, ...] = ("auto", "native", "python")
 DEFAULT_PORTS: dict[str, int] = {"memcached": 11211, "redis": 6379}
 Engine = Literal["redis-cluster", "memcached"]
 ENGINES: tuple[Engine, ...] = ("redis-cluster", "memcached")
@@ -181,6 +183,7 @@ class ListenerConfig:
     backup: tuple[Address, ...] = ()  # used in order while the upstream is DOWN
     on_down: OnDown = "keep"  # close: also cut live connections to a node that goes DOWN
     copy: Copy = "auto"  # how bytes move: splice(2) or a buffer
+    relay: RelayKind = "auto"  # who moves them: the native engine thread, or Python
 
     @property
     def may_splice(self) -> bool:
@@ -447,7 +450,7 @@ _LISTENER_KEYS = ("name", "listen", "upstream", "protocol", "backup")
 _TUNABLE_KEYS = (
     "protocol", "connect_timeout", "idle_timeout", "buffer_size", "dns_ttl",
     "allow", "max_connections", "max_connections_per_client", "tls", "upstream_tls",
-    "on_down", "copy",
+    "on_down", "copy", "relay",
 )
 # ``health`` may also sit in ``defaults``, but merges key by key instead of replacing
 _HEALTH_FIELD = "health"
@@ -519,6 +522,12 @@ def _parse_copy(value: Any) -> Copy:
     if value not in COPY_MODES:
         raise ValueError(f"expected one of {', '.join(COPY_MODES)}, got {_show(value)}")
     return cast(Copy, value)
+
+
+def _parse_relay(value: Any) -> RelayKind:
+    if value not in RELAY_KINDS:
+        raise ValueError(f"expected one of {', '.join(RELAY_KINDS)}, got {_show(value)}")
+    return cast(RelayKind, value)
 
 
 def _parse_name(value: Any) -> str:
@@ -645,6 +654,7 @@ _TUNABLE_PARSERS: dict[str, Callable[[Any], Any]] = {
     "dns_ttl": _parse_connect_timeout,
     "on_down": _parse_on_down,
     "copy": _parse_copy,
+    "relay": _parse_relay,
 }
 
 
@@ -912,6 +922,12 @@ def _listener(
             f"field 'copy': {lc.copy}{origin} needs a plain byte stream -- no tls or upstream_tls "
             "-- and TLS is encrypted and decrypted in userspace; use copy: auto or buffer "
             "for this listener", line=raw.lines.get("copy", raw.line), where=where)
+    if lc.relay == "native" and not lc.may_splice:
+        origin = "" if "relay" in raw else " (set in defaults)"
+        raise ctx.error(
+            f"field 'relay': native{origin} relays plain byte streams only -- no tls or "
+            "upstream_tls -- and TLS is encrypted and decrypted in Python; use relay: auto "
+            "or python for this listener", line=raw.lines.get("relay", raw.line), where=where)
     return lc
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from .config import Address, ListenerConfig
 from .health.state import State, choose_upstream
 from .metrics import UpstreamBook
+from .native import NativeRelay, choose_native
 from .relay import BufferPool, Relay
 from .resolver import ResolveError, Resolver
 from .splice import AnyRelay, SpliceRelay, choose_hub
@@ -394,8 +395,13 @@ class Listener:
             # The copy path (docs/hot-loop.md): splice relays own raw sockets, the
             # buffered Relay wraps them in transports. Cluster listeners bring their own
             # (rewriting) relay factory and are never spliced.
-            hub = choose_hub(self.loop, config) if self.relay_factory is Relay else None
-            if hub is not None:
+            plain = self.relay_factory is Relay
+            native = choose_native(self.loop, config) if plain else None
+            hub = choose_hub(self.loop, config) if plain and native is None else None
+            if native is not None:
+                relay = NativeRelay(native, config.buffer_size, self._upstream_relay_closed,
+                                    source, config.copy)
+            elif hub is not None:
                 relay = SpliceRelay(hub, self.pool, self._upstream_relay_closed, source,
                                     adaptive=config.copy == "auto")
             else:
@@ -411,7 +417,7 @@ class Listener:
                 return
             self.book.opened(relay, target, time.perf_counter() - started)
             _tune(upstream)
-            if isinstance(relay, SpliceRelay):
+            if isinstance(relay, SpliceRelay | NativeRelay):
                 relay.attach(self.loop, client, upstream)
             else:
                 client_side, upstream_side = relay.client, relay.upstream

@@ -62,6 +62,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .config import ListenerConfig
+from .native import NativeRelay
 from .relay import BufferPool, Relay
 
 log = logging.getLogger("cacheport.splice")
@@ -875,4 +876,4 @@ class SpliceRelay:
         self.on_close(self)
 
 
-AnyRelay = Relay | SpliceRelay  # what a listener tracks: either path, one face
+AnyRelay = Relay | SpliceRelay | NativeRelay  # what a listener tracks: any path, one face

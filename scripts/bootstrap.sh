@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Installs what cacheport's demo and tests need on a Debian/Ubuntu machine:
 # apt packages (memcached, redis-server, redis-tools, python3-venv, iproute2,
-# iptables for the network-namespace tests), a
+# iptables for the network-namespace tests, gcc and the Python headers for the
+# native relay engine), a
 # virtualenv in .venv, and cacheport itself with its test extras.
 # Sourced by scripts/demo.sh and scripts/test.sh; safe to run again.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${CACHEPORT_VENV:-$ROOT/.venv}
-APT_PACKAGES=(memcached redis-server redis-tools python3-venv netcat-openbsd iproute2 iptables)
+APT_PACKAGES=(memcached redis-server redis-tools python3-venv netcat-openbsd iproute2 iptables
+              gcc libc6-dev python3-dev)
 EXTRAS=${CACHEPORT_EXTRAS:-dev}
 
 say() { printf '==> %s\n' "$*" >&2; }
@@ -21,6 +23,10 @@ missing_commands() {
     command -v redis-cli >/dev/null 2>&1 || missing+=(redis-cli)
     command -v python3 >/dev/null 2>&1 || missing+=(python3)
     command -v ip >/dev/null 2>&1 || missing+=(ip)
+    command -v cc >/dev/null 2>&1 || missing+=(cc)
+    python3 -c 'import os, sysconfig, sys
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+        2>/dev/null || missing+=(Python.h)
     printf '%s\n' "${missing[@]}"
 }
 
@@ -59,12 +65,19 @@ PY
 
 install_venv() {
     local stamp="$VENV/.cacheport-installed"
-    if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ] || ! grep -qx "$EXTRAS" "$stamp"; then
+    # The native engine is built in place by the editable install: rebuild when its source
+    # changes or the built module is missing.
+    if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ] || ! grep -qx "$EXTRAS" "$stamp" \
+            || [ "$ROOT/proxy/_native.c" -nt "$stamp" ] \
+            || ! compgen -G "$ROOT/proxy/_native*.so" >/dev/null; then
         say "installing cacheport[$EXTRAS] into $VENV"
         "$ROOT/scripts/install-venv.sh" "$VENV" "$EXTRAS" --editable \
             || die "installing into $VENV failed (see above); PyPI must be reachable"
         echo "$EXTRAS" > "$stamp"
     fi
+    "$VENV/bin/python" -c 'import proxy._native' 2>/dev/null \
+        || say "the native relay engine was not built (no C compiler or Python headers?):" \
+               "listeners use the Python relays, and its tests are skipped"
 }
 
 install_system_packages

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from proxy.native import native_available
 from tests.support import ServerProcess, start_server
 
 
@@ -34,8 +35,16 @@ def loop_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture(params=["splice", "buffer", "auto"])
+_NATIVE = pytest.mark.skipif(not native_available(),
+                             reason="the native relay engine was not built here")
+
+
+@pytest.fixture(params=["splice", "buffer", "auto",
+                        *(pytest.param(f"native-{mode}", marks=_NATIVE)
+                          for mode in ("splice", "buffer", "auto"))])
 def copy_mode(request: pytest.FixtureRequest) -> str:
     """The copy path under test (``copy:``): splice(2) through pipes, through a buffer,
-    or auto (small reads through a buffer, bulk through pipes)."""
+    or auto (small reads through a buffer, bulk through pipes) -- in the Python relays
+    (``relay: python``) and, as ``native-*``, in the engine thread (``relay: native``).
+    ``tests.support.copy_fields`` turns the name into listener fields."""
     return str(request.param)

@@ -310,3 +310,10 @@ class CacheportProcess:
                 self.proc.kill()
                 self.proc.wait(5)
         self._log.close()
+
+
+def copy_fields(copy: str) -> dict[str, str]:
+    """Listener fields for a ``copy_mode`` name: ``native-splice`` is ``copy: splice`` in the
+    native engine, a bare ``splice`` the same path in the Python relays."""
+    relay, _, mode = copy.rpartition("-")
+    return {"copy": mode, "relay": relay or "python"}

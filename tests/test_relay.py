@@ -7,6 +7,7 @@ and both event loops.
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import struct
 import time
@@ -15,8 +16,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from proxy.native import NativeRelay
 from proxy.splice import PIPE_SIZE, SpliceRelay
-from tests.support import CacheportProcess, free_port, running_proxy, wait_until
+from tests.support import CacheportProcess, copy_fields, free_port, running_proxy, wait_until
 from tests.upstreams import (
     echo_until_eof_then_reply,
     pattern,
@@ -29,6 +31,9 @@ from tests.upstreams import (
 
 
 def tcp_listener(port: int, **extra: object) -> list[dict[str, object]]:
+    """A plain listener; ``copy`` takes a ``copy_mode`` name (tests.support.copy_fields)."""
+    if "copy" in extra:
+        extra = {**extra, **copy_fields(str(extra["copy"]))}
     return [{"name": "t", "listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{port}",
              "protocol": "tcp", **extra}]
 
@@ -174,9 +179,11 @@ def test_backpressure_bounds_memory_and_delivers_200mb_intact(
     with tcp_upstream(push(size)) as port:
         config = tmp_path / "bp.yaml"
         proxy_port = free_port()
+        fields = copy_fields(copy_mode)
         config.write_text(
             f"listeners:\n  - {{name: bp, listen: '127.0.0.1:{proxy_port}', "
-            f"upstream: '127.0.0.1:{port}', copy: {copy_mode}}}\n")
+            f"upstream: '127.0.0.1:{port}', copy: {fields['copy']}, "
+            f"relay: {fields['relay']}}}\n")
         proc = CacheportProcess(config)
         try:
             proc.wait_serving()
@@ -210,7 +217,8 @@ def test_stalled_direction_holds_at_most_one_buffer_or_one_pipe(
     """cacheport's own count: a stalled direction holds at most one buffer_size chunk
     (buffer) or one pipe (splice, auto: in kernel pages), and stops reading the upstream."""
     size = 64 << 20
-    bound = 64 << 10 if copy_mode == "buffer" else PIPE_SIZE
+    buffered = copy_mode.endswith("buffer")
+    bound = 64 << 10 if buffered else PIPE_SIZE
     with tcp_upstream(push(size)) as port, \
             running_proxy(tcp_listener(port, buffer_size="64k", copy=copy_mode),
                           loop_kind) as proxy:
@@ -231,8 +239,11 @@ def test_stalled_direction_holds_at_most_one_buffer_or_one_pipe(
         time.sleep(0.3)
         assert proxy.call(lambda: next(iter(listener.relays)).bytes_downstream) == moved
         assert moved < size  # it stopped reading the upstream
-        assert proxy.call(lambda: isinstance(next(iter(listener.relays)), SpliceRelay)) == (
-            copy_mode != "buffer")
+        kind = proxy.call(lambda: type(next(iter(listener.relays))))
+        if copy_mode.startswith("native-"):
+            assert kind is NativeRelay
+        else:
+            assert (kind is SpliceRelay) == (not buffered)
         received = 0
         while chunk := sock.recv(1 << 20):
             received += len(chunk)
@@ -291,7 +302,12 @@ def test_socket_options_on_both_legs(copy_mode: str) -> None:
 
         def options() -> None:
             relay = next(iter(proxy.server.listeners["t"].relays))
-            if isinstance(relay, SpliceRelay):
+            if isinstance(relay, NativeRelay):  # the engine owns them: look through copies
+                detail = relay.detail()
+                dups = [socket.socket(fileno=os.dup(detail[f"{name}_fd"]))
+                        for name in ("client", "upstream")]
+                legs = dict(zip(("client", "upstream"), dups, strict=True))
+            elif isinstance(relay, SpliceRelay):
                 legs = {"client": relay.client_sock, "upstream": relay.upstream_sock}
             else:
                 legs = {name: side.transport.get_extra_info("socket")  # type: ignore[union-attr]
@@ -301,6 +317,8 @@ def test_socket_options_on_both_legs(copy_mode: str) -> None:
                 assert s is not None
                 seen[f"{name}_nodelay"] = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
                 seen[f"{name}_keepalive"] = s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+                if isinstance(relay, NativeRelay):
+                    s.close()
 
         proxy.call(options)
         sock.close()

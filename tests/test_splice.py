@@ -34,7 +34,15 @@ import proxy.splice as splice_mod
 from proxy.config import ConfigError
 from proxy.relay import BufferPool, Relay
 from proxy.splice import PipePool, SpliceHub, SpliceRelay, hub_for, open_pipe
-from tests.support import ROOT, ServerProcess, make_config, running_proxy, start_server, wait_until
+from tests.support import (
+    ROOT,
+    ServerProcess,
+    copy_fields,
+    make_config,
+    running_proxy,
+    start_server,
+    wait_until,
+)
 from tests.upstreams import pattern, tcp_upstream
 
 _RST = struct.pack("ii", 1, 0)
@@ -288,7 +296,7 @@ def test_a_burst_of_parked_relays_hands_the_heap_back(
     monkeypatch.setattr(splice_mod, "TRIM_PARKS", 8)  # 40 relays park in a tick or three
     count = 40
     with running_proxy([{"name": "m", "listen": "127.0.0.1:0", "upstream": memcached.address,
-                         "protocol": "memcached"}], loop_kind) as proxy:
+                         "protocol": "memcached", "relay": "python"}], loop_kind) as proxy:
         port = proxy.port("m")
         socks = [socket.create_connection(("127.0.0.1", port), timeout=5)
                  for _ in range(count)]
@@ -370,6 +378,10 @@ def echo(conn: socket.socket) -> None:
 
 
 def tcp_listener(port: int, **extra: object) -> list[dict[str, object]]:
+    """A plain listener; ``copy`` takes a ``copy_mode`` name (tests.support.copy_fields)."""
+    if "copy" in extra:
+        extra = {**extra, **copy_fields(str(extra["copy"]))}
+    extra.setdefault("relay", "python")  # this file tests the Python relays
     return [{"name": "t", "listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{port}",
              "protocol": "tcp", **extra}]
 
@@ -473,7 +485,7 @@ def test_copy_buffer_never_splices_and_protocol_listeners_do(redis_server: Any) 
     with tcp_upstream(echo) as port, running_proxy(
             [*tcp_listener(port, copy="buffer"),
              {"name": "r", "listen": "127.0.0.1:0", "upstream": redis_server.address,
-              "protocol": "redis"}]) as proxy:
+              "protocol": "redis", "relay": "python"}]) as proxy:
         for name, hello, kind in (("t", b"hi", Relay), ("r", b"PING\r\n", SpliceRelay)):
             with socket.create_connection(("127.0.0.1", proxy.port(name)), timeout=10) as s:
                 s.sendall(hello)
@@ -818,7 +830,8 @@ def test_redis_through_a_splicing_tcp_listener(loop_kind: str) -> None:
     server = start_server("redis")
     try:
         with running_proxy([{"name": "t", "listen": "127.0.0.1:0",
-                             "upstream": server.address, "protocol": "tcp"}],
+                             "upstream": server.address, "protocol": "tcp",
+                             "relay": "python"}],
                            loop_kind) as proxy:
             client = redis.Redis(host="127.0.0.1", port=proxy.port("t"), socket_timeout=10)
             big = os.urandom(3 << 20)

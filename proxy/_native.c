@@ -1,0 +1,907 @@
+/* The native relay engine: one epoll thread per event loop moves the bytes of
+ * plain TCP connections, so a request never wakes Python.
+ *
+ *   client --recv/splice--> [scratch | pipe] --send/splice--> upstream
+ *   client <--send/splice-- [scratch | pipe] <--recv/splice-- upstream
+ *
+ * Python accepts, dials, and hands the two connected sockets over (Engine.add);
+ * from then on this thread owns them: it relays, half-closes, resets, and closes
+ * them. A connection the thread ends goes on a done list and an eventfd tells
+ * the event loop, which reaps it (Engine.reap) and does the bookkeeping. A
+ * connection Python ends (idle timeout, drain, node down, stop) is closed at
+ * once under the engine's lock (Engine.close). Python reads byte counters
+ * while a connection is live (Engine.counts); they are the only shared words.
+ *
+ * The copy rules are proxy/splice.py's, measured there (docs/hot-loop.md):
+ * under copy: auto a direction copies through the thread's scratch buffer while
+ * its reads are small and splices through a pooled 1 MiB pipe once a read
+ * fills the buffer's bulk threshold; two small spliced reads in a row go back
+ * to copying. A pipe is leased only while a direction has bytes in it. When
+ * the kernel refuses a pipe, the direction copies. Backpressure: while bytes
+ * wait for the destination, the source is not watched.
+ *
+ * Every descriptor is level-triggered and watched only for what some direction
+ * waits for; a socket nobody waits on leaves the epoll set, so EPOLLERR and
+ * EPOLLHUP (reported whatever the mask) always reach a handler whose syscall
+ * sees the error or the EOF.
+ *
+ * No Python object is touched outside the GIL-holding entry points, and the
+ * thread never takes the GIL.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#ifdef __linux__
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MODE_AUTO 0
+#define MODE_SPLICE 1
+#define MODE_BUFFER 2
+
+#define SMALL_READS 2   /* small spliced reads in a row that end a bulk phase */
+#define BATCH 128       /* events per epoll_wait */
+#define WAKE_TAG UINT64_MAX
+
+enum { FREE = 0, LIVE = 1, DONE = 2 };
+
+typedef struct {
+    uint64_t nbytes;   /* read from src; read by Python without the lock */
+    size_t pending;    /* bytes read and not yet taken by dst */
+    char *held;        /* copy path: the unsent tail, allocated only when a send is short */
+    size_t held_at;
+    int pipe_r, pipe_w;
+    uint64_t copied;   /* bytes that went through the scratch buffer (test seam) */
+    uint32_t leases;   /* pipes taken (a test seam: proves the splice path runs) */
+    uint8_t eof, watching, stalled, bulk, small;
+} way_t;
+
+typedef struct {
+    int fd[2];         /* 0: client, 1: upstream; way i reads fd[i] and writes fd[1 - i] */
+    uint32_t mask[2];  /* what epoll watches on each now */
+    uint8_t reg[2];    /* in the epoll set */
+    uint8_t deaf[2];   /* out of it: a HUP came that no direction can act on yet */
+    way_t w[2];
+    uint32_t gen;
+    uint32_t bufsize;  /* copy-path read size: the listener's buffer_size */
+    uint32_t bulk_at;  /* copy: auto -- reads at or over this switch to pipes */
+    uint8_t state, mode, reset, claimed;
+} conn_t;
+
+typedef struct {
+    PyObject_HEAD
+    pthread_mutex_t lock;
+    pthread_t thread;
+    int inited, started, stopping, closed;
+    int epfd, wakefd, notifyfd;
+    conn_t **conns;
+    uint32_t nconns, cap;
+    uint32_t *freelist;
+    uint32_t nfree;
+    uint32_t *done;
+    uint32_t ndone, donecap;
+    uint32_t live;
+    /* the pipe pool */
+    int (*pipes)[2];
+    uint32_t npipes;      /* free, in pipes[] */
+    uint32_t pipes_live;  /* leased + free */
+    uint32_t max_pipes;
+    size_t pipe_size;
+    uint64_t pipes_created, pipe_failures, pipe_busy;
+    double refused_at;
+    int pipe_errno;       /* last refusal; 0 when none */
+    int pipe_warned;
+    char *scratch;
+    size_t scratch_size;
+    uint64_t thread_errors;
+} Engine;
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static uint64_t tag(uint32_t slot, uint32_t gen, int side) {
+    return ((uint64_t)gen << 32) | ((uint64_t)slot << 1) | (uint64_t)side;
+}
+
+/* -- pipes --------------------------------------------------------------- */
+
+#define REFUSED_RETRY 5.0
+
+static int lease_pipe(Engine *e, way_t *w) {
+    if (e->npipes) {
+        e->npipes--;
+        w->pipe_r = e->pipes[e->npipes][0];
+        w->pipe_w = e->pipes[e->npipes][1];
+        w->leases++;
+        return 1;
+    }
+    if (e->pipes_live >= e->max_pipes) {
+        e->pipe_busy++;
+        return 0;
+    }
+    if (e->pipe_errno && now_s() - e->refused_at < REFUSED_RETRY)
+        return 0;
+    int p[2];
+    if (pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0) {
+        e->pipe_errno = errno;
+        e->refused_at = now_s();
+        e->pipe_failures++;
+        return 0;
+    }
+    int got = fcntl(p[1], F_SETPIPE_SZ, (int)e->pipe_size);
+    if (got < 0 || (size_t)got < e->pipe_size) {
+        e->pipe_errno = got < 0 ? errno : EPERM;
+        e->refused_at = now_s();
+        e->pipe_failures++;
+        close(p[0]);
+        close(p[1]);
+        return 0;
+    }
+    e->pipe_errno = 0;
+    e->pipes_live++;
+    e->pipes_created++;
+    w->pipe_r = p[0];
+    w->pipe_w = p[1];
+    w->leases++;
+    return 1;
+}
+
+static void return_pipe(Engine *e, way_t *w) {
+    /* The pool array has room for every live pipe (sized at max_pipes). */
+    e->pipes[e->npipes][0] = w->pipe_r;
+    e->pipes[e->npipes][1] = w->pipe_w;
+    e->npipes++;
+    w->pipe_r = w->pipe_w = -1;
+}
+
+static void discard_pipe(Engine *e, way_t *w) {
+    close(w->pipe_r);
+    close(w->pipe_w);
+    e->pipes_live--;
+    w->pipe_r = w->pipe_w = -1;
+}
+
+/* -- connections ---------------------------------------------------------- */
+
+static void finish(Engine *e, conn_t *c, int reset);
+
+/* Bring the epoll set in line with what the directions wait for. A socket stays
+ * registered with an empty mask while nobody waits on it, so an RST still arrives
+ * as EPOLLERR; only a HUP nobody can act on makes it deaf (handle()). */
+static void rewatch(Engine *e, conn_t *c, uint32_t slot) {
+    uint32_t want[2];
+    want[0] = (c->w[0].watching ? EPOLLIN : 0) | (c->w[1].stalled ? EPOLLOUT : 0);
+    want[1] = (c->w[1].watching ? EPOLLIN : 0) | (c->w[0].stalled ? EPOLLOUT : 0);
+    for (int s = 0; s < 2; s++) {
+        int op;
+        if (want[s] == 0 && c->deaf[s]) {
+            if (!c->reg[s])
+                continue;
+            op = EPOLL_CTL_DEL;
+        } else {
+            c->deaf[s] = 0;
+            if (c->reg[s] && want[s] == c->mask[s])
+                continue;
+            op = c->reg[s] ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
+        }
+        struct epoll_event ev = {.events = want[s], .data.u64 = tag(slot, c->gen, s)};
+        if (epoll_ctl(e->epfd, op, c->fd[s], &ev) < 0) {
+            finish(e, c, 1);
+            return;
+        }
+        c->reg[s] = op != EPOLL_CTL_DEL;
+        c->mask[s] = want[s];
+    }
+}
+
+static void half_close(Engine *e, conn_t *c, int i) {
+    way_t *w = &c->w[i];
+    w->eof = 1;
+    w->watching = 0;
+    if (shutdown(c->fd[1 - i], SHUT_WR) < 0) {
+        finish(e, c, 1);
+        return;
+    }
+    if (c->w[0].eof && c->w[1].eof)
+        finish(e, c, 0);
+}
+
+static void stall(way_t *w) {
+    w->watching = 0;
+    w->stalled = 1;
+}
+
+static void resume(way_t *w) {
+    w->stalled = 0;
+    w->watching = !w->eof;
+}
+
+/* Through the scratch buffer: small reads under auto, copy: buffer, or no pipe. */
+static void copy_buffered(Engine *e, conn_t *c, int i) {
+    way_t *w = &c->w[i];
+    ssize_t n = recv(c->fd[i], e->scratch, c->bufsize, 0);
+    if (n < 0) {
+        if (errno != EAGAIN && errno != EINTR)
+            finish(e, c, 1);
+        return;
+    }
+    if (n == 0) {
+        half_close(e, c, i);
+        return;
+    }
+    __atomic_store_n(&w->nbytes, w->nbytes + (uint64_t)n, __ATOMIC_RELAXED);
+    w->copied += (uint64_t)n;
+    if (c->mode == MODE_AUTO && (size_t)n >= c->bulk_at) {
+        w->bulk = 1;  /* a full read: more is waiting, splice it */
+        w->small = 0;
+    }
+    ssize_t m = send(c->fd[1 - i], e->scratch, (size_t)n, MSG_NOSIGNAL);
+    if (m < 0) {
+        if (errno != EAGAIN && errno != EINTR) {
+            finish(e, c, 1);
+            return;
+        }
+        m = 0;
+    }
+    if (m < n) {
+        w->held = malloc((size_t)(n - m));
+        if (w->held == NULL) {
+            finish(e, c, 1);
+            return;
+        }
+        memcpy(w->held, e->scratch + m, (size_t)(n - m));
+        w->held_at = 0;
+        w->pending = (size_t)(n - m);
+        stall(w);
+    }
+}
+
+static void readable(Engine *e, conn_t *c, int i) {
+    way_t *w = &c->w[i];
+    if (!w->bulk) {
+        copy_buffered(e, c, i);
+        return;
+    }
+    if (w->pipe_r < 0 && !lease_pipe(e, w)) {
+        copy_buffered(e, c, i);
+        return;
+    }
+    ssize_t n = splice(c->fd[i], NULL, w->pipe_w, NULL, e->pipe_size,
+                       SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+    if (n < 0) {
+        return_pipe(e, w);  /* still empty */
+        if (errno != EAGAIN && errno != EINTR)
+            finish(e, c, 1);
+        return;
+    }
+    if (n == 0) {
+        return_pipe(e, w);
+        half_close(e, c, i);
+        return;
+    }
+    __atomic_store_n(&w->nbytes, w->nbytes + (uint64_t)n, __ATOMIC_RELAXED);
+    if (c->mode == MODE_AUTO && (size_t)n < c->bulk_at) {
+        /* Not at the first small read: that is usually the tail of one large reply. */
+        if (++w->small >= SMALL_READS)
+            w->bulk = 0;
+    } else {
+        w->small = 0;
+    }
+    ssize_t m = splice(w->pipe_r, NULL, c->fd[1 - i], NULL, (size_t)n,
+                       SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+    if (m < 0) {
+        if (errno != EAGAIN && errno != EINTR) {
+            w->pending = (size_t)n;
+            finish(e, c, 1);
+            return;
+        }
+        m = 0;
+    }
+    if (m == n) {
+        return_pipe(e, w);
+        return;
+    }
+    w->pending = (size_t)(n - m);
+    stall(w);
+}
+
+static void writable(Engine *e, conn_t *c, int i) {
+    way_t *w = &c->w[i];
+    ssize_t m;
+    if (w->pipe_r >= 0) {
+        m = splice(w->pipe_r, NULL, c->fd[1 - i], NULL, w->pending,
+                   SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+    } else if (w->held != NULL) {
+        m = send(c->fd[1 - i], w->held + w->held_at, w->pending, MSG_NOSIGNAL);
+    } else {
+        resume(w);  /* nothing to send: a stale wake-up */
+        return;
+    }
+    if (m < 0) {
+        if (errno != EAGAIN && errno != EINTR)
+            finish(e, c, 1);
+        return;
+    }
+    w->pending -= (size_t)m;
+    if (w->pending)
+        return;
+    if (w->pipe_r >= 0) {
+        return_pipe(e, w);
+    } else {
+        free(w->held);
+        w->held = NULL;
+        w->held_at = 0;
+    }
+    resume(w);
+}
+
+static void release_way(Engine *e, way_t *w, int reset) {
+    if (w->pipe_r >= 0) {
+        if (w->pending || reset)
+            discard_pipe(e, w);  /* may hold bytes: a pooled pipe must be empty */
+        else
+            return_pipe(e, w);
+    }
+    free(w->held);
+    w->held = NULL;
+    w->watching = w->stalled = 0;
+}
+
+static void push_done(Engine *e, uint32_t slot) {
+    if (e->ndone == e->donecap) {
+        uint32_t cap = e->donecap ? e->donecap * 2 : 64;
+        uint32_t *d = realloc(e->done, cap * sizeof(*d));
+        if (d == NULL) {
+            e->thread_errors++;
+            return;  /* Python finds it on its next close() or at stop */
+        }
+        e->done = d;
+        e->donecap = cap;
+    }
+    e->done[e->ndone++] = slot;
+}
+
+/* End a live connection: reset (RST to both peers) or a plain close. A close
+ * with bytes still pending becomes a reset: a FIN after a cut stream would
+ * look like a complete reply. */
+static void finish(Engine *e, conn_t *c, int reset) {
+    if (c->state != LIVE)
+        return;
+    reset = reset || c->w[0].pending || c->w[1].pending;
+    for (int s = 0; s < 2; s++) {
+        if (reset) {
+            struct linger lg = {1, 0};
+            setsockopt(c->fd[s], SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+        }
+        close(c->fd[s]);  /* also leaves the epoll set */
+        c->fd[s] = -1;
+        c->mask[s] = 0;
+        c->reg[s] = 0;
+    }
+    release_way(e, &c->w[0], reset);
+    release_way(e, &c->w[1], reset);
+    c->state = DONE;
+    c->reset = (uint8_t)reset;
+    e->live--;
+}
+
+static void handle(Engine *e, uint32_t slot, int s, uint32_t events) {
+    conn_t *c = e->conns[slot];
+    int acted = 0;
+    /* fd[s] is the source of way s and the destination of way 1 - s. */
+    if ((events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) && c->w[1 - s].stalled) {
+        writable(e, c, 1 - s);
+        acted = 1;
+    }
+    if (c->state == LIVE && (events & (EPOLLIN | EPOLLERR | EPOLLHUP)) && c->w[s].watching) {
+        readable(e, c, s);
+        acted = 1;
+    }
+    if (c->state == LIVE && !acted && (events & (EPOLLERR | EPOLLHUP))) {
+        /* Nobody reads or writes this socket now. An error (an RST after its peer
+         * half-closed, say) ends the connection: nothing more can reach that peer. A
+         * hang-up with the whole stream read means the same. A hang-up while its
+         * direction is stalled must wait for the stall to end, or bytes the peer sent
+         * before its FIN would be lost: take the socket out of the set till then. */
+        int err = 0;
+        socklen_t len = sizeof(err);
+        getsockopt(c->fd[s], SOL_SOCKET, SO_ERROR, &err, &len);
+        if ((events & EPOLLERR) || err || c->w[s].eof)
+            finish(e, c, 1);
+        else
+            c->deaf[s] = 1;
+    }
+    if (c->state == LIVE)
+        rewatch(e, c, slot);
+    if (c->state == DONE && !c->claimed)
+        push_done(e, slot);
+}
+
+static void *run(void *arg) {
+    Engine *e = arg;
+    struct epoll_event evs[BATCH];
+    for (;;) {
+        int n = epoll_wait(e->epfd, evs, BATCH, -1);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            e->thread_errors++;
+            break;
+        }
+        pthread_mutex_lock(&e->lock);
+        if (e->stopping) {
+            pthread_mutex_unlock(&e->lock);
+            break;
+        }
+        uint32_t before = e->ndone;
+        for (int k = 0; k < n; k++) {
+            uint64_t t = evs[k].data.u64;
+            if (t == WAKE_TAG)
+                continue;
+            uint32_t slot = (uint32_t)(t & 0xffffffffu) >> 1;
+            int side = (int)(t & 1);
+            uint32_t gen = (uint32_t)(t >> 32);
+            if (slot >= e->nconns)
+                continue;
+            conn_t *c = e->conns[slot];
+            if (c == NULL || c->gen != gen || c->state != LIVE)
+                continue;  /* ended earlier in this batch, or reused */
+            handle(e, slot, side, evs[k].events);
+        }
+        int tell = e->ndone > before;
+        pthread_mutex_unlock(&e->lock);
+        if (tell) {
+            uint64_t one = 1;
+            ssize_t r = write(e->notifyfd, &one, sizeof(one));
+            (void)r;
+        }
+    }
+    return NULL;
+}
+
+/* -- Python entry points -------------------------------------------------- */
+
+static int start_thread(Engine *e) {
+    if (e->started)
+        return 0;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, 256 << 10);
+    /* The thread must not take signals meant for the main thread (SIGTERM, SIGHUP). */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    int rc = pthread_create(&e->thread, &attr, run, e);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_attr_destroy(&attr);
+    if (rc != 0) {
+        errno = rc;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    e->started = 1;
+    return 0;
+}
+
+static void stop_engine(Engine *e) {
+    if (e->closed)
+        return;
+    e->closed = 1;
+    if (e->started) {
+        pthread_mutex_lock(&e->lock);
+        e->stopping = 1;
+        pthread_mutex_unlock(&e->lock);
+        uint64_t one = 1;
+        ssize_t r = write(e->wakefd, &one, sizeof(one));
+        (void)r;
+        Py_BEGIN_ALLOW_THREADS
+        pthread_join(e->thread, NULL);
+        Py_END_ALLOW_THREADS
+        e->started = 0;
+    }
+    for (uint32_t i = 0; i < e->nconns; i++) {
+        conn_t *c = e->conns[i];
+        if (c == NULL)
+            continue;
+        if (c->state == LIVE) {
+            c->claimed = 1;
+            finish(e, c, 1);
+        }
+        free(c);
+        e->conns[i] = NULL;
+    }
+    for (uint32_t i = 0; i < e->npipes; i++) {
+        close(e->pipes[i][0]);
+        close(e->pipes[i][1]);
+    }
+    e->npipes = 0;
+    if (e->epfd >= 0) close(e->epfd);
+    if (e->wakefd >= 0) close(e->wakefd);
+    if (e->notifyfd >= 0) close(e->notifyfd);
+    e->epfd = e->wakefd = e->notifyfd = -1;
+}
+
+static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
+    static char *names[] = {"pipe_size", "max_pipes", "scratch_size", NULL};
+    Py_ssize_t pipe_size = 1 << 20, max_pipes = 64, scratch = 256 << 10;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|nnn", names, &pipe_size, &max_pipes, &scratch))
+        return -1;
+    if (pipe_size < 4096 || max_pipes < 0 || scratch < 4096) {
+        PyErr_SetString(PyExc_ValueError, "pipe_size and scratch_size >= 4096, max_pipes >= 0");
+        return -1;
+    }
+    if (e->inited) {
+        PyErr_SetString(PyExc_RuntimeError, "Engine initialised twice");
+        return -1;
+    }
+    pthread_mutex_init(&e->lock, NULL);
+    e->inited = 1;
+    e->epfd = e->wakefd = e->notifyfd = -1;
+    e->pipe_size = (size_t)pipe_size;
+    e->max_pipes = (uint32_t)max_pipes;
+    e->scratch_size = (size_t)scratch;
+    e->scratch = malloc(e->scratch_size);
+    e->pipes = calloc(e->max_pipes ? e->max_pipes : 1, sizeof(*e->pipes));
+    if (e->scratch == NULL || e->pipes == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    e->epfd = epoll_create1(EPOLL_CLOEXEC);
+    e->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    e->notifyfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (e->epfd < 0 || e->wakefd < 0 || e->notifyfd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = WAKE_TAG};
+    if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, e->wakefd, &ev) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    Engine *e = (Engine *)type->tp_alloc(type, 0);
+    if (e != NULL)
+        e->epfd = e->wakefd = e->notifyfd = -1;
+    return (PyObject *)e;
+}
+
+static void Engine_dealloc(Engine *e) {
+    stop_engine(e);
+    free(e->conns);
+    free(e->freelist);
+    free(e->done);
+    free(e->pipes);
+    free(e->scratch);
+    if (e->inited)
+        pthread_mutex_destroy(&e->lock);
+    Py_TYPE(e)->tp_free((PyObject *)e);
+}
+
+static int check_open(Engine *e) {
+    if (e->closed || e->epfd < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "engine is closed");
+        return -1;
+    }
+    return 0;
+}
+
+static conn_t *slot_conn(Engine *e, Py_ssize_t slot) {
+    if (slot < 0 || (size_t)slot >= e->nconns || e->conns[slot] == NULL ||
+            e->conns[slot]->state == FREE) {
+        PyErr_SetString(PyExc_KeyError, "no such connection");
+        return NULL;
+    }
+    return e->conns[slot];
+}
+
+static void refuse_fds(int cfd, int ufd) {
+    struct linger lg = {1, 0};
+    setsockopt(cfd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+    setsockopt(ufd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+    close(cfd);
+    close(ufd);
+}
+
+/* add(client_fd, upstream_fd, mode, bufsize, bulk_at) -> slot. The engine owns both
+ * descriptors from here on, also when it raises: then it has reset and closed them. */
+static PyObject *Engine_add(Engine *e, PyObject *args) {
+    int cfd, ufd, mode;
+    unsigned int bufsize, bulk_at;
+    if (!PyArg_ParseTuple(args, "iiiII", &cfd, &ufd, &mode, &bufsize, &bulk_at))
+        return NULL;
+    if (mode < MODE_AUTO || mode > MODE_BUFFER || bufsize == 0) {
+        refuse_fds(cfd, ufd);
+        PyErr_SetString(PyExc_ValueError, "bad mode or bufsize");
+        return NULL;
+    }
+    if (check_open(e) < 0 || start_thread(e) < 0) {
+        refuse_fds(cfd, ufd);
+        return NULL;
+    }
+    if (bufsize > e->scratch_size)
+        bufsize = (unsigned int)e->scratch_size;
+    pthread_mutex_lock(&e->lock);
+    uint32_t slot;
+    conn_t *c;
+    if (e->nfree) {
+        slot = e->freelist[--e->nfree];
+        c = e->conns[slot];
+    } else {
+        if (e->nconns == e->cap) {
+            uint32_t cap = e->cap ? e->cap * 2 : 256;
+            conn_t **cs = realloc(e->conns, cap * sizeof(*cs));
+            uint32_t *fl = cs ? realloc(e->freelist, cap * sizeof(*fl)) : NULL;
+            if (cs) e->conns = cs;
+            if (fl) e->freelist = fl;
+            if (cs == NULL || fl == NULL) {
+                pthread_mutex_unlock(&e->lock);
+                refuse_fds(cfd, ufd);
+                return PyErr_NoMemory();
+            }
+            e->cap = cap;
+        }
+        c = calloc(1, sizeof(*c));
+        if (c == NULL) {
+            pthread_mutex_unlock(&e->lock);
+            refuse_fds(cfd, ufd);
+            return PyErr_NoMemory();
+        }
+        slot = e->nconns++;
+        e->conns[slot] = c;
+    }
+    uint32_t gen = c->gen + 1;
+    memset(c, 0, sizeof(*c));
+    c->gen = gen;
+    c->fd[0] = cfd;
+    c->fd[1] = ufd;
+    c->mode = (uint8_t)mode;
+    c->bufsize = bufsize;
+    c->bulk_at = bulk_at < bufsize ? bulk_at : bufsize;
+    for (int i = 0; i < 2; i++) {
+        c->w[i].pipe_r = c->w[i].pipe_w = -1;
+        c->w[i].bulk = mode == MODE_SPLICE;
+        c->w[i].watching = 1;
+    }
+    c->state = LIVE;
+    e->live++;
+    rewatch(e, c, slot);
+    if (c->state != LIVE) {
+        /* epoll refused a descriptor: finish() has reset and closed both. */
+        c->state = FREE;
+        e->freelist[e->nfree++] = slot;
+        pthread_mutex_unlock(&e->lock);
+        PyErr_SetString(PyExc_OSError, "epoll_ctl refused a socket");
+        return NULL;
+    }
+    pthread_mutex_unlock(&e->lock);
+    return PyLong_FromUnsignedLong(slot);
+}
+
+static void free_slot(Engine *e, uint32_t slot) {
+    e->conns[slot]->state = FREE;
+    e->freelist[e->nfree++] = slot;
+}
+
+/* close(slot, reset) -> (up, down, reset): Python ends a connection now. */
+static PyObject *Engine_close(Engine *e, PyObject *args) {
+    Py_ssize_t slot;
+    int reset;
+    if (!PyArg_ParseTuple(args, "np", &slot, &reset))
+        return NULL;
+    pthread_mutex_lock(&e->lock);
+    conn_t *c = slot_conn(e, slot);
+    if (c == NULL) {
+        pthread_mutex_unlock(&e->lock);
+        return NULL;
+    }
+    if (c->state == LIVE) {
+        finish(e, c, reset);
+        free_slot(e, (uint32_t)slot);
+    } else {
+        c->claimed = 1;  /* on the done list: reap() frees it */
+    }
+    PyObject *r = Py_BuildValue("KKi", (unsigned long long)c->w[0].nbytes,
+                                (unsigned long long)c->w[1].nbytes, (int)c->reset);
+    pthread_mutex_unlock(&e->lock);
+    return r;
+}
+
+/* reap() -> [(slot, up, down, reset)] for connections the thread ended. */
+static PyObject *Engine_reap(Engine *e, PyObject *unused) {
+    uint64_t count;
+    if (e->notifyfd >= 0) {
+        ssize_t r = read(e->notifyfd, &count, sizeof(count));
+        (void)r;
+    }
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    pthread_mutex_lock(&e->lock);
+    for (uint32_t k = 0; k < e->ndone; k++) {
+        uint32_t slot = e->done[k];
+        conn_t *c = e->conns[slot];
+        if (!c->claimed) {
+            PyObject *t = Py_BuildValue("IKKi", slot, (unsigned long long)c->w[0].nbytes,
+                                        (unsigned long long)c->w[1].nbytes, (int)c->reset);
+            if (t == NULL || PyList_Append(out, t) < 0) {
+                Py_XDECREF(t);
+                /* Keep the rest for the next reap. */
+                memmove(e->done, e->done + k, (e->ndone - k) * sizeof(*e->done));
+                e->ndone -= k;
+                pthread_mutex_unlock(&e->lock);
+                Py_DECREF(out);
+                return NULL;
+            }
+            Py_DECREF(t);
+        }
+        free_slot(e, slot);
+    }
+    e->ndone = 0;
+    pthread_mutex_unlock(&e->lock);
+    return out;
+}
+
+/* counts(slot) -> (up, down, pending_down): relaxed reads, no lock. */
+static PyObject *Engine_counts(Engine *e, PyObject *arg) {
+    Py_ssize_t slot = PyLong_AsSsize_t(arg);
+    if (slot == -1 && PyErr_Occurred())
+        return NULL;
+    if (slot < 0 || (size_t)slot >= e->nconns || e->conns[slot] == NULL) {
+        PyErr_SetString(PyExc_KeyError, "no such connection");
+        return NULL;
+    }
+    conn_t *c = e->conns[slot];
+    return Py_BuildValue("KKn",
+                         (unsigned long long)__atomic_load_n(&c->w[0].nbytes, __ATOMIC_RELAXED),
+                         (unsigned long long)__atomic_load_n(&c->w[1].nbytes, __ATOMIC_RELAXED),
+                         (Py_ssize_t)__atomic_load_n(&c->w[1].pending, __ATOMIC_RELAXED));
+}
+
+/* detail(slot) -> dict: fds, leases, modes; for tests and /status, under the lock. */
+static PyObject *Engine_detail(Engine *e, PyObject *arg) {
+    Py_ssize_t slot = PyLong_AsSsize_t(arg);
+    if (slot == -1 && PyErr_Occurred())
+        return NULL;
+    pthread_mutex_lock(&e->lock);
+    conn_t *c = slot_conn(e, slot);
+    if (c == NULL) {
+        pthread_mutex_unlock(&e->lock);
+        return NULL;
+    }
+    PyObject *d = Py_BuildValue(
+        "{s:i,s:i,s:I,s:I,s:K,s:K,s:i,s:i,s:i,s:i,s:n,s:n}",
+        "client_fd", c->fd[0], "upstream_fd", c->fd[1],
+        "leases_up", c->w[0].leases, "leases_down", c->w[1].leases,
+        "copied_up", (unsigned long long)c->w[0].copied,
+        "copied_down", (unsigned long long)c->w[1].copied,
+        "bulk_up", (int)c->w[0].bulk, "bulk_down", (int)c->w[1].bulk,
+        "eof_up", (int)c->w[0].eof, "eof_down", (int)c->w[1].eof,
+        "pending_up", (Py_ssize_t)c->w[0].pending, "pending_down", (Py_ssize_t)c->w[1].pending);
+    pthread_mutex_unlock(&e->lock);
+    return d;
+}
+
+static PyObject *Engine_stats(Engine *e, PyObject *unused) {
+    pthread_mutex_lock(&e->lock);
+    PyObject *d = Py_BuildValue(
+        "{s:I,s:I,s:I,s:K,s:K,s:K,s:i,s:K,s:n}",
+        "live", e->live, "pipes_live", e->pipes_live, "pipes_free", e->npipes,
+        "pipes_created", (unsigned long long)e->pipes_created,
+        "pipe_failures", (unsigned long long)e->pipe_failures,
+        "pipe_busy", (unsigned long long)e->pipe_busy,
+        "pipe_errno", e->pipe_errno,
+        "thread_errors", (unsigned long long)e->thread_errors,
+        "pipe_size", (Py_ssize_t)e->pipe_size);
+    pthread_mutex_unlock(&e->lock);
+    return d;
+}
+
+/* trim_pipes(): close the pooled (empty) pipes; an idle engine gives back kernel memory. */
+static PyObject *Engine_trim_pipes(Engine *e, PyObject *unused) {
+    pthread_mutex_lock(&e->lock);
+    for (uint32_t i = 0; i < e->npipes; i++) {
+        close(e->pipes[i][0]);
+        close(e->pipes[i][1]);
+        e->pipes_live--;
+    }
+    e->npipes = 0;
+    pthread_mutex_unlock(&e->lock);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_stop(Engine *e, PyObject *unused) {
+    stop_engine(e);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_notify_fd(Engine *e, void *closure) {
+    return PyLong_FromLong(e->notifyfd);
+}
+
+static PyObject *Engine_closed(Engine *e, void *closure) {
+    return PyBool_FromLong(e->closed);
+}
+
+static PyMethodDef Engine_methods[] = {
+    {"add", (PyCFunction)Engine_add, METH_VARARGS, "Hand over two connected sockets."},
+    {"close", (PyCFunction)Engine_close, METH_VARARGS, "End a connection now."},
+    {"reap", (PyCFunction)Engine_reap, METH_NOARGS, "Connections the thread ended."},
+    {"counts", (PyCFunction)Engine_counts, METH_O, "Byte counters of a connection."},
+    {"detail", (PyCFunction)Engine_detail, METH_O, "A connection's state (tests)."},
+    {"stats", (PyCFunction)Engine_stats, METH_NOARGS, "Engine-wide counters."},
+    {"trim_pipes", (PyCFunction)Engine_trim_pipes, METH_NOARGS, "Close pooled pipes."},
+    {"stop", (PyCFunction)Engine_stop, METH_NOARGS, "Reset every connection; end the thread."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Engine_getset[] = {
+    {"notify_fd", (getter)Engine_notify_fd, NULL, "Readable when reap() has work.", NULL},
+    {"closed", (getter)Engine_closed, NULL, "Whether stop() ran.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "proxy._native.Engine",
+    .tp_basicsize = sizeof(Engine),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The native relay engine: an epoll thread that owns the sockets handed to it.",
+    .tp_new = Engine_new,
+    .tp_init = (initproc)Engine_init,
+    .tp_dealloc = (destructor)Engine_dealloc,
+    .tp_methods = Engine_methods,
+    .tp_getset = Engine_getset,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "proxy._native",
+    "The native relay engine (Linux): see proxy/native.py.", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    if (PyType_Ready(&EngineType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&EngineType);
+    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) {
+        Py_DECREF(&EngineType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyModule_AddIntConstant(m, "MODE_AUTO", MODE_AUTO);
+    PyModule_AddIntConstant(m, "MODE_SPLICE", MODE_SPLICE);
+    PyModule_AddIntConstant(m, "MODE_BUFFER", MODE_BUFFER);
+    return m;
+}
+
+#else  /* not Linux: the module imports and says so; proxy/native.py falls back */
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "proxy._native", "Not built: needs Linux (epoll, splice).", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    PyErr_SetString(PyExc_ImportError, "proxy._native needs Linux");
+    return NULL;
+}
+
+#endif

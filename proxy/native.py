@@ -1,0 +1,238 @@
+"""The native relay: plain TCP connections handed to a compiled epoll thread.
+
+::
+
+    listener --accept, dial--> NativeRelay.start --Engine.add(fds)--> engine thread
+                                                                       | relays, half-closes,
+    listener <--on_close-- NativeHub._reap <--eventfd, Engine.reap()--+ resets, closes
+
+Python still accepts, dials, checks health and keeps the books; a request on a
+live connection never reaches it. The engine (proxy/_native.c) applies the
+same copy rules as proxy/splice.py -- small reads through a buffer, bulk
+through pooled 1 MiB pipes under ``copy: auto`` -- with no interpreter in the
+loop, which is what the per-request gap to HAProxy and nginx was made of
+(docs/hot-loop.md has the figures). Where the extension was not built (no C
+compiler at install time, not Linux) listeners use the Python relays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from .config import ListenerConfig
+
+log = logging.getLogger("cacheport.native")
+
+try:
+    from . import _native  # type: ignore[attr-defined]
+except ImportError:  # not built here: the Python relays serve
+    _native = None
+
+PIPE_SIZE = 1 << 20  # as proxy/splice.py: 1 MiB pipes move bulk with ~12 syscalls/MiB
+MAX_PIPES = 64  # per engine; beyond this a burst copies through the buffer
+BULK_READ = 16 << 10  # copy: auto -- reads at or above this switch a direction to pipes
+IDLE_TRIM = 2.0  # an engine with no connection closes its pooled pipes after this long
+_MODES = {"auto": 0, "splice": 1, "buffer": 2}
+_LINGER_RST = struct.pack("ii", 1, 0)
+_unavailable_logged = False
+
+
+def native_available() -> bool:
+    """Whether the engine was built and loads here."""
+    return _native is not None
+
+
+def choose_native(loop: asyncio.AbstractEventLoop, config: ListenerConfig) -> NativeHub | None:
+    """The loop's native hub when this listener's connections go to the engine; else None."""
+    global _unavailable_logged
+    if config.relay == "python" or not config.may_splice:
+        return None
+    if _native is None:
+        if config.relay == "native" and not _unavailable_logged:
+            _unavailable_logged = True
+            log.warning("listener %s: relay: native is not built on this machine (no C "
+                        "compiler at install time, or not Linux); using the Python relays "
+                        "(logged once)", config.name)
+        return None
+    return hub_for(loop)
+
+
+class NativeHub:
+    """Per event loop: one engine (one thread), and the live relays by engine slot."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert _native is not None
+        self.engine: Any = _native.Engine(pipe_size=PIPE_SIZE, max_pipes=MAX_PIPES)
+        self._loop = weakref.ref(loop)  # loops are weakly keyed in _HUBS: never hold them
+        self.relays: dict[int, NativeRelay] = {}
+        self._armed = False
+        self._trimming = False
+        weakref.finalize(loop, self.engine.stop)
+
+    def add(self, relay: NativeRelay, cfd: int, ufd: int, mode: int, bufsize: int) -> int:
+        """Hand both descriptors to the engine (it owns them even when this raises)."""
+        if not self._armed:
+            loop = self._loop()
+            if loop is not None and not loop.is_closed():
+                loop.add_reader(self.engine.notify_fd, self._reap)
+                self._armed = True
+        slot: int = self.engine.add(cfd, ufd, mode, bufsize, BULK_READ)
+        self.relays[slot] = relay
+        return slot
+
+    def take(self, slot: int, reset: bool) -> tuple[int, int]:
+        """End a live connection now; its final byte counts."""
+        up, down, _ = self.engine.close(slot, reset)
+        del self.relays[slot]
+        self._idle()
+        return up, down
+
+    def _reap(self) -> None:
+        """The engine ended connections (EOF both ways, a reset, an error)."""
+        for slot, up, down, _reset in self.engine.reap():
+            relay = self.relays.pop(slot, None)
+            if relay is not None:
+                relay.ended(up, down)
+        self._idle()
+
+    def _idle(self) -> None:
+        if not self.relays and not self._trimming:
+            loop = self._loop()
+            if loop is not None and not loop.is_closed():
+                self._trimming = True
+                loop.call_later(IDLE_TRIM, self._idle_trim)
+
+    def _idle_trim(self) -> None:
+        self._trimming = False
+        if not self.relays and not self.engine.closed:
+            self.engine.trim_pipes()
+
+
+_HUBS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, NativeHub] = (
+    weakref.WeakKeyDictionary())
+
+
+def hub_for(loop: asyncio.AbstractEventLoop) -> NativeHub:
+    """The loop's hub, made on first use."""
+    hub = _HUBS.get(loop)
+    if hub is None:
+        hub = _HUBS[loop] = NativeHub(loop)
+    return hub
+
+
+class NativeRelay:
+    """A client connection relayed by the engine; same face as ``splice.SpliceRelay``.
+
+    Until ``start`` the two sockets are Python's; from then on the engine owns the
+    descriptors and this object keeps the slot and, once ended, the final counts.
+    """
+
+    __slots__ = ("__weakref__", "bufsize", "client_sock", "closed", "final", "hub", "mode",
+                 "on_close", "slot", "source", "upstream_sock")
+
+    def __init__(self, hub: NativeHub, bufsize: int, on_close: Callable[[NativeRelay], None],
+                 source: str = "", copy: str = "auto") -> None:
+        self.hub = hub
+        self.bufsize = bufsize
+        self.on_close = on_close
+        self.source = source
+        self.mode = _MODES[copy]
+        self.client_sock: socket.socket | None = None
+        self.upstream_sock: socket.socket | None = None
+        self.slot = -1
+        self.closed = False
+        self.final = (0, 0)
+
+    def attach(self, loop: asyncio.AbstractEventLoop, client: socket.socket,
+               upstream: socket.socket) -> None:
+        """Take both connected, non-blocking sockets (the loop is the hub's)."""
+        self.client_sock, self.upstream_sock = client, upstream
+
+    def start(self) -> None:
+        """Hand the sockets to the engine; whatever arrived meanwhile waits in the kernel."""
+        client, upstream = self.client_sock, self.upstream_sock
+        assert client is not None and upstream is not None, "attach() first"
+        self.client_sock = self.upstream_sock = None
+        cfd, ufd = client.detach(), upstream.detach()
+        try:
+            self.slot = self.hub.add(self, cfd, ufd, self.mode, self.bufsize)
+        except (OSError, RuntimeError, ValueError, MemoryError) as exc:
+            log.debug("native: the engine refused a connection: %s", exc)
+            self._closed()
+
+    @property
+    def started(self) -> bool:
+        return self.slot >= 0
+
+    def _counts(self) -> tuple[int, int, int]:
+        if self.closed or self.slot < 0:
+            return self.final[0], self.final[1], 0
+        counts: tuple[int, int, int] = self.hub.engine.counts(self.slot)
+        return counts
+
+    @property
+    def bytes_upstream(self) -> int:
+        """Client -> upstream bytes so far."""
+        return self._counts()[0]
+
+    @property
+    def bytes_downstream(self) -> int:
+        """Upstream -> client bytes so far."""
+        return self._counts()[1]
+
+    @property
+    def bytes_total(self) -> int:
+        up, down, _ = self._counts()
+        return up + down
+
+    @property
+    def pending_downstream(self) -> int:
+        """Bytes read from the upstream not yet handed to the client's socket."""
+        return self._counts()[2]
+
+    def detail(self) -> dict[str, int]:
+        """The engine's view of this connection (tests: pipe leases, descriptors)."""
+        if self.closed or self.slot < 0:
+            raise KeyError("not live")
+        detail: dict[str, int] = self.hub.engine.detail(self.slot)
+        return detail
+
+    def abort(self) -> None:
+        """Tear down both sides at once; both peers get an RST."""
+        self._end(reset=True)
+
+    def close(self) -> None:
+        """Close both sides (the engine resets instead when bytes are still in flight)."""
+        self._end(reset=False)
+
+    def _end(self, reset: bool) -> None:
+        if self.closed:
+            return
+        if self.slot >= 0:
+            self.final = self.hub.take(self.slot, reset)
+        else:  # not started: the sockets are still Python's
+            for sock in (self.client_sock, self.upstream_sock):
+                if sock is not None:
+                    if reset:
+                        try:
+                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+                        except OSError:
+                            pass
+                    sock.close()
+        self._closed()
+
+    def ended(self, up: int, down: int) -> None:
+        """The engine ended this connection (called by the hub)."""
+        if not self.closed:
+            self.final = (up, down)
+            self._closed()
+
+    def _closed(self) -> None:
+        self.closed = True
+        self.on_close(self)
