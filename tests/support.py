@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -317,3 +318,23 @@ def copy_fields(copy: str) -> dict[str, str]:
     native engine, a bare ``splice`` the same path in the Python relays."""
     relay, _, mode = copy.rpartition("-")
     return {"copy": mode, "relay": relay or "python"}
+
+
+def drop_to_uid_without_pipe_budget(uid: int) -> list[tuple[int, int]] | None:
+    """In a child run as root: become ``uid`` and use up that user's
+    fs.pipe-user-pages-soft with 1 MiB pipes, so the kernel refuses the next large pipe.
+
+    Returns the pipes held (keep them open), or None if the kernel never refused one.
+    """
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+    held = []
+    for _ in range(1024):
+        r, w = os.pipe()
+        held.append((r, w))
+        try:
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
+        except PermissionError:
+            return held
+    return None

@@ -151,10 +151,10 @@ def test_no_pipe_to_be_had_copies_through_the_buffer(monkeypatch: pytest.MonkeyP
 
 
 _UNPRIVILEGED = r"""
-import fcntl, json, os, socket, sys
+import json, os, socket, sys
 sys.path.insert(0, sys.argv[1])
 from proxy.native import hub_for
-from tests.support import running_proxy
+from tests.support import drop_to_uid_without_pipe_budget, running_proxy
 from tests.test_native import echo, exchange, tcp_listener
 from tests.upstreams import pattern, tcp_upstream
 
@@ -170,18 +170,8 @@ def run():
 
 run()  # as root first: every lazy import happens while /root (0700) is still readable
 uid = int(sys.argv[2])
-os.setgroups([])
-os.setgid(uid)
-os.setuid(uid)
-held = []
-for _ in range(1024):  # use up this user's fs.pipe-user-pages-soft with 1 MiB pipes
-    r, w = os.pipe()
-    held.append((r, w))
-    try:
-        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
-    except PermissionError:
-        break
-else:
+held = drop_to_uid_without_pipe_budget(uid)
+if held is None:
     print(json.dumps({"skip": "the kernel never refused a 1 MiB pipe"}))
     sys.exit(0)
 ok, stats = run()

@@ -547,10 +547,10 @@ def test_refused_pipes_fall_back_to_the_buffer_logged_once(
 
 
 _UNPRIVILEGED = r"""
-import fcntl, json, os, socket, sys, threading
+import json, os, socket, sys, threading
 sys.path.insert(0, sys.argv[1])
 from proxy.splice import hub_for
-from tests.support import running_proxy
+from tests.support import drop_to_uid_without_pipe_budget, running_proxy
 from tests.test_splice import echo, exchange, tcp_listener
 from tests.upstreams import pattern, tcp_upstream
 
@@ -562,18 +562,8 @@ def run():
 
 run()  # as root first: every lazy import happens while /root (0700) is still readable
 uid = int(sys.argv[3])
-os.setgroups([])
-os.setgid(uid)
-os.setuid(uid)
-held = []
-for _ in range(1024):  # use up this user's fs.pipe-user-pages-soft with 1 MiB pipes
-    r, w = os.pipe()
-    held.append((r, w))
-    try:
-        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
-    except PermissionError:
-        break
-else:
+held = drop_to_uid_without_pipe_budget(uid)
+if held is None:
     print(json.dumps({"skip": "the kernel never refused a 1 MiB pipe"}))
     sys.exit(0)
 ok, pipes = run()
