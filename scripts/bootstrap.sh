@@ -23,6 +23,13 @@ missing_commands() {
     command -v redis-cli >/dev/null 2>&1 || missing+=(redis-cli)
     command -v python3 >/dev/null 2>&1 || missing+=(python3)
     command -v ip >/dev/null 2>&1 || missing+=(ip)
+    printf '%s\n' "${missing[@]}"
+}
+
+# What the native relay engine is built with; without them cacheport still installs and
+# uses the Python relays, so these are asked of apt-get but never required.
+missing_build_tools() {
+    local missing=()
     command -v cc >/dev/null 2>&1 || missing+=(cc)
     python3 -c 'import os, sysconfig, sys
 sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
@@ -33,16 +40,25 @@ sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Pyth
 install_system_packages() {
     local missing
     missing=$(missing_commands)
-    if [ -z "$missing" ] && python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    if [ -z "$missing" ] && python3 -c 'import venv, ensurepip' >/dev/null 2>&1 \
+            && [ -z "$(missing_build_tools)" ]; then
         return 0
     fi
+    local needed=1  # 0: only the (optional) build tools are missing
+    if [ -z "$missing" ] && python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        needed=0
+    fi
     if ! command -v apt-get >/dev/null 2>&1; then
+        [ "$needed" -eq 0 ] && return 0  # install_venv says what the build tools were for
         die "missing: ${missing//$'\n'/ } (and Python's venv module if absent).
 Install them with your package manager -- memcached, redis-server, redis-cli,
 Python >= 3.11 with venv -- then run this command again."
     fi
     local sudo=()
     if [ "$(id -u)" -ne 0 ]; then
+        if ! command -v sudo >/dev/null 2>&1 && [ "$needed" -eq 0 ]; then
+            return 0
+        fi
         command -v sudo >/dev/null 2>&1 || die "need root to apt-get install ${APT_PACKAGES[*]}; run as root or install sudo"
         sudo=(sudo)
     fi
