@@ -87,9 +87,13 @@ class NativeHub:
         return slot
 
     def take(self, slot: int, reset: bool) -> tuple[int, int]:
-        """End a live connection now; its final byte counts."""
-        up, down, _ = self.engine.close(slot, reset)
-        del self.relays[slot]
+        """End a live connection now; its final byte counts ((0, 0) if the engine has
+        stopped already, which reset it)."""
+        self.relays.pop(slot, None)
+        try:
+            up, down, _ = self.engine.close(slot, reset)
+        except (KeyError, RuntimeError):
+            up = down = 0
         self._idle()
         return up, down
 
@@ -173,7 +177,10 @@ class NativeRelay:
     def _counts(self) -> tuple[int, int, int]:
         if self.closed or self.slot < 0:
             return self.final[0], self.final[1], 0
-        counts: tuple[int, int, int] = self.hub.engine.counts(self.slot)
+        try:
+            counts: tuple[int, int, int] = self.hub.engine.counts(self.slot)
+        except KeyError:  # the engine stopped under us (interpreter exit)
+            return self.final[0], self.final[1], 0
         return counts
 
     @property
