@@ -392,9 +392,9 @@ class Listener:
                 return
             client.setblocking(False)
             _tune(client)
-            # The copy path (docs/hot-loop.md): splice relays own raw sockets, the
-            # buffered Relay wraps them in transports. Cluster listeners bring their own
-            # (rewriting) relay factory and are never spliced.
+            # Who moves the bytes and how (docs/hot-loop.md): the native engine or a splice
+            # relay takes the raw sockets; the buffered Relay wraps them in transports.
+            # Cluster listeners bring their own (rewriting) relay factory: never either.
             plain = self.relay_factory is Relay
             native = choose_native(self.loop, config) if plain else None
             hub = choose_hub(self.loop, config) if plain and native is None else None
