@@ -21,9 +21,9 @@
  * wait for the destination, the source is not watched.
  *
  * Every descriptor is level-triggered and watched only for what some direction
- * waits for; a socket nobody waits on leaves the epoll set, so EPOLLERR and
- * EPOLLHUP (reported whatever the mask) always reach a handler whose syscall
- * sees the error or the EOF.
+ * waits for. A socket nobody waits on stays in the set with an empty mask, so an
+ * RST still arrives as EPOLLERR and ends the connection; a hang-up nobody can act
+ * on yet takes it out of the set until its direction can read again (handle()).
  *
  * No Python object is touched outside the GIL-holding entry points, and the
  * thread never takes the GIL.
