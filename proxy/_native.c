@@ -50,7 +50,6 @@
 #define MODE_SPLICE 1
 #define MODE_BUFFER 2
 
-#define SMALL_READS 2   /* small spliced reads in a row that end a bulk phase */
 #define BATCH 128       /* events per epoll_wait */
 #define WAKE_TAG UINT64_MAX
 
@@ -100,6 +99,8 @@ typedef struct {
     size_t pipe_size;
     uint64_t pipes_created, pipe_failures, pipe_busy;
     double refused_at;
+    double refused_retry; /* seconds before asking the kernel again after a refusal */
+    uint8_t small_reads;  /* small spliced reads in a row that end a bulk phase */
     int pipe_errno;       /* last refusal; 0 when none */
     int pipe_warned;
     char *scratch;
@@ -119,8 +120,6 @@ static uint64_t tag(uint32_t slot, uint32_t gen, int side) {
 
 /* -- pipes --------------------------------------------------------------- */
 
-#define REFUSED_RETRY 5.0
-
 static int lease_pipe(Engine *e, way_t *w) {
     if (e->npipes) {
         e->npipes--;
@@ -133,7 +132,7 @@ static int lease_pipe(Engine *e, way_t *w) {
         e->pipe_busy++;
         return 0;
     }
-    if (e->pipe_errno && now_s() - e->refused_at < REFUSED_RETRY)
+    if (e->pipe_errno && now_s() - e->refused_at < e->refused_retry)
         return 0;
     int p[2];
     if (pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0) {
@@ -296,7 +295,7 @@ static void readable(Engine *e, conn_t *c, int i) {
     __atomic_store_n(&w->nbytes, w->nbytes + (uint64_t)n, __ATOMIC_RELAXED);
     if (c->mode == MODE_AUTO && (size_t)n < c->bulk_at) {
         /* Not at the first small read: that is usually the tail of one large reply. */
-        if (++w->small >= SMALL_READS)
+        if (++w->small >= e->small_reads)
             w->bulk = 0;
     } else {
         w->small = 0;
@@ -536,12 +535,18 @@ static void stop_engine(Engine *e) {
 }
 
 static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
-    static char *names[] = {"pipe_size", "max_pipes", "scratch_size", NULL};
-    Py_ssize_t pipe_size = 1 << 20, max_pipes = 64, scratch = 256 << 10;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|nnn", names, &pipe_size, &max_pipes, &scratch))
+    /* The defaults are proxy/splice.py's; proxy/native.py passes them from there. */
+    static char *names[] = {"pipe_size", "max_pipes", "scratch_size", "small_reads",
+                            "refused_retry", NULL};
+    Py_ssize_t pipe_size = 1 << 20, max_pipes = 64, scratch = 256 << 10, small_reads = 2;
+    double refused_retry = 5.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|nnnnd", names, &pipe_size, &max_pipes,
+                                     &scratch, &small_reads, &refused_retry))
         return -1;
-    if (pipe_size < 4096 || max_pipes < 0 || scratch < 4096) {
-        PyErr_SetString(PyExc_ValueError, "pipe_size and scratch_size >= 4096, max_pipes >= 0");
+    if (pipe_size < 4096 || max_pipes < 0 || scratch < 4096 || small_reads < 1 ||
+            small_reads > 255 || refused_retry < 0) {
+        PyErr_SetString(PyExc_ValueError, "pipe_size and scratch_size >= 4096, max_pipes >= 0, "
+                        "1 <= small_reads <= 255, refused_retry >= 0");
         return -1;
     }
     if (e->inited) {
@@ -552,6 +557,8 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
     e->inited = 1;
     e->epfd = e->wakefd = e->notifyfd = -1;
     e->pipe_size = (size_t)pipe_size;
+    e->small_reads = (uint8_t)small_reads;
+    e->refused_retry = refused_retry;
     e->max_pipes = (uint32_t)max_pipes;
     e->scratch_size = (size_t)scratch;
     e->scratch = malloc(e->scratch_size);

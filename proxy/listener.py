@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from .config import Address, ListenerConfig
 from .health.state import State, choose_upstream
 from .metrics import UpstreamBook
-from .native import NativeRelay, choose_native
+from .native import AnyRelay, NativeRelay, choose_native
 from .relay import BufferPool, Relay
 from .resolver import ResolveError, Resolver
-from .splice import AnyRelay, SpliceRelay, choose_hub
+from .splice import SpliceRelay, choose_hub
 from .tls import ListenerTls
 
 log = logging.getLogger("cacheport.listener")

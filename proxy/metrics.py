@@ -43,7 +43,7 @@ from .config import Address
 if TYPE_CHECKING:
     from .health.monitor import HealthMonitor
     from .listener import Listener
-    from .splice import AnyRelay
+    from .native import AnyRelay
 
 __all__ = ["CONTENT_TYPE_LATEST", "Buckets", "CacheportCollector", "UpstreamBook", "make_registry"]
 

@@ -20,12 +20,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import struct
 import weakref
 from collections.abc import Callable
 from typing import Any
 
 from .config import ListenerConfig
+from .relay import _LINGER_RST, Relay
+
+# The engine applies the splice relay's copy rules, with its measured constants.
+from .splice import (
+    BULK_READ,
+    IDLE_TRIM,
+    MAX_PIPES,
+    PIPE_SIZE,
+    REFUSED_RETRY,
+    SMALL_READS,
+    SpliceRelay,
+)
 
 log = logging.getLogger("cacheport.native")
 
@@ -34,12 +45,7 @@ try:
 except ImportError:  # not built here: the Python relays serve
     _native = None
 
-PIPE_SIZE = 1 << 20  # as proxy/splice.py: 1 MiB pipes move bulk with ~12 syscalls/MiB
-MAX_PIPES = 64  # per engine; beyond this a burst copies through the buffer
-BULK_READ = 16 << 10  # copy: auto -- reads at or above this switch a direction to pipes
-IDLE_TRIM = 2.0  # an engine with no connection closes its pooled pipes after this long
 _MODES = {"auto": 0, "splice": 1, "buffer": 2}
-_LINGER_RST = struct.pack("ii", 1, 0)
 _unavailable_logged = False
 
 
@@ -68,7 +74,8 @@ class NativeHub:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         assert _native is not None
-        self.engine: Any = _native.Engine(pipe_size=PIPE_SIZE, max_pipes=MAX_PIPES)
+        self.engine: Any = _native.Engine(pipe_size=PIPE_SIZE, max_pipes=MAX_PIPES,
+                                          small_reads=SMALL_READS, refused_retry=REFUSED_RETRY)
         self._loop = weakref.ref(loop)  # loops are weakly keyed in _HUBS: never hold them
         self.relays: dict[int, NativeRelay] = {}
         self._armed = False
@@ -243,3 +250,6 @@ class NativeRelay:
     def _closed(self) -> None:
         self.closed = True
         self.on_close(self)
+
+
+AnyRelay = Relay | SpliceRelay | NativeRelay  # what a listener tracks: any path, one face

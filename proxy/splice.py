@@ -54,7 +54,6 @@ import logging
 import os
 import select
 import socket
-import struct
 import sys
 import time
 import weakref
@@ -62,8 +61,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .config import ListenerConfig
-from .native import NativeRelay
-from .relay import BufferPool, Relay
+from .relay import _LINGER_RST, BufferPool
 
 log = logging.getLogger("cacheport.splice")
 
@@ -79,7 +77,6 @@ SMALL_READS = 2  # copy: auto -- this many small spliced reads in a row go back 
 
 _POLL_DEAD = select.POLLERR | select.POLLNVAL
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
-_LINGER_RST = struct.pack("ii", 1, 0)
 
 
 def splice_supported() -> bool:
@@ -875,5 +872,3 @@ class SpliceRelay:
             self.hub.finished(self)
         self.on_close(self)
 
-
-AnyRelay = Relay | SpliceRelay | NativeRelay  # what a listener tracks: any path, one face
