@@ -338,3 +338,20 @@ def drop_to_uid_without_pipe_budget(uid: int) -> list[tuple[int, int]] | None:
         except PermissionError:
             return held
     return None
+
+
+def tcp_listener(port: int, **extra: object) -> list[dict[str, object]]:
+    """A plain listener ``t`` on a free loopback port, relaying to ``port``.
+
+    ``copy`` may be a ``copy_mode`` name (``copy_fields``), which sets ``relay`` too
+    unless the caller gives it.
+    """
+    if "copy" in extra and "relay" not in extra:
+        extra = {**extra, **copy_fields(str(extra["copy"]))}
+    return [{"name": "t", "listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{port}",
+             "protocol": "tcp", **extra}]
+
+
+def only_relay(proxy: ProxyThread, name: str = "t") -> Any:
+    """The one live relay of listener ``name``."""
+    return proxy.call(lambda: next(iter(proxy.server.listeners[name].relays)))

@@ -22,26 +22,19 @@ import proxy.native as native_mod
 from proxy.config import ConfigError
 from proxy.native import NativeRelay, hub_for, native_available
 from proxy.splice import SpliceRelay
-from tests.support import ROOT, ServerProcess, make_config, running_proxy, wait_until
-from tests.upstreams import pattern, tcp_upstream
+from tests.support import (
+    ROOT,
+    ServerProcess,
+    make_config,
+    only_relay,
+    running_proxy,
+    tcp_listener,
+    wait_until,
+)
+from tests.upstreams import echo, pattern, tcp_upstream
 
 needs_native = pytest.mark.skipif(not native_available(),
                                   reason="the native relay engine was not built here")
-
-
-def echo(conn: socket.socket) -> None:
-    conn.settimeout(20)
-    while data := conn.recv(1 << 20):
-        conn.sendall(data)
-
-
-def tcp_listener(port: int, **extra: object) -> list[dict[str, object]]:
-    return [{"name": "t", "listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{port}",
-             "protocol": "tcp", **extra}]
-
-
-def only_relay(proxy: Any, name: str = "t") -> Any:
-    return proxy.call(lambda: next(iter(proxy.server.listeners[name].relays)))
 
 
 def detail(proxy: Any, relay: NativeRelay) -> dict[str, int]:
@@ -154,9 +147,9 @@ _UNPRIVILEGED = r"""
 import json, os, socket, sys
 sys.path.insert(0, sys.argv[1])
 from proxy.native import hub_for
-from tests.support import drop_to_uid_without_pipe_budget, running_proxy
-from tests.test_native import echo, exchange, tcp_listener
-from tests.upstreams import pattern, tcp_upstream
+from tests.support import drop_to_uid_without_pipe_budget, running_proxy, tcp_listener
+from tests.test_native import exchange
+from tests.upstreams import echo, pattern, tcp_upstream
 
 def run():
     payload = pattern(1 << 20)

@@ -18,7 +18,14 @@ import pytest
 
 from proxy.native import NativeRelay
 from proxy.splice import PIPE_SIZE, SpliceRelay
-from tests.support import CacheportProcess, copy_fields, free_port, running_proxy, wait_until
+from tests.support import (
+    CacheportProcess,
+    copy_fields,
+    free_port,
+    running_proxy,
+    tcp_listener,
+    wait_until,
+)
 from tests.upstreams import (
     echo_until_eof_then_reply,
     pattern,
@@ -28,14 +35,6 @@ from tests.upstreams import (
     talk_after_our_eof,
     tcp_upstream,
 )
-
-
-def tcp_listener(port: int, **extra: object) -> list[dict[str, object]]:
-    """A plain listener; ``copy`` takes a ``copy_mode`` name (tests.support.copy_fields)."""
-    if "copy" in extra:
-        extra = {**extra, **copy_fields(str(extra["copy"]))}
-    return [{"name": "t", "listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{port}",
-             "protocol": "tcp", **extra}]
 
 
 def connect(port: int, timeout: float = 10) -> socket.socket:

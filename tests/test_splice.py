@@ -37,13 +37,14 @@ from proxy.splice import PipePool, SpliceHub, SpliceRelay, hub_for, open_pipe
 from tests.support import (
     ROOT,
     ServerProcess,
-    copy_fields,
     make_config,
+    only_relay,
     running_proxy,
     start_server,
     wait_until,
 )
-from tests.upstreams import pattern, tcp_upstream
+from tests.support import tcp_listener as support_tcp_listener
+from tests.upstreams import echo, pattern, tcp_upstream
 
 _RST = struct.pack("ii", 1, 0)
 
@@ -371,19 +372,12 @@ def test_a_stalled_relay_parks_and_resumes_when_the_reader_drains(loop_kind: str
 # -- the path is taken, pipes are pooled ------------------------------------------------
 
 
-def echo(conn: socket.socket) -> None:
-    conn.settimeout(30)
-    while data := conn.recv(1 << 16):
-        conn.sendall(data)
-
-
 def tcp_listener(port: int, **extra: object) -> list[dict[str, object]]:
-    """A plain listener; ``copy`` takes a ``copy_mode`` name (tests.support.copy_fields)."""
-    if "copy" in extra:
-        extra = {**extra, **copy_fields(str(extra["copy"]))}
-    extra.setdefault("relay", "python")  # this file tests the Python relays
-    return [{"name": "t", "listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{port}",
-             "protocol": "tcp", **extra}]
+    """``tests.support.tcp_listener`` on the Python relays, which this file tests, unless
+    ``copy`` names another (a ``copy_mode`` name)."""
+    if "copy" not in extra:
+        extra.setdefault("relay", "python")
+    return support_tcp_listener(port, **extra)
 
 
 def exchange(port: int, payload: bytes,
@@ -402,10 +396,6 @@ def exchange(port: int, payload: bytes,
         if before_close is not None:
             before_close()
         return b"".join(chunks)
-
-
-def only_relay(proxy: Any, name: str = "t") -> Any:
-    return proxy.call(lambda: next(iter(proxy.server.listeners[name].relays)))
 
 
 def test_auto_copies_small_reads_and_splices_bulk(
@@ -551,8 +541,8 @@ import json, os, socket, sys, threading
 sys.path.insert(0, sys.argv[1])
 from proxy.splice import hub_for
 from tests.support import drop_to_uid_without_pipe_budget, running_proxy
-from tests.test_splice import echo, exchange, tcp_listener
-from tests.upstreams import pattern, tcp_upstream
+from tests.test_splice import exchange, tcp_listener
+from tests.upstreams import echo, pattern, tcp_upstream
 
 def run():
     payload = pattern(1 << 20)

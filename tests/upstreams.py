@@ -71,6 +71,12 @@ def recv_all(sock: socket.socket, limit: int = 1 << 30) -> bytes:
     return b"".join(chunks)
 
 
+def echo(conn: socket.socket) -> None:
+    conn.settimeout(30)
+    while data := conn.recv(1 << 16):
+        conn.sendall(data)
+
+
 def echo_until_eof_then_reply(conn: socket.socket) -> None:
     """Read everything the client sends, then answer with its length and a marker, then FIN."""
     data = recv_all(conn)
