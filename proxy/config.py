@@ -258,6 +258,7 @@ class Config:
     listeners: tuple[ListenerConfig, ...]
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     workers: int = 1
+    engine_threads: int | None = None  # native relay threads per process; None: auto
     admin: AdminConfig | None = AdminConfig()  # None: ``admin: off``
     clusters: tuple[ClusterConfig, ...] = ()
     state_dir: str | None = None  # where cluster port assignments persist (None: in memory)
@@ -454,8 +455,8 @@ _TUNABLE_KEYS = (
 )
 # ``health`` may also sit in ``defaults``, but merges key by key instead of replacing
 _HEALTH_FIELD = "health"
-_TOP_KEYS = ("defaults", "listeners", "clusters", "drain_timeout", "workers", "admin",
-             "state_dir")
+_TOP_KEYS = ("defaults", "listeners", "clusters", "drain_timeout", "workers", "engine_threads",
+             "admin", "state_dir")
 _HEALTH_KEYS = ("kind", "interval", "timeout", "rise", "fall", "stats", "username",
                 "password", "password_env", "password_file", "role")
 _PASSWORD_KEYS = ("password", "password_env", "password_file")
@@ -1017,6 +1018,8 @@ def _parse_config(data: Any, path: str) -> Config:
         top["drain_timeout"] = _field(ctx, data, "drain_timeout", "", _parse_drain)
     if "workers" in data:
         top["workers"] = _field(ctx, data, "workers", "", parse_workers)
+    if "engine_threads" in data:
+        top["engine_threads"] = _field(ctx, data, "engine_threads", "", parse_engine_threads)
     if "state_dir" in data:
         top["state_dir"] = _field(ctx, data, "state_dir", "", _parse_state_dir)
     if "clusters" in data:
@@ -1215,6 +1218,18 @@ def parse_workers(value: Any) -> int:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
         raise ValueError(f"expected a number of workers from 1 to 256 or auto, got {_show(value)}")
+    return value
+
+
+def parse_engine_threads(value: Any) -> int | None:
+    """Native relay threads per process, or ``auto`` (None: the CPUs shared among workers)."""
+    if value == "auto":
+        return None
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise ValueError(f"expected a number of engine threads from 1 to 64 or auto, "
+                         f"got {_show(value)}")
     return value
 
 

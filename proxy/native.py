@@ -2,7 +2,7 @@
 
 ::
 
-    listener --accept, dial--> NativeRelay.start --Engine.add(fds)--> engine thread
+    listener --accept, dial--> NativeRelay.start --Engine.add(fds)--> engine thread (1..N)
                                                                        | relays, half-closes,
     listener <--on_close-- NativeHub._reap <--eventfd, Engine.reap()--+ resets, closes
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import weakref
 from collections.abc import Callable
@@ -45,6 +46,7 @@ try:
 except ImportError:  # not built here: the Python relays serve
     _native = None
 
+WORKERS_ENV = "CACHEPORT_WORKERS"  # set by the supervisor: processes sharing the CPUs
 _MODES = {"auto": 0, "splice": 1, "buffer": 2}
 _unavailable_logged = False
 
@@ -66,63 +68,131 @@ def choose_native(loop: asyncio.AbstractEventLoop, config: ListenerConfig) -> Na
                         "compiler at install time, or not Linux); using the Python relays "
                         "(logged once)", config.name)
         return None
-    return hub_for(loop)
+    hub = hub_for(loop)
+    if not hub.lanes:
+        # The first engine starts at the first accept, before the dial: at the descriptor
+        # limit a dial takes the last ones, and the engine would have none left to start.
+        try:
+            hub.pick()
+        except (OSError, MemoryError) as exc:
+            log.debug("native: no engine to be had yet (%s); this connection is Python's", exc)
+            return None
+    return hub
+
+
+class _Lane:
+    """One engine (one thread) and the live relays it holds, by engine slot."""
+
+    __slots__ = ("engine", "relays")
+
+    def __init__(self, max_pipes: int) -> None:
+        assert _native is not None
+        self.engine: Any = _native.Engine(pipe_size=PIPE_SIZE, max_pipes=max_pipes,
+                                          small_reads=SMALL_READS, refused_retry=REFUSED_RETRY)
+        self.relays: dict[int, NativeRelay] = {}
 
 
 class NativeHub:
-    """Per event loop: one engine (one thread), and the live relays by engine slot."""
+    """Per event loop: up to ``threads`` engines, each its own thread and epoll set.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    A connection stays on the engine it was handed to; a new one goes to the engine
+    holding the fewest, so load spreads the way HAProxy's threads share it. Engines are
+    made as connections need them: a proxy with one connection runs one thread.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, threads: int = 1) -> None:
         assert _native is not None
-        self.engine: Any = _native.Engine(pipe_size=PIPE_SIZE, max_pipes=MAX_PIPES,
-                                          small_reads=SMALL_READS, refused_retry=REFUSED_RETRY)
         self._loop = weakref.ref(loop)  # loops are weakly keyed in _HUBS: never hold them
-        self.relays: dict[int, NativeRelay] = {}
-        self._armed = False
+        self.threads = threads  # how many engines new connections may use (reload: any)
+        self.lanes: list[_Lane] = []
         self._trimming = False
-        weakref.finalize(loop, self.engine.stop)
 
-    def add(self, relay: NativeRelay, cfd: int, ufd: int, mode: int, bufsize: int) -> int:
-        """Hand both descriptors to the engine (it owns them even when this raises)."""
-        if not self._armed:
-            loop = self._loop()
-            if loop is not None and not loop.is_closed():
-                loop.add_reader(self.engine.notify_fd, self._reap)
-                self._armed = True
-        slot: int = self.engine.add(cfd, ufd, mode, bufsize, BULK_READ)
-        self.relays[slot] = relay
-        return slot
+    @property
+    def engines(self) -> list[Any]:
+        return [lane.engine for lane in self.lanes]
 
-    def take(self, slot: int, reset: bool) -> tuple[int, int]:
+    def stats(self) -> dict[str, int]:
+        """The engines' counters summed (``pipe_errno``: the last one any engine saw)."""
+        total: dict[str, int] = {}
+        for lane in self.lanes:
+            for key, value in lane.engine.stats().items():
+                if key in ("pipe_errno", "pipe_size"):
+                    total[key] = value or total.get(key, 0)
+                else:
+                    total[key] = total.get(key, 0) + value
+        total["engines"] = len(self.lanes)
+        return total
+
+    def pick(self) -> _Lane:
+        """The engine a new connection goes to, started if there is room for one more."""
+        usable = self.lanes[:self.threads]
+        if usable:
+            lane = min(usable, key=lambda lane: len(lane.relays))
+            if not lane.relays or len(usable) >= self.threads:
+                return lane
+        # Every usable engine is busy and there is room for one more: start it. The
+        # pipe budget (MAX_PIPES per loop) is shared out so the kernel's total is kept.
+        try:
+            lane = _Lane(-(-MAX_PIPES // max(self.threads, 1)))
+        except (OSError, MemoryError):  # out of descriptors (EMFILE) or memory: make do
+            if usable:
+                return min(usable, key=lambda lane: len(lane.relays))
+            raise
+        loop = self._loop()
+        if loop is not None and not loop.is_closed():
+            weakref.finalize(loop, lane.engine.stop)
+            loop.add_reader(lane.engine.notify_fd, self._reap, lane)
+        self.lanes.append(lane)
+        return lane
+
+    def add(self, relay: NativeRelay, cfd: int, ufd: int, mode: int,
+            bufsize: int) -> tuple[_Lane, int]:
+        """Hand both descriptors to an engine (it owns them even when this raises)."""
+        lane = self.pick()
+        slot: int = lane.engine.add(cfd, ufd, mode, bufsize, BULK_READ)
+        lane.relays[slot] = relay
+        return lane, slot
+
+    def take(self, lane: _Lane, slot: int, reset: bool) -> tuple[int, int]:
         """End a live connection now; its final byte counts ((0, 0) if the engine has
         stopped already, which reset it)."""
-        self.relays.pop(slot, None)
+        lane.relays.pop(slot, None)
         try:
-            up, down, _ = self.engine.close(slot, reset)
+            up, down, _ = lane.engine.close(slot, reset)
         except (KeyError, RuntimeError):
             up = down = 0
         self._idle()
         return up, down
 
-    def _reap(self) -> None:
+    def _reap(self, lane: _Lane) -> None:
         """The engine ended connections (EOF both ways, a reset, an error)."""
-        for slot, up, down, _reset in self.engine.reap():
-            relay = self.relays.pop(slot, None)
+        for slot, up, down, _reset in lane.engine.reap():
+            relay = lane.relays.pop(slot, None)
             if relay is not None:
                 relay.ended(up, down)
         self._idle()
 
     def _idle(self) -> None:
-        if not self.relays and not self._trimming:
+        if not self._trimming and any(not lane.relays for lane in self.lanes):
             loop = self._loop()
             if loop is not None and not loop.is_closed():
                 self._trimming = True
                 loop.call_later(IDLE_TRIM, self._idle_trim)
 
     def _idle_trim(self) -> None:
+        """Idle engines give their pooled pipes back; ones a reload left unused stop."""
         self._trimming = False
-        if not self.relays and not self.engine.closed:
-            self.engine.trim_pipes()
+        loop = self._loop()
+        for i, lane in reversed(list(enumerate(self.lanes))):
+            if lane.relays or lane.engine.closed:
+                continue
+            if i >= self.threads:
+                if loop is not None and not loop.is_closed():
+                    loop.remove_reader(lane.engine.notify_fd)
+                lane.engine.stop()
+                del self.lanes[i]
+            else:
+                lane.engine.trim_pipes()
 
 
 _HUBS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, NativeHub] = (
@@ -137,6 +207,28 @@ def hub_for(loop: asyncio.AbstractEventLoop) -> NativeHub:
     return hub
 
 
+def engine_threads(configured: int | None) -> int:
+    """``engine_threads: auto`` is the usable CPUs shared out among the worker processes,
+    like HAProxy's default nbthread: one engine thread per CPU in one process."""
+    if configured is not None:
+        return configured
+    try:
+        cpus = len(os.sched_getaffinity(0))  # a container's cpuset, not the host's
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        workers = max(int(os.environ.get(WORKERS_ENV, "1")), 1)
+    except ValueError:
+        workers = 1
+    return max(cpus // workers, 1)
+
+
+def set_engine_threads(loop: asyncio.AbstractEventLoop, configured: int | None) -> None:
+    """How many engine threads this loop's new connections may spread over (start, reload)."""
+    if _native is not None:
+        hub_for(loop).threads = engine_threads(configured)
+
+
 class NativeRelay:
     """A client connection relayed by the engine; same face as ``splice.SpliceRelay``.
 
@@ -144,8 +236,8 @@ class NativeRelay:
     descriptors and this object keeps the slot and, once ended, the final counts.
     """
 
-    __slots__ = ("__weakref__", "bufsize", "client_sock", "closed", "final", "hub", "mode",
-                 "on_close", "slot", "source", "upstream_sock")
+    __slots__ = ("__weakref__", "bufsize", "client_sock", "closed", "final", "hub", "lane",
+                 "mode", "on_close", "slot", "source", "upstream_sock")
 
     def __init__(self, hub: NativeHub, bufsize: int, on_close: Callable[[NativeRelay], None],
                  source: str = "", copy: str = "auto") -> None:
@@ -156,6 +248,7 @@ class NativeRelay:
         self.mode = _MODES[copy]
         self.client_sock: socket.socket | None = None
         self.upstream_sock: socket.socket | None = None
+        self.lane: _Lane | None = None
         self.slot = -1
         self.closed = False
         self.final = (0, 0)
@@ -172,20 +265,20 @@ class NativeRelay:
         self.client_sock = self.upstream_sock = None
         cfd, ufd = client.detach(), upstream.detach()
         try:
-            self.slot = self.hub.add(self, cfd, ufd, self.mode, self.bufsize)
+            self.lane, self.slot = self.hub.add(self, cfd, ufd, self.mode, self.bufsize)
         except (OSError, RuntimeError, ValueError, MemoryError) as exc:
             log.debug("native: the engine refused a connection: %s", exc)
             self._closed()
 
     @property
     def started(self) -> bool:
-        return self.slot >= 0
+        return self.lane is not None
 
     def _counts(self) -> tuple[int, int, int]:
-        if self.closed or self.slot < 0:
+        if self.closed or self.lane is None:
             return self.final[0], self.final[1], 0
         try:
-            counts: tuple[int, int, int] = self.hub.engine.counts(self.slot)
+            counts: tuple[int, int, int] = self.lane.engine.counts(self.slot)
         except KeyError:  # the engine stopped under us (interpreter exit)
             return self.final[0], self.final[1], 0
         return counts
@@ -212,9 +305,9 @@ class NativeRelay:
 
     def detail(self) -> dict[str, int]:
         """The engine's view of this connection (tests: pipe leases, descriptors)."""
-        if self.closed or self.slot < 0:
+        if self.closed or self.lane is None:
             raise KeyError("not live")
-        detail: dict[str, int] = self.hub.engine.detail(self.slot)
+        detail: dict[str, int] = self.lane.engine.detail(self.slot)
         return detail
 
     def abort(self) -> None:
@@ -228,8 +321,8 @@ class NativeRelay:
     def _end(self, reset: bool) -> None:
         if self.closed:
             return
-        if self.slot >= 0:
-            self.final = self.hub.take(self.slot, reset)
+        if self.lane is not None:
+            self.final = self.hub.take(self.lane, self.slot, reset)
         else:  # not started: the sockets are still Python's
             for sock in (self.client_sock, self.upstream_sock):
                 if sock is not None:

@@ -28,6 +28,7 @@ from . import fleet
 from .admin import AdminError, AdminServer, Request, Response
 from .config import Address, AdminConfig, ConfigError, load_config
 from .metrics import CONTENT_TYPE_LATEST
+from .native import WORKERS_ENV
 from .runtime import EXIT_CONFIG, EXIT_OK, RunOptions, pid_file, raise_nofile_limit, watch_file
 
 log = logging.getLogger("cacheport.supervisor")
@@ -87,7 +88,8 @@ class Supervisor:
 
     async def _spawn(self, worker: Worker) -> None:
         read_fd, write_fd = os.pipe()
-        env = {**os.environ, READY_FD_ENV: str(write_fd), WORKER_ID_ENV: str(worker.index)}
+        env = {**os.environ, READY_FD_ENV: str(write_fd), WORKER_ID_ENV: str(worker.index),
+               WORKERS_ENV: str(len(self.workers))}
         try:
             worker.process = await asyncio.create_subprocess_exec(
                 *self._command(), pass_fds=(write_fd,), env=env)

@@ -99,7 +99,7 @@ def test_auto_copies_small_reads_and_splices_bulk(loop_kind: str) -> None:
             sock.sendall(b"small\r\n")
             assert sock.recv(64) == b"small\r\n"
         after = detail(proxy, relay)
-        stats = proxy.call(lambda: hub_for(proxy.loop).engine.stats())  # type: ignore[arg-type]
+        stats = proxy.call(lambda: hub_for(proxy.loop).stats())  # type: ignore[arg-type]
     assert (after["bulk_up"], after["bulk_down"]) == (0, 0)
     # The first SMALL_READS (2) small reads of each direction may still splice: a lone
     # small read is usually the tail of a large reply.
@@ -138,7 +138,7 @@ def test_no_pipe_to_be_had_copies_through_the_buffer(monkeypatch: pytest.MonkeyP
             socket.create_connection(("127.0.0.1", proxy.port("t")), timeout=15) as sock:
         assert exchange(sock, payload) == payload
         seen = detail(proxy, only_relay(proxy))
-        stats = proxy.call(lambda: hub_for(proxy.loop).engine.stats())  # type: ignore[arg-type]
+        stats = proxy.call(lambda: hub_for(proxy.loop).stats())  # type: ignore[arg-type]
     assert seen["copied_up"] == seen["copied_down"] == len(payload)
     assert stats["pipes_created"] == 0 and stats["pipe_busy"] >= 1
 
@@ -159,7 +159,7 @@ def run():
         for _ in range(3):
             with socket.create_connection(("127.0.0.1", proxy.port("t")), timeout=15) as s:
                 ok = ok and exchange(s, payload) == payload
-        return ok, proxy.call(lambda: hub_for(proxy.loop).engine.stats())
+        return ok, proxy.call(lambda: hub_for(proxy.loop).stats())
 
 run()  # as root first: every lazy import happens while /root (0700) is still readable
 uid = int(sys.argv[2])
@@ -226,7 +226,8 @@ def test_a_stopped_proxy_resets_live_connections_and_ends_the_engine_thread() ->
             sock = socket.create_connection(("127.0.0.1", proxy.port("t")), timeout=10)
             sock.sendall(b"x")
             assert sock.recv(8) == b"x"
-            engine = proxy.call(lambda: hub_for(asyncio.get_running_loop()).engine)
+            engines = proxy.call(lambda: hub_for(asyncio.get_running_loop()).engines)
+            assert len(engines) == 1  # one connection: one engine thread started
             assert _threads() >= before + 2  # the proxy's loop thread and the engine's
         try:
             assert sock.recv(8) == b""  # stop closes what is left
@@ -235,7 +236,7 @@ def test_a_stopped_proxy_resets_live_connections_and_ends_the_engine_thread() ->
         sock.close()
         del proxy
         gc.collect()
-        wait_until(lambda: engine.closed, 5, message="the engine to stop with its loop")
+        wait_until(lambda: engines[0].closed, 5, message="the engine to stop with its loop")
     wait_until(lambda: _threads() <= before, 5, message="the engine thread to end")
 
 
@@ -292,3 +293,98 @@ def test_relay_auto_falls_back_quietly_and_native_says_once_when_not_built(
         loop.close()
     said = [r.getMessage() for r in caplog.records if "not built" in r.getMessage()]
     assert len(said) == 1 and "listener n" in said[0]
+
+
+def _lanes(proxy: Any) -> list[int]:
+    """Live connections per engine thread of the proxy's hub."""
+    return proxy.call(lambda: [len(lane.relays) for lane in hub_for(proxy.loop).lanes])  # type: ignore[no-any-return]
+
+
+def _echoes(socks: list[socket.socket], payload: bytes) -> bool:
+    return all(exchange(sock, payload) == payload for sock in socks)
+
+
+@needs_native
+def test_connections_spread_over_the_engine_threads() -> None:
+    """engine_threads: 2 -- the second connection starts a second engine and each new
+    one goes to the engine holding the fewest; every byte still arrives on each."""
+    payload = pattern(256 << 10)
+    with tcp_upstream(echo) as port, \
+            running_proxy(tcp_listener(port), engine_threads=2) as proxy:
+        socks = [socket.create_connection(("127.0.0.1", proxy.port("t")), timeout=15)
+                 for _ in range(5)]
+        try:
+            assert _echoes(socks, payload)
+            assert sorted(_lanes(proxy)) == [2, 3]
+            socks.pop(0).close()
+            socks.pop(0).close()
+            wait_until(lambda: sum(_lanes(proxy)) == 3, 5, message="two connections to end")
+            socks += [socket.create_connection(("127.0.0.1", proxy.port("t")), timeout=15)
+                      for _ in range(3)]
+            assert _echoes(socks, payload)
+            assert sorted(_lanes(proxy)) == [3, 3]
+            stats = proxy.call(lambda: hub_for(proxy.loop).stats())  # type: ignore[arg-type]
+            assert stats["engines"] == 2 and stats["live"] == 6
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+@needs_native
+def test_one_engine_thread_holds_every_connection_when_so_configured() -> None:
+    with tcp_upstream(echo) as port, \
+            running_proxy(tcp_listener(port), engine_threads=1) as proxy:
+        socks = [socket.create_connection(("127.0.0.1", proxy.port("t")), timeout=15)
+                 for _ in range(4)]
+        try:
+            assert _echoes(socks, b"ping\r\n" * 100)
+            assert _lanes(proxy) == [4]
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+@needs_native
+def test_a_reload_to_fewer_engine_threads_keeps_live_connections_and_stops_the_extra_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native_mod, "IDLE_TRIM", 0.05)
+    with tcp_upstream(echo) as port, \
+            running_proxy(tcp_listener(port), engine_threads=2) as proxy:
+        socks = [socket.create_connection(("127.0.0.1", proxy.port("t")), timeout=15)
+                 for _ in range(2)]
+        assert _echoes(socks, b"x" * 1000)
+        assert _lanes(proxy) == [1, 1]
+        second = proxy.call(lambda: hub_for(proxy.loop).engines[1])  # type: ignore[arg-type]
+        proxy.call(lambda: proxy.server.reload(
+            make_config(tcp_listener(port), engine_threads=1)))
+        socks.append(socket.create_connection(("127.0.0.1", proxy.port("t")), timeout=15))
+        assert _echoes(socks, b"y" * 1000)  # the connection on engine 2 still relays
+        assert _lanes(proxy) == [2, 1]
+        socks.pop(1).close()  # the one on the second engine
+        wait_until(lambda: second.closed, 5, message="the unused engine to stop")
+        assert _lanes(proxy) == [2]
+        assert _echoes(socks, b"z" * 1000)
+        for sock in socks:
+            sock.close()
+
+
+def test_engine_threads_auto_shares_the_cpus_among_the_workers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.delenv(native_mod.WORKERS_ENV, raising=False)
+    assert native_mod.engine_threads(None) == 4
+    monkeypatch.setenv(native_mod.WORKERS_ENV, "2")
+    assert native_mod.engine_threads(None) == 2
+    monkeypatch.setenv(native_mod.WORKERS_ENV, "8")
+    assert native_mod.engine_threads(None) == 1
+    assert native_mod.engine_threads(3) == 3
+    assert make_config(tcp_listener(7001), engine_threads="auto").engine_threads is None
+    assert make_config(tcp_listener(7001), engine_threads=2).engine_threads == 2
+
+
+@pytest.mark.parametrize("value", [0, 65, "many", True, 1.5])
+def test_engine_threads_is_validated(value: Any) -> None:
+    with pytest.raises(ConfigError) as info:
+        make_config(tcp_listener(7001), engine_threads=value)
+    assert "field 'engine_threads': expected a number of engine threads from 1 to 64 or auto" \
+        in str(info.value)
