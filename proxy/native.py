@@ -126,17 +126,16 @@ class NativeHub:
     def pick(self) -> _Lane:
         """The engine a new connection goes to, started if there is room for one more."""
         usable = self.lanes[:self.threads]
-        if usable:
-            lane = min(usable, key=lambda lane: len(lane.relays))
-            if not lane.relays or len(usable) >= self.threads:
-                return lane
+        least = min(usable, key=lambda lane: len(lane.relays), default=None)
+        if least is not None and (not least.relays or len(usable) >= self.threads):
+            return least
         # Every usable engine is busy and there is room for one more: start it. The
         # pipe budget (MAX_PIPES per loop) is shared out so the kernel's total is kept.
         try:
             lane = _Lane(-(-MAX_PIPES // max(self.threads, 1)))
         except (OSError, MemoryError):  # out of descriptors (EMFILE) or memory: make do
-            if usable:
-                return min(usable, key=lambda lane: len(lane.relays))
+            if least is not None:
+                return least
             raise
         loop = self._loop()
         if loop is not None and not loop.is_closed():
