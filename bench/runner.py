@@ -117,6 +117,8 @@ class _Acc:
     cpu: float | None = None
     wall: float = 0.0
     samples: array.array[int] = field(default_factory=lambda: array.array("I"))
+    round_p50: list[float] = field(default_factory=list)  # latency: each round's own
+    round_p99: list[float] = field(default_factory=list)
     error: str = ""
 
     def add(self, run: Run, cpu0: float | None, cpu1: float | None) -> None:
@@ -241,6 +243,9 @@ class Bench:
                 self.workdir / f"lat-{name}-{step.backend}.u32")
             a.add(result, cpu0, self._cpu(run))
             a.samples.extend(samples)
+            ordered = sorted(v / 1000.0 for v in samples)
+            a.round_p50.append(percentile(ordered, 50))
+            a.round_p99.append(percentile(ordered, 99))
         elif workload == "throughput" and step.backend == "redis":
             # The key redis-benchmark GETs, so GET returns a value rather than nil.
             self.client.pipelined(host, port, "redis", "set", step.size, 1, 1, 1, 5.0,
@@ -268,6 +273,9 @@ class Bench:
         if workload == "latency":
             metrics = latency_metrics(a.samples, a.elapsed)
             metrics["op"] = "alternating SET/GET"
+            # Round i of every target ran back to back: report.py pairs them round by round.
+            metrics["rounds_p50_us"] = a.round_p50
+            metrics["rounds_p99_us"] = a.round_p99
             self.samples.setdefault((step.backend, name), array.array("I")).extend(a.samples)
         elif workload == "throughput":
             tool = ("redis-benchmark -t get" if step.backend == "redis"

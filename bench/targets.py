@@ -34,7 +34,7 @@ BACKENDS = ("redis", "memcached")
 PEERS = ("haproxy", "haproxy-tuned", "haproxy-splice", "nginx")
 ALL_TARGETS = ("direct", "dnat", "cacheport", "cacheport-2w", "haproxy", "haproxy-tuned",
                "haproxy-splice", "nginx", "socat", "cacheport-splice", "cacheport-buffer",
-               "cacheport-python")
+               "cacheport-1t", "cacheport-python")
 DEFAULT_TARGETS = ("direct", "dnat", "cacheport", "haproxy", "haproxy-tuned", "haproxy-splice",
                    "nginx", "socat")
 NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
@@ -192,11 +192,13 @@ class Dnat(Target):
 
 class Cacheport(Target):
     def __init__(self, name: str, description: str, copy: str | None = None,
-                 workers: int | None = None, relay: str | None = None) -> None:
+                 workers: int | None = None, relay: str | None = None,
+                 engine_threads: int | None = None) -> None:
         super().__init__(name, description)
         self.copy = copy
         self.workers = workers
         self.relay = relay
+        self.engine_threads = engine_threads
 
     def version(self) -> str:
         return _first_line([sys.executable, "-m", "proxy", "--version"], cwd=ROOT)
@@ -225,6 +227,8 @@ class Cacheport(Target):
         doc: dict[str, object] = {"defaults": defaults, "listeners": listeners}
         if self.workers is not None:
             doc = {"workers": self.workers, **doc}
+        if self.engine_threads is not None:
+            doc = {"engine_threads": self.engine_threads, **doc}
         text = yaml.safe_dump(doc, sort_keys=False)
         path = workdir / f"{tag}.yaml"
         path.write_text(text)
@@ -422,6 +426,8 @@ def make_targets() -> dict[str, Target]:
                                       "splice"),
         "cacheport-buffer": Cacheport("cacheport-buffer", "cacheport with copy: buffer",
                                       "buffer"),
+        "cacheport-1t": Cacheport("cacheport-1t", "cacheport with engine_threads: 1",
+                                  engine_threads=1),
         "cacheport-python": Cacheport("cacheport-python", "cacheport with relay: python "
                                       "(no native engine)", relay="python"),
         "haproxy": Haproxy("haproxy", "HAProxy mode tcp, defaults", "default"),

@@ -198,3 +198,21 @@ def test_ratios_and_added_latency_are_paired_within_each_repetition() -> None:
     assert s.ratio("throughput", "redis", "cacheport", "rps") == pytest.approx(0.5)
     assert s.added("latency", "redis", "cacheport", "p50_us") == pytest.approx(30)
     assert s.value("latency", "redis", "cacheport", "p50_us") == pytest.approx(52)
+
+
+def test_tail_latency_is_also_paired_round_by_round() -> None:
+    def rec(rep: int, target: str, p99s: list[float]) -> Record:
+        return Record(rep, "latency", "redis", target, True,
+                      {"p99_us": max(p99s), "rounds_p99_us": p99s})
+
+    # One burst of noise lands on cacheport's second round of repetition 0: the pooled p99
+    # of that repetition takes it, the round-by-round median leaves it out.
+    records = [rec(0, "direct", [100, 100, 100]), rec(0, "cacheport", [130, 900, 130]),
+               rec(1, "direct", [120, 110, 100]), rec(1, "cacheport", [150, 140, 130])]
+    s = Summary(records, ["direct", "cacheport"])
+    assert s.added_by_round("latency", "redis", "cacheport", "rounds_p99_us") == pytest.approx(30)
+    assert s.added("latency", "redis", "cacheport", "p99_us") == pytest.approx(415)
+    # A record without per-round figures (an older JSON) gives no figure, not an error.
+    old = Summary([Record(0, "latency", "redis", t, True, {"p99_us": 1.0})
+                   for t in ("direct", "cacheport")], ["direct", "cacheport"])
+    assert old.added_by_round("latency", "redis", "cacheport", "rounds_p99_us") is None
