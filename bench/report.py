@@ -11,7 +11,7 @@ import array
 import json
 import math
 import statistics
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -52,13 +52,18 @@ class Summary:
         reps = self.ok.get((workload, backend, target), {})
         return _median(m[key] for m in reps.values() if key in m)
 
+    def _beside_direct(self, workload: str, backend: str,
+                       target: str) -> Iterator[tuple[Metrics, Metrics]]:
+        """(target, direct) metrics of every repetition both completed."""
+        mine = self.ok.get((workload, backend, target), {})
+        base = self.ok.get((workload, backend, "direct"), {})
+        return ((m, base[rep]) for rep, m in mine.items() if rep in base)
+
     def paired(self, workload: str, backend: str, target: str, key: str,
                fn: Callable[[float, float], float]) -> float | None:
         """Median over repetitions of ``fn(target, direct)`` within each repetition."""
-        mine = self.ok.get((workload, backend, target), {})
-        base = self.ok.get((workload, backend, "direct"), {})
-        return _median(fn(m[key], base[rep][key]) for rep, m in mine.items()
-                       if rep in base and key in m and key in base[rep])
+        return _median(fn(m[key], d[key]) for m, d in self._beside_direct(workload, backend, target)
+                       if key in m and key in d)
 
     def added(self, workload: str, backend: str, target: str, key: str) -> float | None:
         return self.paired(workload, backend, target, key, lambda t, d: t - d)
@@ -75,11 +80,8 @@ class Summary:
         it overlaps, and the median over all of them leaves those out. Tail
         percentiles need it most: one bad round sets a repetition's pooled p99.
         """
-        mine = self.ok.get((workload, backend, target), {})
-        base = self.ok.get((workload, backend, "direct"), {})
-        diffs = [t - d for rep, m in mine.items() if rep in base
-                 for t, d in zip(m.get(key, ()), base[rep].get(key, ()), strict=False)]
-        return _median(diffs)
+        return _median(t - d for m, base in self._beside_direct(workload, backend, target)
+                       for t, d in zip(m.get(key, ()), base.get(key, ()), strict=False))
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
