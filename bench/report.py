@@ -14,7 +14,7 @@ import statistics
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .runner import Record, record_dict
 from .targets import PEERS
@@ -23,9 +23,10 @@ Metrics = dict[str, Any]
 MATCH_TOLERANCE = 0.05  # within 5% of the best peer counts as "matches" (noise on 2 cores)
 LATENCY_TOLERANCE_US = 1.0  # ... or within 1 us for added latency
 PSS_GOAL_KB = 2.0
+PSS_LABEL = "PSS per idle connection (KB)"
 
 
-def _median(values: Iterable[float]) -> float | None:
+def median_of(values: Iterable[float]) -> float | None:
     vals = [v for v in values if v is not None and not math.isnan(v)]
     return statistics.median(vals) if vals else None
 
@@ -50,7 +51,7 @@ class Summary:
 
     def value(self, workload: str, backend: str, target: str, key: str) -> float | None:
         reps = self.ok.get((workload, backend, target), {})
-        return _median(m[key] for m in reps.values() if key in m)
+        return median_of(m[key] for m in reps.values() if key in m)
 
     def _beside_direct(self, workload: str, backend: str,
                        target: str) -> Iterator[tuple[Metrics, Metrics]]:
@@ -62,8 +63,9 @@ class Summary:
     def paired(self, workload: str, backend: str, target: str, key: str,
                fn: Callable[[float, float], float]) -> float | None:
         """Median over repetitions of ``fn(target, direct)`` within each repetition."""
-        return _median(fn(m[key], d[key]) for m, d in self._beside_direct(workload, backend, target)
-                       if key in m and key in d)
+        return median_of(fn(m[key], d[key])
+                         for m, d in self._beside_direct(workload, backend, target)
+                         if key in m and key in d)
 
     def added(self, workload: str, backend: str, target: str, key: str) -> float | None:
         return self.paired(workload, backend, target, key, lambda t, d: t - d)
@@ -80,8 +82,8 @@ class Summary:
         it overlaps, and the median over all of them leaves those out. Tail
         percentiles need it most: one bad round sets a repetition's pooled p99.
         """
-        return _median(t - d for m, base in self._beside_direct(workload, backend, target)
-                       for t, d in zip(m.get(key, ()), base.get(key, ()), strict=False))
+        return median_of(t - d for m, base in self._beside_direct(workload, backend, target)
+                         for t, d in zip(m.get(key, ()), base.get(key, ()), strict=False))
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -132,7 +134,7 @@ def _x(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |",
              "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -173,7 +175,7 @@ def summary_table(s: Summary) -> list[str]:
             row += [_f(s.value("connections", conn[0], t, "pss_per_conn_kb"), 2),
                     _f(s.value("connections", conn[0], t, "rss_per_conn_kb"), 2)]
         rows.append(row)
-    return _table(header, rows)
+    return table(header, rows)
 
 
 def detail_tables(s: Summary, plan: dict[str, Any]) -> list[str]:
@@ -194,7 +196,7 @@ def detail_tables(s: Summary, plan: dict[str, Any]) -> list[str]:
                     row.append(f"{_f(v)} ({_signed(a)})" if t != "direct" else _f(v))
                 row.append(_f(s.value("latency", b, t, "rps"), 0))
             rows.append(row)
-        out += _table(header, rows)
+        out += table(header, rows)
     tp = s.backends("throughput")
     if tp:
         out += ["", f"### Throughput — {plan['tp_conns']} connections, pipelined "
@@ -210,7 +212,7 @@ def detail_tables(s: Summary, plan: dict[str, Any]) -> list[str]:
                         _x(s.ratio("throughput", b, t, "rps")),
                         _f(s.value("throughput", b, t, "cpu_us_per_req"), 2)]
             rows.append(row)
-        out += _table(header, rows)
+        out += table(header, rows)
     bulk = s.backends("bulk")
     if bulk:
         out += ["", f"### Bulk — GET of large values, {plan['bulk_conns']} connections, "
@@ -225,7 +227,7 @@ def detail_tables(s: Summary, plan: dict[str, Any]) -> list[str]:
                 row += [_f(s.value("bulk", b, t, "mb_s"), 0), _x(s.ratio("bulk", b, t, "mb_s")),
                         _f(s.value("bulk", b, t, "cpu_us_per_mb"), 0)]
             rows.append(row)
-        out += _table(header, rows)
+        out += table(header, rows)
     conn = s.backends("connections")
     if conn:
         out += ["", "### Idle connections — held open through a fresh proxy process "
@@ -238,11 +240,66 @@ def detail_tables(s: Summary, plan: dict[str, Any]) -> list[str]:
             rows.append([t, _f(n, 0), _f(s.value("connections", conn[0], t, "rss_per_conn_kb"), 2),
                          _f(s.value("connections", conn[0], t, "pss_per_conn_kb"), 2),
                          _f(s.value("connections", conn[0], t, "pss_per_conn_at_once_kb"), 2)])
-        out += _table(["target", "connections", "RSS KB/conn", "PSS KB/conn",
+        out += table(["target", "connections", "RSS KB/conn", "PSS KB/conn",
                        "PSS KB/conn at once"], rows)
         out += ["", "Read after the connections were idle for 1 s (the same wait for every "
                 "target); the last column is read the moment the last one opened."]
     return out
+
+
+class Column(NamedTuple):
+    """One figure the issue judges cacheport by, read per target from one run's Summary."""
+
+    label: str
+    get: Callable[[str], float | None]
+    lower_better: bool
+    abs_tol: float = 0.0
+
+
+def columns(s: Summary) -> list[Column]:
+    cols: list[Column] = []
+    for b in s.backends("latency"):
+        for k, name in (("p50_us", "p50"), ("p99_us", "p99")):
+            cols.append(Column(f"{b} added {name} (µs)", partial(s.added, "latency", b, key=k),
+                               True, LATENCY_TOLERANCE_US))
+        for k, name in (("p50_us", "p50"), ("p99_us", "p99")):
+            cols.append(Column(f"{b} added {name}, paired per round (µs)",
+                               partial(s.added_by_round, "latency", b, key=f"rounds_{k}"),
+                               True, LATENCY_TOLERANCE_US))
+    for b in s.backends("throughput"):
+        cols.append(Column(f"pipelined {b} (x direct)",
+                           partial(s.ratio, "throughput", b, key="rps"), False))
+    for b in s.backends("bulk"):
+        cols.append(Column(f"{b} transfer (x direct)", partial(s.ratio, "bulk", b, key="mb_s"),
+                           False))
+    mb1 = _bulk_key(s, "1MB")
+    if mb1:
+        cols.append(Column("proxy CPU per MB, 1 MB values (µs)",
+                           partial(s.value, "bulk", mb1, key="cpu_us_per_mb"), True))
+    conn = s.backends("connections")
+    if conn:
+        cols.append(Column(PSS_LABEL,
+                           partial(s.value, "connections", conn[0], key="pss_per_conn_kb"),
+                           True, 0.1))
+    return cols
+
+
+def verdict(mine: float, best: float, lower_better: bool, abs_tol: float) -> str:
+    tol = max(abs(best) * MATCH_TOLERANCE, abs_tol)
+    if (mine <= best) if lower_better else (mine >= best):
+        return "beats" if abs(mine - best) > tol else "matches"
+    return "matches (within noise)" if abs(mine - best) <= tol else "behind"
+
+
+def best_of(scored: Iterable[tuple[float, str]], lower_better: bool) -> tuple[float, str] | None:
+    """The best (figure, peer); None when no peer has a figure."""
+    ranked = sorted(scored, reverse=not lower_better)
+    return ranked[0] if ranked else None
+
+
+def tolerance_line() -> str:
+    return (f"\"matches\": within {MATCH_TOLERANCE:.0%} (or {LATENCY_TOLERANCE_US:g} µs of added "
+            "latency) of the best peer.")
 
 
 def standing(s: Summary, who: str = "cacheport") -> list[str]:
@@ -251,53 +308,27 @@ def standing(s: Summary, who: str = "cacheport") -> list[str]:
     if who not in s.targets or not peers:
         return []
     rows: list[list[str]] = []
-
-    def judge(label: str, get: Callable[[str], float | None], lower_better: bool,
-              abs_tol: float = 0.0, unit: str = "") -> None:
-        mine = get(who)
-        scored = [(v, p) for p in peers if (v := get(p)) is not None]
-        if mine is None or not scored:
-            return
-        best, best_peer = min(scored) if lower_better else max(scored)
-        tol = max(abs(best) * MATCH_TOLERANCE, abs_tol)
-        if (mine <= best) if lower_better else (mine >= best):
-            verdict = "beats" if abs(mine - best) > tol else "matches"
-        elif abs(mine - best) <= tol:
-            verdict = "matches (within noise)"
-        else:
-            verdict = "behind"
-        rows.append([label, f"{mine:,.2f}{unit}", f"{best:,.2f}{unit} ({best_peer})", verdict])
-
-    for b in s.backends("latency"):
-        for k, name in (("p50_us", "p50"), ("p99_us", "p99")):
-            judge(f"{b} added {name} (µs)", partial(s.added, "latency", b, key=k), True,
-                  LATENCY_TOLERANCE_US)
-        for k, name in (("p50_us", "p50"), ("p99_us", "p99")):
-            judge(f"{b} added {name}, paired per round (µs)",
-                  partial(s.added_by_round, "latency", b, key=f"rounds_{k}"), True,
-                  LATENCY_TOLERANCE_US)
-    for b in s.backends("throughput"):
-        judge(f"pipelined {b} (x direct)", partial(s.ratio, "throughput", b, key="rps"), False)
-    for b in s.backends("bulk"):
-        judge(f"{b} transfer (x direct)", partial(s.ratio, "bulk", b, key="mb_s"), False)
-    mb1 = _bulk_key(s, "1MB")
-    if mb1:
-        judge("proxy CPU per MB, 1 MB values (µs)",
-              lambda t: s.value("bulk", mb1, t, "cpu_us_per_mb"), True)
+    for col in columns(s):
+        mine = col.get(who)
+        best = best_of(((v, p) for p in peers if (v := col.get(p)) is not None),
+                       col.lower_better)
+        if mine is None or best is None:
+            continue
+        rows.append([col.label, f"{mine:,.2f}", f"{best[0]:,.2f} ({best[1]})",
+                     verdict(mine, best[0], col.lower_better, col.abs_tol)])
     conn = s.backends("connections")
-    if conn:
-        judge("PSS per idle connection (KB)",
-              lambda t: s.value("connections", conn[0], t, "pss_per_conn_kb"), True, 0.1)
     pss = s.value("connections", conn[0], who, "pss_per_conn_kb") if conn else None
     if pss is not None:
-        rows.append([f"PSS per idle connection ≤ {PSS_GOAL_KB:g} KB (goal)", f"{pss:.2f}",
-                     "-", "meets" if pss <= PSS_GOAL_KB else "misses"])
+        rows.append(pss_goal_row(pss))
     if not rows:
         return []
     return ["", f"### Where {who} stands against the best of {', '.join(peers)}", "",
-            f"\"matches\": within {MATCH_TOLERANCE:.0%} (or {LATENCY_TOLERANCE_US:g} µs of added "
-            "latency) of the best peer.", "",
-            *_table(["column", who, "best peer", "verdict"], rows)]
+            tolerance_line(), "", *table(["column", who, "best peer", "verdict"], rows)]
+
+
+def pss_goal_row(pss: float) -> list[str]:
+    return [f"PSS per idle connection ≤ {PSS_GOAL_KB:g} KB (goal)", f"{pss:.2f}", "-",
+            "meets" if pss <= PSS_GOAL_KB else "misses"]
 
 
 def markdown(doc: dict[str, Any], s: Summary) -> str:

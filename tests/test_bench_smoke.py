@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
+from bench.pool import PoolError, load, pooled
 from bench.report import Summary
-from bench.runner import Record
+from bench.runner import Record, record_dict
 from tests.support import ROOT
 
 
@@ -216,3 +217,44 @@ def test_tail_latency_is_also_paired_round_by_round() -> None:
     old = Summary([Record(0, "latency", "redis", t, True, {"p99_us": 1.0})
                    for t in ("direct", "cacheport")], ["direct", "cacheport"])
     assert old.added_by_round("latency", "redis", "cacheport", "rounds_p99_us") is None
+
+
+def _run_doc(topology: str, figures: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """One run's JSON: per target (added-free p50, 1 MB CPU µs/MB); direct's p50 is 100."""
+    records = []
+    for target, (p50, cpu) in {"direct": (100.0, 0.0), **figures}.items():
+        records.append(Record(0, "latency", "redis", target, True, {"p50_us": p50}))
+        records.append(Record(0, "bulk", "memcached 1MB", target, True,
+                              {"mb_s": 100.0, "cpu_us_per_mb": cpu}))
+    return {"topology": topology, "started": "2026-12-03T00:00:00+00:00",
+            "commit": {"short": "abc"}, "plan": {"reps": 1}, "machine": {},
+            "targets": {"direct": {}, **{t: {} for t in figures}},
+            "records": [record_dict(r) for r in records]}
+
+
+def test_pooling_judges_the_median_of_each_target_over_runs(tmp_path: Path) -> None:
+    # nginx is best in one run by luck; over three runs cacheport's median is the lower one.
+    runs = [_run_doc("netns", {"cacheport": (130, 400), "nginx": (120, 420)}),
+            _run_doc("netns", {"cacheport": (125, 390), "nginx": (140, 450)}),
+            _run_doc("netns", {"cacheport": (128, 500), "nginx": (135, 430)})]
+    paths = []
+    for i, doc in enumerate(runs):
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps(doc))
+    text = "\n".join(pooled([load(p) for p in paths]))
+    row = next(line for line in text.splitlines() if line.startswith("| redis added p50 (µs)"))
+    assert row.split(" | ")[1:] == ["30.00, 25.00, 28.00", "28.00", "35.00 (nginx)", "beats |"]
+    cpu = next(line for line in text.splitlines() if line.startswith("| proxy CPU per MB"))
+    assert cpu.split(" | ")[2:] == ["400.00", "430.00 (nginx)", "beats |"]
+    assert "Behind in 0 of" in text
+
+    mixed = tmp_path / "loopback.json"
+    mixed.write_text(json.dumps(_run_doc("loopback", {"cacheport": (1, 1), "nginx": (1, 1)})))
+    with pytest.raises(PoolError, match="different topologies"):
+        pooled([load(paths[0]), load(mixed)])
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{not json")
+    result = subprocess.run([sys.executable, "-m", "bench.pool", str(garbage)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "not a bench JSON report" in result.stderr and "Traceback" not in result.stderr
