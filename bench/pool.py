@@ -91,19 +91,32 @@ def pooled(runs: Sequence[tuple[dict[str, Any], Summary]], who: str = "cacheport
             continue
         each = ", ".join(f"{r[who]:,.2f}" if who in r else "-" for r in in_runs)
         rows.append([label, each, f"{mine:,.2f}", f"{best[0]:,.2f} ({best[1]})",
-                     verdict(mine, best[0], lower_better, abs_tol)])
+                     verdict(mine, best[0], lower_better, abs_tol),
+                     _runs_level(in_runs, who, lower_better, abs_tol)])
         if label == PSS_LABEL:
             goal = pss_goal_row(mine)
-            pss_row = [goal[0], "", goal[1], goal[2], goal[3]]
+            pss_row = [goal[0], "", goal[1], goal[2], goal[3], ""]
     if pss_row:
         rows.append(pss_row)
     lines += ["", *table(["column", f"{who}, each run", f"{who}, median",
-                          "best peer, median", "verdict"], rows)]
-    behind = [r[0] for r in rows if r[-1] in ("behind", "misses")]
+                          "best peer, median", "verdict", "runs at matches or better"], rows)]
+    behind = [r[0] for r in rows if r[4] in ("behind", "misses")]
     lines += ["", f"Behind in {len(behind)} of {len(rows)} rows"
               + (f": {'; '.join(behind)}." if behind else ".")
               + f" (PSS goal: at most {PSS_GOAL_KB:g} KB per idle connection.)"]
     return lines
+
+
+def _runs_level(in_runs: list[dict[str, float]], who: str, lower_better: bool,
+                abs_tol: float) -> str:
+    """In how many runs the run's own standing table had ``who`` at "matches" or better."""
+    level = judged = 0
+    for run in in_runs:
+        best = best_of(((v, t) for t, v in run.items() if t in PEERS), lower_better)
+        if who in run and best is not None:
+            judged += 1
+            level += verdict(run[who], best[0], lower_better, abs_tol) != "behind"
+    return f"{level} of {judged}"
 
 
 def _workloads(doc: dict[str, Any]) -> str:

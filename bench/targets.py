@@ -34,7 +34,7 @@ BACKENDS = ("redis", "memcached")
 PEERS = ("haproxy", "haproxy-tuned", "haproxy-splice", "nginx")
 ALL_TARGETS = ("direct", "dnat", "cacheport", "cacheport-2w", "haproxy", "haproxy-tuned",
                "haproxy-splice", "nginx", "socat", "cacheport-splice", "cacheport-buffer",
-               "cacheport-1t", "cacheport-python")
+               "cacheport-1t", "cacheport-nocheck", "cacheport-python")
 DEFAULT_TARGETS = ("direct", "dnat", "cacheport", "haproxy", "haproxy-tuned", "haproxy-splice",
                    "nginx", "socat")
 NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
@@ -193,8 +193,10 @@ class Dnat(Target):
 class Cacheport(Target):
     def __init__(self, name: str, description: str, copy: str | None = None,
                  workers: int | None = None, relay: str | None = None,
-                 engine_threads: int | None = None) -> None:
+                 engine_threads: int | None = None,
+                 defaults: dict[str, object] | None = None) -> None:
         super().__init__(name, description)
+        self.defaults = defaults or {}
         self.copy = copy
         self.workers = workers
         self.relay = relay
@@ -210,6 +212,7 @@ class Cacheport(Target):
         defaults: dict[str, object] = {"connect_timeout": "3s"}
         for key, value in opts.cacheport_defaults:
             defaults[key] = yaml.safe_load(value)
+        defaults.update(self.defaults)
         if self.copy is not None:
             defaults["copy"] = self.copy
         if self.relay is not None:
@@ -428,6 +431,9 @@ def make_targets() -> dict[str, Target]:
                                       "buffer"),
         "cacheport-1t": Cacheport("cacheport-1t", "cacheport with engine_threads: 1",
                                   engine_threads=1),
+        # What the health checks (on by default, every 2 s per node) cost the latency path.
+        "cacheport-nocheck": Cacheport("cacheport-nocheck", "cacheport with health: off",
+                                       defaults={"health": "off"}),
         "cacheport-python": Cacheport("cacheport-python", "cacheport with relay: python "
                                       "(no native engine)", relay="python"),
         "haproxy": Haproxy("haproxy", "HAProxy mode tcp, defaults", "default"),

@@ -243,9 +243,10 @@ def test_pooling_judges_the_median_of_each_target_over_runs(tmp_path: Path) -> N
         paths[-1].write_text(json.dumps(doc))
     text = "\n".join(pooled([load(p) for p in paths]))
     row = next(line for line in text.splitlines() if line.startswith("| redis added p50 (µs)"))
-    assert row.split(" | ")[1:] == ["30.00, 25.00, 28.00", "28.00", "35.00 (nginx)", "beats |"]
+    assert row.split(" | ")[1:] == ["30.00, 25.00, 28.00", "28.00", "35.00 (nginx)", "beats",
+                                    "2 of 3 |"]
     cpu = next(line for line in text.splitlines() if line.startswith("| proxy CPU per MB"))
-    assert cpu.split(" | ")[2:] == ["400.00", "430.00 (nginx)", "beats |"]
+    assert cpu.split(" | ")[2:] == ["400.00", "430.00 (nginx)", "beats", "2 of 3 |"]
     assert "Behind in 0 of" in text
 
     mixed = tmp_path / "loopback.json"
