@@ -42,8 +42,8 @@ class Plan:
     tp_cap: float = 8.0  # per round
     tp_rounds: int = 2
     bulk_sizes: tuple[int, ...] = (16 * 1024, 1024 * 1024)
-    # About 1 GB and 3 GB per target and repetition, in 6 rounds: at 2 rounds of 0.3 GB a
-    # 1 MB figure rested on 0.4 s of transfer and moved by more than the 5 % tolerance.
+    # About 1 GB and 3 GB per target and repetition, in 6 rounds. At 1,000 x 1 MB in 2
+    # rounds a figure rested on 0.4 s of transfer and moved by more than the 5 % tolerance.
     bulk_requests: tuple[int, ...] = (60_000, 3_000)
     bulk_conns: int = 4
     bulk_cap: float = 6.0  # per round
