@@ -10,6 +10,10 @@ would otherwise pick, each in the configuration the issue names:
 - ``nginx``          stream module, worker_processes 1, tcp_nodelay on, proxy_buffer_size 64k
 - ``socat``          one forked child per connection, 64 KiB buffers, TCP_NODELAY
 
+Not in the default set: ``haproxy-busy`` (haproxy-tuned + ``busy-polling``, HAProxy's
+answer to the wake-up cost that cacheport's ``busy_poll`` also addresses) and
+cacheport variants (``cacheport-nospin`` is ``busy_poll: off``, and so on).
+
 Each ``launch()`` writes its own configuration, starts the process(es) in the
 NAT namespace (or on loopback) and waits until every listener accepts.
 """
@@ -34,7 +38,8 @@ BACKENDS = ("redis", "memcached")
 PEERS = ("haproxy", "haproxy-tuned", "haproxy-splice", "nginx")
 ALL_TARGETS = ("direct", "dnat", "cacheport", "cacheport-2w", "haproxy", "haproxy-tuned",
                "haproxy-splice", "nginx", "socat", "cacheport-splice", "cacheport-buffer",
-               "cacheport-1t", "cacheport-nocheck", "cacheport-python")
+               "cacheport-1t", "cacheport-nocheck", "cacheport-python", "cacheport-nospin",
+               "haproxy-busy")
 DEFAULT_TARGETS = ("direct", "dnat", "cacheport", "haproxy", "haproxy-tuned", "haproxy-splice",
                    "nginx", "socat")
 NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
@@ -194,8 +199,10 @@ class Cacheport(Target):
     def __init__(self, name: str, description: str, copy: str | None = None,
                  workers: int | None = None, relay: str | None = None,
                  engine_threads: int | None = None,
-                 defaults: dict[str, object] | None = None) -> None:
+                 defaults: dict[str, object] | None = None,
+                 busy_poll: str | None = None) -> None:
         super().__init__(name, description)
+        self.busy_poll = busy_poll
         self.defaults = defaults or {}
         self.copy = copy
         self.workers = workers
@@ -232,6 +239,8 @@ class Cacheport(Target):
             doc = {"workers": self.workers, **doc}
         if self.engine_threads is not None:
             doc = {"engine_threads": self.engine_threads, **doc}
+        if self.busy_poll is not None:
+            doc = {"busy_poll": self.busy_poll, **doc}
         text = yaml.safe_dump(doc, sort_keys=False)
         path = workdir / f"{tag}.yaml"
         path.write_text(text)
@@ -265,10 +274,12 @@ class Haproxy(Target):
         defaults = ["    mode tcp", "    timeout connect 3s",
                     f"    timeout client {IDLE_TIMEOUT}", f"    timeout server {IDLE_TIMEOUT}",
                     f"    maxconn {maxconn}"]
-        if self.variant in ("tuned", "splice"):
+        if self.variant in ("tuned", "splice", "busy"):
             glob += ["    nbthread 1", "    tune.bufsize 65536", "    tune.pipesize 1048576",
                      f"    maxpipes {maxpipes}"]
-        if self.variant == "tuned":
+        if self.variant == "busy":
+            glob.append("    busy-polling")
+        if self.variant in ("tuned", "busy"):
             defaults.append("    option splice-auto")
         elif self.variant == "splice":
             defaults += ["    option splice-request", "    option splice-response"]
@@ -436,11 +447,16 @@ def make_targets() -> dict[str, Target]:
                                        defaults={"health": "off"}),
         "cacheport-python": Cacheport("cacheport-python", "cacheport with relay: python "
                                       "(no native engine)", relay="python"),
+        # What busy_poll (on by default, 50 us) buys and costs.
+        "cacheport-nospin": Cacheport("cacheport-nospin", "cacheport with busy_poll: off",
+                                      busy_poll="off"),
         "haproxy": Haproxy("haproxy", "HAProxy mode tcp, defaults", "default"),
         "haproxy-tuned": Haproxy("haproxy-tuned", "HAProxy tuned: bufsize 64k, pipesize 1M, "
                                  "maxpipes, splice-auto, nbthread 1", "tuned"),
         "haproxy-splice": Haproxy("haproxy-splice", "HAProxy tuned + splice-request + "
                                   "splice-response (always splice)", "splice"),
+        "haproxy-busy": Haproxy("haproxy-busy", "HAProxy tuned + busy-polling (never sleeps: "
+                                "one CPU at 100 % while it runs)", "busy"),
         "nginx": Nginx("nginx", "nginx stream: worker_processes 1, tcp_nodelay on, "
                        "proxy_buffer_size 64k"),
         "socat": Socat("socat", "socat fork per connection, -b 65536, nodelay"),

@@ -39,6 +39,10 @@ MAX_CLUSTER_PORTS = 1024
 DEFAULT_CONNECT_TIMEOUT = 3.0
 DEFAULT_BUFFER_SIZE = 64 * 1024
 DEFAULT_DRAIN_TIMEOUT = 30.0
+# The native engine polls this long after each batch before it sleeps (docs/hot-loop.md):
+# on a virtual CPU a wake-up from sleep costs tens of µs, more than the relay itself.
+DEFAULT_BUSY_POLL_US = 50.0
+MAX_BUSY_POLL_US = 1000.0
 DEFAULT_ADMIN_PORT = 9180
 DEFAULT_CHECK_INTERVAL = 2.0  # HAProxy's inter 2s, rise 2, fall 3
 DEFAULT_CHECK_TIMEOUT = 1.0
@@ -48,11 +52,11 @@ RedisRole = Literal["any", "primary"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HOST_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|µs|ms|s|m|h)?\s*$")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(k|kb|kib|m|mb|mib)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {None: 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
                "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20}
-_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_UNITS = {None: 1.0, "us": 1e-6, "µs": 1e-6, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 _REPR = reprlib.Repr()
@@ -259,6 +263,7 @@ class Config:
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     workers: int = 1
     engine_threads: int | None = None  # native relay threads per process; None: auto
+    busy_poll_us: float = DEFAULT_BUSY_POLL_US  # engine polls this long after a batch; 0: off
     admin: AdminConfig | None = AdminConfig()  # None: ``admin: off``
     clusters: tuple[ClusterConfig, ...] = ()
     state_dir: str | None = None  # where cluster port assignments persist (None: in memory)
@@ -456,7 +461,7 @@ _TUNABLE_KEYS = (
 # ``health`` may also sit in ``defaults``, but merges key by key instead of replacing
 _HEALTH_FIELD = "health"
 _TOP_KEYS = ("defaults", "listeners", "clusters", "drain_timeout", "workers", "engine_threads",
-             "admin", "state_dir")
+             "busy_poll", "admin", "state_dir")
 _HEALTH_KEYS = ("kind", "interval", "timeout", "rise", "fall", "stats", "username",
                 "password", "password_env", "password_file", "role")
 _PASSWORD_KEYS = ("password", "password_env", "password_file")
@@ -1020,6 +1025,8 @@ def _parse_config(data: Any, path: str) -> Config:
         top["workers"] = _field(ctx, data, "workers", "", parse_workers)
     if "engine_threads" in data:
         top["engine_threads"] = _field(ctx, data, "engine_threads", "", parse_engine_threads)
+    if "busy_poll" in data:
+        top["busy_poll_us"] = _field(ctx, data, "busy_poll", "", parse_busy_poll)
     if "state_dir" in data:
         top["state_dir"] = _field(ctx, data, "state_dir", "", _parse_state_dir)
     if "clusters" in data:
@@ -1231,6 +1238,23 @@ def parse_engine_threads(value: Any) -> int | None:
         raise ValueError(f"expected a number of engine threads from 1 to 64 or auto, "
                          f"got {_show(value)}")
     return value
+
+
+def parse_busy_poll(value: Any) -> float:
+    """``busy_poll: 50us`` (µs the engine polls after a batch before it sleeps), ``off``."""
+    m = _DURATION_RE.match(value) if isinstance(value, str) else None
+    if value == 0 or (m is not None and float(m.group(1)) == 0):  # 0, 0us: off
+        return 0.0
+    try:
+        seconds = parse_duration(value, allow_off=True)
+    except ValueError:
+        raise ValueError(f"expected a duration up to {MAX_BUSY_POLL_US:.0f}us, like 50us, "
+                         f"or off, got {_show(value)}") from None
+    us = 0.0 if seconds is None else round(seconds * 1e6, 3)
+    if us > MAX_BUSY_POLL_US:
+        raise ValueError(f"expected a duration up to {MAX_BUSY_POLL_US:.0f}us (a longer spin "
+                         f"costs a CPU for nothing a sleep would not give), got {_show(value)}")
+    return us
 
 
 def load_yaml(text: str, path: str = "<config>") -> Any:

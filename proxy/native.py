@@ -25,7 +25,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from .config import ListenerConfig
+from .config import DEFAULT_BUSY_POLL_US, ListenerConfig
 from .relay import _LINGER_RST, Relay
 
 # The engine applies the splice relay's copy rules, with its measured constants.
@@ -85,10 +85,11 @@ class _Lane:
 
     __slots__ = ("engine", "relays")
 
-    def __init__(self, max_pipes: int) -> None:
+    def __init__(self, max_pipes: int, busy_poll_us: float) -> None:
         assert _native is not None
         self.engine: Any = _native.Engine(pipe_size=PIPE_SIZE, max_pipes=max_pipes,
-                                          small_reads=SMALL_READS, refused_retry=REFUSED_RETRY)
+                                          small_reads=SMALL_READS, refused_retry=REFUSED_RETRY,
+                                          busy_poll_us=busy_poll_us)
         self.relays: dict[int, NativeRelay] = {}
 
 
@@ -104,8 +105,21 @@ class NativeHub:
         assert _native is not None
         self._loop = weakref.ref(loop)  # loops are weakly keyed in _HUBS: never hold them
         self.threads = threads  # how many engines new connections may use (reload: any)
+        self._busy_poll_us = DEFAULT_BUSY_POLL_US
         self.lanes: list[_Lane] = []
         self._trimming = False
+
+    @property
+    def busy_poll_us(self) -> float:
+        return self._busy_poll_us
+
+    @busy_poll_us.setter
+    def busy_poll_us(self, us: float) -> None:
+        """Live engines take a new value at their next batch (a reload)."""
+        self._busy_poll_us = us
+        for lane in self.lanes:
+            if not lane.engine.closed:
+                lane.engine.busy_poll_us = us
 
     @property
     def engines(self) -> list[Any]:
@@ -132,7 +146,7 @@ class NativeHub:
         # Every usable engine is busy and there is room for one more: start it. The
         # pipe budget (MAX_PIPES per loop) is shared out so the kernel's total is kept.
         try:
-            lane = _Lane(-(-MAX_PIPES // max(self.threads, 1)))
+            lane = _Lane(-(-MAX_PIPES // max(self.threads, 1)), self._busy_poll_us)
         except (OSError, MemoryError):  # out of descriptors (EMFILE) or memory: make do
             if least is not None:
                 return least
@@ -222,10 +236,14 @@ def engine_threads(configured: int | None) -> int:
     return max(cpus // workers, 1)
 
 
-def set_engine_threads(loop: asyncio.AbstractEventLoop, configured: int | None) -> None:
-    """How many engine threads this loop's new connections may spread over (start, reload)."""
+def configure_engines(loop: asyncio.AbstractEventLoop, threads: int | None,
+                      busy_poll_us: float) -> None:
+    """How many engine threads this loop's new connections may spread over, and how long
+    each polls before it sleeps (start, reload)."""
     if _native is not None:
-        hub_for(loop).threads = engine_threads(configured)
+        hub = hub_for(loop)
+        hub.threads = engine_threads(threads)
+        hub.busy_poll_us = busy_poll_us
 
 
 class NativeRelay:

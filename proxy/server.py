@@ -37,7 +37,7 @@ from .config import Address, ClusterConfig, Config, ListenerConfig
 from .health.monitor import HealthMonitor, Target
 from .health.state import State, Transition
 from .listener import BindError, Listener, RelayFactory
-from .native import set_engine_threads
+from .native import configure_engines
 from .relay import BufferPool
 from .reload import ReloadPlan, plan_reload
 from .resolver import Resolver
@@ -141,7 +141,7 @@ class Server:
         self._idle = asyncio.Event()
         self._cut_now = asyncio.Event()
         self._resolver = Resolver(loop)
-        set_engine_threads(loop, self.config.engine_threads)
+        configure_engines(loop, self.config.engine_threads, self.config.busy_poll_us)
         admin = None
         if self.config.admin is not None:
             admin_config = self.config.admin
@@ -317,7 +317,8 @@ class Server:
             self.listeners[listener.name] = listener
         self.config = config
         if self.loop is not None:  # new connections spread over the new count; live ones stay
-            set_engine_threads(self.loop, config.engine_threads)
+            # where they are; busy_poll changes on live engines too
+            configure_engines(self.loop, config.engine_threads, config.busy_poll_us)
         if self.monitor is not None:
             # Unchanged (listener, upstream, check) targets keep their state and counts.
             self.monitor.sync(config.listeners)

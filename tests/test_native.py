@@ -388,3 +388,68 @@ def test_engine_threads_is_validated(value: Any) -> None:
         make_config(tcp_listener(7001), engine_threads=value)
     assert "field 'engine_threads': expected a number of engine threads from 1 to 64 or auto" \
         in str(info.value)
+
+
+def _engine_polls(proxy: Any) -> list[float]:
+    return proxy.call(  # type: ignore[no-any-return]
+        lambda: [lane.engine.busy_poll_us for lane in hub_for(proxy.loop).lanes])
+
+
+@needs_native
+@pytest.mark.parametrize("busy_poll", ["50us", "off"])
+def test_busy_poll_on_and_off_relay_a_real_client_byte_exact(
+        busy_poll: str, redis_server: ServerProcess) -> None:
+    """The spin after a batch changes when the thread sleeps, not what it moves: redis-py's
+    round trips and a 256 KiB value come back whole either way, and a reload takes the new
+    setting into the live engine."""
+    import redis
+
+    listeners = [{"name": "r", "listen": "127.0.0.1:0", "upstream": redis_server.address,
+                  "protocol": "redis"}]
+    with running_proxy(listeners, busy_poll=busy_poll) as proxy:
+        client = redis.Redis(host="127.0.0.1", port=proxy.port("r"), socket_timeout=10)
+        try:
+            value = pattern(256 << 10)
+            for i in range(200):
+                assert client.set(f"k{i}", value[i:i + 100])
+                assert client.get(f"k{i}") == value[i:i + 100]
+            assert client.set("big", value) and client.get("big") == value
+            assert _engine_polls(proxy) == [50.0 if busy_poll == "50us" else 0.0]
+            proxy.call(lambda: proxy.server.reload(make_config(listeners, busy_poll="200us")))
+            assert _engine_polls(proxy) == [200.0]
+            assert client.get("big") == value  # the live connection relays on
+        finally:
+            client.close()
+
+
+def test_busy_poll_defaults_to_50us_and_parses_durations_and_off() -> None:
+    assert make_config(tcp_listener(7001)).busy_poll_us == 50.0
+    for value, us in [("50us", 50.0), ("50µs", 50.0), ("0.2ms", 200.0), ("1ms", 1000.0),
+                      ("off", 0.0), (False, 0.0), (0, 0.0), ("0us", 0.0), (0.0001, 100.0)]:
+        assert make_config(tcp_listener(7001), busy_poll=value).busy_poll_us == \
+            pytest.approx(us), value
+
+
+@pytest.mark.parametrize("value", ["2ms", 1, "fast", True, -5, [50]])
+def test_busy_poll_is_validated(value: Any) -> None:
+    with pytest.raises(ConfigError) as info:
+        make_config(tcp_listener(7001), busy_poll=value)
+    assert "field 'busy_poll': expected a duration up to 1000us" in str(info.value)
+
+
+@needs_native
+def test_the_engine_refuses_a_busy_poll_out_of_range() -> None:
+    assert native_mod._native is not None
+    with pytest.raises(ValueError):
+        native_mod._native.Engine(busy_poll_us=1001.0)
+    engine = native_mod._native.Engine(busy_poll_us=20.0)
+    try:
+        assert engine.busy_poll_us == 20.0
+        for bad in (-1.0, 5000.0, float("nan"), "x"):
+            with pytest.raises((ValueError, TypeError)):
+                engine.busy_poll_us = bad
+        assert engine.busy_poll_us == 20.0
+        engine.busy_poll_us = 0
+        assert engine.busy_poll_us == 0.0
+    finally:
+        engine.stop()
