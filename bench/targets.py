@@ -11,7 +11,8 @@ would otherwise pick, each in the configuration the issue names:
 - ``socat``          one forked child per connection, 64 KiB buffers, TCP_NODELAY
 
 Not in the default set: ``haproxy-busy`` (haproxy-tuned + ``busy-polling``, HAProxy's
-answer to the wake-up cost that cacheport's ``busy_poll`` also addresses) and
+answer to the wake-up cost that cacheport's ``busy_poll`` also addresses; it keeps one CPU
+at 100 % while it is up, so measure it in a run of its own) and
 cacheport variants (``cacheport-nospin`` is ``busy_poll: off``, and so on).
 
 Each ``launch()`` writes its own configuration, starts the process(es) in the
