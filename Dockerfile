@@ -6,7 +6,7 @@
 # interfaces, with no extra NAT layer (and no docker-proxy) in the path.
 
 FROM python:3.11-slim AS build
-# A C compiler for the native relay engine (proxy/_native.c); the image itself needs none.
+# A C compiler for the native relay engine (proxy/relay/engine.c); the image itself needs none.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src

@@ -35,6 +35,7 @@ from .health.monitor import HealthMonitor, Target
 from .health.state import State, choose_upstream
 from .listener import Listener, bind_socket
 from .metrics import CONTENT_TYPE_LATEST, CacheportCollector, make_registry, render
+from .process import worker_id
 
 log = logging.getLogger("cacheport.admin")
 
@@ -218,12 +219,10 @@ class AdminServer:
         listeners = list(self.listeners())
         monitor = self.monitor()
         ready, why = readiness(listeners, monitor, self.config.ready_requires_healthy)
-        from .supervisor import WORKER_ID_ENV  # the supervisor imports the server and this
-
         return {
             "version": __version__,
             "pid": os.getpid(),
-            "worker": os.environ.get(WORKER_ID_ENV),  # None unless one of several workers
+            "worker": worker_id(),  # None unless one of several workers
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "ready": ready,
             "ready_reason": why,

@@ -29,6 +29,7 @@ from .config import (
     parse_address,
     parse_workers,
 )
+from .process import worker_id
 
 EXIT_OK = 0
 EXIT_UNREACHABLE = 1
@@ -66,7 +67,7 @@ def _workers(text: str) -> int:
 
 
 def _setup_logging(level: str) -> None:
-    worker = os.environ.get(supervisor.WORKER_ID_ENV)
+    worker = worker_id()
     prefix = f"[worker {worker}] " if worker is not None else ""
     logging.basicConfig(
         level=getattr(logging, level.upper()),

@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 from .config import Address, ListenerConfig
 from .health.state import State, choose_upstream
 from .metrics import UpstreamBook
-from .native import AnyRelay, NativeRelay, choose_native
-from .relay import BufferPool, Relay
+from .relay.buffered import BufferPool, Relay
+from .relay.choose import RelayKind, relay_order
+from .relay.engine import AnyRelay, NativeRelay, choose_native
+from .relay.splice import SpliceRelay, choose_hub
 from .resolver import ResolveError, Resolver
-from .splice import SpliceRelay, choose_hub
 from .tls import ListenerTls
 
 log = logging.getLogger("cacheport.listener")
@@ -151,7 +152,8 @@ class Listener:
         self.tls = ListenerTls(config)
         self._per_client: dict[str, int] = {}  # live connections per source IP
         self._not_allowed_seen: dict[str, float] = {}
-        self.book = UpstreamBook()  # which upstream each relay uses; per-upstream totals
+        # Which upstream each relay uses, and per-upstream totals.
+        self.book: UpstreamBook[AnyRelay] = UpstreamBook()
         # Cluster listeners set a factory of rewriting relays (proxy.cluster.relay); the
         # default keeps the plain relay. Anything but Relay here must not be spliced.
         self.relay_factory: RelayFactory = Relay
@@ -392,12 +394,13 @@ class Listener:
                 return
             client.setblocking(False)
             _tune(client)
-            # Who moves the bytes and how (docs/hot-loop.md): the native engine or a splice
-            # relay takes the raw sockets; the buffered Relay wraps them in transports.
-            # Cluster listeners bring their own (rewriting) relay factory: never either.
-            plain = self.relay_factory is Relay
-            native = choose_native(self.loop, config) if plain else None
-            hub = choose_hub(self.loop, config) if plain and native is None else None
+            # Who moves the bytes (relay/choose.py): the native engine or a splice relay
+            # takes the raw sockets; the buffered Relay wraps them in transports. Each
+            # choose_* says whether its relay can serve here and now.
+            order = relay_order(config, rewriting=self.relay_factory is not Relay)
+            native = choose_native(self.loop, config) if RelayKind.ENGINE in order else None
+            hub = (choose_hub(self.loop, config)
+                   if native is None and RelayKind.SPLICE in order else None)
             if native is not None:
                 relay = NativeRelay(native, config.buffer_size, self._upstream_relay_closed,
                                     source, config.copy)

@@ -18,9 +18,9 @@ must run on the event loop's thread, which is where the admin endpoint calls it.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Generic, Protocol, TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -39,11 +39,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from . import __version__
 from .config import Address
-
-if TYPE_CHECKING:
-    from .health.monitor import HealthMonitor
-    from .listener import Listener
-    from .native import AnyRelay
+from .health.state import State
 
 __all__ = ["CONTENT_TYPE_LATEST", "Buckets", "CacheportCollector", "UpstreamBook", "make_registry"]
 
@@ -52,6 +48,18 @@ CONNECT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
                    0.25, 0.5, 1.0, 2.5, 5.0)
 CHECK_DURATION_BUCKETS = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                           0.5, 1.0, 2.5, 5.0)
+
+
+class Counted(Hashable, Protocol):
+    """A live relay as the books see it: its byte counters, read at close and scrape."""
+
+    @property
+    def bytes_upstream(self) -> int: ...
+    @property
+    def bytes_downstream(self) -> int: ...
+
+
+R = TypeVar("R", bound=Counted)
 
 
 class Buckets:
@@ -91,7 +99,7 @@ class UpstreamCounters:
     connect_seconds: Buckets = field(default_factory=lambda: Buckets(CONNECT_BUCKETS))
 
 
-class UpstreamBook:
+class UpstreamBook(Generic[R]):
     """Which upstream each live relay of one listener talks to, and per-upstream totals.
 
     The listener needs it to cut one upstream's connections (``on_down: close``);
@@ -101,7 +109,7 @@ class UpstreamBook:
     __slots__ = ("counters", "relays")
 
     def __init__(self) -> None:
-        self.relays: dict[AnyRelay, Address] = {}
+        self.relays: dict[R, Address] = {}
         self.counters: dict[Address, UpstreamCounters] = {}
 
     def of(self, upstream: Address) -> UpstreamCounters:
@@ -110,13 +118,13 @@ class UpstreamBook:
             counters = self.counters[upstream] = UpstreamCounters()
         return counters
 
-    def opened(self, relay: AnyRelay, upstream: Address, connect_seconds: float) -> None:
+    def opened(self, relay: R, upstream: Address, connect_seconds: float) -> None:
         counters = self.of(upstream)
         counters.connections += 1
         counters.connect_seconds.observe(connect_seconds)
         self.relays[relay] = upstream
 
-    def closed(self, relay: AnyRelay) -> None:
+    def closed(self, relay: R) -> None:
         upstream = self.relays.pop(relay, None)
         if upstream is None:
             return
@@ -124,7 +132,7 @@ class UpstreamBook:
         counters.closed_bytes_upstream += relay.bytes_upstream
         counters.closed_bytes_downstream += relay.bytes_downstream
 
-    def live(self, upstream: Address) -> list[AnyRelay]:
+    def live(self, upstream: Address) -> list[R]:
         return [relay for relay, addr in self.relays.items() if addr == upstream]
 
     def totals(self) -> dict[Address, tuple[int, int, int]]:
@@ -140,11 +148,57 @@ class UpstreamBook:
 _ZERO = UpstreamCounters()  # read-only stand-in for an upstream with no connections yet
 
 
+# What the collector reads, and nothing more: listeners and health targets satisfy these
+# structurally, so this module depends on neither.
+class ListenerCounts(Protocol):
+    @property
+    def accepted(self) -> int: ...
+    @property
+    def refused(self) -> Mapping[str, int]: ...
+    @property
+    def idle_closed(self) -> int: ...
+
+
+class HasUpstreams(Protocol):
+    @property
+    def upstreams(self) -> Sequence[Address]: ...
+
+
+class ListenerView(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def accepting(self) -> bool: ...
+    @property
+    def stats(self) -> ListenerCounts: ...
+    @property
+    def book(self) -> UpstreamBook[Any]: ...
+    @property
+    def config(self) -> HasUpstreams: ...
+
+
+class TargetView(Protocol):
+    @property
+    def listener(self) -> str: ...
+    @property
+    def upstream(self) -> Address: ...
+    @property
+    def state(self) -> State: ...
+    @property
+    def changes(self) -> int: ...
+    @property
+    def checks_ok(self) -> int: ...
+    @property
+    def checks_failed(self) -> int: ...
+    @property
+    def durations(self) -> Buckets: ...
+
+
 class CacheportCollector(Collector):
     """Reads the listeners and the health monitor when scraped; keeps no state of its own."""
 
-    def __init__(self, listeners: Callable[[], Iterable[Listener]],
-                 monitor: Callable[[], HealthMonitor | None]) -> None:
+    def __init__(self, listeners: Callable[[], Iterable[ListenerView]],
+                 monitor: Callable[[], Iterable[TargetView] | None]) -> None:
         self.listeners = listeners
         self.monitor = monitor
 
@@ -158,7 +212,7 @@ class CacheportCollector(Collector):
         if monitor is not None:
             yield from self._health_metrics(monitor)
 
-    def _listener_metrics(self, listeners: list[Listener]) -> Iterator[Metric]:
+    def _listener_metrics(self, listeners: list[ListenerView]) -> Iterator[Metric]:
         lu = ["listener", "upstream"]
         accepting = GaugeMetricFamily(
             "cacheport_listener_accepting", "1 while the listener is bound and accepting",
@@ -212,7 +266,7 @@ class CacheportCollector(Collector):
                 connect.add_metric(labels, b.cumulative(), b.sum)
         yield from (accepting, accepted, refused, cut, active, connections, nbytes, connect)
 
-    def _health_metrics(self, monitor: HealthMonitor) -> Iterator[Metric]:
+    def _health_metrics(self, monitor: Iterable[TargetView]) -> Iterator[Metric]:
         lu = ["listener", "upstream"]
         up = GaugeMetricFamily(
             "cacheport_upstream_up",
@@ -225,8 +279,6 @@ class CacheportCollector(Collector):
         duration = HistogramMetricFamily(
             "cacheport_upstream_check_duration_seconds", "Time one health check took",
             labels=lu)
-        from .health.state import State
-
         for target in monitor:
             labels = [target.listener, str(target.upstream)]
             up.add_metric(labels, 1 if target.state is State.UP else 0)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .admin import Handler, Request, Response
 from .config import Config, ConfigError, load_config
+from .process import notify_ready
 from .reload import ReloadPlan
 from .server import ReloadError, Server, StartError
 
@@ -149,8 +150,6 @@ async def serve(config: Config, options: RunOptions) -> int:
     except StartError as exc:
         log.error("%s; nothing was started", exc)
         return EXIT_CONFIG
-    from .supervisor import notify_ready
-
     loop = asyncio.get_running_loop()
     reloader = Reloader(server, options.config_path)
     if server.admin is not None:

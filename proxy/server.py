@@ -37,8 +37,8 @@ from .config import Address, ClusterConfig, Config, ListenerConfig
 from .health.monitor import HealthMonitor, Target
 from .health.state import State, Transition
 from .listener import BindError, Listener, RelayFactory
-from .native import configure_engines
-from .relay import BufferPool
+from .relay.buffered import BufferPool
+from .relay.engine import configure_engines
 from .reload import ReloadPlan, plan_reload
 from .resolver import Resolver
 from .tls import ListenerTls, TlsError

@@ -28,29 +28,15 @@ from . import fleet
 from .admin import AdminError, AdminServer, Request, Response
 from .config import Address, AdminConfig, ConfigError, load_config
 from .metrics import CONTENT_TYPE_LATEST
-from .native import WORKERS_ENV
+from .process import READY_FD_ENV, WORKER_ID_ENV, WORKERS_ENV
 from .runtime import EXIT_CONFIG, EXIT_OK, RunOptions, pid_file, raise_nofile_limit, watch_file
 
 log = logging.getLogger("cacheport.supervisor")
 
-READY_FD_ENV = "CACHEPORT_READY_FD"
-WORKER_ID_ENV = "CACHEPORT_WORKER_ID"
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 HEALTHY_AFTER = 30.0  # a worker that lived this long restarts without back-off
 START_TIMEOUT = 30.0
-
-
-def notify_ready(admin: Address | None = None) -> None:
-    """Called by a worker once every listener is bound; says where its admin endpoint is."""
-    fd = os.environ.get(READY_FD_ENV)
-    if fd is None:
-        return
-    try:
-        os.write(int(fd), f"ready {admin or '-'}\n".encode())
-        os.close(int(fd))
-    except (OSError, ValueError):
-        pass
 
 
 @dataclass

@@ -84,14 +84,14 @@ install_venv() {
     # The native engine is built in place by the editable install: rebuild when its source
     # changes or the built module is missing.
     if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ] || ! grep -qx "$EXTRAS" "$stamp" \
-            || [ "$ROOT/proxy/_native.c" -nt "$stamp" ] \
-            || ! compgen -G "$ROOT/proxy/_native*.so" >/dev/null; then
+            || [ -n "$(find "$ROOT/proxy" -name "*.[ch]" -newer "$stamp")" ] \
+            || ! compgen -G "$ROOT/proxy/relay/_engine*.so" >/dev/null; then
         say "installing cacheport[$EXTRAS] into $VENV"
         "$ROOT/scripts/install-venv.sh" "$VENV" "$EXTRAS" --editable \
             || die "installing into $VENV failed (see above); PyPI must be reachable"
         echo "$EXTRAS" > "$stamp"
     fi
-    "$VENV/bin/python" -c 'import proxy._native' 2>/dev/null \
+    "$VENV/bin/python" -c 'import proxy.relay._engine' 2>/dev/null \
         || say "the native relay engine was not built (no C compiler or Python headers?):" \
                "listeners use the Python relays, and its tests are skipped"
 }

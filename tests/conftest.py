@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.native import native_available
+from proxy.relay.engine import native_available
 from tests.support import ServerProcess, start_server
 
 

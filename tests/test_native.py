@@ -1,4 +1,4 @@
-"""The native relay engine (proxy/_native.c, proxy/native.py): that it is taken, and its
+"""The native relay engine (proxy/relay/engine.c, proxy/relay/engine.py): that it is taken, and its
 copy rules. Byte-exactness, half-close, reset, backpressure and idle timeouts run on it
 in test_relay.py (the ``native-*`` copy modes) and, as the default, everywhere else."""
 
@@ -18,10 +18,11 @@ from typing import Any
 
 import pytest
 
-import proxy.native as native_mod
+import proxy.relay.engine as native_mod
 from proxy.config import ConfigError
-from proxy.native import NativeRelay, hub_for, native_available
-from proxy.splice import SpliceRelay
+from proxy.process import WORKERS_ENV
+from proxy.relay.engine import NativeRelay, hub_for, native_available
+from proxy.relay.splice import SpliceRelay
 from tests.support import (
     ROOT,
     ServerProcess,
@@ -146,7 +147,7 @@ def test_no_pipe_to_be_had_copies_through_the_buffer(monkeypatch: pytest.MonkeyP
 _UNPRIVILEGED = r"""
 import json, os, socket, sys
 sys.path.insert(0, sys.argv[1])
-from proxy.native import hub_for
+from proxy.relay.engine import hub_for
 from tests.support import drop_to_uid_without_pipe_budget, running_proxy, tcp_listener
 from tests.test_native import exchange
 from tests.upstreams import echo, pattern, tcp_upstream
@@ -194,7 +195,7 @@ def test_kernel_refusing_large_pipes_to_an_unprivileged_user_falls_back(tmp_path
 
 @needs_native
 def test_the_engine_owns_what_it_is_handed_even_when_it_refuses() -> None:
-    engine = native_mod._native.Engine()  # type: ignore[union-attr]
+    engine = native_mod._engine.Engine()  # type: ignore[union-attr]
     a, b = socket.socketpair()
     fds = a.detach(), b.detach()
     with pytest.raises(ValueError, match="bad mode"):
@@ -279,7 +280,7 @@ def test_relay_setting_is_validated(extra: dict[str, Any],
 
 def test_relay_auto_falls_back_quietly_and_native_says_once_when_not_built(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(native_mod, "_native", None)
+    monkeypatch.setattr(native_mod, "_engine", None)
     monkeypatch.setattr(native_mod, "_unavailable_logged", False)
     config = make_config([{"name": "a", "listen": "127.0.0.1:7000", "upstream": "127.0.0.1:7001"},
                           {"name": "n", "listen": "127.0.0.1:7002", "upstream": "127.0.0.1:7003",
@@ -371,11 +372,11 @@ def test_a_reload_to_fewer_engine_threads_keeps_live_connections_and_stops_the_e
 def test_engine_threads_auto_shares_the_cpus_among_the_workers(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    monkeypatch.delenv(native_mod.WORKERS_ENV, raising=False)
+    monkeypatch.delenv(WORKERS_ENV, raising=False)
     assert native_mod.engine_threads(None) == 4
-    monkeypatch.setenv(native_mod.WORKERS_ENV, "2")
+    monkeypatch.setenv(WORKERS_ENV, "2")
     assert native_mod.engine_threads(None) == 2
-    monkeypatch.setenv(native_mod.WORKERS_ENV, "8")
+    monkeypatch.setenv(WORKERS_ENV, "8")
     assert native_mod.engine_threads(None) == 1
     assert native_mod.engine_threads(3) == 3
     assert make_config(tcp_listener(7001), engine_threads="auto").engine_threads is None
@@ -439,10 +440,10 @@ def test_busy_poll_is_validated(value: Any) -> None:
 
 @needs_native
 def test_the_engine_refuses_a_busy_poll_out_of_range() -> None:
-    assert native_mod._native is not None
+    assert native_mod._engine is not None
     with pytest.raises(ValueError):
-        native_mod._native.Engine(busy_poll_us=1001.0)
-    engine = native_mod._native.Engine(busy_poll_us=20.0)
+        native_mod._engine.Engine(busy_poll_us=1001.0)
+    engine = native_mod._engine.Engine(busy_poll_us=20.0)
     try:
         assert engine.busy_poll_us == 20.0
         for bad in (-1.0, 5000.0, float("nan"), "x"):

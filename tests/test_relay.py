@@ -16,8 +16,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from proxy.native import NativeRelay
-from proxy.splice import PIPE_SIZE, SpliceRelay
+from proxy.relay.engine import NativeRelay
+from proxy.relay.pipes import PIPE_SIZE
+from proxy.relay.splice import SpliceRelay
 from tests.support import (
     CacheportProcess,
     copy_fields,

@@ -30,10 +30,11 @@ from typing import Any
 
 import pytest
 
-import proxy.splice as splice_mod
+import proxy.relay.splice as splice_mod
 from proxy.config import ConfigError
-from proxy.relay import BufferPool, Relay
-from proxy.splice import PipePool, SpliceHub, SpliceRelay, hub_for, open_pipe
+from proxy.relay.buffered import BufferPool, Relay
+from proxy.relay.pipes import PipePool, open_pipe
+from proxy.relay.splice import SpliceHub, SpliceRelay, hub_for
 from tests.support import (
     ROOT,
     ServerProcess,
@@ -539,7 +540,7 @@ def test_refused_pipes_fall_back_to_the_buffer_logged_once(
 _UNPRIVILEGED = r"""
 import json, os, socket, sys, threading
 sys.path.insert(0, sys.argv[1])
-from proxy.splice import hub_for
+from proxy.relay.splice import hub_for
 from tests.support import drop_to_uid_without_pipe_budget, running_proxy
 from tests.test_splice import exchange, tcp_listener
 from tests.upstreams import echo, pattern, tcp_upstream

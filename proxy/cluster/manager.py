@@ -32,7 +32,7 @@ from ..config import Address, ClusterConfig, ListenerConfig
 from ..listener import BindError, Listener, RelayFactory
 from ..protocols.memcache import AutoDiscoveryNode, AutoDiscoveryRewriter, announce_mapper
 from ..protocols.redis_cluster import ClusterRewriter
-from ..relay import BufferPool, Relay
+from ..relay.buffered import BufferPool, Relay
 from ..tls import TlsError
 from .discovery import Discovery, DiscoveryError, Node, discover
 from .ports import PortBook, PortChanges, StateError, StateFile

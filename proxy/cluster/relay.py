@@ -27,7 +27,7 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
-from ..relay import BufferPool, Relay, Side
+from ..relay.buffered import BufferPool, Relay, Side
 
 log = logging.getLogger("cacheport.cluster")
 

@@ -12,7 +12,7 @@
  * once under the engine's lock (Engine.close). Python reads byte counters
  * while a connection is live (Engine.counts); they are the only shared words.
  *
- * The copy rules are proxy/splice.py's, measured there (docs/hot-loop.md):
+ * The copy rules are proxy/relay/splice.py's, measured there (docs/hot-loop.md):
  * under copy: auto a direction copies through the thread's scratch buffer while
  * its reads are small and splices through a pooled 1 MiB pipe once a read
  * fills the buffer's bulk threshold; two small spliced reads in a row go back
@@ -558,7 +558,7 @@ static void stop_engine(Engine *e) {
 }
 
 static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
-    /* The defaults are proxy/splice.py's; proxy/native.py passes them from there. */
+    /* The defaults are proxy/relay/splice.py's; proxy/native.py passes them from there. */
     static char *names[] = {"pipe_size", "max_pipes", "scratch_size", "small_reads",
                             "refused_retry", "busy_poll_us", NULL};
     Py_ssize_t pipe_size = 1 << 20, max_pipes = 64, scratch = 256 << 10, small_reads = 2;
@@ -916,7 +916,7 @@ static PyGetSetDef Engine_getset[] = {
 
 static PyTypeObject EngineType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "proxy._native.Engine",
+    .tp_name = "proxy.relay._engine.Engine",
     .tp_basicsize = sizeof(Engine),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "The native relay engine: an epoll thread that owns the sockets handed to it.",
@@ -928,11 +928,11 @@ static PyTypeObject EngineType = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "proxy._native",
+    PyModuleDef_HEAD_INIT, "proxy.relay._engine",
     "The native relay engine (Linux): see proxy/native.py.", -1, NULL,
 };
 
-PyMODINIT_FUNC PyInit__native(void) {
+PyMODINIT_FUNC PyInit__engine(void) {
     if (PyType_Ready(&EngineType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
@@ -953,11 +953,11 @@ PyMODINIT_FUNC PyInit__native(void) {
 #else  /* not Linux: the module imports and says so; proxy/native.py falls back */
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "proxy._native", "Not built: needs Linux (epoll, splice).", -1, NULL,
+    PyModuleDef_HEAD_INIT, "proxy.relay._engine", "Not built: needs Linux (epoll, splice).", -1, NULL,
 };
 
-PyMODINIT_FUNC PyInit__native(void) {
-    PyErr_SetString(PyExc_ImportError, "proxy._native needs Linux");
+PyMODINIT_FUNC PyInit__engine(void) {
+    PyErr_SetString(PyExc_ImportError, "proxy.relay._engine needs Linux");
     return NULL;
 }
 

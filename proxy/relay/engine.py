@@ -7,8 +7,8 @@
     listener <--on_close-- NativeHub._reap <--eventfd, Engine.reap()--+ resets, closes
 
 Python still accepts, dials, checks health and keeps the books; a request on a
-live connection never reaches it. The engine (proxy/_native.c) applies the
-same copy rules as proxy/splice.py -- small reads through a buffer, bulk
+live connection never reaches it. The engine (proxy/relay/engine.c) applies the
+same copy rules as proxy/relay/splice.py -- small reads through a buffer, bulk
 through pooled 1 MiB pipes under ``copy: auto`` -- with no interpreter in the
 loop, which is what the per-request gap to HAProxy and nginx was made of
 (docs/hot-loop.md has the figures). Where the extension was not built (no C
@@ -25,43 +25,37 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from .config import DEFAULT_BUSY_POLL_US, ListenerConfig
-from .relay import _LINGER_RST, Relay
+from ..config import DEFAULT_BUSY_POLL_US, ListenerConfig
+from ..process import worker_count
+from .buffered import _LINGER_RST, Relay
+from .choose import RelayKind, relay_order
 
 # The engine applies the splice relay's copy rules, with its measured constants.
-from .splice import (
-    BULK_READ,
-    IDLE_TRIM,
-    MAX_PIPES,
-    PIPE_SIZE,
-    REFUSED_RETRY,
-    SMALL_READS,
-    SpliceRelay,
-)
+from .pipes import BULK_READ, IDLE_TRIM, MAX_PIPES, PIPE_SIZE, REFUSED_RETRY, SMALL_READS
+from .splice import SpliceRelay
 
 log = logging.getLogger("cacheport.native")
 
 try:
-    from . import _native  # type: ignore[attr-defined]
+    from . import _engine  # type: ignore[attr-defined]
 except ImportError:  # not built here: the Python relays serve
-    _native = None
+    _engine = None
 
-WORKERS_ENV = "CACHEPORT_WORKERS"  # set by the supervisor: processes sharing the CPUs
 _MODES = {"auto": 0, "splice": 1, "buffer": 2}
 _unavailable_logged = False
 
 
 def native_available() -> bool:
     """Whether the engine was built and loads here."""
-    return _native is not None
+    return _engine is not None
 
 
 def choose_native(loop: asyncio.AbstractEventLoop, config: ListenerConfig) -> NativeHub | None:
     """The loop's native hub when this listener's connections go to the engine; else None."""
     global _unavailable_logged
-    if config.relay == "python" or not config.may_splice:
+    if RelayKind.ENGINE not in relay_order(config):
         return None
-    if _native is None:
+    if _engine is None:
         if config.relay == "native" and not _unavailable_logged:
             _unavailable_logged = True
             log.warning("listener %s: relay: native is not built on this machine (no C "
@@ -86,8 +80,8 @@ class _Lane:
     __slots__ = ("engine", "relays")
 
     def __init__(self, max_pipes: int, busy_poll_us: float) -> None:
-        assert _native is not None
-        self.engine: Any = _native.Engine(pipe_size=PIPE_SIZE, max_pipes=max_pipes,
+        assert _engine is not None
+        self.engine: Any = _engine.Engine(pipe_size=PIPE_SIZE, max_pipes=max_pipes,
                                           small_reads=SMALL_READS, refused_retry=REFUSED_RETRY,
                                           busy_poll_us=busy_poll_us)
         self.relays: dict[int, NativeRelay] = {}
@@ -102,7 +96,7 @@ class NativeHub:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, threads: int = 1) -> None:
-        assert _native is not None
+        assert _engine is not None
         self._loop = weakref.ref(loop)  # loops are weakly keyed in _HUBS: never hold them
         self.threads = threads  # how many engines new connections may use (reload: any)
         self._busy_poll_us = DEFAULT_BUSY_POLL_US
@@ -229,18 +223,14 @@ def engine_threads(configured: int | None) -> int:
         cpus = len(os.sched_getaffinity(0))  # a container's cpuset, not the host's
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
-    try:
-        workers = max(int(os.environ.get(WORKERS_ENV, "1")), 1)
-    except ValueError:
-        workers = 1
-    return max(cpus // workers, 1)
+    return max(cpus // worker_count(), 1)
 
 
 def configure_engines(loop: asyncio.AbstractEventLoop, threads: int | None,
                       busy_poll_us: float) -> None:
     """How many engine threads this loop's new connections may spread over, and how long
     each polls before it sleeps (start, reload)."""
-    if _native is not None:
+    if _engine is not None:
         hub = hub_for(loop)
         hub.threads = engine_threads(threads)
         hub.busy_poll_us = busy_poll_us

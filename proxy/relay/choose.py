@@ -1,0 +1,46 @@
+"""Which relay serves a listener's new connection: a pure function of its config.
+
+=====================================  ==================================
+listener                               relays tried, best first
+=====================================  ==================================
+cluster (rewrites replies)             buffered (its rewriting subclass)
+``tls`` or ``upstream_tls`` set        buffered
+``relay: python``, ``copy: buffer``    buffered
+``relay: python``, ``copy: auto``/     splice, buffered
+``splice``
+``relay: auto``/``native``,            engine, buffered
+``copy: buffer``
+``relay: auto``/``native``, other      engine, splice, buffered
+=====================================  ==================================
+
+The engine only moves bytes cacheport need not see; TLS is encrypted in Python and
+a cluster listener rewrites replies, so both stay on the buffered relay. A relay is
+skipped when it cannot serve here: the engine when it was not built (no C compiler
+at install, not Linux) or cannot start a thread, splice when the kernel lacks
+splice(2). ``copy`` then still tells the engine how to copy (docs/hot-loop.md).
+"""
+
+from __future__ import annotations
+
+import enum
+
+from ..config import ListenerConfig
+
+
+class RelayKind(enum.Enum):
+    ENGINE = "engine"  # relay/engine.py + engine.c: a compiled epoll thread
+    SPLICE = "splice"  # relay/splice.py: splice(2) driven from the event loop
+    BUFFERED = "buffered"  # relay/buffered.py: asyncio transports over one scratch buffer
+
+
+def relay_order(config: ListenerConfig, *, rewriting: bool = False) -> tuple[RelayKind, ...]:
+    """The relays to try for ``config``'s connections, best first; always ends buffered."""
+    if rewriting or not config.may_splice:
+        return (RelayKind.BUFFERED,)
+    order: list[RelayKind] = []
+    if config.relay != "python":
+        order.append(RelayKind.ENGINE)
+    if config.copy != "buffer":
+        order.append(RelayKind.SPLICE)
+    order.append(RelayKind.BUFFERED)
+    return tuple(order)
