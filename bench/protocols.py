@@ -1,11 +1,11 @@
-"""Micro-benchmark of the sans-IO rewriters: how many MB/s one core frames and forwards.
+"""``python -m bench protocols``: how many MB/s one core frames and forwards (sans-IO rewriters).
 
 A pipelined SET/GET conversation with no redirect (the rewriting listener's common case)
 is cut into relay-sized chunks and fed through ``ClusterRewriter``; the same for
 ``AutoDiscoveryRewriter`` on memcached get replies. No sockets: this is the CPU cost the
 rewriting path adds on top of the plain relay.
 
-    python bench/protocols_micro.py [--value-size 100] [--pairs 20000] [--chunk 65536]
+    python -m bench protocols [--value-size 100] [--pairs 20000] [--chunk 65536]
 """
 
 from __future__ import annotations
@@ -13,10 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from collections.abc import Callable, Sequence
 
 from proxy.protocols.memcache import AutoDiscoveryRewriter
 from proxy.protocols.redis_cluster import ClusterRewriter
@@ -40,13 +37,14 @@ def _best(fn: Callable[[], object], repeat: int) -> float:
     return best
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench protocols",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("--value-size", type=int, default=100)
     ap.add_argument("--pairs", type=int, default=20000, help="SET+GET pairs")
     ap.add_argument("--chunk", type=int, default=65536, help="bytes per feed call")
     ap.add_argument("--repeat", type=int, default=5)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
 
     value = b"v" * a.value_size
     requests = b"".join(_cmd(b"SET", b"key:%d" % i, value) + _cmd(b"GET", b"key:%d" % i)
@@ -111,7 +109,4 @@ def main() -> None:
     print(f"{'path':38} {'MB/s':>8} {'k frames/s':>11}")
     for name, size, count, t in rows:
         print(f"{name:38} {size / t / 1e6:8.1f} {count / t / 1e3:11.0f}")
-
-
-if __name__ == "__main__":
-    main()
+    return 0
