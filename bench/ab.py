@@ -20,21 +20,26 @@ from collections.abc import Sequence
 
 import yaml
 
-from .run import _csv, add_common_arguments, guarded, parse_settings, run
+from .run import add_common_arguments, guarded, parse_csv, parse_settings, run
 from .targets import ALL_TARGETS, TOP_LEVEL_KEYS, Cacheport, Target
 
 SIDES = ("cacheport-a", "cacheport-b")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench ab", description=__doc__.splitlines()[0],
-                                epilog=f"Keys {', '.join(TOP_LEVEL_KEYS)} go to the top of the "
-                                       "port map, any other into defaults:; values are YAML.")
+    p = argparse.ArgumentParser(
+        prog="python -m bench ab", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Two cacheport configurations side by side, through run's workloads and "
+                    "paired with direct; the report ends with B judged against A.",
+        epilog=f"Keys {', '.join(TOP_LEVEL_KEYS)} go to the top of the port map,\nany other "
+               "into defaults:; values are YAML.\n\nexamples:\n"
+               + "\n".join(line for line in __doc__.splitlines() if "python -m bench ab --" in line
+                           and "KEY=VALUE" not in line))
     p.add_argument("--a", nargs="*", default=[], metavar="KEY=VALUE",
                    help="port-map keys of side A (default: none, cacheport as shipped)")
     p.add_argument("--b", nargs="*", default=[], metavar="KEY=VALUE",
                    help="port-map keys of side B")
-    p.add_argument("--targets", type=lambda v: _csv(v, ALL_TARGETS, "target"), default=(),
+    p.add_argument("--targets", type=lambda v: parse_csv(v, ALL_TARGETS, "target"), default=(),
                    help="more targets beside direct and the two sides, e.g. haproxy-tuned")
     add_common_arguments(p)
     return p

@@ -129,7 +129,8 @@ def _workloads(doc: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench pool",
-                                     description=__doc__.splitlines()[0])
+                                     description="Where cacheport stands over several runs of one "
+                                                 "topology, not one.")
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN.json")
     parser.add_argument("--who", default="cacheport", help="the target to judge")
     parser.add_argument("--out", type=Path, help="also write the markdown here")

@@ -39,7 +39,8 @@ def _best(fn: Callable[[], object], repeat: int) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench protocols",
-                                 description=__doc__.split("\n")[0])
+                                 description="How many MB/s one core frames and forwards "
+                                             "through the sans-IO rewriters.")
     ap.add_argument("--value-size", type=int, default=100)
     ap.add_argument("--pairs", type=int, default=20000, help="SET+GET pairs")
     ap.add_argument("--chunk", type=int, default=65536, help="bytes per feed call")

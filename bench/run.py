@@ -55,7 +55,7 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _csv(value: str, allowed: Sequence[str], what: str) -> tuple[str, ...]:
+def parse_csv(value: str, allowed: Sequence[str], what: str) -> tuple[str, ...]:
     items = tuple(v.strip() for v in value.split(",") if v.strip())
     unknown = [v for v in items if v not in allowed]
     if unknown or not items:
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--list", action="store_true",
                    help="list the targets, whether each can run here, and exit")
-    p.add_argument("--targets", type=lambda v: _csv(v, ALL_TARGETS, "target"), default=None,
+    p.add_argument("--targets", type=lambda v: parse_csv(v, ALL_TARGETS, "target"), default=None,
                    help=f"comma-separated, from: {', '.join(ALL_TARGETS)} (default: "
                         f"{','.join(DEFAULT_TARGETS)} -- those installed)")
     add_common_arguments(p)
@@ -85,9 +85,9 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="1 repetition and small counts (under 2 minutes)")
     p.add_argument("--reps", type=int, default=None, help="repetitions (default 3; quick 1)")
-    p.add_argument("--workloads", type=lambda v: _csv(v, WORKLOADS, "workload"),
+    p.add_argument("--workloads", type=lambda v: parse_csv(v, WORKLOADS, "workload"),
                    default=WORKLOADS, help=f"comma-separated, from: {', '.join(WORKLOADS)}")
-    p.add_argument("--backends", type=lambda v: _csv(v, BACKENDS, "backend"), default=BACKENDS,
+    p.add_argument("--backends", type=lambda v: parse_csv(v, BACKENDS, "backend"), default=BACKENDS,
                    help="redis,memcached (default both)")
     p.add_argument("--netns", action="store_true",
                    help="NAT topology in network namespaces, with iptables DNAT (root)")

@@ -33,7 +33,7 @@ from .sidebyside import (
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench tls",
-                                     description=__doc__.splitlines()[0])
+                                     description="TLS next to plain, through redis-benchmark.")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--requests", type=int, default=50_000)
     args = parser.parse_args(argv)
