@@ -1,4 +1,5 @@
 """cacheport's bench: direct vs cacheport vs HAProxy, nginx, socat (and iptables DNAT), paired.
 
-Run ``python -m bench --help``; see bench/README.md for what is measured and the results.
+One entry point, ``python -m bench SUBCOMMAND`` (``run``, ``ab``, ``pool``, ``tls``,
+``cluster``, ``protocols``); see ``python -m bench --help`` and bench/README.md.
 """

@@ -1,76 +1,70 @@
-"""Helpers for the small side-by-side scripts (workers_ab.py, tls_ab.py): free ports,
-waiting for a listener, redis-benchmark figures, medians as a markdown table."""
+"""``python -m bench ab --a KEY=VALUE ... --b KEY=VALUE ...``: two cacheport configurations.
+
+The A/B that one-off scripts used to do (copy modes, worker counts, busy_poll,
+buffer sizes), done by ``run``'s own machinery: the same workloads, clients,
+rotation and pairing with ``direct``, so the two sides are measured exactly as
+the standing table measures cacheport. ``cacheport-a`` gets the ``--a`` keys and
+``cacheport-b`` the ``--b`` keys (none: cacheport as shipped); peers can be added
+with ``--targets``. The report ends with B judged against A, column by column.
+
+    python -m bench ab --a copy=buffer --b copy=splice --backends redis
+    python -m bench ab --a workers=1 --b workers=2 --workloads throughput
+    python -m bench ab --b busy_poll=off --netns
+"""
 
 from __future__ import annotations
 
-import re
-import signal
-import socket
-import statistics
-import subprocess
-import time
+import argparse
+import sys
 from collections.abc import Sequence
 
+import yaml
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from .run import add_common_arguments, guarded, parse_csv, parse_settings, run
+from .targets import ALL_TARGETS, TOP_LEVEL_KEYS, Cacheport, Target
 
-
-def wait_port(port: int, deadline: float = 20.0) -> None:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port} after {deadline}s")
+SIDES = ("cacheport-a", "cacheport-b")
 
 
-def start_redis(procs: list[subprocess.Popen[bytes]], *extra: str) -> int:
-    """A throwaway redis-server on a free port (``extra`` may add a TLS port); its port."""
-    port = free_port()
-    procs.append(subprocess.Popen(["redis-server", "--port", str(port), "--save", "",
-                                   "--appendonly", "no", *extra], stdout=subprocess.DEVNULL))
-    wait_port(port)
-    return port
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench ab", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Two cacheport configurations side by side, through run's workloads and "
+                    "paired with direct; the report ends with B judged against A.",
+        epilog=f"Keys {', '.join(TOP_LEVEL_KEYS)} go to the top of the port map,\nany other "
+               "into defaults:; values are YAML.\n\nexamples:\n"
+               + "\n".join(line for line in __doc__.splitlines() if "python -m bench ab --" in line
+                           and "KEY=VALUE" not in line))
+    p.add_argument("--a", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="port-map keys of side A (default: none, cacheport as shipped)")
+    p.add_argument("--b", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="port-map keys of side B")
+    p.add_argument("--targets", type=lambda v: parse_csv(v, ALL_TARGETS, "target"), default=(),
+                   help="more targets beside direct and the two sides, e.g. haproxy-tuned")
+    add_common_arguments(p)
+    return p
 
 
-def redis_rps(port: int, test: str, requests: int, pipeline: int = 1, size: int = 3,
-              extra: Sequence[str] = ()) -> float:
-    """requests/s from one redis-benchmark run (50 clients); 0.0 if it printed none."""
-    out = subprocess.run(
-        ["redis-benchmark", "-p", str(port), "-q", "-t", test, "-n", str(requests), "-c", "50",
-         "-P", str(pipeline), "-d", str(size), *extra],
-        capture_output=True, text=True, timeout=300).stdout
-    found = re.findall(rf"{test.upper()}: ([\d.]+) requests per second",
-                       out.replace("\r", "\n"))
-    return float(found[-1]) if found else 0.0
+def sides(a: Sequence[str], b: Sequence[str]) -> dict[str, Target]:
+    """The two cacheport targets, described by their keys."""
+    out: dict[str, Target] = {}
+    for name, flag, items in ((SIDES[0], "--a", a), (SIDES[1], "--b", b)):
+        pairs = parse_settings(items, flag)
+        text = ", ".join(f"{k}: {v}" for k, v in pairs) or "as shipped"
+        out[name] = Cacheport(name, f"cacheport ({text})",
+                              {k: yaml.safe_load(v) for k, v in pairs})
+    return out
 
 
-def table(results: dict[tuple[str, str], list[float]], targets: Sequence[str],
-          columns: Sequence[str], base: str = "direct") -> str:
-    """Medians per (target, column), with the ratio to ``base`` in the same column."""
-    head = "| target | " + " | ".join(f"{c} req/s | x {base}" for c in columns) + " |"
-    lines = [head, "|---|" + "---:|---:|" * len(columns)]
-    for target in targets:
-        cells = []
-        for column in columns:
-            value = statistics.median(results[(target, column)])
-            ref = statistics.median(results[(base, column)])
-            cells += [f"{value:,.0f}", f"{value / ref:.2f}x" if ref else "-"]
-        lines.append(f"| {target} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = ["ab", *argv]
 
+    def body() -> int:
+        extra = sides(args.a, args.b)
+        args.targets = ("direct", *SIDES, *(t for t in args.targets
+                                             if t not in ("direct", *SIDES)))
+        return run(args, extra, compare=SIDES)
 
-def stop_all(procs: Sequence[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    return guarded(body)

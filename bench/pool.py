@@ -1,4 +1,4 @@
-"""``python -m bench.pool RUN.json ...``: where cacheport stands over several runs, not one.
+"""``python -m bench pool RUN.json ...``: where cacheport stands over several runs, not one.
 
 On a shared 2-vCPU machine a cell of one run's standing table moves between runs
 by more than the 5 % that separates "matches" from "behind", and the best of four
@@ -128,8 +128,9 @@ def _workloads(doc: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.pool",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench pool",
+                                     description="Where cacheport stands over several runs of one "
+                                                 "topology, not one.")
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN.json")
     parser.add_argument("--who", default="cacheport", help="the target to judge")
     parser.add_argument("--out", type=Path, help="also write the markdown here")
@@ -137,13 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         text = "\n".join(pooled([load(p) for p in args.runs], args.who)) + "\n"
     except PoolError as exc:
-        print(f"bench.pool: {exc}", file=sys.stderr)
+        print(f"bench pool: {exc}", file=sys.stderr)
         return 2
     print(text, end="")
     if args.out:
         args.out.write_text(text)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -326,6 +326,24 @@ def standing(s: Summary, who: str = "cacheport") -> list[str]:
             tolerance_line(), "", *table(["column", who, "best peer", "verdict"], rows)]
 
 
+def against(s: Summary, a: str, b: str) -> list[str]:
+    """``ab``'s verdict: for each column, B's figure judged against A's, as ``standing`` does."""
+    if a not in s.targets or b not in s.targets:
+        return []
+    rows: list[list[str]] = []
+    for col in columns(s):
+        fa, fb = col.get(a), col.get(b)
+        if fa is None or fb is None:
+            continue
+        rows.append([col.label, f"{fa:,.2f}", f"{fb:,.2f}",
+                     verdict(fb, fa, col.lower_better, col.abs_tol)])
+    if not rows:
+        return []
+    return ["", f"### {b} against {a}", "",
+            tolerance_line().replace("the best peer", a), "",
+            *table(["column", a, b, f"{b} vs {a}"], rows)]
+
+
 def pss_goal_row(pss: float) -> list[str]:
     return [f"PSS per idle connection ≤ {PSS_GOAL_KB:g} KB (goal)", f"{pss:.2f}", "-",
             "meets" if pss <= PSS_GOAL_KB else "misses"]
@@ -349,6 +367,7 @@ def markdown(doc: dict[str, Any], s: Summary) -> str:
         *summary_table(s),
         *standing(s),
         *standing(s, "cacheport-2w"),
+        *(against(s, *doc["compare"]) if doc.get("compare") else []),
         *detail_tables(s, doc["plan"]),
     ]
     failed = [r for r in doc["records"] if not r["ok"]]

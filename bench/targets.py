@@ -43,6 +43,9 @@ ALL_TARGETS = ("direct", "dnat", "cacheport", "cacheport-2w", "haproxy", "haprox
                "haproxy-busy")
 DEFAULT_TARGETS = ("direct", "dnat", "cacheport", "haproxy", "haproxy-tuned", "haproxy-splice",
                    "nginx", "socat")
+# Port-map keys that sit at the top of the file; any other key a cacheport target is given
+# (``--cacheport-set``, ``ab --a``/``--b``) goes into ``defaults:``.
+TOP_LEVEL_KEYS = ("workers", "engine_threads", "busy_poll", "drain_timeout")
 NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 IDLE_TIMEOUT = "10m"  # every peer keeps idle connections at least this long
 
@@ -197,18 +200,16 @@ class Dnat(Target):
 
 
 class Cacheport(Target):
-    def __init__(self, name: str, description: str, copy: str | None = None,
-                 workers: int | None = None, relay: str | None = None,
-                 engine_threads: int | None = None,
-                 defaults: dict[str, object] | None = None,
-                 busy_poll: str | None = None) -> None:
+    """``cacheport run`` with a generated port map: one listener per backend.
+
+    ``settings`` are this variant's port-map keys (``TOP_LEVEL_KEYS`` at the top, the
+    rest in ``defaults:``); they are applied after the run's ``--cacheport-set``.
+    """
+
+    def __init__(self, name: str, description: str,
+                 settings: dict[str, object] | None = None) -> None:
         super().__init__(name, description)
-        self.busy_poll = busy_poll
-        self.defaults = defaults or {}
-        self.copy = copy
-        self.workers = workers
-        self.relay = relay
-        self.engine_threads = engine_threads
+        self.settings = settings or {}
 
     def version(self) -> str:
         return _first_line([sys.executable, "-m", "proxy", "--version"], cwd=ROOT)
@@ -217,14 +218,11 @@ class Cacheport(Target):
                opts: Options, workdir: Path) -> Running:
         tag = self._tag()
         endpoints = self._listen(topo, backends, topo.ports)
+        top: dict[str, object] = {}
         defaults: dict[str, object] = {"connect_timeout": "3s"}
-        for key, value in opts.cacheport_defaults:
-            defaults[key] = yaml.safe_load(value)
-        defaults.update(self.defaults)
-        if self.copy is not None:
-            defaults["copy"] = self.copy
-        if self.relay is not None:
-            defaults["relay"] = self.relay
+        given = {k: yaml.safe_load(v) for k, v in opts.cacheport_defaults}
+        for key, value in {**given, **self.settings}.items():
+            (top if key in TOP_LEVEL_KEYS else defaults)[key] = value
         if topo.client_net is not None:
             # A listener others can reach needs an allow list (as any operator's would).
             defaults["allow"] = [topo.client_net]
@@ -235,13 +233,7 @@ class Cacheport(Target):
                 "name": kind, "listen": f"{host}:{port}", "upstream": f"{b.host}:{b.port}",
                 "protocol": kind if opts.cacheport_protocol == "native" else "tcp",
             })
-        doc: dict[str, object] = {"defaults": defaults, "listeners": listeners}
-        if self.workers is not None:
-            doc = {"workers": self.workers, **doc}
-        if self.engine_threads is not None:
-            doc = {"engine_threads": self.engine_threads, **doc}
-        if self.busy_poll is not None:
-            doc = {"busy_poll": self.busy_poll, **doc}
+        doc: dict[str, object] = {**top, "defaults": defaults, "listeners": listeners}
         text = yaml.safe_dump(doc, sort_keys=False)
         path = workdir / f"{tag}.yaml"
         path.write_text(text)
@@ -436,21 +428,21 @@ def make_targets() -> dict[str, Target]:
         "cacheport": Cacheport("cacheport", "cacheport run, generated port map"),
         # HAProxy's defaults run a thread per core; this is cacheport's equivalent.
         "cacheport-2w": Cacheport("cacheport-2w", "cacheport with workers: 2 (SO_REUSEPORT)",
-                                  workers=2),
+                                  {"workers": 2}),
         "cacheport-splice": Cacheport("cacheport-splice", "cacheport with copy: splice",
-                                      "splice"),
+                                      {"copy": "splice"}),
         "cacheport-buffer": Cacheport("cacheport-buffer", "cacheport with copy: buffer",
-                                      "buffer"),
+                                      {"copy": "buffer"}),
         "cacheport-1t": Cacheport("cacheport-1t", "cacheport with engine_threads: 1",
-                                  engine_threads=1),
+                                  {"engine_threads": 1}),
         # What the health checks (on by default, every 2 s per node) cost the latency path.
         "cacheport-nocheck": Cacheport("cacheport-nocheck", "cacheport with health: off",
-                                       defaults={"health": "off"}),
+                                       {"health": "off"}),
         "cacheport-python": Cacheport("cacheport-python", "cacheport with relay: python "
-                                      "(no native engine)", relay="python"),
+                                      "(no native engine)", {"relay": "python"}),
         # What busy_poll (on by default, 50 us) buys and costs.
         "cacheport-nospin": Cacheport("cacheport-nospin", "cacheport with busy_poll: off",
-                                      busy_poll="off"),
+                                      {"busy_poll": "off"}),
         "haproxy": Haproxy("haproxy", "HAProxy mode tcp, defaults", "default"),
         "haproxy-tuned": Haproxy("haproxy-tuned", "HAProxy tuned: bufsize 64k, pipesize 1M, "
                                  "maxpipes, splice-auto, nbthread 1", "tuned"),

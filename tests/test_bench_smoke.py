@@ -1,8 +1,9 @@
-"""The bench must not silently rot: a few hundred requests through direct and cacheport.
+"""The bench must not silently rot: a few hundred requests through every subcommand.
 
-Runs ``python -m bench --quick`` end to end against real memcached and
-redis-server (no HAProxy or nginx needed), then checks that the JSON and the
-markdown carry sane figures and that nothing the bench started is left running.
+Runs ``python -m bench run --quick`` (and ``ab``, ``tls``, ``cluster``, ``protocols``,
+``pool``) end to end against real memcached and redis-server (no HAProxy or nginx
+needed), then checks that the JSON and the markdown carry sane figures and that
+nothing the bench started is left running.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from bench.pool import PoolError, load, pooled
 from bench.report import Summary
@@ -50,8 +52,8 @@ def _processes_mentioning(text: str) -> list[str]:
 @pytest.mark.timeout(90)
 def test_quick_run_reports_sane_figures_for_direct_and_cacheport(tmp_path: Path) -> None:
     out = tmp_path / "results"
-    result = _bench(tmp_path, "--quick", "--targets", "direct,cacheport", "--requests", "300",
-                    "--connections", "50", "--out", str(out))
+    result = _bench(tmp_path, "run", "--quick", "--targets", "direct,cacheport",
+                    "--requests", "300", "--connections", "50", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
 
     [json_path] = out.glob("*.json")
@@ -119,7 +121,7 @@ def test_netns_quick_run_measures_cacheport_and_dnat_in_the_nat_topology(tmp_pat
         pytest.skip(reason)
     out = tmp_path / "results"
     before = _namespaces()
-    result = _bench(tmp_path, "--quick", "--netns", "--targets", "direct,dnat,cacheport",
+    result = _bench(tmp_path, "run", "--quick", "--netns", "--targets", "direct,dnat,cacheport",
                     "--backends", "redis", "--workloads", "latency,throughput",
                     "--requests", "300", "--out", str(out), timeout=140)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -137,34 +139,12 @@ def test_netns_quick_run_measures_cacheport_and_dnat_in_the_nat_topology(tmp_pat
     assert _processes_mentioning(str(tmp_path)) == []
 
 
-@pytest.mark.timeout(150)
-def test_sockmap_probe_measures_the_kernel_redirect_beside_cacheport() -> None:
-    """bench/sockmap_ab.py, the BPF sockmap probe, cannot rot: one small repetition."""
-    if os.geteuid() != 0:
-        pytest.skip("the probe loads a BPF program: needs root (CAP_BPF, CAP_NET_ADMIN)")
-    result = subprocess.run([sys.executable, "-m", "bench.sockmap_ab", "--reps", "1",
-                             "--requests", "300"], capture_output=True, text=True,
-                            timeout=140, cwd=ROOT)
-    if "refused the BPF program" in result.stderr:
-        pytest.skip(result.stderr.strip().splitlines()[-1])
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = {line.split("|")[1].strip(): line for line in result.stdout.splitlines()
-            if line.startswith("| ") and not line.startswith("| target")}
-    assert {"direct", "cacheport", "sockmap"} <= set(rows), result.stdout
-    # The bare redirect takes in what the client sends (up to the probe's cap, if the
-    # machine is fast enough to get there in the second); cacheport only its buffers.
-    taken = {name: float(rows[name].split("|")[6].split("MB")[0].replace(",", ""))
-             for name in ("cacheport", "sockmap")}
-    assert taken["sockmap"] > 3 * taken["cacheport"], result.stdout
-    assert "(the cap" not in rows["cacheport"], result.stdout
-    assert _processes_mentioning("bench.sockmap_ab --forward") == []
-
-
 @pytest.mark.timeout(60)
 def test_python_client_fallback_measures_the_same_workloads(tmp_path: Path) -> None:
     """The client used when there is no C compiler must keep working too."""
     out = tmp_path / "results"
-    result = _bench(tmp_path, "--quick", "--python-client", "--targets", "direct,cacheport",
+    result = _bench(tmp_path, "run", "--quick", "--python-client",
+                    "--targets", "direct,cacheport",
                     "--backends", "memcached", "--workloads", "latency,throughput,connections",
                     "--requests", "200", "--connections", "20", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -180,10 +160,103 @@ def test_python_client_fallback_measures_the_same_workloads(tmp_path: Path) -> N
 
 
 def test_unknown_target_is_a_clear_usage_error(tmp_path: Path) -> None:
-    result = _bench(tmp_path, "--targets", "direct,varnish", timeout=30)
+    # Without a subcommand, ``run`` is meant (the bench's command line before subcommands).
+    for args in (("--targets", "direct,varnish"), ("run", "--targets", "direct,varnish")):
+        result = _bench(tmp_path, *args, timeout=30)
+        assert result.returncode == 2
+        assert "unknown target varnish" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_help_lists_every_subcommand_and_an_unknown_one_is_a_usage_error(
+        tmp_path: Path) -> None:
+    result = _bench(tmp_path, "--help", timeout=30)
+    assert result.returncode == 0
+    for name in ("run", "ab", "pool", "tls", "cluster", "protocols"):
+        assert f"\n  {name} " in result.stdout, result.stdout
+    result = _bench(tmp_path, "sockmap", timeout=30)
     assert result.returncode == 2
-    assert "unknown target varnish" in result.stderr
+    assert "unknown subcommand 'sockmap'" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.timeout(90)
+def test_ab_measures_two_configurations_paired_with_direct(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    result = _bench(tmp_path, "ab", "--a", "copy=buffer", "--b", "workers=2", "buffer_size=32k",
+                    "--quick", "--backends", "redis", "--workloads", "latency,throughput",
+                    "--requests", "300", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    [json_path] = out.glob("*.json")
+    doc: dict[str, Any] = json.loads(json_path.read_text())
+    assert set(doc["targets"]) == {"direct", "cacheport-a", "cacheport-b"}
+    assert doc["compare"] == ["cacheport-a", "cacheport-b"]
+    assert doc["argv"][:3] == ["ab", "--a", "copy=buffer"]
+    failed = [r for r in doc["records"] if not r["ok"]]
+    assert not failed, failed
+    # Each side's keys land where the port map wants them: workers at the top.
+    a = yaml.safe_load(doc["targets"]["cacheport-a"]["config"])
+    b = yaml.safe_load(doc["targets"]["cacheport-b"]["config"])
+    assert a["defaults"]["copy"] == "buffer" and "workers" not in a
+    assert b["workers"] == 2 and b["defaults"]["buffer_size"] == "32k"
+    by = {(r["workload"], r["target"]): r["metrics"] for r in doc["records"]}
+    for target in ("direct", "cacheport-a", "cacheport-b"):
+        assert 0 < by[("latency", target)]["p50_us"] < 1_000_000
+        assert by[("throughput", target)]["rps"] > 0
+    md = (out / json_path.name).with_suffix(".md").read_text()
+    assert "### cacheport-b against cacheport-a" in md
+    row = next(line for line in md.splitlines() if line.startswith("| pipelined redis"))
+    assert row.split(" | ")[-1].rstrip(" |") in ("beats", "matches", "matches (within noise)",
+                                                 "behind")
+    assert _processes_mentioning(str(tmp_path)) == []
+
+
+def test_ab_rejects_a_setting_without_a_value(tmp_path: Path) -> None:
+    result = _bench(tmp_path, "ab", "--b", "copy", timeout=30)
+    assert result.returncode == 2
+    assert "--b 'copy': expected KEY=VALUE" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _table_rows(stdout: str) -> dict[str, list[str]]:
+    """A side-by-side's markdown table: target -> its cells."""
+    return {cells[0]: cells[1:] for line in stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| target")
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+
+
+@pytest.mark.timeout(90)
+def test_cluster_side_by_side_measures_direct_plain_and_rewriting(tmp_path: Path) -> None:
+    result = _bench(tmp_path, "cluster", "--reps", "1", "--requests", "300", "--pipeline", "1",
+                    timeout=80)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _table_rows(result.stdout)
+    assert set(rows) == {"direct", "plain tcp", "rewriting"}, result.stdout
+    for cells in rows.values():  # GET and SET: req/s, x direct
+        assert len(cells) == 4
+        assert float(cells[0].replace(",", "")) > 0 and cells[1].endswith("x")
+    assert rows["direct"][1] == "1.00x"
+    assert _processes_mentioning("cacheport-cluster-") == []
+
+
+@pytest.mark.timeout(90)
+def test_tls_side_by_side_measures_plain_and_terminating_listeners(tmp_path: Path) -> None:
+    pytest.importorskip("trustme")
+    result = _bench(tmp_path, "tls", "--reps", "1", "--requests", "300", timeout=80)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _table_rows(result.stdout)
+    assert set(rows) == {"direct", "direct TLS (redis-server)", "cacheport", "cacheport TLS"}
+    for name, cells in rows.items():
+        assert float(cells[0].replace(",", "")) > 0, (name, result.stdout)
+    assert _processes_mentioning("cacheport-tls-") == []
+
+
+def test_protocols_micro_benchmark_reports_every_path(tmp_path: Path) -> None:
+    result = _bench(tmp_path, "protocols", "--pairs", "200", "--repeat", "1", timeout=30)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for path in ("ClusterRewriter.feed_reply", "ClusterRewriter.feed_request", "resp.Framer",
+                 "AutoDiscoveryRewriter.feed_reply"):
+        line = next(ln for ln in result.stdout.splitlines() if ln.startswith(path))
+        assert float(line.split()[-2]) > 0, line
 
 
 def test_ratios_and_added_latency_are_paired_within_each_repetition() -> None:
@@ -255,7 +328,6 @@ def test_pooling_judges_the_median_of_each_target_over_runs(tmp_path: Path) -> N
         pooled([load(paths[0]), load(mixed)])
     garbage = tmp_path / "garbage.json"
     garbage.write_text("{not json")
-    result = subprocess.run([sys.executable, "-m", "bench.pool", str(garbage)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=30)
+    result = _bench(tmp_path, "pool", str(garbage), timeout=30)
     assert result.returncode == 2
     assert "not a bench JSON report" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,111 @@
+"""``python -m bench cluster``: a rewriting redis-cluster listener vs a plain tcp listener
+vs direct, through redis-benchmark.
+
+One redis-server in cluster mode that owns every slot (so no request is redirected: this
+measures the cost of framing every reply, the rewriting path's common case), and one
+``cacheport run`` serving it twice: a plain ``tcp`` listener and the cluster's own
+per-node listener. The three targets run alternately, ``--reps`` times each, in the same
+run; the table shows medians and the ratio to direct. Everything it starts is stopped by
+PID; traffic stays on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .sidebyside import (
+    free_port,
+    header,
+    redis_rps,
+    start_cacheport,
+    start_redis,
+    stop_all,
+    table,
+    wait_port,
+)
+
+HOST = "127.0.0.1"
+
+
+def _cli(port: int, *args: str) -> str:
+    return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True,
+                          text=True, timeout=10, check=True).stdout
+
+
+def _wait_file(path: Path, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{path} was not written within {timeout}s")
+        time.sleep(0.05)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench cluster",
+                                     description="A rewriting redis-cluster listener vs a plain "
+                                                 "tcp listener vs direct, through redis-benchmark.")
+    parser.add_argument("--requests", type=int, default=200_000)
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--pipeline", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--tests", default="get,set")
+    args = parser.parse_args(argv)
+    missing = [t for t in ("redis-server", "redis-cli", "redis-benchmark") if not shutil.which(t)]
+    if missing:
+        print(f"bench cluster: {', '.join(missing)} not installed", file=sys.stderr)
+        return 2
+    procs: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory(prefix="cacheport-cluster-") as tmpdir:
+        work = Path(tmpdir)
+        try:
+            node = start_redis(procs, "--cluster-enabled", "yes", "--dir", str(work),
+                               "--cluster-config-file", "nodes.conf")
+            _cli(node, "CLUSTER", "ADDSLOTSRANGE", "0", "16383")
+            deadline = time.monotonic() + 15
+            while "cluster_state:ok" not in _cli(node, "CLUSTER", "INFO"):
+                if time.monotonic() > deadline:
+                    raise SystemExit("single-node cluster did not become ok")
+                time.sleep(0.05)
+            plain, seed, low = free_port(), free_port(), free_port()  # one node, one port
+            config = work / "bench.yaml"
+            config.write_text(
+                f"admin: off\nlisteners:\n"
+                f"  - {{name: plain, listen: '{HOST}:{plain}', upstream: '{HOST}:{node}', "
+                "protocol: tcp}\n"
+                f"clusters:\n"
+                f"  - {{name: rc, engine: redis-cluster, seed: '{HOST}:{node}', "
+                f"announce: {HOST}, listen: {HOST}, ports: {low}-{low}, seed_port: {seed}}}\n")
+            start_cacheport(procs, config)
+            wait_port(seed, procs=procs)
+            wait_port(plain, procs=procs)
+            state = work / "bench.state.json"
+            _wait_file(state)
+            assigned = json.loads(state.read_text())["clusters"]["rc"]["ports"]["assigned"]
+            rewriting = int(next(iter(assigned.values())))
+            wait_port(rewriting, procs=procs)
+            targets = {"direct": node, "plain tcp": plain, "rewriting": rewriting}
+            tests = [t for t in args.tests.split(",") if t]
+            columns = [f"{t.upper()} -P {p}" for p in args.pipeline for t in tests]
+            results: dict[tuple[str, str], list[float]] = {}
+            for _ in range(args.reps):
+                for pipeline in args.pipeline:
+                    for test in tests:
+                        for name, port in targets.items():  # alternate: noise hits all alike
+                            results.setdefault((name, f"{test.upper()} -P {pipeline}"), []).append(
+                                redis_rps(port, test, args.requests, pipeline, 100,
+                                          ("-r", "100000"), args.clients))
+            print(header(f"redis-benchmark -c {args.clients} -d 100 -n {args.requests}",
+                         args.reps))
+            print()
+            print(table(results, list(targets), columns))
+        finally:
+            stop_all(procs)
+    return 0
