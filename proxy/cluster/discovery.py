@@ -147,6 +147,10 @@ async def discover_redis_at(address: Address, tls: UpstreamTlsConfig | None,
     """CLUSTER SHARDS at ``address``, falling back to CLUSTER SLOTS on an error reply."""
     reader, writer = await _open(address, tls, server_name)
     try:
+        # An entry that names no host ("", NULL or "?", and no ip) is the node this
+        # connection reached: a lone node without cluster-announce-ip does not know its own
+        # address, but a node learns every peer's address from the peer's connection, so
+        # only its own can be unknown. Dial it where it answered.
         peer = writer.get_extra_info("peername")
         here = str(peer[0]) if peer else address.host
         if auth is not None:

@@ -88,6 +88,7 @@ class ClusterManager:
         self.last_refresh: float | None = None  # wall clock of the last successful refresh
         self._owned: dict[str, ListenerConfig] = {}  # listener name -> its config
         self._redis_map: dict[tuple[str, int], tuple[str, int]] = {}
+        self._redis_ids: dict[str, tuple[str, int]] = {}  # node id -> (announce, its port)
         self._mc_ports: dict[str, int] = {}
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -364,6 +365,7 @@ class ClusterManager:
         """Only nodes whose listener is up are mapped; the rest count as unmapped."""
         announce = self.config.announce
         redis_map: dict[tuple[str, int], tuple[str, int]] = {}
+        redis_ids: dict[str, tuple[str, int]] = {}
         mc_ports: dict[str, int] = {}
         for name, (lc, identity) in desired.items():
             if identity is None or name not in self._owned:
@@ -372,8 +374,10 @@ class ClusterManager:
             target = (announce, lc.listen.port)
             for endpoint in (*node.endpoints, (node.address.host, node.address.port)):
                 redis_map[endpoint] = target
+            redis_ids[identity] = target
             mc_ports[identity] = lc.listen.port
         self._redis_map = redis_map
+        self._redis_ids = redis_ids
         self._mc_ports = mc_ports
 
     # -- relays -----------------------------------------------------------------------
@@ -381,6 +385,11 @@ class ClusterManager:
     def map_redis(self, host: str, port: int) -> tuple[str, int] | None:
         """Internal node endpoint -> ``(announce, its port)``; None if it has no listener."""
         return self._redis_map.get((host, port))
+
+    def map_redis_id(self, node_id: str) -> tuple[str, int] | None:
+        """Node id -> ``(announce, its port)``, for entries with a blank endpoint (a node that
+        does not know its own address lists itself as ``""``, NULL or ``?``)."""
+        return self._redis_ids.get(node_id)
 
     def _mc_port(self, entry: AutoDiscoveryNode) -> int | None:
         """The port for an auto-discovery entry; a node new to cacheport gets one reserved.
@@ -431,7 +440,7 @@ class ClusterManager:
         def make_redis(pool: BufferPool, on_close: Callable[[Relay], None],
                        source: str) -> Relay:
             rw = ClusterRewriter(self.map_redis, upstream, on_unmapped=self._on_unmapped,
-                                 unmapped_redirect="tryagain")
+                                 unmapped_redirect="tryagain", by_id=self.map_redis_id)
             return RewritingRelay(pool, on_close, source, rw,
                                   feed_reply=self._watch_redirects(rw),
                                   on_upstream=self._upstream_setter(rw),

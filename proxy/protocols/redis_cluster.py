@@ -16,10 +16,14 @@ replies to CLUSTER, pub/sub and MULTI bookkeeping) are held until complete; ever
 is forwarded as it arrives, however large.
 
 The mapper turns an internal ``(host, port)`` (what the node calls itself or a peer) into
-the ``(host, port)`` clients must use. It returns None for a node it does not know yet; the
-rewriter then reports it (``on_unmapped``, ``unmapped``) so the caller can refresh its
-topology, and leaves that endpoint as it was (or answers a redirect with ``-TRYAGAIN`` if
-asked to, so the client retries instead of dialling an unreachable address).
+the ``(host, port)`` clients must use. A node that does not know its own address (a lone
+node without ``cluster-announce-ip``) lists itself with an empty endpoint, and some
+settings give NULL or ``?``: such an entry is mapped by its node id (``by_id``), never left
+with the node's own port, which a client would otherwise dial directly, around the proxy.
+The mapper returns None for a node it does not know yet; the rewriter then reports it
+(``on_unmapped``, ``unmapped``) so the caller can refresh its topology, and leaves that
+endpoint as it was (or answers a redirect with ``-TRYAGAIN`` if asked to, so the client
+retries instead of dialling an unreachable address).
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ from .resp import (
 
 Mapper = Callable[[str, int], "tuple[str, int] | None"]
 """Internal (host, port) -> announced (host, port), or None if that node is not mapped yet."""
+IdMapper = Callable[[str], "tuple[str, int] | None"]
+"""Node id -> announced (host, port) of that node, or None if it is not mapped yet."""
 
 
 def _s(b: bytes) -> str:
@@ -61,21 +67,31 @@ def _b(s: str) -> bytes:
     return s.encode("utf-8", "surrogateescape")
 
 
+def blank(endpoint: str | None) -> bool:
+    """An endpoint that names no host: NULL, empty (the node does not know its own address,
+    e.g. a lone node without ``cluster-announce-ip``) or ``?`` (hostname preferred, none set).
+    """
+    return not endpoint or endpoint == "?"
+
+
 class Remapper:
     """Looks endpoints up in the mapper and remembers the ones it could not map.
 
     ``upstream`` is the internal address of the node this connection goes to: an empty host
     in a redirect (``-MOVED 3999 :6380``) or a NULL endpoint in CLUSTER SLOTS means "the
-    host you are connected to", i.e. this one.
+    host you are connected to", i.e. this one. ``by_id`` maps a node id to its announced
+    address: an entry with a blank endpoint names its node only by id.
     """
 
-    __slots__ = ("mapper", "on_unmapped", "unmapped", "upstream")
+    __slots__ = ("by_id", "mapper", "on_unmapped", "unmapped", "upstream")
 
     def __init__(self, mapper: Mapper, upstream: tuple[str, int],
-                 on_unmapped: Callable[[str, int], None] | None = None) -> None:
+                 on_unmapped: Callable[[str, int], None] | None = None,
+                 by_id: IdMapper | None = None) -> None:
         self.mapper = mapper
         self.upstream = upstream
         self.on_unmapped = on_unmapped
+        self.by_id = by_id
         self.unmapped: set[tuple[str, int]] = set()
 
     def lookup(self, candidates: Iterable[str | None], port: int) -> tuple[str, int] | None:
@@ -94,6 +110,22 @@ class Remapper:
             if self.on_unmapped is not None:
                 self.on_unmapped(first, port)
         return None
+
+    def lookup_blank(self, node_id: str | None, candidates: Iterable[str | None], port: int,
+                     ) -> tuple[str, int] | None:
+        """Map an entry whose endpoint is blank: by its node id first, which is exact.
+
+        Then by the other hosts the entry gives (ip, hostname). An entry that names no host
+        at all is the node this connection reached: a node learns each peer's address from
+        the peer's own connection, so only its own can be unknown (and "the host you
+        asked" is how a direct client reads an empty or NULL endpoint).
+        """
+        if node_id and self.by_id is not None:
+            mapped = self.by_id(node_id)
+            if mapped is not None:
+                return mapped
+        hosts = [h for h in candidates if not blank(h)]
+        return self.lookup(hosts or [self.upstream[0]], port)
 
 
 # --------------------------------------------------------------------------- redirects
@@ -176,7 +208,8 @@ def rewrite_slots(frame: Frame, remap: Remapper) -> bool:
     """Rewrite a CLUSTER SLOTS reply in place; True if anything changed.
 
     Each node is ``[endpoint, port, id, {ip, hostname}]``; a NULL endpoint means "the host
-    you asked", and the metadata map (7.0+) is a flat array in RESP2.
+    you asked", and the metadata map (7.0+) is a flat array in RESP2. A blank endpoint
+    (NULL, empty or ``?``) is mapped by the node id.
     """
     changed = False
     for rng in frame.items:
@@ -186,10 +219,13 @@ def rewrite_slots(frame: Frame, remap: Remapper) -> bool:
             if not port:
                 continue
             meta = _fields(f[3]) if len(f) > 3 else {}
-            endpoint = f[0].bytes_value
-            first = remap.upstream[0] if endpoint is None else _s(endpoint)
-            mapped = remap.lookup([first, _str(meta.get(b"ip")), _str(meta.get(b"hostname"))],
-                                  port)
+            endpoint = _str(f[0])
+            others = [_str(meta.get(b"ip")), _str(meta.get(b"hostname"))]
+            if blank(endpoint):
+                node_id = _str(f[2]) if len(f) > 2 else None
+                mapped = remap.lookup_blank(node_id, others, port)
+            else:
+                mapped = remap.lookup([endpoint, *others], port)
             if mapped is None:
                 continue
             host, new_port = mapped
@@ -207,10 +243,17 @@ def rewrite_slots(frame: Frame, remap: Remapper) -> bool:
 
 def _rewrite_shard_node(node: Frame, remap: Remapper) -> bool:
     f = _fields(node)
-    hosts = [_str(f.get(b"endpoint")), _str(f.get(b"ip")), _str(f.get(b"hostname"))]
+    endpoint = _str(f.get(b"endpoint"))
+    others = [_str(f.get(b"ip")), _str(f.get(b"hostname"))]
     port, tls_port = _port(f.get(b"port")), _port(f.get(b"tls-port"))
-    mapped = remap.lookup(hosts, port) if port else None
-    mapped_tls = remap.lookup(hosts, tls_port) if tls_port else None
+
+    def lookup(p: int) -> tuple[str, int] | None:
+        if blank(endpoint):
+            return remap.lookup_blank(_str(f.get(b"id")), others, p)
+        return remap.lookup([endpoint, *others], p)
+
+    mapped = lookup(port) if port else None
+    mapped_tls = lookup(tls_port) if tls_port else None
     if mapped is None and mapped_tls is None:
         return False
     host = (mapped or mapped_tls or ("", 0))[0]
@@ -238,7 +281,9 @@ def rewrite_node_line(line: bytes, remap: Remapper) -> bytes:
     """Rewrite one CLUSTER NODES line: ``<id> <ip:port@cport[,hostname]> ...``.
 
     The bus port is left alone (clients never use it); aux fields a newer server may add
-    after the hostname are kept, with a ``tls-port=`` one mapped too.
+    after the hostname are kept, with a ``tls-port=`` one mapped too. An empty ip (a node
+    that does not know its own address, so the one this connection reached) is mapped by
+    the node id in the first column.
     """
     fields = line.split(b" ")
     if len(fields) < 2:
@@ -250,7 +295,13 @@ def rewrite_node_line(line: bytes, remap: Remapper) -> bytes:
     extras = rest.split(b",") if at else []
     hostname = extras[1] if len(extras) > 1 and b"=" not in extras[1] else b""
     hosts = [_s(ip), _s(hostname)]
-    mapped = remap.lookup(hosts, int(port_s))
+
+    def lookup(port: int) -> tuple[str, int] | None:
+        if not ip:
+            return remap.lookup_blank(_s(fields[0]), hosts, port)
+        return remap.lookup(hosts, port)
+
+    mapped = lookup(int(port_s))
     if mapped is None:
         return line
     host = _b(mapped[0])
@@ -260,7 +311,7 @@ def rewrite_node_line(line: bytes, remap: Remapper) -> bytes:
         elif extra.startswith(b"tls-port="):
             tls = extra[9:]
             if tls.isdigit() and int(tls):
-                tmapped = remap.lookup(hosts, int(tls))
+                tmapped = lookup(int(tls))
                 if tmapped is not None:
                     extras[i] = b"tls-port=%d" % tmapped[1]
     fields[1] = b"%s:%d" % (host, mapped[1]) + ((b"@" + b",".join(extras)) if at else b"")
@@ -334,8 +385,9 @@ class ClusterRewriter:
         *,
         on_unmapped: Callable[[str, int], None] | None = None,
         unmapped_redirect: Literal["keep", "tryagain"] = "keep",
+        by_id: IdMapper | None = None,
     ) -> None:
-        self.remap = Remapper(mapper, upstream, on_unmapped)
+        self.remap = Remapper(mapper, upstream, on_unmapped, by_id)
         self.tryagain = unmapped_redirect == "tryagain"
         self._parser = RequestParser(capture_for=CAPTURE_FOR)
         self._conv = Conversation(watched=(b"cluster",))
@@ -480,10 +532,11 @@ class TopologyError(ValueError):
 class ClusterNode:
     """One node as the cluster describes it.
 
-    ``host`` is the endpoint the cluster sends clients to (its preferred endpoint; the
-    queried host when the reply says NULL). ``slots`` are the ranges served by the node's
-    shard (for a replica: its master's). ``health`` comes from CLUSTER SHARDS ("online",
-    "failed", "loading") or CLUSTER NODES flags; CLUSTER SLOTS lists only serving nodes.
+    ``host`` is the endpoint the cluster sends clients to (its preferred endpoint; its ip,
+    else the queried host, when the reply gives NULL, "" or "?"). ``slots`` are the ranges
+    served by the node's shard (for a replica: its master's). ``health`` comes from CLUSTER
+    SHARDS ("online", "failed", "loading") or CLUSTER NODES flags; CLUSTER SLOTS lists only
+    serving nodes.
     """
 
     node_id: str
