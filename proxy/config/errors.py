@@ -35,14 +35,18 @@ from .parsers import is_name
 from .values import ConfigError, show
 from .yamlmap import YamlMap
 
-# The order keys are checked in, to report the first of several mistakes.
-_TOP_ORDER = ("defaults", "admin", "listeners", "drain_timeout", "workers", "engine_threads",
-              "busy_poll", "state_dir", "clusters")
-_ENTRY_ORDER = ("protocol", "engine", "seed", "announce", "announce_ip", "ports", "seed_port",
-                "listen", "refresh", "retire_grace", "connect_timeout", "idle_timeout",
-                "buffer_size", "dns_ttl", "allow", "max_connections",
-                "max_connections_per_client", "tls", "upstream_tls", "on_down", "copy",
-                "relay", "upstream", "backup", "health")
+# The order the hand-written validator checked keys in, kept so that of several
+# mistakes in one entry the same one is reported first.
+_TUNABLES = ("protocol", "connect_timeout", "idle_timeout", "buffer_size", "dns_ttl", "allow",
+             "max_connections", "max_connections_per_client", "tls", "upstream_tls", "on_down",
+             "copy", "relay")
+_ORDER: dict[str, tuple[str, ...]] = {
+    "listeners": (*_TUNABLES, "listen", "upstream", "backup", "health"),
+    "clusters": ("engine", "seed", "announce", "announce_ip", "ports", "seed_port", "listen",
+                 "refresh", "retire_grace", *_TUNABLES, "health"),
+    "defaults": (*_TUNABLES, "health"),
+}
+_UNKNOWN = ("extra_forbidden", "invalid_key")
 # What a section must be when it is something else entirely.
 _SHAPES: dict[str, str] = {
     "listeners": "a mapping with name, listen and upstream",
@@ -70,29 +74,33 @@ def known_keys(model: type[Section]) -> list[str]:
     return list(model.yaml_keys())
 
 
-def _rank(error: ErrorDetails) -> tuple[Any, ...]:
-    loc = error["loc"]
-    key: list[Any] = []
-    if not loc or (error["type"] in ("extra_forbidden", "invalid_key") and len(loc) == 1):
-        return (-1, str(loc))
+def _rank(error: ErrorDetails) -> tuple[int, ...]:
+    """Where the old validator would have met this mistake (smaller: sooner)."""
+    loc, kind = error["loc"], error["type"]
+    if not loc or (len(loc) == 1 and kind in _UNKNOWN):
+        return (-1,)
     head = loc[0]
-    key.append(_TOP_ORDER.index(head) if head in _TOP_ORDER else len(_TOP_ORDER))
-    rest = loc[1:]
-    if head in ("listeners", "clusters") and rest and isinstance(rest[0], int):
-        key.append(rest[0])
-        rest = rest[1:]
+    entry = head in ("listeners", "clusters") and len(loc) > 1 and isinstance(loc[1], int)
+    rest = loc[2:] if entry else loc[1:]
+    key: tuple[int, ...] = (int(loc[1]),) if entry else ()
     if not rest:
         return (*key, -1)
-    name, kind = rest[0], error["type"]
-    if name == "name":
-        return (*key, 0)
-    if len(rest) == 1 and kind in ("extra_forbidden", "invalid_key"):
-        return (*key, 1)
-    if len(rest) == 1 and kind == "missing":
-        return (*key, 2)
-    order = _ENTRY_ORDER.index(name) if name in _ENTRY_ORDER else len(_ENTRY_ORDER)
-    depth = 0 if len(rest) == 1 else 1 if kind in ("extra_forbidden", "invalid_key") else 2
-    return (*key, 3 + order, depth, str(rest[1:]))
+    name = rest[0]
+    if len(rest) == 1:
+        if entry and name == "name" and kind != "missing":
+            return (*key, 0)
+        if kind in _UNKNOWN:
+            return (*key, 1)
+        if kind == "missing":
+            return (*key, 2)
+    order = _ORDER.get(str(head), ())
+    at = order.index(name) if name in order else len(order)
+    if len(rest) == 1:
+        return (*key, 3 + at, -1)
+    sub = list(_model_at(loc[:-1]).yaml_keys())
+    inner = 0 if kind in _UNKNOWN else 1 if kind == "missing" else 2 + (
+        sub.index(rest[1]) if rest[1] in sub else len(sub))
+    return (*key, 3 + at, inner)
 
 
 def _model_at(loc: Sequence[Any]) -> type[Section]:
@@ -123,9 +131,10 @@ def _message(error: ErrorDetails) -> str:
     return error["msg"]  # pydantic's own words, never its input
 
 
-def render(exc: ValidationError, data: YamlMap, path: str) -> ConfigError:
-    """The first mistake of ``exc``, located in ``data`` (the file as parsed)."""
-    error = first(exc)
+def render(exc: ValidationError, data: YamlMap, path: str,
+           prefix: tuple[str | int, ...] = ()) -> ConfigError:
+    """The first mistake of ``exc`` (from validating ``data`` at ``prefix``), located."""
+    error = first(exc, prefix)
     loc = error["loc"]
     kind = error["type"]
     node: Any = data
@@ -183,15 +192,10 @@ def render(exc: ValidationError, data: YamlMap, path: str) -> ConfigError:
     return located(path, f"field {show(key)}: {_message(error)}", line, where)
 
 
-def first(exc: ValidationError) -> ErrorDetails:
+def first(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> ErrorDetails:
     """The mistake the old hand-written validator would have met first."""
-    return min(exc.errors(include_url=False), key=_rank)
-
-
-def before_listeners(exc: ValidationError) -> bool:
-    """Whether the first mistake is one the listeners' presence is checked after."""
-    error = first(exc)
-    loc = error["loc"]
-    if len(loc) == 1 and error["type"] in ("extra_forbidden", "invalid_key"):
-        return True  # an unknown top-level key
-    return bool(loc) and loc[0] in ("defaults", "admin")
+    found: list[ErrorDetails] = []
+    for error in exc.errors(include_url=False):
+        error["loc"] = (*prefix, *error["loc"])
+        found.append(error)
+    return min(found, key=_rank)

@@ -16,7 +16,16 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from . import errors
-from .model import AdminSection, ClusterSection, HealthSection, ListenerSection, PortMap, Tunables
+from .model import (
+    AdminSection,
+    ClusterSection,
+    DefaultsSection,
+    HealthSection,
+    ListenerSection,
+    PortMap,
+    Section,
+    Tunables,
+)
 from .parsers import (
     BASE_DIR,
     conflicts,
@@ -140,25 +149,44 @@ def _setting(key: str, own: Tunables, defaults: Tunables) -> Any:
     return defaults.get(key)
 
 
-class _Resolver:
-    """Builds ``Config`` from a valid ``PortMap`` and the YAML it came from (for lines)."""
+S = TypeVar("S", bound=Section)
 
-    def __init__(self, ctx: _Context, doc: PortMap, data: YamlMap) -> None:
+
+class _Resolver:
+    """Validates a document section by section, in the order the file is explained in,
+    and builds ``Config`` from the sections and the YAML they came from (for lines)."""
+
+    def __init__(self, ctx: _Context, data: YamlMap) -> None:
         self.ctx = ctx
-        self.doc = doc
         self.data = data
-        raw_defaults = data.get("defaults")
+        raw_defaults = data.get("defaults", YamlMap())
+        if not isinstance(raw_defaults, YamlMap):
+            raise ctx.error(f"expected a mapping, got {show(raw_defaults)}",
+                            line=data.lines["defaults"], where="defaults: ")
+        self.defaults = self.validate(DefaultsSection, raw_defaults, ("defaults",))
         # Health checks are on unless a defaults or listener block says ``health: off``.
         self.default_health: _HealthSpec | None = _HealthSpec({}, None)
-        if "health" in doc.defaults.given():
-            assert isinstance(raw_defaults, YamlMap)
-            self.default_health = _health_spec(ctx, doc.defaults.health, raw_defaults["health"],
+        if "health" in self.defaults.given():
+            self.default_health = _health_spec(ctx, self.defaults.health, raw_defaults["health"],
                                                "defaults: ")
 
+    def validate(self, model: type[S], value: Any, prefix: tuple[str | int, ...]) -> S:
+        """``value`` (found at ``prefix`` in the file) as ``model``, or the located error."""
+        try:
+            return model.model_validate(value)
+        except ValidationError as exc:
+            raise errors.render(exc, self.data, self.ctx.path, prefix) from None
+
+    def top(self, key: str) -> Any:
+        """A top-level setting, validated alone: its value or the model's default."""
+        if key not in self.data:
+            return PortMap.model_fields[PortMap.yaml_keys()[key]].get_default()
+        return self.validate(PortMap, {key: self.data[key]}, ()).get(key)
+
     def admin(self) -> AdminConfig | None:
-        if "admin" not in self.doc.given():
+        if "admin" not in self.data:
             return AdminConfig()
-        section: AdminSection | None = self.doc.admin
+        section: AdminSection | None = self.top("admin")
         if section is None:
             return None
         given = {key: section.get(key) for key in section.given()}
@@ -167,7 +195,7 @@ class _Resolver:
     def listener(self, section: ListenerSection, raw: YamlMap) -> ListenerConfig:
         ctx, given = self.ctx, section.given()
         where = f"listener {show(section.name)}: "
-        settings = {key: _setting(key, section, self.doc.defaults) for key in TUNABLE_KEYS}
+        settings = {key: _setting(key, section, self.defaults) for key in TUNABLE_KEYS}
         protocol: Protocol = settings["protocol"]
         default_port = DEFAULT_PORTS.get(protocol)
         upstream = ctx.field(raw, "upstream", where, parse_upstream, default_port)
@@ -213,9 +241,14 @@ class _Resolver:
         listeners: list[ListenerConfig] = []
         by_name: dict[str, int] = {}
         by_port: dict[int, list[int]] = {}  # only same-port listeners can clash
-        for section, raw in zip(self.doc.listeners or (), self.data.get("listeners") or (),
-                                strict=True):
-            lc = self.listener(section, raw)
+        raw_listeners = self.data.get("listeners")
+        if raw_listeners is None:
+            return []
+        if not isinstance(raw_listeners, list):
+            raise ctx.error(f"'listeners' must be a list, got {show(raw_listeners)}",
+                            line=self.data.lines["listeners"])
+        for index, raw in enumerate(raw_listeners):
+            lc = self.listener(self.validate(ListenerSection, raw, ("listeners", index)), raw)
             line = raw.line
             named = by_name.get(lc.name)
             clash = next((i for i in by_port.get(lc.listen.port, ())
@@ -257,8 +290,7 @@ class _Resolver:
                             f"{ports[0]}-{ports[1]}; pick a port outside it",
                             line=raw.lines["seed_port"], where=where)
         host = section.listen
-        settings = {key: _setting(key, section, self.doc.defaults)
-                    for key in CLUSTER_TUNABLE_KEYS}
+        settings = {key: _setting(key, section, self.defaults) for key in CLUSTER_TUNABLE_KEYS}
         listen = Address(host, ports[0])
         if settings["allow"] is None and not is_loopback(listen):
             raise ctx.error(
@@ -280,9 +312,14 @@ class _Resolver:
     def clusters(self, listeners: list[ListenerConfig]) -> tuple[ClusterConfig, ...]:
         ctx = self.ctx
         clusters: list[ClusterConfig] = []
-        for section, raw in zip(self.doc.clusters or (), self.data.get("clusters") or (),
-                                strict=True):
-            cc = self.cluster(section, raw)
+        raw_clusters = self.data.get("clusters")
+        if raw_clusters is None:
+            return ()
+        if not isinstance(raw_clusters, list):
+            raise ctx.error(f"'clusters' must be a list, got {show(raw_clusters)}",
+                            line=self.data.lines["clusters"])
+        for index, raw in enumerate(raw_clusters):
+            cc = self.cluster(self.validate(ClusterSection, raw, ("clusters", index)), raw)
             at = raw.line
             where = f"cluster {cc.name!r}: "
             for other in clusters:
@@ -321,36 +358,28 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
         BASE_DIR.reset(token)
 
 
-def _no_listeners(data: YamlMap) -> bool:
-    return data.get("listeners") in (None, []) and not data.get("clusters")
-
-
 def _parse_config(data: Any, path: str) -> Config:
     ctx = _Context(path)
     if data is None:
         raise ctx.error("the file is empty; expected a mapping with a 'listeners' list")
     if not isinstance(data, YamlMap):
         raise ctx.error(f"expected a mapping with a 'listeners' list at the top, got {show(data)}")
-    no_listeners = ctx.error("the port map has no listeners; add at least one under "
-                             "'listeners' (or a cluster under 'clusters')",
-                             line=data.lines.get("listeners"))
-    try:
-        doc = PortMap.model_validate(data)
-    except ValidationError as exc:
-        error = errors.render(exc, data, path)
-        if _no_listeners(data) and not errors.before_listeners(exc):
-            raise no_listeners from None
-        raise error from None
-    if _no_listeners(data):
-        raise no_listeners
-    resolver = _Resolver(ctx, doc, data)
+    known = list(PortMap.yaml_keys())
+    for key in data:
+        if key not in known:
+            raise ctx.error(errors.unknown_key(key, known), line=data.lines.get(key, data.line))
+    resolver = _Resolver(ctx, data)
     admin = resolver.admin()
+    if data.get("listeners") in (None, []) and not data.get("clusters"):
+        raise ctx.error("the port map has no listeners; add at least one under 'listeners' "
+                        "(or a cluster under 'clusters')", line=data.lines.get("listeners"))
     listeners = resolver.listeners(admin)
-    clusters = resolver.clusters(listeners)
-    return Config(path=path, listeners=tuple(listeners), admin=admin, clusters=clusters,
-                  drain_timeout=doc.drain_timeout, workers=doc.workers,
-                  engine_threads=doc.engine_threads, busy_poll_us=doc.busy_poll,
-                  state_dir=doc.state_dir)
+    top = {key: resolver.top(key) for key in ("drain_timeout", "workers", "engine_threads",
+                                              "busy_poll", "state_dir")}
+    return Config(path=path, listeners=tuple(listeners), admin=admin,
+                  clusters=resolver.clusters(listeners), drain_timeout=top["drain_timeout"],
+                  workers=top["workers"], engine_threads=top["engine_threads"],
+                  busy_poll_us=top["busy_poll"], state_dir=top["state_dir"])
 
 
 def load_config(path: str | Path) -> Config:

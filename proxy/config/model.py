@@ -110,6 +110,8 @@ Networks = Annotated[tuple[Network, ...] | None, P(v.parse_networks), S(CIDRS),
                      Kind("list of CIDRs")]
 Limit = Annotated[int | None, P(v.parse_limit), S(LIMIT), Kind("count or off")]
 ProtocolName = Annotated[Protocol, P(v.one_of(PROTOCOLS)), S(_enum(PROTOCOLS)), Kind("enum")]
+# Given or not given, never null: ``kind:`` left empty is a mistake, not "the default".
+CheckKind = Annotated[Protocol | None, P(v.one_of(PROTOCOLS)), S(_enum(PROTOCOLS)), Kind("enum")]
 OnDownName = Annotated[OnDown, P(v.one_of(ON_DOWN, "keep or close")), S(_enum(ON_DOWN)),
                        Kind("enum")]
 CopyName = Annotated[Copy, P(v.one_of(COPY_MODES)), S(_enum(COPY_MODES)), Kind("enum")]
@@ -137,16 +139,24 @@ BusyPoll = Annotated[float, P(v.parse_busy_poll), S(DURATION_OFF), Kind("duratio
 Folder = Annotated[str | None, P(v.parse_state_dir), S(TEXT), Kind("folder path")]
 
 
-def _plus(*variants: JsonDict) -> Callable[[JsonDict], None]:
+def _plus(*variants: JsonDict, default: str = "off") -> Callable[[JsonDict], None]:
     """Add what YAML may write instead of the nested mapping (``on``, ``off``...)."""
 
     def extra(schema: JsonDict) -> None:
+        schema["default"] = default
         options = schema.get("anyOf") or [{key: schema.pop(key) for key in ("$ref",)
                                            if key in schema}]
         options = [o for o in options if o.get("type") != "null"]
         schema["anyOf"] = [*options, *variants]
 
     return extra
+
+
+def _list_or_empty(schema: JsonDict) -> None:
+    """``listeners:`` left empty is allowed: say so without an anyOf, whose errors editors
+    report as "not valid under any of the given schemas" instead of the entry at fault."""
+    array = next(o for o in schema.pop("anyOf") if o.get("type") == "array")
+    schema.update(array, type=["array", "null"])
 
 
 def _switch(on: bool, expected: str) -> Callable[[Any], Any]:
@@ -204,7 +214,7 @@ class HealthSection(Section):
 
     model_config = ConfigDict(title="health")
 
-    kind: ProtocolName | None = Field(
+    kind: CheckKind = Field(
         None, json_schema_extra={"default": "the listener's protocol"},
         description="What to check: tcp (a connect), memcached (`version`, and `stats` if "
                     "asked) or redis (PING, with AUTH and ROLE if asked).")
@@ -306,8 +316,9 @@ class Tunables(Section):
         "auto", description="Who moves them: the native engine's threads or Python; auto "
                             "picks the engine where it is built and the listener is plain.")
     health: HealthSwitch = Field(
-        None, json_schema_extra=_plus(*_ON, *_OFF), description="Health checks: on (the "
-        "default), off, or a mapping of settings (see health).")
+        None, json_schema_extra=_plus(*_ON, *_OFF, default="on"),
+        description="Health checks: on (the default), off, or a mapping of settings (see "
+                    "health).")
 
 
 class DefaultsSection(Tunables):
@@ -392,13 +403,15 @@ class PortMap(Section):
 
     model_config = ConfigDict(title="cacheport port map")
 
-    listeners: list[ListenerSection] | None = Field(
-        None, description="The ports to forward (at least one, unless there are clusters).")
-    clusters: list[ClusterSection] | None = Field(
-        None, description="Clusters whose nodes are discovered and given a port each.")
     defaults: DefaultsSection = Field(
         default_factory=DefaultsSection,  # type: ignore[arg-type]
         description="Settings every listener and cluster inherits.")
+    listeners: list[ListenerSection] | None = Field(
+        None, json_schema_extra=_list_or_empty,
+        description="The ports to forward (at least one, unless there are clusters).")
+    clusters: list[ClusterSection] | None = Field(
+        None, json_schema_extra=_list_or_empty,
+        description="Clusters whose nodes are discovered and given a port each.")
     drain_timeout: Drain = Field(
         DEFAULT_DRAIN_TIMEOUT, description="On stop or reload, how long live connections may "
                                            "finish before they are closed; 0 or off: at once.")
@@ -413,7 +426,7 @@ class PortMap(Section):
                           "(at most 1000us); off: sleep at once."))
     admin: Annotated[AdminSection | None, BeforeValidator(
         _switch(False, "off or a mapping with 'listen'")), Kind("admin")] = Field(
-        None, json_schema_extra=_plus(*_OFF),
+        None, json_schema_extra=_plus(*_OFF, default="127.0.0.1:9180, see admin"),
         description="The admin endpoint (see admin); off disables it. Without this key it "
                     "listens on 127.0.0.1:9180 and a taken port is only a warning.")
     state_dir: Folder = Field(

@@ -2,8 +2,7 @@
 
 PyYAML keeps the last of two equal keys without a word, and forgets where each value
 stood; a port map needs both (a duplicated ``upstream`` is a mistake, and every error
-names its line). libyaml parses when PyYAML was built with it: the pure-Python parser
-spent most of ``cacheport check``'s time on a 500-listener map.
+names its line).
 """
 
 from __future__ import annotations
@@ -14,8 +13,6 @@ import yaml
 
 from .values import ConfigError, show
 
-_Base: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
 
 class YamlMap(dict[Any, Any]):
     """A YAML mapping that remembers the line of itself and of each value."""
@@ -24,7 +21,7 @@ class YamlMap(dict[Any, Any]):
     lines: dict[Any, int]
 
 
-class _Loader(_Base):  # type: ignore[valid-type,misc]
+class _Loader(yaml.SafeLoader):
     pass
 
 
@@ -60,7 +57,7 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _constru
 def load_yaml(text: str, path: str = "<config>") -> Any:
     """Parse YAML text, turning every parser error into a located ``ConfigError``."""
     try:
-        return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader
     except _Located as exc:
         raise ConfigError(f"{path}:{exc.line}: {exc.message}") from None
     except yaml.MarkedYAMLError as exc:
