@@ -168,6 +168,10 @@ def render(exc: ValidationError, data: YamlMap, path: str,
             return located(path, f"expected {_SHAPES[head]}, got {show(data[head])}", line,
                            where)
         node, rest = data[head], rest[1:]
+    if kind == "password_sources":  # on the line of the second source, like the others
+        block = node[rest[0]]
+        line = block.lines.get((error.get("ctx") or {}).get("second"), line)
+        return located(path, error["msg"], line, f"{where}health: ")
     if len(rest) > 1 and rest[0] == "health":
         line = node.lines.get("health", line)
         node, rest = node["health"], rest[1:]
@@ -176,7 +180,7 @@ def render(exc: ValidationError, data: YamlMap, path: str,
         parent, sub = rest[0], rest[1]
         line = node.lines.get(parent, line)
         if unknown:
-            message = unknown_key(sub, known_keys(_model_at(loc)))
+            message = unknown_key(sub, known_keys(_model_at(loc[:-1])))
         elif kind == "missing":
             message = _message(error)
         else:

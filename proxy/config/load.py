@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from . import errors
 from .model import (
+    PASSWORD_KEYS,
     AdminSection,
     ClusterSection,
     DefaultsSection,
@@ -24,7 +25,9 @@ from .model import (
     ListenerSection,
     PortMap,
     Section,
+    TlsSection,
     Tunables,
+    UpstreamTlsSection,
 )
 from .parsers import (
     BASE_DIR,
@@ -36,7 +39,15 @@ from .parsers import (
     password_from_env,
     password_from_file,
 )
-from .resolved import AdminConfig, ClusterConfig, Config, HealthConfig, ListenerConfig
+from .resolved import (
+    AdminConfig,
+    ClusterConfig,
+    Config,
+    HealthConfig,
+    ListenerConfig,
+    TlsConfig,
+    UpstreamTlsConfig,
+)
 from .values import (
     DEFAULT_CHECK_TIMEOUT,
     DEFAULT_PORTS,
@@ -54,8 +65,7 @@ T = TypeVar("T")
 # it merges key by key instead of replacing).
 TUNABLE_KEYS = (*(k for k in Tunables.yaml_keys() if k != "health"), "protocol")
 CLUSTER_TUNABLE_KEYS = tuple(k for k in TUNABLE_KEYS if k != "protocol")
-_PASSWORD_KEYS = ("password", "password_env", "password_file")
-_REDIS_ONLY = ("username", "role", *_PASSWORD_KEYS)
+_REDIS_ONLY = ("username", "role", *PASSWORD_KEYS)
 
 
 class _Context:
@@ -91,10 +101,6 @@ def _health_spec(ctx: _Context, section: HealthSection | None, raw: Any,
         return None
     block = raw if isinstance(raw, YamlMap) else None
     hwhere = f"{where}health: "
-    given = [key for key in _PASSWORD_KEYS if key in section.given()]
-    if len(given) > 1 and block is not None:
-        raise ctx.error(f"give only one of {', '.join(_PASSWORD_KEYS)}, got "
-                        f"{' and '.join(given)}", line=block.lines[given[1]], where=hwhere)
     values: dict[str, Any] = {}
     for key in HealthSection.yaml_keys():
         if key not in section.given():
@@ -104,7 +110,7 @@ def _health_spec(ctx: _Context, section: HealthSection | None, raw: Any,
             value = ctx.field(block, key, hwhere, lambda _, name: password_from_env(name), value)
         elif key == "password_file" and block is not None:
             value = ctx.field(block, key, hwhere, lambda _, name: password_from_file(name), value)
-        values["password" if key in _PASSWORD_KEYS else key] = value
+        values["password" if key in PASSWORD_KEYS else key] = value
     return _HealthSpec(values, block)
 
 
@@ -144,9 +150,12 @@ def _merge_health(
 
 def _setting(key: str, own: Tunables, defaults: Tunables) -> Any:
     """A listener's own value, else the defaults' value, else the model's default."""
-    if key in own.given():
-        return own.get(key)
-    return defaults.get(key)
+    value = own.get(key) if key in own.given() else defaults.get(key)
+    if isinstance(value, TlsSection):
+        return TlsConfig(cert=value.cert, key=value.key, client_ca=value.client_ca)
+    if isinstance(value, UpstreamTlsSection):
+        return UpstreamTlsConfig(server_name=value.server_name, ca=value.ca, verify=value.verify)
+    return value
 
 
 S = TypeVar("S", bound=Section)

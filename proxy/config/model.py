@@ -18,7 +18,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, WithJsonSchema
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from . import parsers as v
 from .values import (
@@ -205,6 +214,9 @@ _KEYS: dict[type[Section], dict[str, str]] = {}
 _ATTRS: dict[type[Section], dict[str, str]] = {}
 
 
+PASSWORD_KEYS = ("password", "password_env", "password_file")
+
+
 class HealthSection(Section):
     """How a listener checks its upstream(s): HAProxy's defaults (inter 2s, rise 2, fall 3).
 
@@ -240,6 +252,20 @@ class HealthSection(Section):
                           "the port map's folder).")
     role: RoleName = Field("any", description="redis only: `primary` also requires ROLE to "
                                               "say master (a replica counts as DOWN).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_password_source(cls, data: Any) -> Any:
+        """Two sources of one password is a mistake, said before any value is read (a
+        password_env naming an unset variable would otherwise hide it)."""
+        if isinstance(data, dict) and set(data) <= set(cls.yaml_keys()):
+            given = [key for key in PASSWORD_KEYS if key in data]
+            if len(given) > 1:
+                raise PydanticCustomError(
+                    "password_sources", "give only one of {keys}, got {given}",
+                    {"keys": ", ".join(PASSWORD_KEYS), "given": " and ".join(given),
+                     "second": given[1]})
+        return data
 
 
 class TlsSection(Section):
