@@ -165,8 +165,8 @@ def render(exc: ValidationError, data: YamlMap, path: str,
         if len(rest) == 1:
             if kind in ("value_error",):
                 return located(path, _message(error), line, where)
-            return located(path, f"expected {_SHAPES[head]}, got {show(data[head])}", line,
-                           where)
+            shape = _SHAPES.get(head, "a mapping")
+            return located(path, f"expected {shape}, got {show(data[head])}", line, where)
         node, rest = data[head], rest[1:]
     if kind == "password_sources":  # on the line of the second source, like the others
         block = node[rest[0]]

@@ -1,11 +1,15 @@
 """Read a port map: YAML, then the model, then what spans fields and listeners.
 
-    file --yamlmap--> YamlMap (lines) --model--> PortMap (each key valid)
+    file --yamlmap--> YamlMap (values with their lines)
+         --model----> one section at a time (DefaultsSection, ListenerSection...)
          --resolve--> Config (defaults filled in, health merged, no clashes)
 
-Every step raises one ``ConfigError`` naming file, line, listener and field; nothing
-binds a socket, so a reload builds and compares a new ``Config`` without disturbing
-the running one.
+Sections are validated and resolved in the order the file is explained in (top-level
+keys, defaults, admin, each listener, the process settings, each cluster), so of
+several mistakes the first reported is the one the hand-written validator this
+replaces reported. Every step raises one ``ConfigError`` naming file, line, listener
+and field; nothing binds a socket, so a reload builds and compares a new ``Config``
+without disturbing the running one.
 """
 
 from __future__ import annotations
@@ -58,8 +62,6 @@ from .values import (
     show,
 )
 from .yamlmap import YamlMap, load_yaml
-
-T = TypeVar("T")
 
 # Listener settings in the order they are inherited from ``defaults`` (health apart:
 # it merges key by key instead of replacing).
