@@ -6,6 +6,11 @@ use (``cacheport schema``) and the reference in docs/configuration.md
 ``PlainValidator``: the parser's ``ValueError`` is the message users see), carries the
 JSON Schema of what YAML may write there, and a description that is its documentation.
 
+Cost, measured on a 500-listener map (2 shared vCPUs): importing pydantic and building
+these classes adds about 90 ms of CPU to every process start; validating the listeners
+costs what the hand-written checks did (load_config 110 vs 103 ms, nearly all of it
+YAML parsing). Each parser runs once per value; nothing loops in Python per field.
+
 A section validated here is the file as written; ``load.py`` then fills in
 ``defaults``, merges health checks and checks what spans fields and listeners, and
 builds the dataclasses of ``resolved.py``. Which keys a listener set is

@@ -34,7 +34,6 @@ SCHEMA_PATH = "config/cacheport.schema.json"
 REFERENCE_PATH = "docs/configuration.md"
 SCHEMA_COMMAND = f"cacheport schema > {SCHEMA_PATH}"
 REFERENCE_COMMAND = f"cacheport schema --markdown > {REFERENCE_PATH}"
-SCHEMA_ID = "https://github.com/cacheport/cacheport/raw/main/config/cacheport.schema.json"
 
 # Section, the heading it gets, and where it sits in a port map.
 _SECTIONS: tuple[tuple[type[Section], str, str], ...] = (
@@ -60,8 +59,7 @@ _NESTED = {"listeners": "list of [listeners[]](#listeners)",
 def json_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of a port map, for the YAML language server."""
     schema = PortMap.model_json_schema(mode="validation")
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID,
-            **schema}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
 def schema_text() -> str:

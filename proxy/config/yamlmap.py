@@ -21,6 +21,10 @@ class YamlMap(dict[Any, Any]):
     lines: dict[Any, int]
 
 
+# The pure-Python loader, though libyaml's (CSafeLoader) parses a 500-listener map about
+# 5x faster (20 vs 100 ms): a differential fuzz found libyaml accepting files this one
+# refuses (a tab in a plain scalar, "|#", byte-order marks) and wording its errors
+# otherwise, with byte offsets for character positions. Which files are valid stays put.
 class _Loader(yaml.SafeLoader):
     pass
 
