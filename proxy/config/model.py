@@ -2,7 +2,7 @@
 
 The same classes validate a file (``load.py``), generate the JSON Schema that editors
 use (``cacheport schema``) and the reference in docs/configuration.md
-(``reference.py``). Each field's value is read by one parser from ``values.py`` (a
+(``reference.py``). Each field's value is read by one parser from ``parsers.py`` (a
 ``PlainValidator``: the parser's ``ValueError`` is the message users see), carries the
 JSON Schema of what YAML may write there, and a description that is its documentation.
 
