@@ -102,6 +102,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    """The port map's JSON Schema (or, with --markdown, its reference), from the model."""
+    from .config import reference
+
+    sys.stdout.write(reference.markdown() if args.markdown else reference.schema_text())
+    return EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     try:
         if args.config is None:
@@ -225,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a port map and print it as a table")
     check.add_argument("file", metavar="FILE")
     check.set_defaults(func=cmd_check)
+    schema = sub.add_parser("schema", help="print the port map's JSON Schema (for editors "
+                            "with the YAML language server)")
+    schema.add_argument("--markdown", action="store_true",
+                        help="print the configuration reference (docs/configuration.md) instead")
+    schema.set_defaults(func=cmd_schema)
     iptables.register(sub)
 
     status = sub.add_parser("status", help="show a running cacheport's listeners, upstreams "
