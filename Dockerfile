@@ -1,9 +1,11 @@
-# cacheport on the NAT host (docs/container.md has the whole guide):
+# cacheport on the NAT host (docs/container.md has the whole guide; deploy/compose.yaml
+# the same settings):
 #   docker build -t cacheport .
 #   docker run -d --name cacheport --network host --restart unless-stopped \
-#     --stop-timeout 45 --ulimit nofile=65536:65536 \
-#     -v /etc/cacheport/cacheport.yaml:/etc/cacheport/cacheport.yaml:ro \
-#     -v cacheport-state:/var/lib/cacheport cacheport
+#     --read-only --stop-timeout 45 --ulimit nofile=65536:65536 \
+#     -v /etc/cacheport:/etc/cacheport:ro \
+#     -v cacheport-state:/var/lib/cacheport \
+#     cacheport
 # Host networking: one port per cache node, bound straight on the host's
 # interfaces, with no extra NAT layer (and no docker-proxy) in the path.
 # Podman/buildah keep the HEALTHCHECK only in the Docker image format: build with

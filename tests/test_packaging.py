@@ -103,10 +103,12 @@ def _run_lines(text: str) -> list[list[str]]:
 
 
 def test_guide_run_lines_say_what_compose_says() -> None:
-    """docs/container.md's docker and podman lines carry exactly the compose file's
-    settings, which are the ones tests/test_container.py runs the image with."""
+    """docs/container.md's docker and podman lines (and the Dockerfile's) carry exactly the
+    compose file's settings, which are the ones tests/test_container.py runs the image with."""
     lines = _run_lines(GUIDE)
     assert {line[0] for line in lines} == {"docker", "podman"}
+    lines += _run_lines(re.sub(r"^#", "", DOCKERFILE, flags=re.M))  # its header comment
+    assert len(lines) == 3
     expected = compose_run_options()
     pairs = {tuple(expected[i:i + 2]) for i in range(len(expected) - 1)
              if expected[i].startswith("-") and not expected[i + 1].startswith("-")}
