@@ -461,7 +461,7 @@ def test_cluster_node_ports_survive_removing_the_container_with_the_same_volume(
     assert "in memory only" not in second.logs()
 
 
-def test_podman_and_runc_are_what_ran(podman: Podman) -> None:
+def test_engine_settings_come_from_the_tests_own_containers_conf(podman: Podman) -> None:
     """The engine settings came from this module's own containers.conf."""
     info = json.loads(podman("info", "--format", "json").stdout)
     assert info["host"]["ociRuntime"]["name"] == "runc"
