@@ -42,7 +42,8 @@ CACHE = Path(os.environ.get("CACHEPORT_PODMAN_CACHE", "/var/tmp/cacheport-podman
 RUN_DIR = Path(os.environ.get("CACHEPORT_PODMAN_RUN", "/run/cacheport-podman"))
 ROOTFS_REPO = "localhost/cacheport-test-rootfs"
 BASE_REPO = "localhost/cacheport-test-base"
-IMAGE = "localhost/cacheport-test:latest"
+# One tag per work tree: two trees on one machine share the cache, not the image.
+IMAGE = f"localhost/cacheport-test:{hashlib.sha256(str(ROOT).encode()).hexdigest()[:12]}"
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates", "passwd")
 RECIPE = "1"  # bump when the way the rootfs is made changes
 TOOLS = ("podman", "runc", "mmdebstrap")

@@ -139,13 +139,13 @@ class Container:
             doc: dict[str, Any] = json.loads(reply.read())
         return doc
 
-    def write_map(self, doc: dict[str, Any]) -> None:
-        """In place (same inode), readable by the image's group only: root:10001, 0640."""
+    def write_map(self, doc: dict[str, Any], mode: int = 0o640) -> None:
+        """In place (same inode), as the guide says: root:10001, readable by the group."""
         path = self.conf_dir / "cacheport.yaml"
         with open(path, "w") as f:
             f.write(yaml.safe_dump(doc, sort_keys=False))
         os.chown(path, 0, GID)
-        path.chmod(0o640)
+        path.chmod(mode)
 
 
 class Fleet:
@@ -165,7 +165,8 @@ class Fleet:
         self.volumes.append(name)
         return name
 
-    def start(self, suffix: str, doc: dict[str, Any], volume: str | None = None) -> Container:
+    def start(self, suffix: str, doc: dict[str, Any], volume: str | None = None, *,
+              map_mode: int = 0o640) -> Container:
         name = f"{self.prefix}-{suffix}"
         conf_dir = self.tmp / suffix
         conf_dir.mkdir()
@@ -175,14 +176,15 @@ class Fleet:
         admin_port = int(str(admin.get("listen", "127.0.0.1:9180")).rsplit(":", 1)[1]) \
             if isinstance(admin, dict) else 0
         container = Container(self.podman, name, conf_dir, admin_port)
-        container.write_map(doc)
+        container.write_map(doc, map_mode)
         options = compose_run_options(str(conf_dir), volume or self.volume(f"{suffix}-state"),
                                       ulimits=False)
         self.names.append(name)
         # --read-only-tmpfs=false: no tmpfs on /tmp and /run either, as Docker's --read-only
         self.podman("run", "-d", "--name", name, "--read-only-tmpfs=false", *options,
                     self.image, timeout=60)
-        container.wait_log("cacheport serving")
+        if map_mode & 0o040:
+            container.wait_log("cacheport serving")
         return container
 
     def remove(self, name: str) -> None:
@@ -356,6 +358,10 @@ def test_sigterm_drains_a_held_connection_and_exits_0_within_the_stop_timeout(
     stop_timeout = int(compose_run_options()[compose_run_options().index("--stop-timeout") + 1])
     assert stop_timeout > 20  # compose's stop_grace_period covers the drain
 
+    # admin: off -- the image's health check has nothing to ask, passes, and says so
+    healthy = fleet.podman("healthcheck", "run", container.name, check=False, timeout=30)
+    assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+
     held = socket.create_connection((HOST, port), timeout=5)
     stopper: subprocess.Popen[str] | None = None
     try:
@@ -379,6 +385,18 @@ def test_sigterm_drains_a_held_connection_and_exits_0_within_the_stop_timeout(
     assert exit_code.stdout.strip() == "0", container.logs()
     assert elapsed < stop_timeout
     assert "1 connection(s) drained, 0 cut" in container.logs()
+
+
+def test_a_map_uid_10001_cannot_read_stops_the_container_saying_so(
+        fleet: Fleet, redis_node: ServerProcess) -> None:
+    """The guide's warning: a 0600 root-owned map is unreadable for the image's user."""
+    container = fleet.start("unreadable", {"listeners": [
+        {"name": "redis", "listen": f"{HOST}:{free_port()}", "upstream": redis_node.address}]},
+        map_mode=0o600)
+    wait_until(container.exited, 30, 0.2, "the container to exit")
+    code = fleet.podman("inspect", "--format", "{{.State.ExitCode}}", container.name)
+    assert code.stdout.strip() == "2"
+    assert "/etc/cacheport/cacheport.yaml: cannot read: Permission denied" in container.logs()
 
 
 # -- cluster port assignments across container restarts -------------------------------
