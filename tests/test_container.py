@@ -14,7 +14,8 @@ the base image comes from mmdebstrap and is cached by content key, and the proje
 image is built through ``--build-arg BASE_IMAGE``, as a user with a mirrored base would.
 Every container runs with the options deploy/compose.yaml gives it (the docs' run lines
 are checked against the same, in test_packaging.py), so what runs here is what the guide
-says. Run alone with ``pytest -m container``. Skipped only where podman, runc or
+says -- all but its nofile ulimit, above this machine's hard limit: containers.conf sets
+that limit instead. Run alone with ``pytest -m container``. Skipped only where podman, runc or
 mmdebstrap cannot be had; under ``CI=true`` that is a failure instead.
 """
 
