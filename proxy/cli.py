@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__, iptables, runtime, supervisor
-from .admin import AdminError, fetch_status, format_status
+from .admin import AdminError, fetch_status, format_status, probe_address, probe_health
 from .config import (
     DEFAULT_ADMIN_PORT,
     Address,
@@ -137,6 +137,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    """For a container HEALTHCHECK or a Kubernetes exec probe: 0 healthy, 1 not (Docker
+    reserves 2). Asks the admin endpoint wherever the map puts it; with ``admin: off``
+    there is nothing to ask, and probing the listeners would count as clients (and dial
+    upstreams), so it reports healthy while the process runs and says so."""
+    if args.admin is not None:
+        address = args.admin
+    else:
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            print(f"cacheport: unhealthy: {exc}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+        if config.admin is None:
+            print(f"{args.config}: admin: off, so there is no endpoint to ask; healthy while "
+                  "the process runs (turn the admin endpoint on for a real check)")
+            return EXIT_OK
+        address = probe_address(config.admin.listen)
+    healthy, seen = probe_health(address, "/readyz" if args.ready else "/healthz",
+                                 timeout=args.timeout)
+    print(f"{'healthy' if healthy else 'unhealthy'}: {seen}",
+          file=sys.stdout if healthy else sys.stderr)
+    return EXIT_OK if healthy else EXIT_UNREACHABLE
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     try:
@@ -251,6 +276,19 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                         help="how long to wait for an answer (default: %(default)s)")
     status.set_defaults(func=cmd_status)
+
+    health = sub.add_parser("healthcheck", help="exit 0 if the running cacheport's admin "
+                            "endpoint (wherever the map puts it) answers healthy, else 1")
+    where = health.add_mutually_exclusive_group(required=True)
+    where.add_argument("-c", "--config", metavar="FILE",
+                       help="the port map cacheport runs with (its admin.listen is asked)")
+    where.add_argument("--admin", type=_admin_address, metavar="HOST:PORT",
+                       help="ask this admin endpoint instead")
+    health.add_argument("--ready", action="store_true",
+                        help="ask /readyz (serving and an upstream healthy) instead of /healthz")
+    health.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS",
+                        help="how long to wait for an answer (default: %(default)s)")
+    health.set_defaults(func=cmd_healthcheck)
     return parser
 
 

@@ -29,7 +29,8 @@ from .health.state import State, choose_upstream
 from .metrics import UpstreamBook
 from .relay.buffered import BufferPool, Relay
 from .relay.choose import RelayKind, relay_order
-from .relay.engine import AnyRelay, NativeRelay, choose_native
+from .relay.engine import AnyRelay, NativeRelay, choose_native, native_available
+from .relay.pipes import splice_supported
 from .relay.splice import SpliceRelay, choose_hub
 from .resolver import ResolveError, Resolver
 from .tls import ListenerTls
@@ -47,6 +48,27 @@ _WARN_INTERVAL = 10.0
 
 class BindError(Exception):
     """A listener could not bind its address."""
+
+
+def relays_here() -> frozenset[RelayKind]:
+    """The relays this install can run: the engine only where it was built, splice only
+    where the kernel has splice(2); buffered everywhere."""
+    here = {RelayKind.BUFFERED}
+    if native_available():
+        here.add(RelayKind.ENGINE)
+    if splice_supported():
+        here.add(RelayKind.SPLICE)
+    return frozenset(here)
+
+
+def serving_relay(config: ListenerConfig, available: frozenset[RelayKind], *,
+                  rewriting: bool = False) -> RelayKind:
+    """The relay that serves ``config``'s connections: the first of ``relay_order`` that
+    is ``available``. Values in, value out, so a silent fallback can be named at start."""
+    for kind in relay_order(config, rewriting=rewriting):
+        if kind in available:
+            return kind
+    return RelayKind.BUFFERED
 
 
 @dataclass
@@ -166,6 +188,22 @@ class Listener:
     def active(self) -> int:
         return len(self.relays) + len(self.connecting)
 
+    @property
+    def rewriting(self) -> bool:
+        """A cluster listener: its relay factory rewrites replies, so it never splices."""
+        return self.relay_factory is not Relay
+
+    @property
+    def relay(self) -> RelayKind:
+        """Which relay serves this listener's connections on this install (``/status``)."""
+        return serving_relay(self.config, relays_here(), rewriting=self.rewriting)
+
+    @property
+    def engine_missing(self) -> bool:
+        """The native engine would serve this listener, but it was not built here."""
+        return (RelayKind.ENGINE in relay_order(self.config, rewriting=self.rewriting)
+                and not native_available())
+
     def bind(self) -> None:
         try:
             self.sock = bind_socket(self.config.listen, reuse_port=self.reuse_port)
@@ -232,9 +270,12 @@ class Listener:
         self.accepting = True
         self.loop.add_reader(self.sock.fileno(), self._on_acceptable)
         self._schedule_idle_sweep()
+        missing = " (the native engine is not built on this install)" \
+            if self.engine_missing else ""
         log.info(
-            "listener %s %s -> %s (%s) started",
+            "listener %s %s -> %s (%s) started; relay %s%s",
             self.name, self.bound, self.config.upstream, self.config.protocol,
+            self.relay.value, missing,
         )
         upstream_tls = self.config.upstream_tls
         if upstream_tls is not None and not upstream_tls.verify:
