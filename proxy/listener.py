@@ -28,7 +28,7 @@ from .config import Address, ListenerConfig
 from .health.state import State, choose_upstream
 from .metrics import UpstreamBook
 from .relay.buffered import BufferPool, Relay
-from .relay.choose import RelayKind, relay_order
+from .relay.choose import RelayKind, relay_order, serving_relay
 from .relay.engine import AnyRelay, NativeRelay, choose_native, native_available
 from .relay.pipes import splice_supported
 from .relay.splice import SpliceRelay, choose_hub
@@ -59,16 +59,6 @@ def relays_here() -> frozenset[RelayKind]:
     if splice_supported():
         here.add(RelayKind.SPLICE)
     return frozenset(here)
-
-
-def serving_relay(config: ListenerConfig, available: frozenset[RelayKind], *,
-                  rewriting: bool = False) -> RelayKind:
-    """The relay that serves ``config``'s connections: the first of ``relay_order`` that
-    is ``available``. Values in, value out, so a silent fallback can be named at start."""
-    for kind in relay_order(config, rewriting=rewriting):
-        if kind in available:
-            return kind
-    return RelayKind.BUFFERED
 
 
 @dataclass

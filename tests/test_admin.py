@@ -15,8 +15,7 @@ import yaml
 from pymemcache.client.base import Client as MemcacheClient
 
 from proxy.admin import format_status
-from proxy.listener import serving_relay
-from proxy.relay.choose import RelayKind
+from proxy.relay.choose import RelayKind, serving_relay
 from proxy.relay.engine import native_available
 from proxy.server import StopResult
 from tests.healthkit import (
