@@ -167,7 +167,7 @@ class Fleet:
         return name
 
     def start(self, suffix: str, doc: dict[str, Any], volume: str | None = None, *,
-              map_mode: int = 0o640) -> Container:
+              map_mode: int = 0o640, restart: str | None = None) -> Container:
         name = f"{self.prefix}-{suffix}"
         conf_dir = self.tmp / suffix
         conf_dir.mkdir()
@@ -180,6 +180,8 @@ class Fleet:
         container.write_map(doc, map_mode)
         options = compose_run_options(str(conf_dir), volume or self.volume(f"{suffix}-state"),
                                       ulimits=False)
+        if restart is not None:  # e.g. "no": an exit code to read, not a restart loop
+            options[options.index("--restart") + 1] = restart
         self.names.append(name)
         # --read-only-tmpfs=false: no tmpfs on /tmp and /run either, as Docker's --read-only
         self.podman("run", "-d", "--name", name, "--read-only-tmpfs=false", *options,
@@ -295,7 +297,7 @@ def test_image_is_its_base_plus_a_small_venv_without_compiler_pip_or_tests(
     added = size(IMAGE) - size(base)
     print(f"image {size(IMAGE) / 1e6:.0f} MB = base {size(base) / 1e6:.0f} MB "
           f"+ {added / 1e6:.1f} MB")  # the figures docs/container.md reports
-    assert added < 20e6
+    assert added < 30e6  # the venv: uvloop, pydantic-core, redis-py, the engine
 
 
 # -- health check ----------------------------------------------------------------------
@@ -393,10 +395,10 @@ def test_a_map_uid_10001_cannot_read_stops_the_container_saying_so(
     """The guide's warning: a 0600 root-owned map is unreadable for the image's user."""
     container = fleet.start("unreadable", {"listeners": [
         {"name": "redis", "listen": f"{HOST}:{free_port()}", "upstream": redis_node.address}]},
-        map_mode=0o600)
+        map_mode=0o600, restart="no")
     wait_until(container.exited, 30, 0.2, "the container to exit")
     code = fleet.podman("inspect", "--format", "{{.State.ExitCode}}", container.name)
-    assert code.stdout.strip() == "2"
+    assert code.stdout.strip() == "2", container.logs()
     assert "/etc/cacheport/cacheport.yaml: cannot read: Permission denied" in container.logs()
 
 
