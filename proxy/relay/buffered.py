@@ -36,6 +36,10 @@ from collections.abc import Callable
 from typing import cast
 
 _LINGER_RST = struct.pack("ii", 1, 0)
+# After one side fails, how long the bytes it sent before may take to reach the other
+# side before that side is reset anyway: a peer that stops reading must not keep a dead
+# connection (docs/hot-loop.md, "When a side fails").
+DRAIN_GRACE = 2.0
 
 
 class BufferPool:
