@@ -30,8 +30,10 @@ A reset or error on either side aborts both, sending an RST to the peer.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import socket
 import struct
+import termios
 from collections.abc import Callable
 from typing import cast
 
@@ -40,6 +42,15 @@ _LINGER_RST = struct.pack("ii", 1, 0)
 # side before that side is reset anyway: a peer that stops reading must not keep a dead
 # connection (docs/hot-loop.md, "When a side fails").
 DRAIN_GRACE = 2.0
+SETTLE_TICK = 0.01  # how often a drained connection looks whether its send queue is empty
+
+
+def _unsent(fd: int) -> int:
+    """Bytes in a socket's send queue not yet acknowledged (SIOCOUTQ); 0 if unknown."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0])
+    except OSError:
+        return 0
 
 
 class BufferPool:
