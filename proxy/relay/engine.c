@@ -462,12 +462,12 @@ static void push_done(Engine *e, uint32_t slot) {
 }
 
 /* End a live connection: reset (RST to both peers) or a plain close. A close
- * with bytes still pending becomes a reset: a FIN after a cut stream would
- * look like a complete reply. */
+ * with bytes still pending, or of a dying connection, becomes a reset: a FIN
+ * after a cut stream would look like a complete reply. */
 static void finish(Engine *e, conn_t *c, int reset) {
     if (c->state != LIVE)
         return;
-    reset = reset || c->w[0].pending || c->w[1].pending;
+    reset = reset || c->dead || c->w[0].pending || c->w[1].pending;
     for (int s = 0; s < 2; s++) {
         if (reset) {
             struct linger lg = {1, 0};
@@ -563,7 +563,7 @@ static void *run(void *arg) {
         /* ndying is the thread's own: no lock to read it. */
         int n = epoll_wait(e->epfd, evs, BATCH,
                            spin_until > 0 ? 0 : (e->ndying ? SWEEP_MS : -1));
-        if (n == 0 && e->ndying) {
+        if (n == 0 && e->ndying && now_s() >= e->next_sweep) {
             pthread_mutex_lock(&e->lock);
             int tell = sweep_dying(e);
             pthread_mutex_unlock(&e->lock);

@@ -835,7 +835,7 @@ class SpliceRelay:
 
         A FIN after a cut stream would look like a complete reply to the peer.
         """
-        self._shut(reset=bool(self.up.pending or self.down.pending))
+        self._shut(reset=bool(self.up.pending or self.down.pending or self.dying))
 
     def _shut(self, reset: bool) -> None:
         if self.closed:
