@@ -29,11 +29,22 @@ from proxy.server import Server
 ROOT = Path(__file__).resolve().parent.parent
 
 
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now and never handed out before in this process: the kernel may give
+    the same ephemeral port to two binds in a row, and two listeners of one test would clash.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    for _ in range(100):
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no fresh ephemeral port in 100 tries")
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.02,

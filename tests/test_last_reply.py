@@ -399,8 +399,8 @@ def test_a_drain_toward_a_client_that_stops_reading_ends_within_the_grace(
         else:
             listener.update(copy_fields(kind))
         proxy = ProxyThread(make_config([listener]), loop_kind).start()
+        sock = socket.socket()
         try:
-            sock = socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
             sock.settimeout(10)
             sock.connect((HOST, proxy.port("t")))
@@ -413,13 +413,15 @@ def test_a_drain_toward_a_client_that_stops_reading_ends_within_the_grace(
                 while True:
                     sock.send(b"z" * (1 << 16))
             sock.settimeout(10)
-            wait_until(lambda: proxy.server.active == 0, 1.0 + DRAIN_GRACE + 3,
+            # Bounded, not exact: on a loaded 2-core machine the loop may run late.
+            bound = 1.0 + DRAIN_GRACE + 8
+            wait_until(lambda: proxy.server.active == 0, bound,
                        message="the relay to give up on the silent client")
-            assert time.monotonic() - start < 1.0 + DRAIN_GRACE + 3
+            assert time.monotonic() - start < bound
             data, end = read_until_closed(sock)
-            sock.close()
             # (Python's TLS client may report the reset as a ragged EOF.)
             assert end == "reset" or client_tls is not None
             assert set(data) <= {ord("y")}
         finally:
+            sock.close()
             proxy.stop()
