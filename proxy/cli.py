@@ -94,7 +94,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     _print_table(config)
     for cc in config.clusters:
-        seed_port = f", seed_port {cc.seed_port}" if cc.seed_port is not None else ""
+        seed_port = "".join(f", {key} {port}" for key, port in (
+            ("seed_port", cc.seed_port), ("primary_port", cc.primary_port),
+            ("reader_port", cc.reader_port)) if port is not None)
         print(f"cluster {cc.name}: {cc.engine}, seed {cc.seed}, announce {cc.announce}, "
               f"ports {cc.ports[0]}-{cc.ports[1]}{seed_port}")
     clusters = f", {len(config.clusters)} cluster(s)" if config.clusters else ""

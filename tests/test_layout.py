@@ -90,6 +90,7 @@ LAYERS: dict[str, int] = {
     "proxy.protocols": 0,
     "proxy.health.state": 0,
     "proxy.cluster.ports": 0,
+    "proxy.cluster.replication": 0,
     "proxy.relay": 0,  # the package's __init__, pipes, buffered
     "proxy.tls": 1,
     "proxy.resolver": 1,

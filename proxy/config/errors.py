@@ -42,8 +42,9 @@ _TUNABLES = ("protocol", "connect_timeout", "idle_timeout", "buffer_size", "dns_
              "copy", "relay")
 _ORDER: dict[str, tuple[str, ...]] = {
     "listeners": (*_TUNABLES, "listen", "upstream", "backup", "health"),
-    "clusters": ("engine", "seed", "announce", "announce_ip", "ports", "seed_port", "listen",
-                 "refresh", "retire_grace", *_TUNABLES, "health"),
+    "clusters": ("engine", "seed", "announce", "announce_ip", "ports", "seed_port",
+                 "primary_port", "reader_port", "close_on_failover", "listen", "refresh",
+                 "retire_grace", *_TUNABLES, "health"),
     "defaults": (*_TUNABLES, "health"),
 }
 _UNKNOWN = ("extra_forbidden", "invalid_key")

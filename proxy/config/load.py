@@ -300,6 +300,22 @@ class _Resolver:
             raise ctx.error(f"field 'seed_port': {seed_port} is inside the node range "
                             f"{ports[0]}-{ports[1]}; pick a port outside it",
                             line=raw.lines["seed_port"], where=where)
+        named: dict[int, str] = {seed_port: "seed_port"} if seed_port is not None else {}
+        for key in ("primary_port", "reader_port"):
+            port = section.get(key)
+            if port is None:
+                continue
+            if section.engine != "redis-replication":
+                raise ctx.error(f"field {key!r}: only engine redis-replication has a primary "
+                                "and replicas; remove it", line=raw.lines[key], where=where)
+            if ports[0] <= port <= ports[1]:
+                raise ctx.error(f"field {key!r}: {port} is inside the node range "
+                                f"{ports[0]}-{ports[1]}; pick a port outside it",
+                                line=raw.lines[key], where=where)
+            if port in named:
+                raise ctx.error(f"field {key!r}: {port} is also this cluster's "
+                                f"{named[port]}", line=raw.lines[key], where=where)
+            named[port] = key
         host = section.listen
         settings = {key: _setting(key, section, self.defaults) for key in CLUSTER_TUNABLE_KEYS}
         listen = Address(host, ports[0])
@@ -318,7 +334,10 @@ class _Resolver:
         return ClusterConfig(name=name, engine=section.engine, seed=seed, announce=announce,
                              announce_ip=announce_ip, ports=ports, template=template,
                              seed_port=seed_port, refresh=section.refresh,
-                             retire_grace=section.retire_grace)
+                             retire_grace=section.retire_grace,
+                             primary_port=section.primary_port,
+                             reader_port=section.reader_port,
+                             close_on_failover=section.close_on_failover)
 
     def clusters(self, listeners: list[ListenerConfig]) -> tuple[ClusterConfig, ...]:
         ctx = self.ctx
@@ -348,13 +367,14 @@ class _Resolver:
                 if lc.listen.port in mine and conflicts(lc.listen, Address(host, lc.listen.port)):
                     raise ctx.error(
                         f"listener {lc.name!r} ({lc.listen}) uses a port of this cluster's "
-                        f"range {cc.ports[0]}-{cc.ports[1]} or its seed_port", line=at,
+                        f"range {cc.ports[0]}-{cc.ports[1]} or its seed/primary/reader port",
+                        line=at,
                         where=where)
             for other in clusters:
                 common = mine & {a.port for a in other.addresses()}
                 if common and conflicts(Address(host, 1), Address(other.listen_host, 1)):
                     raise ctx.error(f"port {min(common)} is also in cluster {other.name!r}'s "
-                                    "range or seed_port", line=at, where=where)
+                                    "range or seed/primary/reader port", line=at, where=where)
             clusters.append(cc)
         return tuple(clusters)
 

@@ -406,8 +406,10 @@ class ClusterSection(Tunables):
 
     name: Name = Field(description="Unique name (also among listeners); node listeners "
                                    "are named after it.")
-    engine: EngineName = Field(description="redis-cluster (CLUSTER SHARDS / SLOTS) or "
-                                           "memcached (ElastiCache auto-discovery).")
+    engine: EngineName = Field(
+        description="redis-cluster (CLUSTER SHARDS / SLOTS), redis-replication (cluster mode "
+                    "disabled: ROLE, one primary and its replicas) or memcached (ElastiCache "
+                    "auto-discovery).")
     seed: Upstream = Field(description="The configuration endpoint: host[:port]; without a "
                                        "port, the engine's (6379, 11211).")
     announce: Announce = Field(
@@ -420,6 +422,18 @@ class ClusterSection(Tunables):
                                          "nodes' listeners.")
     seed_port: Port = Field(None, description="A port outside the range that forwards to the "
                                               "configuration endpoint.")
+    primary_port: Port = Field(
+        None, description="redis-replication only: a port outside the range that always "
+                          "forwards to the current primary (like ElastiCache's primary "
+                          "endpoint).")
+    reader_port: Port = Field(
+        None, description="redis-replication only: a port outside the range that forwards "
+                          "each new connection to the healthy replica with the fewest, or to "
+                          "the primary when none is healthy (like the reader endpoint).")
+    close_on_failover: Bool = Field(
+        True, description="redis-replication only: when the primary changes, also close the "
+                          "primary_port connections to the old one, so clients reconnect to "
+                          "the new primary (as ElastiCache's primary endpoint does).")
     listen: BindHost = Field(
         "0.0.0.0", description="The address the nodes' listeners bind.")
     refresh: Seconds = Field(DEFAULT_REFRESH, description="Time between topology "

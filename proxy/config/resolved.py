@@ -142,6 +142,9 @@ class ClusterConfig:
     seed_port: int | None = None
     refresh: float = DEFAULT_REFRESH
     retire_grace: float = DEFAULT_RETIRE_GRACE
+    primary_port: int | None = None  # redis-replication: always the current primary
+    reader_port: int | None = None  # redis-replication: least-connections over replicas
+    close_on_failover: bool = True  # redis-replication: cut primary_port links to an old primary
 
     @property
     def listen_host(self) -> str:
@@ -154,8 +157,8 @@ class ClusterConfig:
     def addresses(self) -> list[Address]:
         """Every address this cluster may bind: its whole range and its seed port."""
         ports = list(range(self.ports[0], self.ports[1] + 1))
-        if self.seed_port is not None:
-            ports.append(self.seed_port)
+        ports += [p for p in (self.seed_port, self.primary_port, self.reader_port)
+                  if p is not None]
         return [Address(self.listen_host, p) for p in ports]
 
 
