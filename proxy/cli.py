@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import __version__, iptables, runtime, supervisor
+from . import __version__, aws, iptables, runtime, supervisor
 from .admin import AdminError, fetch_status, format_status
 from .config import (
     DEFAULT_ADMIN_PORT,
@@ -241,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the configuration reference (docs/configuration.md) instead")
     schema.set_defaults(func=cmd_schema)
     iptables.register(sub)
+    aws.register(sub)
 
     status = sub.add_parser("status", help="show a running cacheport's listeners, upstreams "
                             "and their health (from its admin endpoint)")

@@ -98,6 +98,7 @@ LAYERS: dict[str, int] = {
     "proxy.metrics": 1,
     "proxy.fleet": 1,
     "proxy.iptables": 1,
+    "proxy.aws": 2,  # its render reuses iptables' YAML helpers
     "proxy.health.checks": 1,
     "proxy.relay.choose": 1,
     "proxy.relay.splice": 2,
