@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,14 @@ from proxy.protocols.redis_role import RoleError, parse_role
 from proxy.relay.buffered import Relay
 from proxy.relay.engine import NativeRelay, native_available
 from tests.cluster_helpers import free_range
-from tests.support import ProxyThread, ServerProcess, make_config, start_server, wait_until
+from tests.support import (
+    ProxyThread,
+    ServerProcess,
+    make_config,
+    start_server,
+    valkey_server,
+    wait_until,
+)
 
 HOST = "127.0.0.1"
 pytestmark = pytest.mark.timeout(45)
@@ -98,8 +106,16 @@ def test_role_ports_may_not_repeat_the_seed_port() -> None:
 FAST = ["--repl-diskless-sync-delay", "0", "--shutdown-timeout", "0"]
 
 
-def _replica_of(primary: ServerProcess) -> ServerProcess:
-    return start_server("redis", [*FAST, "--replicaof", HOST, str(primary.port)])
+def _own_dir(base: Path) -> list[str]:
+    """A replica writes the full sync's RDB file into its dir: never the work tree."""
+    path = base / uuid.uuid4().hex
+    path.mkdir()
+    return ["--dir", str(path)]
+
+
+def _replica_of(primary: ServerProcess, base: Path) -> ServerProcess:
+    return start_server(primary.kind, [*FAST, *_own_dir(base), "--replicaof", HOST,
+                                       str(primary.port)])
 
 
 def _in_sync(primary: ServerProcess, replicas: int) -> bool:
@@ -109,12 +125,15 @@ def _in_sync(primary: ServerProcess, replicas: int) -> bool:
                and v.get("state") == "online") == replicas
 
 
-@pytest.fixture
-def group() -> Iterator[list[ServerProcess]]:
-    """[primary, replica, replica], replicas in sync."""
-    nodes = [start_server("redis", FAST)]
+@pytest.fixture(params=["redis", "valkey"])
+def group(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[list[ServerProcess]]:
+    """[primary, replica, replica], replicas in sync: redis-server, and valkey-server where
+    scripts/valkey.sh could get one."""
+    if request.param == "valkey" and valkey_server() is None:
+        pytest.skip("no valkey-server (scripts/valkey.sh found none to install)")
+    nodes = [start_server(request.param, [*FAST, *_own_dir(tmp_path)])]
     try:
-        nodes += [_replica_of(nodes[0]), _replica_of(nodes[0])]
+        nodes += [_replica_of(nodes[0], tmp_path), _replica_of(nodes[0], tmp_path)]
         wait_until(lambda: _in_sync(nodes[0], 2), 15, 0.05, "two replicas in sync")
         yield nodes
     finally:
@@ -247,7 +266,7 @@ def test_a_replica_added_gets_its_own_port_without_a_restart(
     extra = None
     try:
         manager = _manager(proxy)
-        extra = _replica_of(group[0])
+        extra = _replica_of(group[0], tmp_path)
         identity = f"{HOST}:{extra.port}"
         wait_until(lambda: identity in manager.nodes
                    and manager.nodes[identity].health == "online", 15, 0.05, "the new replica")

@@ -26,6 +26,7 @@ from tests.support import (
     make_config,
     port_open,
     require_binary,
+    valkey_server,
     wait_until,
 )
 
@@ -34,9 +35,12 @@ NAME = "localhost"  # a hostname that resolves here, as the serverless endpoint 
 pytestmark = pytest.mark.timeout(40)
 
 
-@pytest.fixture
-def serverless(tmp_path: Path) -> Iterator[tuple[ServerProcess, Path]]:
+@pytest.fixture(params=["redis-server", "valkey-server"])
+def serverless(request: pytest.FixtureRequest, tmp_path: Path
+               ) -> Iterator[tuple[ServerProcess, Path]]:
     """(the TLS-only node, the CA file that signed its certificate for NAME)."""
+    if request.param == "valkey-server" and valkey_server() is None:
+        pytest.skip("no valkey-server (scripts/valkey.sh found none to install)")
     ca = trustme.CA()
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
@@ -45,7 +49,7 @@ def serverless(tmp_path: Path) -> Iterator[tuple[ServerProcess, Path]]:
     cert.private_key_pem.write_to_path(str(tmp_path / "node.key"))
     port = free_port()
     proc = subprocess.Popen(
-        [require_binary("redis-server"), "--port", "0", "--tls-port", str(port),
+        [require_binary(request.param), "--port", "0", "--tls-port", str(port),
          "--bind", "127.0.0.1 -::1", "--tls-cert-file", str(tmp_path / "node.pem"),
          "--tls-key-file", str(tmp_path / "node.key"), "--tls-ca-cert-file", str(ca_file),
          "--tls-auth-clients", "no", "--tls-cluster", "yes", "--cluster-enabled", "yes",
