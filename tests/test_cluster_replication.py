@@ -278,3 +278,10 @@ def test_a_replica_added_gets_its_own_port_without_a_restart(
         proxy.stop()
         if extra is not None:
             extra.stop()
+
+
+def test_a_replication_group_refreshes_every_5s_unless_told() -> None:
+    config = make_config([], clusters=[_cluster_doc(), _cluster_doc(
+        name="rc", engine="redis-cluster", ports="31010-31017"), _cluster_doc(
+        name="r2", ports="31020-31027", refresh="1m")])
+    assert [c.refresh for c in config.clusters] == [5.0, 30.0, 60.0]

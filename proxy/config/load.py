@@ -55,6 +55,7 @@ from .resolved import (
 from .values import (
     DEFAULT_CHECK_TIMEOUT,
     DEFAULT_PORTS,
+    DEFAULT_REPLICATION_REFRESH,
     ENGINE_PROTOCOL,
     Address,
     ConfigError,
@@ -333,7 +334,10 @@ class _Resolver:
                                   health=health, **settings)
         return ClusterConfig(name=name, engine=section.engine, seed=seed, announce=announce,
                              announce_ip=announce_ip, ports=ports, template=template,
-                             seed_port=seed_port, refresh=section.refresh,
+                             seed_port=seed_port,
+                             refresh=section.refresh if "refresh" in given
+                             or section.engine != "redis-replication"
+                             else DEFAULT_REPLICATION_REFRESH,
                              retire_grace=section.retire_grace,
                              primary_port=section.primary_port,
                              reader_port=section.reader_port,

@@ -436,8 +436,10 @@ class ClusterSection(Tunables):
                           "the new primary (as ElastiCache's primary endpoint does).")
     listen: BindHost = Field(
         "0.0.0.0", description="The address the nodes' listeners bind.")
-    refresh: Seconds = Field(DEFAULT_REFRESH, description="Time between topology "
-                                                          "discoveries.")
+    refresh: Seconds = Field(
+        DEFAULT_REFRESH, json_schema_extra={"default": "30s; 5s for redis-replication"},
+        description="Time between topology discoveries; for redis-replication also how soon "
+                    "a failover is followed and a failed replica leaves reader_port.")
     retire_grace: Drain = Field(
         DEFAULT_RETIRE_GRACE, description="How long a node that left keeps its port for "
                                           "live connections.")

@@ -24,6 +24,9 @@ ENGINES: tuple[Engine, ...] = ("redis-cluster", "redis-replication", "memcached"
 ENGINE_PROTOCOL: dict[str, Protocol] = {"redis-cluster": "redis", "redis-replication": "redis",
                                         "memcached": "memcached"}
 DEFAULT_REFRESH = 30.0
+# A replication group's refresh also judges its replicas for reader_port and notices a
+# failover: a few ROLE round trips, cheap enough to run often.
+DEFAULT_REPLICATION_REFRESH = 5.0
 DEFAULT_RETIRE_GRACE = 600.0
 MAX_CLUSTER_PORTS = 1024
 
