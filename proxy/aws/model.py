@@ -3,7 +3,8 @@ ElastiCache API's descriptions, each naming what it came from, and what became n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from ..config import Address, Engine, Protocol
 
@@ -70,6 +71,7 @@ class Translation:
     clusters: tuple[ImportedCluster, ...]
     listeners: tuple[ImportedListener, ...]
     untranslated: tuple[Untranslated, ...]
+    blocks: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # source -> ports
 
     @property
     def entries(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Sequence
+from typing import Any
 
 from ..iptables.render import _count, _oneline, _scalar
 from .model import ImportedCluster, ImportedListener, Source, Translation, Untranslated
@@ -104,3 +105,33 @@ def render_yaml(t: Translation, *, region: str, announce: str, allow: Sequence[s
     out += _untranslated(not_needed, "Not needed: covered otherwise (the reason is under each):")
     out += _untranslated(needed, "REVIEW: not translated, or translated with a gap:")
     return "\n".join(out) + "\n"
+
+
+def entry_dicts(t: Translation, announce: str, listen: str = "0.0.0.0"
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The same entries as plain YAML data (clusters, listeners), for the ``aws:`` source
+    to add to the port map's text. Entries needing a secret are left out (listed as
+    Untranslated by the translation already): without it discovery could only fail."""
+    clusters: list[dict[str, Any]] = []
+    for c in t.clusters:
+        if c.auth:
+            continue
+        entry: dict[str, Any] = {"name": c.name, "engine": c.engine, "seed": str(c.seed),
+                                 "announce": announce, "listen": listen,
+                                 "ports": f"{c.ports[0]}-{c.ports[1]}"}
+        for key in ("seed_port", "primary_port", "reader_port"):
+            if getattr(c, key) is not None:
+                entry[key] = getattr(c, key)
+        if c.upstream_tls:
+            entry["upstream_tls"] = True
+        clusters.append(entry)
+    listeners: list[dict[str, Any]] = []
+    for lc in t.listeners:
+        if lc.auth:
+            continue
+        item: dict[str, Any] = {"name": lc.name, "listen": f"{listen}:{lc.port}",
+                                "upstream": str(lc.upstream), "protocol": lc.protocol}
+        if lc.upstream_tls:
+            item["upstream_tls"] = True
+        listeners.append(item)
+    return clusters, listeners

@@ -62,19 +62,35 @@ def _range_for(nodes: int) -> int:
     return min(max(MIN_RANGE, 2 * nodes), 1024)
 
 
+def _round10(port: int) -> int:
+    return -(-port // 10) * 10
+
+
 class _Ports:
-    """Hands out non-overlapping blocks, each starting on a multiple of 10."""
+    """Hands out non-overlapping blocks, each starting on a multiple of 10.
 
-    def __init__(self, first: int) -> None:
-        self.next = first
+    A block in ``keep`` (from an earlier read, by source) is handed back as it was, and
+    new blocks start above every kept one, so re-reading the API never moves a port.
+    """
 
-    def take(self, count: int, what: str) -> int:
-        start = self.next
-        if start + count - 1 > MAX_PORT:
-            raise TranslateError(f"no {count} ports left above {start} for {what}; "
-                                 "pass a lower --first-port")
-        self.next = -(-(start + count) // 10) * 10
-        return start
+    def __init__(self, first: int, keep: Mapping[str, tuple[int, int]]) -> None:
+        self.keep = keep
+        self.next = max([first, *(_round10(s + c) for s, c in keep.values())])
+        self.blocks: dict[str, tuple[int, int]] = {}
+
+    def take(self, count: int, source: Source) -> tuple[int, int]:
+        """(first port, how many) for ``source``."""
+        key = f"{source.kind}:{source.ident}"
+        block = self.keep.get(key)
+        if block is None:
+            start = self.next
+            if start + count - 1 > MAX_PORT:
+                raise TranslateError(f"no {count} ports left above {start} for {source}; "
+                                     "pass a lower --first-port")
+            self.next = _round10(start + count)
+            block = (start, count)
+        self.blocks[key] = block
+        return block
 
 
 def _tls(described: Described) -> bool:
@@ -128,18 +144,17 @@ def _group(rg: Described, ports: _Ports, names: set[str]
             out.insert(0, Untranslated(source, "no configuration endpoint yet (still being "
                                                "created?); nothing to discover from"))
             return None, out
-        size = _range_for(members)
-        start = ports.take(size + 1, str(source))
+        start, count = ports.take(_range_for(members) + 1, source)
         return ImportedCluster(_name(ident, names), "redis-cluster", seed,
-                               (start + 1, start + size), source, seed_port=start,
+                               (start + 1, start + count - 1), source, seed_port=start,
                                upstream_tls=tls, auth=auth, notes=notes), out
     primary = _endpoint(groups[0].get("PrimaryEndpoint")) if groups else None
     if primary is None:
         out.insert(0, Untranslated(source, "no primary endpoint yet (still being created?)"))
         return None, out
-    start = ports.take(REPLICATION_RANGE + 2, str(source))
+    start, count = ports.take(REPLICATION_RANGE + 2, source)
     return ImportedCluster(_name(ident, names), "redis-replication", primary,
-                           (start + 2, start + 1 + REPLICATION_RANGE), source,
+                           (start + 2, start + count - 1), source,
                            primary_port=start, reader_port=start + 1, upstream_tls=tls,
                            auth=auth, notes=notes), out
 
@@ -169,16 +184,16 @@ def _cache_cluster(cc: Described, ports: _Ports, names: set[str]
         listed = ", ".join(f"{n.get('CacheNodeId')}={_endpoint(n.get('Endpoint'))}"
                            for n in nodes)
         size = _range_for(max(len(nodes), int(cc.get("NumCacheNodes") or 0)))
-        start = ports.take(size + 1, str(source))
+        start, count = ports.take(size + 1, source)
         node_note = (f"nodes now: {listed}",) if listed else ()
         return ImportedCluster(_name(ident, names), "memcached", seed,
-                               (start + 1, start + size), source, seed_port=start,
+                               (start + 1, start + count - 1), source, seed_port=start,
                                upstream_tls=tls, notes=node_note), extra
     if engine_name in ("redis", "valkey"):
         upstream = _endpoint(nodes[0].get("Endpoint")) if nodes else None
         if upstream is None:
             return None, [Untranslated(source, "no node endpoint yet (still being created?)")]
-        port = ports.take(1, str(source))
+        port, _ = ports.take(1, source)
         return ImportedListener(_name(ident, names), port, upstream, "redis", source,
                                 upstream_tls=tls, auth=auth, notes=notes), extra
     return None, [Untranslated(source, f"engine {engine_name!r} is not one cacheport knows")]
@@ -205,27 +220,30 @@ def _serverless(sc: Described, ports: _Ports, names: set[str]
                                         "not translated; the main endpoint serves reads too",
                                 needed=False))
     if engine_name == "memcached":
-        port = ports.take(1, str(source))
+        port, _ = ports.take(1, source)
         return ImportedListener(_name(ident, names), port, endpoint, "memcached", source,
                                 upstream_tls=True, notes=notes), out
     if engine_name in ("redis", "valkey"):
-        start = ports.take(SERVERLESS_RANGE + 1, str(source))
+        start, count = ports.take(SERVERLESS_RANGE + 1, source)
         return ImportedCluster(_name(ident, names), "redis-cluster", endpoint,
-                               (start + 1, start + SERVERLESS_RANGE), source, seed_port=start,
+                               (start + 1, start + count - 1), source, seed_port=start,
                                upstream_tls=True, auth=auth, notes=notes), out
     return None, [Untranslated(source, f"engine {engine_name!r} is not one cacheport knows")]
 
 
 def translate(groups: Sequence[Described], cache_clusters: Sequence[Described],
-              serverless: Sequence[Described], *, first_port: int = 30000) -> Translation:
-    """Every description -> an entry or an ``Untranslated``; ports from ``first_port`` up."""
-    ports = _Ports(first_port)
+              serverless: Sequence[Described], *, first_port: int = 30000,
+              keep: Mapping[str, tuple[int, int]] | None = None) -> Translation:
+    """Every description -> an entry or an ``Untranslated``; ports from ``first_port`` up,
+    except that a source in ``keep`` (``Translation.blocks`` of an earlier read) keeps
+    its block."""
+    ports = _Ports(first_port, keep or {})
     names: set[str] = set()
     clusters: list[ImportedCluster] = []
     listeners: list[ImportedListener] = []
     untranslated: list[Untranslated] = []
 
-    def keep(entry: ImportedCluster | ImportedListener | None, notes: list[Untranslated]
+    def add(entry: ImportedCluster | ImportedListener | None, notes: list[Untranslated]
              ) -> None:
         if isinstance(entry, ImportedCluster):
             clusters.append(entry)
@@ -234,12 +252,12 @@ def translate(groups: Sequence[Described], cache_clusters: Sequence[Described],
         untranslated.extend(notes)
 
     for rg in sorted(groups, key=lambda d: str(d.get("ReplicationGroupId"))):
-        keep(*_group(rg, ports, names))
+        add(*_group(rg, ports, names))
     for cc in sorted(cache_clusters, key=lambda d: str(d.get("CacheClusterId"))):
-        keep(*_cache_cluster(cc, ports, names))
+        add(*_cache_cluster(cc, ports, names))
     for sc in sorted(serverless, key=lambda d: str(d.get("ServerlessCacheName"))):
-        keep(*_serverless(sc, ports, names))
-    return Translation(tuple(clusters), tuple(listeners), tuple(untranslated))
+        add(*_serverless(sc, ports, names))
+    return Translation(tuple(clusters), tuple(listeners), tuple(untranslated), ports.blocks)
 
 
 IDENT_KEYS = ("ReplicationGroupId", "CacheClusterId", "ServerlessCacheName")

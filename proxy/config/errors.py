@@ -22,6 +22,7 @@ from pydantic_core import ErrorDetails
 
 from .model import (
     AdminSection,
+    AwsSection,
     ClusterSection,
     DefaultsSection,
     HealthSection,
@@ -109,7 +110,7 @@ def _model_at(loc: Sequence[Any]) -> type[Section]:
     model: type[Section] = PortMap
     steps: dict[str, type[Section]] = {
         "defaults": DefaultsSection, "admin": AdminSection, "health": HealthSection,
-        "tls": TlsSection, "upstream_tls": UpstreamTlsSection}
+        "tls": TlsSection, "upstream_tls": UpstreamTlsSection, "aws": AwsSection}
     for i, part in enumerate(loc):
         if part in ("listeners", "clusters") and i == 0:
             model = ListenerSection if part == "listeners" else ClusterSection
@@ -160,7 +161,7 @@ def render(exc: ValidationError, data: YamlMap, path: str,
         if len(rest) == 2:
             return located(path, f"expected {_SHAPES[head]}, got {show(entry)}", line, where)
         node, rest = entry, rest[2:]
-    elif head in ("defaults", "admin") and not (unknown and len(rest) == 1):
+    elif head in ("defaults", "admin", "aws") and not (unknown and len(rest) == 1):
         line = data.lines.get(head, data.line)
         where = f"{head}: "
         if len(rest) == 1:

@@ -14,6 +14,7 @@ without disturbing the running one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +24,7 @@ from . import errors
 from .model import (
     PASSWORD_KEYS,
     AdminSection,
+    AwsSection,
     ClusterSection,
     DefaultsSection,
     HealthSection,
@@ -45,6 +47,7 @@ from .parsers import (
 )
 from .resolved import (
     AdminConfig,
+    AwsConfig,
     ClusterConfig,
     Config,
     HealthConfig,
@@ -405,7 +408,10 @@ def _parse_config(data: Any, path: str) -> Config:
             raise ctx.error(errors.unknown_key(key, known), line=data.lines.get(key, data.line))
     resolver = _Resolver(ctx, data)
     admin = resolver.admin()
-    if data.get("listeners") in (None, []) and not data.get("clusters"):
+    aws_section = resolver.top("aws")
+    aws = AwsConfig(**{key: aws_section.get(key) for key in AwsSection.yaml_keys()}) \
+        if aws_section is not None else None
+    if data.get("listeners") in (None, []) and not data.get("clusters") and aws is None:
         raise ctx.error("the port map has no listeners; add at least one under 'listeners' "
                         "(or a cluster under 'clusters')", line=data.lines.get("listeners"))
     listeners = resolver.listeners(admin)
@@ -414,11 +420,12 @@ def _parse_config(data: Any, path: str) -> Config:
     return Config(path=path, listeners=tuple(listeners), admin=admin,
                   clusters=resolver.clusters(listeners), drain_timeout=top["drain_timeout"],
                   workers=top["workers"], engine_threads=top["engine_threads"],
-                  busy_poll_us=top["busy_poll"], state_dir=top["state_dir"])
+                  busy_poll_us=top["busy_poll"], state_dir=top["state_dir"], aws=aws)
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate a port map file."""
+def load_config(path: str | Path, extend: Callable[[str], str] | None = None) -> Config:
+    """Read and validate a port map file; ``extend`` may add to its text first (the
+    ``aws:`` source adds the clusters it read)."""
     name = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -428,4 +435,4 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise ConfigError(f"{name}: cannot read: {exc.strerror}") from None
-    return parse_config(load_yaml(text, name), name)
+    return parse_config(load_yaml(extend(text) if extend else text, name), name)

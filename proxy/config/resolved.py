@@ -163,6 +163,20 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AwsConfig:
+    """The ``aws:`` source: which caches to read from the ElastiCache API, how often."""
+
+    region: str
+    announce: str
+    interval: float
+    ids: tuple[str, ...] = ()
+    tags: tuple[tuple[str, str], ...] = ()
+    first_port: int = 30000
+    listen: str = "0.0.0.0"
+    profile: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """A whole validated port map."""
 
@@ -175,6 +189,7 @@ class Config:
     admin: AdminConfig | None = AdminConfig()  # None: ``admin: off``
     clusters: tuple[ClusterConfig, ...] = ()
     state_dir: str | None = None  # where cluster port assignments persist (None: in memory)
+    aws: AwsConfig | None = None  # clusters read from the ElastiCache API on an interval
 
     def listener(self, name: str) -> ListenerConfig:
         for lc in self.listeners:

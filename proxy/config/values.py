@@ -27,6 +27,8 @@ DEFAULT_REFRESH = 30.0
 # A replication group's refresh also judges its replicas for reader_port and notices a
 # failover: a few ROLE round trips, cheap enough to run often.
 DEFAULT_REPLICATION_REFRESH = 5.0
+DEFAULT_AWS_INTERVAL = 300.0  # the aws: source re-reads the API this often
+DEFAULT_AWS_FIRST_PORT = 30000
 DEFAULT_RETIRE_GRACE = 600.0
 MAX_CLUSTER_PORTS = 1024
 
