@@ -60,8 +60,9 @@ def test_caches_that_appear_and_disappear_are_reloaded_and_bad_answers_change_no
         f"state_dir: {tmp_path}\n"
         f"aws: {{region: {REGION}, announce: 127.0.0.1, listen: 127.0.0.1, "
         f"first_port: {base}, interval: 1h}}\n"
-        # A port the API's second group would want: that answer cannot be applied.
-        f"listeners:\n  - {{name: fixed, listen: '127.0.0.1:{base + 22}', "
+        # A port the API's second group wants whatever base is: its 14-port block starts
+        # at base+14 rounded up to a multiple of 10 (base+14..base+23), so it holds base+25.
+        f"listeners:\n  - {{name: fixed, listen: '127.0.0.1:{base + 25}', "
         f"upstream: '127.0.0.1:{node.port}'}}\n")
     api = boto3.client("elasticache", region_name=REGION, aws_access_key_id="testing",
                        aws_secret_access_key="testing")
