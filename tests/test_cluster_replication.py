@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import redis
 
+from proxy.admin import format_cluster
 from proxy.cluster.manager import ClusterManager
 from proxy.cluster.replication import choose_reader
 from proxy.config import Address, ConfigError
@@ -180,6 +181,9 @@ def test_every_node_gets_a_port_and_role_ports_use_plain_relays(
         status = manager.status()
         assert status["primary"] == f"{HOST}:{group[0].port}"
         assert sorted(n["role"] for n in status["nodes"]) == ["master", "replica", "replica"]
+        text = "\n".join(format_cluster(status))
+        assert f"primary port {manager.config.primary_port}" in text
+        assert f"reader port {manager.config.reader_port}" in text
     finally:
         proxy.stop()
 
