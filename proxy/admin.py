@@ -509,7 +509,9 @@ def format_status(doc: dict[str, Any]) -> str:
 
 def format_cluster(cluster: dict[str, Any]) -> list[str]:
     """One cluster's nodes: identity, role, slot ranges, the port clients are given."""
-    seed = f", seed port {cluster['seed_port']}" if cluster.get("seed_port") else ""
+    seed = "".join(f", {word} port {cluster[key]}" for key, word in (
+        ("seed_port", "seed"), ("primary_port", "primary"), ("reader_port", "reader"))
+        if cluster.get(key))
     error = f"; last error: {cluster['last_error']}" if cluster.get("last_error") else ""
     lines = [f"cluster {cluster.get('name')} ({cluster.get('engine')}, seed {cluster.get('seed')}"
              f", announce {cluster.get('announce')}, ports {cluster.get('ports')}{seed}){error}"]
@@ -521,7 +523,8 @@ def format_cluster(cluster: dict[str, Any]) -> list[str]:
         if node.get("port") and not node.get("listening"):
             port += " (not listening)"
         rows.append((str(node.get("hostname") or node.get("id", "?"))[:40],
-                     str(node.get("address", "?")), str(node.get("role") or "-"),
+                     str(node.get("address", "?")), str(node.get("role") or "-") + (
+                         " (failed)" if node.get("health") == "failed" else ""),
                      slots or "-", port, str(node.get("connections", 0))))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:

@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import __version__, iptables, runtime, supervisor
+from . import __version__, aws, iptables, runtime, supervisor
 from .admin import AdminError, fetch_status, format_status, probe_address, probe_health
 from .config import (
     DEFAULT_ADMIN_PORT,
@@ -94,7 +94,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     _print_table(config)
     for cc in config.clusters:
-        seed_port = f", seed_port {cc.seed_port}" if cc.seed_port is not None else ""
+        seed_port = "".join(f", {key} {port}" for key, port in (
+            ("seed_port", cc.seed_port), ("primary_port", cc.primary_port),
+            ("reader_port", cc.reader_port)) if port is not None)
         print(f"cluster {cc.name}: {cc.engine}, seed {cc.seed}, announce {cc.announce}, "
               f"ports {cc.ports[0]}-{cc.ports[1]}{seed_port}")
     clusters = f", {len(config.clusters)} cluster(s)" if config.clusters else ""
@@ -264,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the configuration reference (docs/configuration.md) instead")
     schema.set_defaults(func=cmd_schema)
     iptables.register(sub)
+    aws.register(sub)
 
     status = sub.add_parser("status", help="show a running cacheport's listeners, upstreams "
                             "and their health (from its admin endpoint)")

@@ -573,9 +573,14 @@ class Listener:
     # Set by the server when health checks run: ``state(listener, upstream)``,
     # ``None`` for an upstream that is not checked.
     health: Callable[[str, Address], State | None] | None = None
+    # Set by a cluster on a role listener (reader_port) whose candidates change at run
+    # time: ``chooser(config)`` then replaces the upstream-then-backups order.
+    chooser: Callable[[ListenerConfig], Address | None] | None = None
 
     def _choose_upstream(self, config: ListenerConfig) -> Address | None:
         """The upstream for a new connection: the first of upstream, backups not DOWN."""
+        if self.chooser is not None:
+            return self.chooser(config)
         health = self.health
         if health is None:
             return config.upstream

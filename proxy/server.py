@@ -73,6 +73,7 @@ class ServerCollector(Collector):
         "protocol_errors": "Connections closed because a peer broke the protocol",
         "listeners_added": "Per-node listeners started",
         "listeners_removed": "Per-node listeners stopped (node left)",
+        "failovers": "redis-replication: times the primary moved to another node",
     }
 
     def _cluster_metrics(self) -> Iterator[Metric]:

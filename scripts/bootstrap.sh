@@ -99,6 +99,9 @@ install_venv() {
 install_system_packages
 check_python
 install_venv
+# Optional: a valkey-server for the engine tests (scripts/valkey.sh); without it they skip.
+"$ROOT/scripts/valkey.sh" >/dev/null 2>&1 \
+    || say "no valkey-server to be had here: the Valkey runs of the engine tests are skipped"
 export PATH="$VENV/bin:$PATH"
 
 # --- Container engine for tests/test_container.py -------------------------------------

@@ -68,8 +68,17 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
+VALKEY_DIR = ROOT / ".cache" / "valkey" / "usr" / "bin"  # where scripts/valkey.sh puts it
+
+
+def valkey_server() -> str | None:
+    """valkey-server on PATH, else the one scripts/valkey.sh unpacked; None without one."""
+    found = shutil.which("valkey-server") or shutil.which("valkey-server", path=str(VALKEY_DIR))
+    return found
+
+
 def require_binary(name: str) -> str:
-    path = shutil.which(name)
+    path = shutil.which(name) if name != "valkey-server" else valkey_server()
     if path is None:
         raise RuntimeError(f"{name} is not installed; run scripts/test.sh, which installs it")
     return path
@@ -122,7 +131,8 @@ def _command(kind: str, port: int, extra: list[str], host: str) -> list[str]:
         user = ["-u", "root"] if os.geteuid() == 0 else []
         return [require_binary("memcached"), *user, "-l", host, "-p", str(port),
                 "-U", "0", "-m", "64", *extra]
-    return [require_binary("redis-server"), "--port", str(port), "--bind", host,
+    server = "valkey-server" if kind == "valkey" else "redis-server"
+    return [require_binary(server), "--port", str(port), "--bind", host,
             "--save", "", "--appendonly", "no", "--daemonize", "no", "--logfile", "",
             "--loglevel", "warning", *extra]
 

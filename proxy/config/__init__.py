@@ -28,6 +28,7 @@ from .parsers import (
 )
 from .resolved import (
     AdminConfig,
+    AwsConfig,
     ClusterConfig,
     Config,
     HealthConfig,
@@ -86,6 +87,7 @@ __all__ = [
     "RELAY_KINDS",
     "Address",
     "AdminConfig",
+    "AwsConfig",
     "ClusterConfig",
     "Config",
     "ConfigError",

@@ -22,6 +22,7 @@ from pydantic_core import ErrorDetails
 
 from .model import (
     AdminSection,
+    AwsSection,
     ClusterSection,
     DefaultsSection,
     HealthSection,
@@ -42,8 +43,9 @@ _TUNABLES = ("protocol", "connect_timeout", "idle_timeout", "buffer_size", "dns_
              "copy", "relay")
 _ORDER: dict[str, tuple[str, ...]] = {
     "listeners": (*_TUNABLES, "listen", "upstream", "backup", "health"),
-    "clusters": ("engine", "seed", "announce", "announce_ip", "ports", "seed_port", "listen",
-                 "refresh", "retire_grace", *_TUNABLES, "health"),
+    "clusters": ("engine", "seed", "announce", "announce_ip", "ports", "seed_port",
+                 "primary_port", "reader_port", "close_on_failover", "listen", "refresh",
+                 "retire_grace", *_TUNABLES, "health"),
     "defaults": (*_TUNABLES, "health"),
 }
 _UNKNOWN = ("extra_forbidden", "invalid_key")
@@ -108,7 +110,7 @@ def _model_at(loc: Sequence[Any]) -> type[Section]:
     model: type[Section] = PortMap
     steps: dict[str, type[Section]] = {
         "defaults": DefaultsSection, "admin": AdminSection, "health": HealthSection,
-        "tls": TlsSection, "upstream_tls": UpstreamTlsSection}
+        "tls": TlsSection, "upstream_tls": UpstreamTlsSection, "aws": AwsSection}
     for i, part in enumerate(loc):
         if part in ("listeners", "clusters") and i == 0:
             model = ListenerSection if part == "listeners" else ClusterSection
@@ -159,7 +161,7 @@ def render(exc: ValidationError, data: YamlMap, path: str,
         if len(rest) == 2:
             return located(path, f"expected {_SHAPES[head]}, got {show(entry)}", line, where)
         node, rest = entry, rest[2:]
-    elif head in ("defaults", "admin") and not (unknown and len(rest) == 1):
+    elif head in ("defaults", "admin", "aws") and not (unknown and len(rest) == 1):
         line = data.lines.get(head, data.line)
         where = f"{head}: "
         if len(rest) == 1:

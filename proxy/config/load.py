@@ -14,6 +14,7 @@ without disturbing the running one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +24,7 @@ from . import errors
 from .model import (
     PASSWORD_KEYS,
     AdminSection,
+    AwsSection,
     ClusterSection,
     DefaultsSection,
     HealthSection,
@@ -45,6 +47,7 @@ from .parsers import (
 )
 from .resolved import (
     AdminConfig,
+    AwsConfig,
     ClusterConfig,
     Config,
     HealthConfig,
@@ -55,6 +58,7 @@ from .resolved import (
 from .values import (
     DEFAULT_CHECK_TIMEOUT,
     DEFAULT_PORTS,
+    DEFAULT_REPLICATION_REFRESH,
     ENGINE_PROTOCOL,
     Address,
     ConfigError,
@@ -300,6 +304,22 @@ class _Resolver:
             raise ctx.error(f"field 'seed_port': {seed_port} is inside the node range "
                             f"{ports[0]}-{ports[1]}; pick a port outside it",
                             line=raw.lines["seed_port"], where=where)
+        named: dict[int, str] = {seed_port: "seed_port"} if seed_port is not None else {}
+        for key in ("primary_port", "reader_port"):
+            port = section.get(key)
+            if port is None:
+                continue
+            if section.engine != "redis-replication":
+                raise ctx.error(f"field {key!r}: only engine redis-replication has a primary "
+                                "and replicas; remove it", line=raw.lines[key], where=where)
+            if ports[0] <= port <= ports[1]:
+                raise ctx.error(f"field {key!r}: {port} is inside the node range "
+                                f"{ports[0]}-{ports[1]}; pick a port outside it",
+                                line=raw.lines[key], where=where)
+            if port in named:
+                raise ctx.error(f"field {key!r}: {port} is also this cluster's "
+                                f"{named[port]}", line=raw.lines[key], where=where)
+            named[port] = key
         host = section.listen
         settings = {key: _setting(key, section, self.defaults) for key in CLUSTER_TUNABLE_KEYS}
         listen = Address(host, ports[0])
@@ -317,8 +337,14 @@ class _Resolver:
                                   health=health, **settings)
         return ClusterConfig(name=name, engine=section.engine, seed=seed, announce=announce,
                              announce_ip=announce_ip, ports=ports, template=template,
-                             seed_port=seed_port, refresh=section.refresh,
-                             retire_grace=section.retire_grace)
+                             seed_port=seed_port,
+                             refresh=section.refresh if "refresh" in given
+                             or section.engine != "redis-replication"
+                             else DEFAULT_REPLICATION_REFRESH,
+                             retire_grace=section.retire_grace,
+                             primary_port=section.primary_port,
+                             reader_port=section.reader_port,
+                             close_on_failover=section.close_on_failover)
 
     def clusters(self, listeners: list[ListenerConfig]) -> tuple[ClusterConfig, ...]:
         ctx = self.ctx
@@ -348,13 +374,14 @@ class _Resolver:
                 if lc.listen.port in mine and conflicts(lc.listen, Address(host, lc.listen.port)):
                     raise ctx.error(
                         f"listener {lc.name!r} ({lc.listen}) uses a port of this cluster's "
-                        f"range {cc.ports[0]}-{cc.ports[1]} or its seed_port", line=at,
+                        f"range {cc.ports[0]}-{cc.ports[1]} or its seed/primary/reader port",
+                        line=at,
                         where=where)
             for other in clusters:
                 common = mine & {a.port for a in other.addresses()}
                 if common and conflicts(Address(host, 1), Address(other.listen_host, 1)):
                     raise ctx.error(f"port {min(common)} is also in cluster {other.name!r}'s "
-                                    "range or seed_port", line=at, where=where)
+                                    "range or seed/primary/reader port", line=at, where=where)
             clusters.append(cc)
         return tuple(clusters)
 
@@ -381,7 +408,10 @@ def _parse_config(data: Any, path: str) -> Config:
             raise ctx.error(errors.unknown_key(key, known), line=data.lines.get(key, data.line))
     resolver = _Resolver(ctx, data)
     admin = resolver.admin()
-    if data.get("listeners") in (None, []) and not data.get("clusters"):
+    aws_section = resolver.top("aws")
+    aws = AwsConfig(**{key: aws_section.get(key) for key in AwsSection.yaml_keys()}) \
+        if aws_section is not None else None
+    if data.get("listeners") in (None, []) and not data.get("clusters") and aws is None:
         raise ctx.error("the port map has no listeners; add at least one under 'listeners' "
                         "(or a cluster under 'clusters')", line=data.lines.get("listeners"))
     listeners = resolver.listeners(admin)
@@ -390,11 +420,12 @@ def _parse_config(data: Any, path: str) -> Config:
     return Config(path=path, listeners=tuple(listeners), admin=admin,
                   clusters=resolver.clusters(listeners), drain_timeout=top["drain_timeout"],
                   workers=top["workers"], engine_threads=top["engine_threads"],
-                  busy_poll_us=top["busy_poll"], state_dir=top["state_dir"])
+                  busy_poll_us=top["busy_poll"], state_dir=top["state_dir"], aws=aws)
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate a port map file."""
+def load_config(path: str | Path, extend: Callable[[str], str] | None = None) -> Config:
+    """Read and validate a port map file; ``extend`` may add to its text first (the
+    ``aws:`` source adds the clusters it read)."""
     name = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -404,4 +435,4 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise ConfigError(f"{name}: cannot read: {exc.strerror}") from None
-    return parse_config(load_yaml(text, name), name)
+    return parse_config(load_yaml(extend(text) if extend else text, name), name)

@@ -38,6 +38,8 @@ from . import parsers as v
 from .values import (
     COPY_MODES,
     DEFAULT_ADMIN_PORT,
+    DEFAULT_AWS_FIRST_PORT,
+    DEFAULT_AWS_INTERVAL,
     DEFAULT_BUFFER_SIZE,
     DEFAULT_BUSY_POLL_US,
     DEFAULT_CHECK_INTERVAL,
@@ -151,6 +153,14 @@ Workers = Annotated[int, P(v.parse_workers), S(WORKERS), Kind("count or auto")]
 Threads = Annotated[int | None, P(v.parse_engine_threads), S(THREADS), Kind("count or auto")]
 BusyPoll = Annotated[float, P(v.parse_busy_poll), S(DURATION_OFF), Kind("duration or off")]
 Folder = Annotated[str | None, P(v.parse_state_dir), S(TEXT), Kind("folder path")]
+Word = Annotated[str, P(v.parse_word), S(TEXT), Kind("string")]
+MaybeWord = Annotated[str | None, P(v.parse_word), S(TEXT), Kind("string")]
+Words = Annotated[tuple[str, ...], P(v.parse_words),
+                  S({"anyOf": [TEXT, {"type": "array", "items": TEXT, "minItems": 1}]}),
+                  Kind("list of ids")]
+Tags = Annotated[tuple[tuple[str, str], ...], P(v.parse_tags),
+                 S({"type": "object", "additionalProperties": {"type": "string"},
+                    "minProperties": 1}), Kind("mapping")]
 
 
 def _plus(*variants: JsonDict, default: str = "off") -> Callable[[JsonDict], None]:
@@ -406,8 +416,10 @@ class ClusterSection(Tunables):
 
     name: Name = Field(description="Unique name (also among listeners); node listeners "
                                    "are named after it.")
-    engine: EngineName = Field(description="redis-cluster (CLUSTER SHARDS / SLOTS) or "
-                                           "memcached (ElastiCache auto-discovery).")
+    engine: EngineName = Field(
+        description="redis-cluster (CLUSTER SHARDS / SLOTS), redis-replication (cluster mode "
+                    "disabled: ROLE, one primary and its replicas) or memcached (ElastiCache "
+                    "auto-discovery).")
     seed: Upstream = Field(description="The configuration endpoint: host[:port]; without a "
                                        "port, the engine's (6379, 11211).")
     announce: Announce = Field(
@@ -420,13 +432,55 @@ class ClusterSection(Tunables):
                                          "nodes' listeners.")
     seed_port: Port = Field(None, description="A port outside the range that forwards to the "
                                               "configuration endpoint.")
+    primary_port: Port = Field(
+        None, description="redis-replication only: a port outside the range that always "
+                          "forwards to the current primary (like ElastiCache's primary "
+                          "endpoint).")
+    reader_port: Port = Field(
+        None, description="redis-replication only: a port outside the range that forwards "
+                          "each new connection to the healthy replica with the fewest, or to "
+                          "the primary when none is healthy (like the reader endpoint).")
+    close_on_failover: Bool = Field(
+        True, description="redis-replication only: when the primary changes, also close the "
+                          "primary_port connections to the old one, so clients reconnect to "
+                          "the new primary (as ElastiCache's primary endpoint does).")
     listen: BindHost = Field(
         "0.0.0.0", description="The address the nodes' listeners bind.")
-    refresh: Seconds = Field(DEFAULT_REFRESH, description="Time between topology "
-                                                          "discoveries.")
+    refresh: Seconds = Field(
+        DEFAULT_REFRESH, json_schema_extra={"default": "30s; 5s for redis-replication"},
+        description="Time between topology discoveries; for redis-replication also how soon "
+                    "a failover is followed and a failed replica leaves reader_port.")
     retire_grace: Drain = Field(
         DEFAULT_RETIRE_GRACE, description="How long a node that left keeps its port for "
                                           "live connections.")
+
+
+class AwsSection(Section):
+    """Clusters read from the ElastiCache API (``pip install cacheport[aws]``), as
+    ``cacheport import-aws`` would write them, re-read every ``interval``: caches that
+    appear or disappear are added or removed by a reload, validated like any other (an
+    answer that does not validate, or no answer, changes nothing). Their listeners inherit
+    ``defaults`` (put ``allow`` there)."""
+
+    model_config = ConfigDict(title="aws")
+
+    region: Word = Field(description="The AWS region to describe, e.g. us-east-1.")
+    announce: Announce = Field(description="What cluster clients are told to connect to: "
+                                           "the NAT host's address, no port.")
+    interval: Seconds = Field(DEFAULT_AWS_INTERVAL, json_schema_extra={"default": "5m"},
+                              description="Time between reads of the API.")
+    ids: Words = Field((), json_schema_extra={"default": "every cache"},
+                       description="Only these replication groups / cache clusters / "
+                                   "serverless caches.")
+    tags: Tags = Field((), json_schema_extra={"default": "no filter"},
+                       description="Only caches carrying every one of these tags (needs "
+                                   "elasticache:ListTagsForResource).")
+    first_port: Port = Field(DEFAULT_AWS_FIRST_PORT,
+                             description="Ports are handed out upwards from here; a cache "
+                                         "keeps its block while it exists.")
+    listen: BindHost = Field("0.0.0.0", description="The address the listeners bind.")
+    profile: MaybeWord = Field(None, json_schema_extra={"default": "boto3's default chain"},
+                               description="A named profile from the shared AWS config.")
 
 
 class PortMap(Section):
@@ -463,8 +517,10 @@ class PortMap(Section):
     state_dir: Folder = Field(
         None, json_schema_extra={"default": "next to the port map"},
         description="Where cluster port assignments persist across restarts.")
+    aws: Annotated[AwsSection | None, Kind("aws")] = Field(
+        None, description="Clusters read from the ElastiCache API on an interval (see aws).")
 
 
 SECTIONS: tuple[type[Section], ...] = (PortMap, ListenerSection, DefaultsSection,
                                        HealthSection, TlsSection, UpstreamTlsSection,
-                                       AdminSection, ClusterSection)
+                                       AdminSection, ClusterSection, AwsSection)

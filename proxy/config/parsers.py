@@ -477,3 +477,27 @@ def parse_busy_poll(value: Any) -> float:
         raise ValueError(f"expected a duration up to {MAX_BUSY_POLL_US:.0f}us (a longer spin "
                          f"costs a CPU for nothing a sleep would not give), got {show(value)}")
     return us
+
+
+def parse_word(value: Any) -> str:
+    """One word of text (a region, a profile name): no spaces, not empty."""
+    if not isinstance(value, str) or not value.strip() or len(value.split()) != 1:
+        raise ValueError(f"expected one word such as us-east-1, got {show(value)}")
+    return value.strip()
+
+
+def parse_words(value: Any) -> tuple[str, ...]:
+    """A word or a list of words (cache ids)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"expected an id or a list of ids, got {show(value)}")
+    return tuple(parse_word(item) for item in items)
+
+
+def parse_tags(value: Any) -> tuple[tuple[str, str], ...]:
+    """A mapping of tag key to value, kept as pairs (hashable)."""
+    if not isinstance(value, dict) or not value:
+        raise ValueError(f"expected a mapping of tag keys to values, got {show(value)}")
+    if not all(isinstance(k, str) and isinstance(v, str | int | float) for k, v in value.items()):
+        raise ValueError(f"expected tag keys and values as text, got {show(value)}")
+    return tuple((k, str(v)) for k, v in value.items())

@@ -19,6 +19,7 @@ from pydantic.fields import FieldInfo
 
 from .model import (
     AdminSection,
+    AwsSection,
     ClusterSection,
     DefaultsSection,
     HealthSection,
@@ -46,6 +47,7 @@ _SECTIONS: tuple[tuple[type[Section], str, str], ...] = (
                                          "`defaults`"),
     (AdminSection, "admin", "`admin:`"),
     (ClusterSection, "clusters[]", "each entry of `clusters`"),
+    (AwsSection, "aws", "`aws:` (needs `cacheport[aws]`)"),
 )
 _NESTED = {"listeners": "list of [listeners[]](#listeners)",
            "clusters": "list of [clusters[]](#clusters)",
@@ -53,7 +55,8 @@ _NESTED = {"listeners": "list of [listeners[]](#listeners)",
            "health": "on, off or mapping: [health](#health)",
            "tls": "off or mapping: [tls](#tls)",
            "upstream_tls": "on, off or mapping: [upstream_tls](#upstream_tls)",
-           "admin": "off or mapping: [admin](#admin)"}
+           "admin": "off or mapping: [admin](#admin)",
+           "aws": "mapping: [aws](#aws)"}
 
 
 def json_schema() -> dict[str, Any]:

@@ -142,6 +142,9 @@ class ClusterConfig:
     seed_port: int | None = None
     refresh: float = DEFAULT_REFRESH
     retire_grace: float = DEFAULT_RETIRE_GRACE
+    primary_port: int | None = None  # redis-replication: always the current primary
+    reader_port: int | None = None  # redis-replication: least-connections over replicas
+    close_on_failover: bool = True  # redis-replication: cut primary_port links to an old primary
 
     @property
     def listen_host(self) -> str:
@@ -154,9 +157,23 @@ class ClusterConfig:
     def addresses(self) -> list[Address]:
         """Every address this cluster may bind: its whole range and its seed port."""
         ports = list(range(self.ports[0], self.ports[1] + 1))
-        if self.seed_port is not None:
-            ports.append(self.seed_port)
+        ports += [p for p in (self.seed_port, self.primary_port, self.reader_port)
+                  if p is not None]
         return [Address(self.listen_host, p) for p in ports]
+
+
+@dataclass(frozen=True, slots=True)
+class AwsConfig:
+    """The ``aws:`` source: which caches to read from the ElastiCache API, how often."""
+
+    region: str
+    announce: str
+    interval: float
+    ids: tuple[str, ...] = ()
+    tags: tuple[tuple[str, str], ...] = ()
+    first_port: int = 30000
+    listen: str = "0.0.0.0"
+    profile: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +189,7 @@ class Config:
     admin: AdminConfig | None = AdminConfig()  # None: ``admin: off``
     clusters: tuple[ClusterConfig, ...] = ()
     state_dir: str | None = None  # where cluster port assignments persist (None: in memory)
+    aws: AwsConfig | None = None  # clusters read from the ElastiCache API on an interval
 
     def listener(self, name: str) -> ListenerConfig:
         for lc in self.listeners:

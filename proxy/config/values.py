@@ -19,10 +19,16 @@ COPY_MODES: tuple[Copy, ...] = ("auto", "splice", "buffer")
 RelayKind = Literal["auto", "native", "python"]
 RELAY_KINDS: tuple[RelayKind, ...] = ("auto", "native", "python")
 DEFAULT_PORTS: dict[str, int] = {"memcached": 11211, "redis": 6379}
-Engine = Literal["redis-cluster", "memcached"]
-ENGINES: tuple[Engine, ...] = ("redis-cluster", "memcached")
-ENGINE_PROTOCOL: dict[str, Protocol] = {"redis-cluster": "redis", "memcached": "memcached"}
+Engine = Literal["redis-cluster", "redis-replication", "memcached"]
+ENGINES: tuple[Engine, ...] = ("redis-cluster", "redis-replication", "memcached")
+ENGINE_PROTOCOL: dict[str, Protocol] = {"redis-cluster": "redis", "redis-replication": "redis",
+                                        "memcached": "memcached"}
 DEFAULT_REFRESH = 30.0
+# A replication group's refresh also judges its replicas for reader_port and notices a
+# failover: a few ROLE round trips, cheap enough to run often.
+DEFAULT_REPLICATION_REFRESH = 5.0
+DEFAULT_AWS_INTERVAL = 300.0  # the aws: source re-reads the API this often
+DEFAULT_AWS_FIRST_PORT = 30000
 DEFAULT_RETIRE_GRACE = 600.0
 MAX_CLUSTER_PORTS = 1024
 
