@@ -235,7 +235,7 @@ def test_cluster_side_by_side_measures_direct_plain_and_rewriting(tmp_path: Path
         assert len(cells) == 4
         assert float(cells[0].replace(",", "")) > 0 and cells[1].endswith("x")
     assert rows["direct"][1] == "1.00x"
-    assert _processes_mentioning("cacheport-cluster-") == []
+    assert _processes_mentioning(str(tmp_path)) == []  # TMPDIR: this run's own
 
 
 @pytest.mark.timeout(90)
@@ -247,7 +247,7 @@ def test_tls_side_by_side_measures_plain_and_terminating_listeners(tmp_path: Pat
     assert set(rows) == {"direct", "direct TLS (redis-server)", "cacheport", "cacheport TLS"}
     for name, cells in rows.items():
         assert float(cells[0].replace(",", "")) > 0, (name, result.stdout)
-    assert _processes_mentioning("cacheport-tls-") == []
+    assert _processes_mentioning(str(tmp_path)) == []
 
 
 def test_protocols_micro_benchmark_reports_every_path(tmp_path: Path) -> None:

@@ -711,16 +711,19 @@ def test_client_reset_mid_transfer_resets_the_upstream(loop_kind: str, copy_mode
             running_proxy(tcp_listener(port, copy=copy_mode), loop_kind) as proxy:
         sock = socket.create_connection(("127.0.0.1", proxy.port("t")), timeout=10)
         sock.settimeout(0.3)
+        cut = False  # the client reset with part of the payload still unsent
         try:
             sock.sendall(payload)
         except TimeoutError:
-            pass
+            cut = True
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST)
         sock.close()
         wait_until(lambda: seen, 10, message="the upstream to see the client go")
         wait_until(lambda: proxy.server.active == 0, 5, message="relay to close")
     assert seen == ["reset"]
-    assert got[0] < size
+    # What the client's kernel took before the reset is delivered (docs/hot-loop.md, "When
+    # a side fails"); on a loaded machine the reader may start before the sender is done.
+    assert got[0] < size or not cut
 
 
 def test_both_directions_at_once_arrive_byte_exact(loop_kind: str, copy_mode: str) -> None:
