@@ -1,0 +1,81 @@
+"""A real HAProxy in ``mode tcp`` in front of cacheport, as an AWS NLB stands in production.
+
+It sends a PROXY header (``send-proxy-v2`` or ``send-proxy``) to every server and, when
+asked, health-checks each server's ``/readyz`` the way an NLB target group does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.support import free_port, port_open, require_binary, wait_until
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One cacheport host as HAProxy sees it: its listener and (optionally) its admin port."""
+
+    host: str
+    port: int
+    admin_port: int | None = None
+
+
+def haproxy_config(port: int, backends: Sequence[Backend], send: str = "send-proxy-v2",
+                   check_interval_ms: int = 200) -> str:
+    servers = []
+    for index, b in enumerate(backends):
+        check = (f" check port {b.admin_port} inter {check_interval_ms}ms fall 1 rise 1"
+                 if b.admin_port is not None else "")
+        servers.append(f"    server c{index} {b.host}:{b.port} {send}{check}")
+    checks = ("    option httpchk GET /readyz\n    http-check expect status 200\n"
+              if any(b.admin_port is not None for b in backends) else "")
+    return (
+        "global\n    maxconn 512\n"
+        "defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 30s\n"
+        "    timeout server 30s\n    retries 2\n    option redispatch\n"
+        f"frontend fe\n    bind 127.0.0.1:{port}\n    default_backend be\n"
+        f"backend be\n    balance roundrobin\n{checks}" + "\n".join(servers) + "\n"
+    )
+
+
+@contextlib.contextmanager
+def haproxy(tmp_path: Path, backends: Sequence[Backend], send: str = "send-proxy-v2",
+            check_interval_ms: int = 200) -> Iterator[int]:
+    """Run HAProxy in the foreground; yields the port clients connect to."""
+    binary = require_binary("haproxy")
+    port = free_port()
+    cfg = tmp_path / f"haproxy-{port}.cfg"
+    cfg.write_text(haproxy_config(port, backends, send, check_interval_ms))
+    log = open(tmp_path / f"haproxy-{port}.log", "wb")  # closed below
+    proc = subprocess.Popen([binary, "-db", "-f", str(cfg)], stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: proc.poll() is not None or port_open(port), 10,
+                   message="haproxy to listen")
+        assert proc.poll() is None, (tmp_path / f"haproxy-{port}.log").read_text()
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+
+
+def resp_ping(port: int, source: str = "127.0.0.1", prefix: bytes = b"",
+              timeout: float = 3.0) -> bytes:
+    """Connect from ``source``, send ``prefix`` + PING, return what came back (b"" if closed)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                  source_address=(source, 0)) as sock:
+        sock.sendall(prefix + b"*1\r\n$4\r\nPING\r\n")
+        try:
+            return sock.recv(64)
+        except ConnectionResetError:
+            return b""
