@@ -86,6 +86,13 @@ class ServerCollector(Collector):
         for manager in managers:
             nodes.add_metric([manager.name], len(manager.nodes))
         yield nodes
+        off = GaugeMetricFamily(
+            "cacheport_cluster_ports_off_canonical",
+            "Nodes whose port differs from what a host without state would give them "
+            "(0: every host behind the load balancer agrees)", labels=["cluster"])
+        for manager in managers:
+            off.add_metric([manager.name], len(manager.off_canonical))
+        yield off
         for field, text in self._CLUSTER_HELP.items():
             family = CounterMetricFamily(f"cacheport_cluster_{field}", text, labels=["cluster"])
             for manager in managers:
