@@ -29,7 +29,8 @@ def haproxy_config(port: int, backends: Sequence[Backend], send: str = "send-pro
                    check_interval_ms: int = 200) -> str:
     servers = []
     for index, b in enumerate(backends):
-        check = (f" check port {b.admin_port} inter {check_interval_ms}ms fall 1 rise 1"
+        # fall 2 rise 2, as an NLB's thresholds (at their 200 ms-scaled minimum)
+        check = (f" check port {b.admin_port} inter {check_interval_ms}ms fall 2 rise 2"
                  if b.admin_port is not None else "")
         servers.append(f"    server c{index} {b.host}:{b.port} {send}{check}")
     checks = ("    option httpchk GET /readyz\n    http-check expect status 200\n"
@@ -37,7 +38,8 @@ def haproxy_config(port: int, backends: Sequence[Backend], send: str = "send-pro
     return (
         "global\n    maxconn 512\n"
         "defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 30s\n"
-        "    timeout server 30s\n    retries 2\n    option redispatch\n"
+        # Like an NLB: a connection the chosen target refuses is not retried elsewhere.
+        "    timeout server 30s\n    retries 0\n"
         f"frontend fe\n    bind 127.0.0.1:{port}\n    default_backend be\n"
         f"backend be\n    balance roundrobin\n{checks}" + "\n".join(servers) + "\n"
     )
