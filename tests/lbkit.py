@@ -25,14 +25,17 @@ class Backend:
     admin_port: int | None = None
 
 
-def haproxy_config(port: int, backends: Sequence[Backend], send: str = "send-proxy-v2",
+def haproxy_config(port: int | str, backends: Sequence[Backend], send: str = "send-proxy-v2",
                    check_interval_ms: int = 200) -> str:
+    """``port`` may be a range ("7000-7012"): a server given port 0 is then dialled on
+    the port the client connected to, as an NLB listener per port would."""
     servers = []
     for index, b in enumerate(backends):
         # fall 2 rise 2, as an NLB's thresholds (at their 200 ms-scaled minimum)
         check = (f" check port {b.admin_port} inter {check_interval_ms}ms fall 2 rise 2"
                  if b.admin_port is not None else "")
-        servers.append(f"    server c{index} {b.host}:{b.port} {send}{check}")
+        where = b.host if b.port == 0 else f"{b.host}:{b.port}"
+        servers.append(f"    server c{index} {where} {send}{check}")
     checks = ("    option httpchk GET /readyz\n    http-check expect status 200\n"
               if any(b.admin_port is not None for b in backends) else "")
     return (
@@ -47,12 +50,13 @@ def haproxy_config(port: int, backends: Sequence[Backend], send: str = "send-pro
 
 @contextlib.contextmanager
 def haproxy(tmp_path: Path, backends: Sequence[Backend], send: str = "send-proxy-v2",
-            check_interval_ms: int = 200) -> Iterator[int]:
-    """Run HAProxy in the foreground; yields the port clients connect to."""
+            check_interval_ms: int = 200, bind: str | None = None) -> Iterator[int]:
+    """Run HAProxy in the foreground; yields the port clients connect to (the first of
+    ``bind``, e.g. "7000-7012", when given)."""
     binary = require_binary("haproxy")
-    port = free_port()
+    port = free_port() if bind is None else int(bind.split("-")[0])
     cfg = tmp_path / f"haproxy-{port}.cfg"
-    cfg.write_text(haproxy_config(port, backends, send, check_interval_ms))
+    cfg.write_text(haproxy_config(bind or port, backends, send, check_interval_ms))
     log = open(tmp_path / f"haproxy-{port}.log", "wb")  # closed below
     proc = subprocess.Popen([binary, "-db", "-f", str(cfg)], stdout=log,
                             stderr=subprocess.STDOUT)

@@ -8,6 +8,7 @@ environment. A real 3-master cluster; a fourth node joins and then is forgotten.
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import redis
 from proxy.admin import fetch_status
 from proxy.config import Address
 from tests.cluster_helpers import free_range
+from tests.lbkit import Backend, haproxy
 from tests.support import (
     CacheportProcess,
     ServerProcess,
@@ -140,3 +142,87 @@ def test_two_hosts_without_state_agree_on_every_port_as_nodes_join_and_leave(
             extra.stop()
         for host in hosts:
             host.stop()
+
+
+LB_YAML = """\
+admin: {listen: "${CP_ADMIN}"}
+drain_timeout: 0
+clusters:
+  - name: rc
+    engine: redis-cluster
+    seed: 127.0.0.1:%(seed)d
+    announce: 127.0.0.1   # the load balancer's address: what clients are told
+    listen: ${CP_HOST}
+    ports: %(low)d-%(high)d
+    seed_port: %(seed_port)d
+    refresh: 1h
+    allow: [127.0.0.0/8]
+    proxy_protocol: v2
+    proxy_protocol_from: [127.0.0.1/32]
+    health: off
+"""
+
+
+def test_a_cluster_client_through_the_balancer_follows_redirects_across_both_hosts(
+        masters: list[ServerProcess], tmp_path: Path) -> None:
+    """redis-py RedisCluster at the balancer's address, no address_remap: every port it
+    is told (by either host) reaches the same node through either host."""
+    seed_port = free_range(13)
+    values = {"seed": masters[0].port, "low": seed_port + 1, "high": seed_port + 12,
+              "seed_port": seed_port}
+    hosts: list[CacheportProcess] = []
+    admins: list[Address] = []
+    try:
+        for n, ip in enumerate(("127.0.0.2", "127.0.0.3")):
+            admin = Address(ip, free_port(ip))  # where the balancer's checks reach it
+            admins.append(admin)
+            (tmp_path / f"h{n}").mkdir()
+            own = tmp_path / f"h{n}" / "ports.yaml"
+            own.write_text(LB_YAML % values)
+            hosts.append(CacheportProcess(own, prefix=("env", f"CP_HOST={ip}",
+                                                       f"CP_ADMIN={admin}")))
+        for host in hosts:
+            host.wait_serving()
+        wait_until(lambda: all(len(node_ports(a)) == 3 for a in admins), 15,
+                   message="both hosts to list 3 nodes")
+        ports = node_ports(admins[0])
+        assert ports == node_ports(admins[1])
+        backends = [Backend(ip, 0, a.port) for ip, a in zip(("127.0.0.2", "127.0.0.3"),
+                                                            admins, strict=True)]
+        with haproxy(tmp_path, backends, bind=f"{seed_port}-{seed_port + 12}"):
+            client = redis.RedisCluster(host=HOST, port=seed_port, socket_timeout=3)
+            try:
+                assert {n.port for n in client.get_nodes()} == set(ports.values())
+                for i in range(60):
+                    client.set(f"key-{i}", i)
+                assert [int(client.get(f"key-{i}") or -1) for i in range(60)] == list(range(60))
+            finally:
+                client.close()
+            # A MOVED asked of the wrong node names the same port whichever host answers:
+            # round robin sends consecutive connections to alternating hosts.
+            owner = redis.cluster.key_slot(b"key-0")
+            answers = set()
+            right = client_port(owner, admins[0])
+            wrong = next(p for p in ports.values() if p != right)
+            for _ in range(4):
+                with socket.create_connection((HOST, wrong), timeout=3) as s:
+                    s.sendall(b"*2\r\n$3\r\nGET\r\n$5\r\nkey-0\r\n")
+                    answers.add(s.recv(128))
+            assert len(answers) == 1, answers
+            (moved,) = answers
+            assert moved == b"-MOVED %d 127.0.0.1:%d\r\n" % (owner, right), moved
+        for admin in admins:  # both hosts rewrote some of those redirects
+            (cluster,) = fetch_status(admin)["clusters"]
+            assert cluster["stats"]["redirects"] >= 1 and cluster["ports_canonical"]
+    finally:
+        for host in hosts:
+            host.stop()
+
+
+def client_port(slot: int, admin: Address) -> int:
+    """The port of the node serving ``slot``, from a host's /status."""
+    (cluster,) = fetch_status(admin)["clusters"]
+    for node in cluster["nodes"]:
+        if any(a <= slot <= b for a, b in node["slots"]):
+            return int(node["port"])
+    raise AssertionError(f"no node serves slot {slot}")
