@@ -389,7 +389,10 @@ class Listener:
             seen = -1
             while True:
                 await self._readable(client)
-                data = client.recv(proxy_header.MAX_HEADER, socket.MSG_PEEK)
+                try:
+                    data = client.recv(proxy_header.MAX_HEADER, socket.MSG_PEEK)
+                except (BlockingIOError, InterruptedError):
+                    continue  # a spurious wake-up: nothing to read after all
                 if not data:
                     raise EOFError("closed")
                 header = proxy_header.parse(data, mode)

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support import free_port, port_open, require_binary, wait_until
+from tests.support import free_port, require_binary, wait_until
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,18 @@ def haproxy_config(port: int | str, backends: Sequence[Backend], send: str = "se
     )
 
 
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a socket listens on ``host:port`` (IPv4), asked of the kernel, not by
+    connecting: a probe connection would be balanced to a server as a client."""
+    wanted = f"{socket.inet_aton(host)[::-1].hex().upper()}:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[1] == wanted and fields[3] == "0A":  # 0A: LISTEN
+                return True
+    return False
+
+
 @contextlib.contextmanager
 def haproxy(tmp_path: Path, backends: Sequence[Backend], send: str = "send-proxy-v2",
             check_interval_ms: int = 200, bind: str | None = None) -> Iterator[int]:
@@ -61,7 +73,7 @@ def haproxy(tmp_path: Path, backends: Sequence[Backend], send: str = "send-proxy
     proc = subprocess.Popen([binary, "-db", "-f", str(cfg)], stdout=log,
                             stderr=subprocess.STDOUT)
     try:
-        wait_until(lambda: proc.poll() is not None or port_open(port), 10,
+        wait_until(lambda: proc.poll() is not None or listening(port), 10,
                    message="haproxy to listen")
         assert proc.poll() is None, (tmp_path / f"haproxy-{port}.log").read_text()
         yield port

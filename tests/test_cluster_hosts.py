@@ -126,6 +126,9 @@ def test_two_hosts_without_state_agree_on_every_port_as_nodes_join_and_leave(
         # It leaves: every node forgets it, then it stops.
         new_id = redis.Redis(port=extra.port).execute_command("CLUSTER", "MYID")
         new_id = new_id.decode() if isinstance(new_id, bytes) else str(new_id)
+        # Every master must know it before it can forget it (gossip takes a moment).
+        wait_until(lambda: all(new_id in str(redis.Redis(port=m.port).cluster("nodes"))
+                               for m in masters), 10, message="gossip")
         for m in masters:
             redis.Redis(port=m.port).execute_command("CLUSTER", "FORGET", new_id)
         extra.stop()
