@@ -3,14 +3,18 @@ listeners keep accepting for ``drain_delay`` so the balancer deregisters the hos
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
+from proxy.admin import fetch_status
+from proxy.config import Address
 from tests.healthkit import http_get, proxy_with_admin
 from tests.lbkit import resp_ping
-from tests.support import ServerProcess, make_config, wait_until
+from tests.support import CacheportProcess, ServerProcess, free_port, make_config, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -66,3 +70,27 @@ def test_readyz_waits_for_a_healthy_upstream_when_asked(redis_server: ServerProc
         redis_server.kill()
         wait_until(lambda: http_get(p, "/readyz")[0] == 503, 5, message="unready")
         assert http_get(p, "/readyz")[2] == b"not ready: no upstream is healthy\n"
+
+
+def test_with_workers_the_supervisor_readyz_fails_at_once_and_workers_keep_accepting(
+        tmp_path: Path, redis_server: ServerProcess) -> None:
+    port, admin = free_port(), free_port()
+    config = tmp_path / "ports.yaml"
+    config.write_text(
+        f"admin: {{listen: 127.0.0.1:{admin}}}\ndrain_delay: 1500ms\nworkers: 2\n"
+        f"defaults: {{health: off}}\nlisteners:\n"
+        f"  - {{name: r, listen: 127.0.0.1:{port}, upstream: {redis_server.address}}}\n")
+    proc = CacheportProcess(config)
+    try:
+        proc.wait_serving()
+        where = Address("127.0.0.1", admin)
+        wait_until(lambda: fetch_status(where)["ready"], 10, message="ready")
+        started = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        wait_until(lambda: not fetch_status(where)["ready"], 2, message="unready")
+        assert "draining" in fetch_status(where)["ready_reason"]
+        assert resp_ping(port) == b"+PONG\r\n"  # still accepting during drain_delay
+        assert proc.wait(15) == 0
+        assert time.monotonic() - started >= 1.4
+    finally:
+        proc.stop()
