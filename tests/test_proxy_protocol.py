@@ -172,3 +172,23 @@ def test_tls_listener_reads_the_header_then_terminates_tls(
         assert refused(proxy) == {"not allowed": 1}
     finally:
         proxy.stop()
+
+
+def test_pymemcache_through_haproxy_send_proxy_v1(tmp_path: Path,
+                                                  memcached: ServerProcess) -> None:
+    from pymemcache.client.base import Client
+
+    lc = {"name": "m", "listen": "127.0.0.1:0", "upstream": memcached.address,
+          "protocol": "memcached", "proxy_protocol": "any",
+          "proxy_protocol_from": ["127.0.0.1/32"], "allow": ["127.0.0.0/8"]}
+    proxy = ProxyThread(make_config([lc])).start()
+    try:
+        with haproxy(tmp_path, [Backend("127.0.0.1", proxy.port("m"))], "send-proxy") as lb:
+            client = Client(("127.0.0.1", lb), connect_timeout=3, timeout=3)
+            try:
+                client.set("k", b"v" * 100_000)
+                assert client.get("k") == b"v" * 100_000
+            finally:
+                client.close()
+    finally:
+        proxy.stop()
