@@ -365,7 +365,7 @@ class Listener:
             self._refuse_proxied(client, peer, "timeout",
                                  f"none complete within {PROXY_HEADER_TIMEOUT:g}s")
             return
-        except (ConnectionError, EOFError, OSError) as exc:
+        except (EOFError, OSError) as exc:  # a reset or a close before the whole header
             self._refuse_proxied(client, peer, "missing", f"connection ended first ({exc})")
             return
         except asyncio.CancelledError:
