@@ -13,7 +13,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support import free_port, require_binary, wait_until
+from tests.cluster_helpers import free_range
+from tests.support import require_binary, wait_until
+
+
+def quiet_port(host: str = "127.0.0.1") -> int:
+    """A free port below the ephemeral range, for a process that binds it later: no
+    outgoing connection on this busy machine can take it in between (free_port can)."""
+    return free_range(1, host)
 
 
 @dataclass(frozen=True)
@@ -66,7 +73,7 @@ def haproxy(tmp_path: Path, backends: Sequence[Backend], send: str = "send-proxy
     """Run HAProxy in the foreground; yields the port clients connect to (the first of
     ``bind``, e.g. "7000-7012", when given)."""
     binary = require_binary("haproxy")
-    port = free_port() if bind is None else int(bind.split("-")[0])
+    port = quiet_port() if bind is None else int(bind.split("-")[0])
     cfg = tmp_path / f"haproxy-{port}.cfg"
     cfg.write_text(haproxy_config(bind or port, backends, send, check_interval_ms))
     log = open(tmp_path / f"haproxy-{port}.log", "wb")  # closed below

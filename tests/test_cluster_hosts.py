@@ -21,7 +21,7 @@ import redis
 from proxy.admin import fetch_status
 from proxy.config import Address
 from tests.cluster_helpers import free_range
-from tests.lbkit import Backend, haproxy
+from tests.lbkit import Backend, haproxy, quiet_port
 from tests.support import (
     CacheportProcess,
     ServerProcess,
@@ -94,7 +94,7 @@ def test_two_hosts_without_state_agree_on_every_port_as_nodes_join_and_leave(
     admins = []
     for n, ip in enumerate(("127.0.0.2", "127.0.0.3")):
         (tmp_path / f"h{n}").mkdir()
-        admin = Address(HOST, free_port())
+        admin = Address(HOST, quiet_port())
         admins.append(admin)
         # Each host keeps its own state file (next to its own copy of the same YAML).
         own = tmp_path / f"h{n}" / "ports.yaml"
@@ -177,7 +177,7 @@ def test_a_cluster_client_through_the_balancer_follows_redirects_across_both_hos
     admins: list[Address] = []
     try:
         for n, ip in enumerate(("127.0.0.2", "127.0.0.3")):
-            admin = Address(ip, free_port(ip))  # where the balancer's checks reach it
+            admin = Address(ip, quiet_port(ip))  # where the balancer's checks reach it
             admins.append(admin)
             (tmp_path / f"h{n}").mkdir()
             own = tmp_path / f"h{n}" / "ports.yaml"

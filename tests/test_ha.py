@@ -29,8 +29,8 @@ import redis
 
 from proxy.admin import fetch_status
 from proxy.config import Address
-from tests.lbkit import Backend, haproxy
-from tests.support import CacheportProcess, ServerProcess, free_port, wait_until
+from tests.lbkit import Backend, haproxy, quiet_port
+from tests.support import CacheportProcess, ServerProcess, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -115,12 +115,12 @@ class Fleet:
 
 @pytest.fixture
 def fleet(tmp_path: Path, redis_server: ServerProcess) -> Iterator[Fleet]:
-    port = free_port()
+    port = quiet_port()
     hosts: list[CacheportProcess] = []
     admins: list[Address] = []
     try:
         for n, ip in enumerate(("127.0.0.2", "127.0.0.3")):
-            admin = Address(ip, free_port(ip))
+            admin = Address(ip, quiet_port(ip))
             folder = tmp_path / f"host{n}"
             folder.mkdir()
             config = folder / "ports.yaml"

@@ -13,8 +13,8 @@ import pytest
 from proxy.admin import fetch_status
 from proxy.config import Address
 from tests.healthkit import http_get, proxy_with_admin
-from tests.lbkit import resp_ping
-from tests.support import CacheportProcess, ServerProcess, free_port, make_config, wait_until
+from tests.lbkit import quiet_port, resp_ping
+from tests.support import CacheportProcess, ServerProcess, make_config, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -74,7 +74,7 @@ def test_readyz_waits_for_a_healthy_upstream_when_asked(redis_server: ServerProc
 
 def test_with_workers_the_supervisor_readyz_fails_at_once_and_workers_keep_accepting(
         tmp_path: Path, redis_server: ServerProcess) -> None:
-    port, admin = free_port(), free_port()
+    port, admin = quiet_port(), quiet_port()
     config = tmp_path / "ports.yaml"
     config.write_text(
         f"admin: {{listen: 127.0.0.1:{admin}}}\ndrain_delay: 1500ms\nworkers: 2\n"
