@@ -104,6 +104,8 @@ class AdminServer:
         self.routes: dict[tuple[str, str], Handler] = {}
         # More of /status from the owner (clusters, reload counts), kept out of this module
         self.status_extra: Callable[[], dict[str, Any]] | None = None
+        # True once a stop began: /readyz says 503 so a load balancer deregisters this host
+        self.draining: Callable[[], bool] = lambda: False
         self.add_route("GET", "/metrics", self._metrics)
         self.add_route("GET", "/healthz", self._healthz)
         self.add_route("GET", "/readyz", self._readyz)
@@ -210,7 +212,7 @@ class AdminServer:
 
     async def _readyz(self, _request: Request) -> Response:
         ready, why = readiness(list(self.listeners()), self.monitor(),
-                               self.config.ready_requires_healthy)
+                               self.config.ready_requires_healthy, self.draining())
         return Response.text(200 if ready else 503, why)
 
     async def _status(self, _request: Request) -> Response:
@@ -219,7 +221,8 @@ class AdminServer:
     def status(self) -> dict[str, Any]:
         listeners = list(self.listeners())
         monitor = self.monitor()
-        ready, why = readiness(listeners, monitor, self.config.ready_requires_healthy)
+        draining = self.draining()
+        ready, why = readiness(listeners, monitor, self.config.ready_requires_healthy, draining)
         return {
             "version": __version__,
             "pid": os.getpid(),
@@ -227,6 +230,7 @@ class AdminServer:
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "ready": ready,
             "ready_reason": why,
+            "draining": draining,
             "listeners": [listener_status(lst, monitor) for lst in listeners],
             **(self.status_extra() if self.status_extra is not None else {}),
         }
@@ -241,8 +245,14 @@ def _healthy(state: State | None) -> bool:
 
 
 def readiness(listeners: list[Listener], monitor: HealthMonitor | None,
-              requires_healthy: bool) -> tuple[bool, str]:
-    """Ready when every listener accepts and, if asked, at least one upstream is healthy."""
+              requires_healthy: bool, draining: bool = False) -> tuple[bool, str]:
+    """Ready when every listener accepts and, if asked, at least one upstream is healthy.
+
+    A host that is draining is never ready: that is how a load balancer learns to send
+    new clients elsewhere while this one still accepts (``drain_delay``).
+    """
+    if draining:
+        return False, "not ready: draining (stop requested)"
     if not listeners:
         return False, "not ready: no listeners"
     idle = [lst.name for lst in listeners if not lst.accepting]
@@ -325,6 +335,9 @@ def listener_status(listener: Listener, monitor: HealthMonitor | None) -> dict[s
         "accepted": listener.stats.accepted,
         "active": listener.active,
         "refused": dict(sorted(listener.stats.refused.items())),
+        "proxy_protocol": lc.proxy_protocol,
+        # Behind a load balancer with proxy_protocol, these are the header's addresses.
+        "clients": listener.top_clients(),
         "upstreams": upstreams,
     }
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from .config import Address, ListenerConfig
 from .health.state import State, choose_upstream
 from .metrics import UpstreamBook
+from .protocols import proxy_header
 from .relay.buffered import BufferPool, Relay
 from .relay.choose import RelayKind, relay_order, serving_relay
 from .relay.engine import AnyRelay, NativeRelay, choose_native, native_available
@@ -44,6 +45,11 @@ _ACCEPT_BATCH = 64
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _ACCEPT_BACKOFF = 0.5
 _WARN_INTERVAL = 10.0
+# The spec asks receivers to wait "at least 3 seconds to cover a TCP retransmit".
+PROXY_HEADER_TIMEOUT = 3.0
+# A header split across segments is rare (the spec: it fits one); between peeks of an
+# incomplete one the listener waits this long instead of spinning on a readable socket.
+_PEEK_PAUSE = 0.005
 
 
 class BindError(Exception):
@@ -161,6 +167,7 @@ class Listener:
         self._idle_seen: dict[AnyRelay, tuple[int, float]] = {}
         self._limit_warn = _RateLimitedLog()
         self._tls_warn = _RateLimitedLog()
+        self._proxy_warn = _RateLimitedLog()
         self.tls = ListenerTls(config)
         self._per_client: dict[str, int] = {}  # live connections per source IP
         self._not_allowed_seen: dict[str, float] = {}
@@ -337,6 +344,9 @@ class Listener:
             # One string per client address, shared by its connections (and the per-client
             # count), rather than a fresh one held by every relay.
             source = sys.intern(_peer[0])
+            if self.config.proxy_protocol != "off":
+                self._accept_proxied(client, source)
+                continue
             refusal = self._admit(source)
             if refusal is not None:
                 self.stats.refuse(refusal)
@@ -348,7 +358,103 @@ class Listener:
             self.connecting.add(task)
             task.add_done_callback(self._connect_done)
 
-    def _admit(self, source: str) -> str | None:
+    # -- PROXY protocol ------------------------------------------------------------
+
+    def _accept_proxied(self, client: socket.socket, peer: str) -> None:
+        """A load balancer's connection: read its header before admitting the client."""
+        config = self.config
+        trusted = config.proxy_protocol_from or ()
+        if not any(ipaddress.ip_address(peer) in net for net in trusted):
+            self._refuse_proxied(client, peer, "untrusted source",
+                                 "not in proxy_protocol_from")
+            return
+        task = self.loop.create_task(self._read_header_then_connect(client, peer))
+        self.connecting.add(task)
+        task.add_done_callback(self._connect_done)
+
+    def _refuse_proxied(self, client: socket.socket, peer: str, reason: str,
+                        detail: str) -> None:
+        self.stats.refuse(f"proxy protocol: {reason}")
+        self._proxy_warn.warning("listener %s: closed a connection from %s: PROXY header %s: "
+                                 "%s", self.name, peer, reason, detail)
+        client.close()
+
+    async def _read_header_then_connect(self, client: socket.socket, peer: str) -> None:
+        """Consume exactly the header's bytes, admit by its address, then connect.
+
+        Peeking leaves the stream untouched until the header is complete, so whatever
+        the client sent after it stays in the kernel for the relay (native, splice, TLS).
+        """
+        config = self.config
+        client.setblocking(False)
+        try:
+            header = await self._read_header(client, config.proxy_protocol)
+        except proxy_header.HeaderError as exc:
+            self._refuse_proxied(client, peer, "malformed", str(exc))
+            return
+        except TimeoutError:
+            self._refuse_proxied(client, peer, "timeout",
+                                 f"none complete within {PROXY_HEADER_TIMEOUT:g}s")
+            return
+        except (EOFError, OSError) as exc:  # a reset or a close before the whole header
+            self._refuse_proxied(client, peer, "missing", f"connection ended first ({exc})")
+            return
+        except asyncio.CancelledError:
+            client.close()
+            raise
+        source = peer if header.source is None else sys.intern(header.source[0])
+        # This task is already counted in ``active``; max_connections must not count it.
+        refusal = self._admit(source, pending=1)
+        if refusal is not None:
+            self.stats.refuse(refusal)
+            client.close()
+            return
+        self.stats.accepted += 1
+        self._per_client[source] = self._per_client.get(source, 0) + 1
+        await self._connect(client, source)
+
+    async def _read_header(self, client: socket.socket,
+                           mode: proxy_header.Mode) -> proxy_header.Header:
+        """Peek until a whole header is there (bounded in time and size), then recv it."""
+        async with asyncio.timeout(PROXY_HEADER_TIMEOUT):
+            seen = -1
+            while True:
+                await self._readable(client)
+                try:
+                    data = client.recv(proxy_header.MAX_HEADER, socket.MSG_PEEK)
+                except (BlockingIOError, InterruptedError):
+                    continue  # a spurious wake-up: nothing to read after all
+                if not data:
+                    raise EOFError("closed")
+                header = proxy_header.parse(data, mode)
+                if header is not None:
+                    break
+                if len(data) == seen:
+                    # Nothing new since the last peek: the socket stays readable (the
+                    # partial header is there), so wait rather than spin.
+                    await asyncio.sleep(_PEEK_PAUSE)
+                seen = len(data)
+        # The bytes are in the kernel's buffer already: one recv takes exactly them.
+        taken = client.recv(header.length)
+        if len(taken) != header.length:
+            raise EOFError("header shrank between peek and read")
+        return header
+
+    async def _readable(self, sock: socket.socket) -> None:
+        future: asyncio.Future[None] = self.loop.create_future()
+        fd = sock.fileno()
+
+        def ready() -> None:
+            if not future.done():
+                future.set_result(None)
+
+        self.loop.add_reader(fd, ready)
+        try:
+            await future
+        finally:
+            self.loop.remove_reader(fd)
+
+    def _admit(self, source: str, pending: int = 0) -> str | None:
         """Why a new client from ``source`` is refused at accept, or None to admit it."""
         config = self.config
         if config.allow is not None:
@@ -357,7 +463,7 @@ class Listener:
                 self._log_not_allowed(source)
                 return "not allowed"
         limit = config.max_connections
-        if limit is not None and self.active >= limit:
+        if limit is not None and self.active - pending >= limit:
             self._limit_warn.warning(
                 "listener %s: max_connections %d reached; new clients are closed",
                 self.name, limit)
@@ -381,6 +487,12 @@ class Listener:
                 s: t for s, t in self._not_allowed_seen.items() if now - t < 60}
         self._not_allowed_seen[source] = now
         log.warning("listener %s: refused %s, not in its allow list", self.name, source)
+
+    def top_clients(self, limit: int = 20) -> dict[str, int]:
+        """The client addresses with the most live connections (the header's, behind a
+        load balancer that sends PROXY headers), for /status."""
+        top = sorted(self._per_client.items(), key=lambda item: (-item[1], item[0]))
+        return dict(top[:limit])
 
     def _release(self, source: str) -> None:
         count = self._per_client.get(source, 0) - 1

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import logging
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -86,6 +87,13 @@ class ServerCollector(Collector):
         for manager in managers:
             nodes.add_metric([manager.name], len(manager.nodes))
         yield nodes
+        off = GaugeMetricFamily(
+            "cacheport_cluster_ports_off_canonical",
+            "Nodes whose port differs from what a host without state would give them "
+            "(0: every host behind the load balancer agrees)", labels=["cluster"])
+        for manager in managers:
+            off.add_metric([manager.name], len(manager.off_canonical))
+        yield off
         for field, text in self._CLUSTER_HELP.items():
             family = CounterMetricFamily(f"cacheport_cluster_{field}", text, labels=["cluster"])
             for manager in managers:
@@ -129,6 +137,7 @@ class Server:
         self._cut_now: asyncio.Event | None = None
         self._drain_tasks: set[asyncio.Task[None]] = set()
         self._stopped = False
+        self.draining_since: float | None = None  # monotonic time a stop began (/readyz 503)
         self.monitor: HealthMonitor | None = None
         self.admin: AdminServer | None = None
         self.clusters: dict[str, ClusterManager] = {}
@@ -152,6 +161,7 @@ class Server:
             admin = AdminServer(admin_config, lambda: self.listeners.values(),
                                 lambda: self.monitor)
             admin.registry.register(ServerCollector(self))
+            admin.draining = lambda: self.draining_since is not None
             admin.status_extra = lambda: {"reloads": self.reloads,
                                           "reload_failures": self.reload_failures,
                                           "clusters": self.cluster_status()}
@@ -367,6 +377,8 @@ class Server:
         """Safe from a signal handler: only sets events. A second request cuts at once."""
         if self._stopping is None:
             return
+        if self.draining_since is None:
+            self.draining_since = time.monotonic()  # /readyz fails from this moment
         if self._stopping.is_set() and self._cut_now is not None:
             self._cut_now.set()
         self._stopping.set()
@@ -375,13 +387,28 @@ class Server:
         assert self._stopping is not None, "start() first"
         await self._stopping.wait()
 
-    async def stop(self, drain_timeout: float | None = None) -> StopResult:
-        """Stop accepting, let connections finish for ``drain_timeout``, cut the rest."""
+    async def stop(self, drain_timeout: float | None = None,
+                   drain_delay: float | None = None) -> StopResult:
+        """Say unready, keep accepting for ``drain_delay``, then stop accepting, let
+        connections finish for ``drain_timeout`` and cut the rest.
+
+        The delay is the load balancer's time to see /readyz fail and deregister this
+        host (NLB: interval x unhealthy threshold), so no client is refused meanwhile.
+        A second stop request ends the delay at once.
+        """
         if self._stopped:
             return StopResult(0, 0)
         self._stopped = True
         if self._stopping is not None:
             self._stopping.set()
+        if self.draining_since is None:
+            self.draining_since = time.monotonic()
+        delay = self.config.drain_delay if drain_delay is None else drain_delay
+        if delay > 0 and self._cut_now is not None and not self._cut_now.is_set():
+            log.info("unready; still accepting for drain_delay %gs", delay)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._cut_now.wait()
         timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
         for manager in self.clusters.values():
             await manager.stop()

@@ -10,7 +10,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${CACHEPORT_VENV:-$ROOT/.venv}
 APT_PACKAGES=(memcached redis-server redis-tools python3-venv netcat-openbsd iproute2 iptables
-              gcc libc6-dev python3-dev)
+              gcc libc6-dev python3-dev haproxy)
 EXTRAS=${CACHEPORT_EXTRAS:-dev}
 
 say() { printf '==> %s\n' "$*" >&2; }
@@ -23,6 +23,7 @@ missing_commands() {
     command -v redis-cli >/dev/null 2>&1 || missing+=(redis-cli)
     command -v python3 >/dev/null 2>&1 || missing+=(python3)
     command -v ip >/dev/null 2>&1 || missing+=(ip)
+    command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
     printf '%s\n' "${missing[@]}"
 }
 

@@ -6,60 +6,93 @@ import json
 import multiprocessing
 from pathlib import Path
 
-from proxy.cluster.ports import PortBook, StateFile
+from proxy.cluster.ports import PortBook, StateFile, canonical, preferred_port
 
 
-def test_nodes_get_the_lowest_free_ports_in_identity_order() -> None:
+def test_nodes_get_their_preferred_ports_whatever_the_order_they_are_listed_in() -> None:
     book = PortBook(6380, 6389, grace=60)
     changes = book.assign(["c", "a", "b"], now=0)
-    assert changes.added == {"a": 6380, "b": 6381, "c": 6382}
+    assert changes.added == canonical(["a", "b", "c"], 6380, 6389)
+    assert len(set(changes.added.values())) == 3
     assert book.assign(["a", "b", "c"], now=1).empty
+    # The hash ignores the range's position: a wide range leaves each node its own port.
+    wide = canonical(["a", "b", "c"], 7000, 7999)
+    assert wide == {i: preferred_port(i, 7000, 7999) for i in "abc"}
+
+
+def test_collisions_go_to_the_next_free_port_in_a_fixed_order() -> None:
+    # A two-port range: at most two preferences, so collisions are certain with three.
+    ids = ["n1", "n2", "n3", "n4"]
+    one = canonical(ids[:2], 6380, 6381)
+    assert sorted(one.values()) == [6380, 6381]
+    assert canonical(list(reversed(ids[:2])), 6380, 6381) == one
 
 
 def test_a_node_keeps_its_port_whatever_else_comes_and_goes() -> None:
     book = PortBook(6380, 6389, grace=60)
     book.assign(["a", "b", "c"], now=0)
+    before = dict(book.assigned)
     changes = book.assign(["c", "d"], now=1)
-    assert changes.retired == {"a": 6380, "b": 6381}
-    assert changes.added == {"d": 6383}  # 6380 and 6381 rest, c keeps 6382
-    assert book.port_of("c") == 6382
+    assert changes.retired == {"a": before["a"], "b": before["b"]}
+    assert changes.added["d"] not in (before["a"], before["b"], before["c"])  # they rest
+    assert book.port_of("c") == before["c"]
 
 
 def test_a_departed_nodes_port_rests_for_the_grace_period_then_is_reused() -> None:
     book = PortBook(6380, 6381, grace=60)
     book.assign(["a", "b"], now=0)
+    a_port = book.port_of("a")
     book.assign(["b"], now=10)
-    assert book.assign(["b", "x"], now=69).unassigned == ("x",)  # 6380 still rests
-    assert book.assign(["b", "x"], now=70).added == {"x": 6380}
+    assert book.assign(["b", "x"], now=69).unassigned == ("x",)  # a's port still rests
+    assert book.assign(["b", "x"], now=70).added == {"x": a_port}
 
 
 def test_a_node_back_within_the_grace_period_gets_its_own_port() -> None:
     book = PortBook(6380, 6389, grace=60)
     book.assign(["a", "b"], now=0)
+    a_port = book.port_of("a")
     book.assign(["b"], now=1)
     book.assign(["b", "z"], now=2)  # z must not take a's resting port
-    assert book.port_of("z") == 6382
-    assert book.assign(["a", "b", "z"], now=3).added == {"a": 6380}
+    assert book.port_of("z") != a_port
+    assert book.assign(["a", "b", "z"], now=3).added == {"a": a_port}
     assert not book.retired
 
 
 def test_a_full_range_leaves_existing_nodes_alone_and_names_the_rest() -> None:
     book = PortBook(6380, 6381, grace=0)
     book.assign(["a", "b"], now=0)
+    before = dict(book.assigned)
     changes = book.assign(["a", "b", "c", "d"], now=1)
     assert changes.unassigned == ("c", "d") and not changes.added
-    assert book.assigned == {"a": 6380, "b": 6381}
-    book.assign(["b", "c", "d"], now=2)  # a left; no grace: c takes its port at once
-    assert book.assigned == {"b": 6381, "c": 6380}
+    assert book.assigned == before
+    book.assign(["b", "c", "d"], now=2)  # a left; no grace: c or d takes its port at once
+    assert book.port_of("b") == before["b"]
+    assert set(book.assigned.values()) == {6380, 6381}
 
 
 def test_a_narrower_range_moves_only_the_nodes_outside_it() -> None:
     book = PortBook(6380, 6389, grace=60)
     book.assign(["a", "b", "c"], now=0)
-    book.low, book.high = 6381, 6389
+    before = dict(book.assigned)
+    book.low, book.high = before["c"] + 1, 6399
     changes = book.assign(["a", "b", "c"], now=1)
-    assert changes.added == {"a": 6383}
-    assert book.assigned == {"a": 6383, "b": 6381, "c": 6382}
+    assert "c" in changes.added and book.port_of("c") > before["c"]
+    for i in "ab":
+        assert (i in changes.added) == (before[i] <= before["c"])
+
+
+def test_hosts_with_different_histories_disagree_only_where_off_canonical_says() -> None:
+    ids = [f"node-{n}" for n in range(8)]
+    fresh = PortBook(7000, 7007, grace=600)  # a full range: every collision probes
+    fresh.assign(ids[2:], now=100)
+    old = PortBook(7000, 7007, grace=600)  # saw node-0 and node-1 come and go
+    old.assign(ids, now=0)
+    old.assign(ids[2:], now=1)
+    differs = {i for i in ids[2:] if old.port_of(i) != fresh.port_of(i)}
+    assert fresh.off_canonical() == {}
+    assert set(old.off_canonical()) == differs
+    for i, (port, want) in old.off_canonical().items():
+        assert port == old.port_of(i) and want == fresh.port_of(i)
 
 
 def test_the_book_survives_a_round_trip_through_json_and_drops_junk() -> None:

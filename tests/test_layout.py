@@ -87,7 +87,7 @@ LAYERS: dict[str, int] = {
     "proxy": 0,  # __init__: the version
     "proxy.process": 0,
     "proxy.config": 0,
-    "proxy.protocols": 0,
+    "proxy.protocols": 0,  # proxy_header too
     "proxy.health.state": 0,
     "proxy.cluster.ports": 0,
     "proxy.cluster.replication": 0,

@@ -92,6 +92,9 @@ class ClusterManager:
         self.book = PortBook(config.ports[0], config.ports[1], config.retire_grace)
         self.nodes: dict[str, Node] = {}  # identity -> node, as last discovered
         self.unassigned: tuple[str, ...] = ()
+        # Nodes whose port is not the one a host without state would give: id -> (port,
+        # that port). Empty: every host serving this cluster agrees (cluster/ports.py).
+        self.off_canonical: dict[str, tuple[int, int | None]] = {}
         self.discovery: Discovery | None = None
         self.last_error: str | None = None
         self.last_refresh: float | None = None  # wall clock of the last successful refresh
@@ -249,6 +252,7 @@ class ClusterManager:
                           *self.config.ports, len(changes.unassigned),
                           ", ".join(changes.unassigned))
         self._logged_unassigned = changes.unassigned
+        self._note_off_canonical()
         self._reconcile()
         new_primary = self.primary
         if old_primary is not None and new_primary is not None and \
@@ -259,6 +263,18 @@ class ClusterManager:
             listener = self.host.listeners.get(self.role_listener_name("primary"))
             if listener is not None and self.config.close_on_failover:
                 listener.close_upstream_connections(old_primary.address)
+
+    def _note_off_canonical(self) -> None:
+        """Say once, when it changes, which nodes another host may map to other ports."""
+        off = self.book.off_canonical()
+        if off != self.off_canonical and off:
+            log.warning("cluster %s: %d node(s) hold a port a host started without state "
+                        "would not give them, so hosts behind one load balancer may disagree "
+                        "(docs/clusters.md, 'Several hosts'): %s", self.name, len(off),
+                        ", ".join(f"{i} has {p}, fresh {w}" for i, (p, w) in off.items()))
+        elif self.off_canonical and not off:
+            log.info("cluster %s: every node's port is canonical again", self.name)
+        self.off_canonical = off
 
     def _assign(self, identities: list[str]) -> PortChanges:
         """Assign ports, through the state file when there is one (other workers share it).
@@ -581,6 +597,9 @@ class ClusterManager:
             "last_error": self.last_error,
             "nodes": nodes,
             "unassigned": list(self.unassigned),
+            "ports_canonical": not self.off_canonical,
+            "off_canonical": {i: {"port": p, "canonical": w}
+                              for i, (p, w) in self.off_canonical.items()},
             "retired": [{"port": p, "id": r.identity, "until": r.until}
                         for p, r in sorted(self.book.retired.items())],
             "stats": dataclasses.asdict(self.stats),

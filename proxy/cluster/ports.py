@@ -9,12 +9,22 @@ that comes back within the grace period gets its own port again.
 
 ``PortBook`` decides (no I/O); ``StateFile`` reads and writes the file under a lock, so
 SO_REUSEPORT workers that refresh at the same time agree on every port.
+
+Several hosts behind one load balancer share no file, so a new node's port must not
+depend on a host's history: it goes to its *preferred* port, a hash of its identity
+into the range, or the next free one after it (wrapping), new nodes taken in order of
+(preferred port, identity). Two hosts with no state give every node the same port; two
+that saw the same joins and leaves do too. They can differ only where history matters:
+a collision settled before the other node existed, or a preferred port resting after
+its node left. ``off_canonical`` names every node whose port is not the one a fresh
+host would give it (docs/clusters.md, "Several hosts"), and the manager reports them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -50,6 +60,30 @@ class PortChanges:
         return not (self.added or self.retired or self.unassigned)
 
 
+def preferred_port(identity: str, low: int, high: int) -> int:
+    """Where ``identity`` goes when its port is free: the same answer on every host."""
+    digest = hashlib.sha256(identity.encode("utf-8")).digest()
+    return low + int.from_bytes(digest[:8], "big") % (high - low + 1)
+
+
+def _probe(identity: str, low: int, high: int, taken: set[int]) -> int | None:
+    """The preferred port, else the next free one after it (wrapping); None: full."""
+    size = high - low + 1
+    start = preferred_port(identity, low, high) - low
+    for step in range(size):
+        port = low + (start + step) % size
+        if port not in taken:
+            return port
+    return None
+
+
+def canonical(present: Iterable[str], low: int, high: int) -> dict[str, int]:
+    """The ports a host with no history gives ``present``: what every host converges on."""
+    book = PortBook(low, high, 0)
+    book.assign(present, 0)
+    return book.assigned
+
+
 class PortBook:
     """Identity -> port within ``[low, high]``; departed identities' ports rest for ``grace``."""
 
@@ -68,8 +102,9 @@ class PortBook:
     def assign(self, present: Iterable[str], now: float) -> PortChanges:
         """Give every present identity a port; retire the ports of the ones not present.
 
-        Deterministic (identities in sorted order, lowest free port first), so two
-        processes starting from the same book reach the same answer.
+        Deterministic (new identities in order of (preferred port, identity), each at
+        its preferred port or the next free one), so two processes starting from the
+        same book reach the same answer, and two empty books the canonical one.
         """
         present_set = set(present)
         for port, r in list(self.retired.items()):
@@ -87,21 +122,33 @@ class PortBook:
                 del self.assigned[identity]  # the range changed: this one moves
         taken = set(self.assigned.values()) | set(self.retired)
         unassigned: list[str] = []
-        free = (p for p in range(self.low, self.high + 1) if p not in taken)
-        for identity in sorted(present_set - set(self.assigned)):
+        new = sorted(present_set - set(self.assigned),
+                     key=lambda i: (preferred_port(i, self.low, self.high), i))
+        # Returning nodes first: their own ports are not anyone else's to probe into.
+        for identity in new:
             own = next((p for p, r in self.retired.items() if r.identity == identity), None)
             if own is not None:
                 del self.retired[own]  # back within the grace period: same port
-                port = own
-            else:
-                got = next(free, None)
-                if got is None:
-                    unassigned.append(identity)
-                    continue
-                port = got
-            self.assigned[identity] = port
-            added[identity] = port
-        return PortChanges(added, retired, tuple(unassigned))
+                self.assigned[identity] = own
+                added[identity] = own
+        for identity in new:
+            if identity in added:
+                continue
+            probed = _probe(identity, self.low, self.high, taken)
+            if probed is None:
+                unassigned.append(identity)
+                continue
+            taken.add(probed)
+            self.assigned[identity] = probed
+            added[identity] = probed
+        return PortChanges(added, retired, tuple(sorted(unassigned)))
+
+    def off_canonical(self) -> dict[str, tuple[int, int | None]]:
+        """Nodes whose port differs from what a fresh host gives them: ``id -> (port,
+        canonical port)``. Empty means any other host, however started, agrees."""
+        fresh = canonical(self.assigned, self.low, self.high)
+        return {i: (p, fresh.get(i)) for i, p in sorted(self.assigned.items())
+                if fresh.get(i) != p}
 
     def reserve(self, identity: str) -> int | None:
         """Give ``identity`` a port now without retiring anyone (None: the range is full)."""
@@ -114,7 +161,7 @@ class PortBook:
             self.assigned[identity] = own
             return own
         taken = set(self.assigned.values()) | set(self.retired)
-        port = next((p for p in range(self.low, self.high + 1) if p not in taken), None)
+        port = _probe(identity, self.low, self.high, taken)
         if port is not None:
             self.assigned[identity] = port
         return port

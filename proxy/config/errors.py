@@ -39,7 +39,8 @@ from .yamlmap import YamlMap
 # The order the hand-written validator checked keys in, kept so that of several
 # mistakes in one entry the same one is reported first.
 _TUNABLES = ("protocol", "connect_timeout", "idle_timeout", "buffer_size", "dns_ttl", "allow",
-             "max_connections", "max_connections_per_client", "tls", "upstream_tls", "on_down",
+             "max_connections", "max_connections_per_client", "proxy_protocol",
+             "proxy_protocol_from", "tls", "upstream_tls", "on_down",
              "copy", "relay")
 _ORDER: dict[str, tuple[str, ...]] = {
     "listeners": (*_TUNABLES, "listen", "upstream", "backup", "health"),

@@ -57,6 +57,7 @@ from .resolved import (
 )
 from .values import (
     DEFAULT_CHECK_TIMEOUT,
+    DEFAULT_DRAIN_DELAY,
     DEFAULT_PORTS,
     DEFAULT_REPLICATION_REFRESH,
     ENGINE_PROTOCOL,
@@ -164,6 +165,18 @@ def _setting(key: str, own: Tunables, defaults: Tunables) -> Any:
     return value
 
 
+def _check_proxy_protocol(ctx: _Context, settings: dict[str, Any], raw: YamlMap,
+                          given: set[str], where: str) -> None:
+    """A header is trusted only from the load balancers, so naming them is not optional."""
+    if settings["proxy_protocol"] != "off" and settings["proxy_protocol_from"] is None:
+        origin = "" if "proxy_protocol" in given else " (set in defaults)"
+        raise ctx.error(
+            f"field 'proxy_protocol': {settings['proxy_protocol']}{origin} needs "
+            "proxy_protocol_from: [CIDR, ...], the load balancers allowed to send a header "
+            "(anyone else could claim any client address)",
+            line=raw.lines.get("proxy_protocol", raw.line), where=where)
+
+
 S = TypeVar("S", bound=Section)
 
 
@@ -233,6 +246,7 @@ class _Resolver:
                 "says who may connect; add allow: [CIDR, ...] to the listener or to defaults "
                 "(allow: [0.0.0.0/0] opens it to everyone)",
                 line=raw.lines.get("listen", raw.line), where=where)
+        _check_proxy_protocol(ctx, settings, raw, given, where)
         lc = ListenerConfig(name=section.name, listen=listen, upstream=upstream, backup=backup,
                             health=health, **settings)
         if lc.copy == "splice" and not lc.may_splice:
@@ -328,6 +342,7 @@ class _Resolver:
                 f"its listeners bind {host}, reachable from other hosts, but no 'allow' list "
                 "says who may connect; add allow: [CIDR, ...] to the cluster or to defaults",
                 line=raw.lines.get("listen", raw.line), where=where)
+        _check_proxy_protocol(ctx, settings, raw, given, where)
         # The cluster's health block gives discovery its credentials (Redis ACL / RBAC).
         own = _health_spec(ctx, section.health, raw.get("health"), where) \
             if "health" in given else None
@@ -415,10 +430,16 @@ def _parse_config(data: Any, path: str) -> Config:
         raise ctx.error("the port map has no listeners; add at least one under 'listeners' "
                         "(or a cluster under 'clusters')", line=data.lines.get("listeners"))
     listeners = resolver.listeners(admin)
-    top = {key: resolver.top(key) for key in ("drain_timeout", "workers", "engine_threads",
-                                              "busy_poll", "state_dir")}
+    top = {key: resolver.top(key) for key in ("drain_timeout", "drain_delay", "workers",
+                                              "engine_threads", "busy_poll", "state_dir")}
+    if "drain_delay" not in data:
+        # Only a load balancer that can reach /readyz benefits from the delay; with the
+        # admin endpoint on loopback (or off) nothing outside can see it, so stop at once.
+        reachable = admin is not None and not is_loopback(admin.listen)
+        top["drain_delay"] = DEFAULT_DRAIN_DELAY if reachable else 0.0
     return Config(path=path, listeners=tuple(listeners), admin=admin,
                   clusters=resolver.clusters(listeners), drain_timeout=top["drain_timeout"],
+                  drain_delay=top["drain_delay"],
                   workers=top["workers"], engine_threads=top["engine_threads"],
                   busy_poll_us=top["busy_poll"], state_dir=top["state_dir"], aws=aws)
 

@@ -46,6 +46,7 @@ from .values import (
     DEFAULT_CHECK_TIMEOUT,
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_DNS_TTL,
+    DEFAULT_DRAIN_DELAY,
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_FALL,
     DEFAULT_REFRESH,
@@ -54,6 +55,7 @@ from .values import (
     ENGINES,
     ON_DOWN,
     PROTOCOLS,
+    PROXY_PROTOCOLS,
     REDIS_ROLES,
     RELAY_KINDS,
     Address,
@@ -62,6 +64,7 @@ from .values import (
     Network,
     OnDown,
     Protocol,
+    ProxyProtocol,
     RedisRole,
     RelayKind,
     Secret,
@@ -135,6 +138,8 @@ RelayName = Annotated[RelayKind, P(v.one_of(RELAY_KINDS)), S(_enum(RELAY_KINDS))
 RoleName = Annotated[RedisRole, P(v.one_of(REDIS_ROLES, "primary or any")),
                      S(_enum(REDIS_ROLES)), Kind("enum")]
 EngineName = Annotated[Engine, P(v.one_of(ENGINES)), S(_enum(ENGINES)), Kind("enum")]
+ProxyProtocolName = Annotated[ProxyProtocol, P(v.parse_proxy_protocol),
+                             S({"anyOf": [_enum(PROXY_PROTOCOLS), *_OFF[:1]]}), Kind("enum")]
 Bool = Annotated[bool, P(v.parse_bool), S({"type": "boolean"}), Kind("boolean")]
 Count = Annotated[int, P(v.parse_count), S(COUNT), Kind("integer")]
 ReadableFile = Annotated[str, P(v.readable_file), S(TEXT), Kind("file path")]
@@ -339,6 +344,14 @@ class Tunables(Section):
     max_connections_per_client: Limit = Field(
         None, json_schema_extra={"default": "off"},
         description="Refuse a client IP's new connections while it has this many open.")
+    proxy_protocol: ProxyProtocolName = Field(
+        "off", description="Read a PROXY protocol header (HAProxy, an AWS NLB) before "
+                           "anything else: v1, v2 or any; the allow list, per-client limit, "
+                           "logs and /status then use the client address it carries.")
+    proxy_protocol_from: Networks = Field(
+        None, json_schema_extra={"default": "required with proxy_protocol"},
+        description="The load balancers' CIDRs: only they may send a header; a connection "
+                    "from anywhere else is closed.")
     tls: Annotated[TlsSection | None, BeforeValidator(
         _switch(False, "a mapping with cert, key, client_ca")), Kind("tls")] = Field(
         None, json_schema_extra=_plus(*_OFF), description="TLS for clients (see tls).")
@@ -497,6 +510,10 @@ class PortMap(Section):
     clusters: list[ClusterSection] | None = Field(
         None, json_schema_extra=_list_or_empty,
         description="Clusters whose nodes are discovered and given a port each.")
+    drain_delay: Drain = Field(
+        DEFAULT_DRAIN_DELAY, description="On stop (SIGTERM), how long /readyz says unready "
+                                         "while listeners keep accepting, so a load balancer "
+                                         "deregisters the host first; 0 or off: stop at once.")
     drain_timeout: Drain = Field(
         DEFAULT_DRAIN_TIMEOUT, description="On stop or reload, how long live connections may "
                                            "finish before they are closed; 0 or off: at once.")

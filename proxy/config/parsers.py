@@ -19,8 +19,10 @@ from .values import (
     DEFAULT_ADMIN_PORT,
     MAX_BUSY_POLL_US,
     MAX_CLUSTER_PORTS,
+    PROXY_PROTOCOLS,
     Address,
     Network,
+    ProxyProtocol,
     Secret,
     show,
 )
@@ -281,6 +283,13 @@ def parse_networks(value: Any) -> tuple[Network, ...]:
             raise ValueError(f"{show(item)} has host bits set; did you mean {loose}?") from None
         networks.append(net)
     return tuple(networks)
+
+
+def parse_proxy_protocol(value: Any) -> ProxyProtocol:
+    """``off`` (YAML false), v1, v2 or any."""
+    if is_off(value):
+        return "off"
+    return one_of(PROXY_PROTOCOLS[1:], "off, v1, v2 or any")(value)
 
 
 def parse_limit(value: Any) -> int | None:

@@ -131,6 +131,11 @@ def markdown() -> str:
         "`3s`, `10m`, `1h`, `50us`); a *size* is bytes or `64k`, `1m`; *off* may be written",
         "`off`, `false` or left empty (YAML reads a bare `off` as false). Relative file paths",
         "are relative to the port map's folder.",
+        "",
+        "Environment variables: any string value may hold `${VAR}` (an unset one is an",
+        "error naming it, the file and the line), `${VAR:-fallback}` (used when unset or",
+        "empty) and `$$` for a literal `$`, so one file serves every host of a fleet. An",
+        "unquoted value is typed after substitution (`listen: ${PORT}` is a number).",
     ]
     for section, heading, where in _SECTIONS:
         schema = full if section is PortMap else defs[section.__name__]

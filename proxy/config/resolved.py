@@ -20,6 +20,7 @@ from .values import (
     DEFAULT_CHECK_TIMEOUT,
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_DNS_TTL,
+    DEFAULT_DRAIN_DELAY,
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_FALL,
     DEFAULT_REFRESH,
@@ -31,6 +32,7 @@ from .values import (
     Network,
     OnDown,
     Protocol,
+    ProxyProtocol,
     RedisRole,
     RelayKind,
     Secret,
@@ -86,6 +88,8 @@ class ListenerConfig:
     allow: tuple[Network, ...] | None = None  # None: loopback listeners only (validated)
     max_connections: int | None = None
     max_connections_per_client: int | None = None
+    proxy_protocol: ProxyProtocol = "off"  # read a PROXY header first: v1, v2 or any
+    proxy_protocol_from: tuple[Network, ...] | None = None  # who may send one
     tls: TlsConfig | None = None
     upstream_tls: UpstreamTlsConfig | None = None
     health: HealthConfig | None = None  # None: not checked, always used
@@ -183,6 +187,7 @@ class Config:
     path: str
     listeners: tuple[ListenerConfig, ...]
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    drain_delay: float = DEFAULT_DRAIN_DELAY  # unready but still accepting, on stop
     workers: int = 1
     engine_threads: int | None = None  # native relay threads per process; None: auto
     busy_poll_us: float = DEFAULT_BUSY_POLL_US  # engine polls this long after a batch; 0: off

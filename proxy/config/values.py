@@ -46,6 +46,10 @@ DEFAULT_CHECK_TIMEOUT = 1.0
 DEFAULT_RISE = 2
 DEFAULT_FALL = 3
 
+ProxyProtocol = Literal["off", "v1", "v2", "any"]
+PROXY_PROTOCOLS: tuple[ProxyProtocol, ...] = ("off", "v1", "v2", "any")
+DEFAULT_DRAIN_DELAY = 5.0  # /readyz unready this long before accepting stops (SIGTERM)
+
 OnDown = Literal["keep", "close"]
 ON_DOWN: tuple[OnDown, ...] = ("keep", "close")
 RedisRole = Literal["any", "primary"]

@@ -1,12 +1,22 @@
-"""YAML with line numbers and duplicate-key detection.
+"""YAML with line numbers, duplicate-key detection and ``${VAR}`` substitution.
 
 PyYAML keeps the last of two equal keys without a word, and forgets where each value
 stood; a port map needs both (a duplicated ``upstream`` is a mistake, and every error
 names its line).
+
+One port map serves a whole fleet (a ConfigMap, an S3 object); what differs per host
+comes from the environment: ``${CACHEPORT_ANNOUNCE}`` in any string value,
+``${VAR:-fallback}`` when unset or empty, ``$$`` for a literal ``$``. An unset variable
+without a fallback is an error naming the variable, the file and the line. A plain
+(unquoted) value is typed after substitution, as if written out (``${PORT}`` is a
+number); a quoted one stays a string. A ``$`` not followed by ``{`` or ``$`` is kept.
 """
 
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
@@ -36,6 +46,45 @@ class _Located(Exception):
         self.message = message
 
 
+_VAR = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|(\{[^}]*\}?))")
+
+
+def substitute(text: str, env: Mapping[str, str], line: int) -> str:
+    """``text`` with every ``${VAR}``, ``${VAR:-fallback}`` and ``$$`` replaced."""
+
+    def one(match: re.Match[str]) -> str:
+        name, fallback, bad = match.group(1), match.group(2), match.group(3)
+        if bad is not None:
+            raise _Located(line, f"{bad!r} is not a variable reference; write ${{NAME}} "
+                                 "(letters, digits, _), or $$ for a literal $")
+        if name is None:
+            return "$"
+        value = env.get(name)
+        if value is None or (value == "" and fallback is not None):
+            if fallback is not None:
+                return fallback
+            raise _Located(line, f"environment variable {name!r} is not set (used as "
+                                 f"${{{name}}}; give it a value, or write ${{{name}:-default}}"
+                                 ", or $$ for a literal $)")
+        return value
+
+    return _VAR.sub(one, text)
+
+
+def _construct_str(loader: _Loader, node: yaml.ScalarNode) -> Any:
+    value = loader.construct_scalar(node)
+    if not isinstance(value, str) or "$" not in value:
+        return value
+    text = substitute(value, os.environ, node.start_mark.line + 1)
+    if node.style is None:
+        # Plain scalars are typed by their text: type the substituted text the same way.
+        tag = loader.resolve(yaml.ScalarNode, text, (True, False))  # type: ignore[no-untyped-call]
+        if tag != yaml.resolver.BaseResolver.DEFAULT_SCALAR_TAG:
+            typed = yaml.ScalarNode(tag, text, node.start_mark, node.end_mark)
+            return loader.construct_object(typed, deep=True)
+    return text
+
+
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> YamlMap:
     loader.flatten_mapping(node)
     result = YamlMap()
@@ -56,6 +105,7 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> YamlMap:
 
 
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SCALAR_TAG, _construct_str)
 
 
 def load_yaml(text: str, path: str = "<config>") -> Any:
