@@ -663,13 +663,15 @@ def test_upstream_reset_mid_transfer_resets_the_client(loop_kind: str, copy_mode
     the pipe, the client's): the client gets an exact prefix and then a reset."""
     size = 32 << 20
     payload = pattern(size)
+    cut: list[bool] = []  # whether the upstream reset with part of the payload unsent
 
     def push_then_reset(conn: socket.socket) -> None:
         conn.settimeout(0.5)
         try:
             conn.sendall(payload)  # the client does not read yet: this times out
+            cut.append(False)  # (unless, on a loaded machine, this thread ran late)
         except TimeoutError:
-            pass
+            cut.append(True)
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST)
 
     with tcp_upstream(push_then_reset) as port, \
@@ -687,7 +689,7 @@ def test_upstream_reset_mid_transfer_resets_the_client(loop_kind: str, copy_mode
             raise AssertionError(f"clean EOF after {len(received)} bytes, expected a reset")
         sock.close()
         wait_until(lambda: proxy.server.active == 0, 5, message="relay to close")
-    assert 0 < len(received) < size
+    assert 0 < len(received) and (len(received) < size or cut == [False])
     assert received == payload[:len(received)]
 
 
