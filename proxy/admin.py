@@ -2,7 +2,8 @@
 
 ::
 
-    GET /metrics  Prometheus text format (metrics.CacheportCollector, read at scrape time)
+    GET /metrics  Prometheus text format (metrics.CacheportMetrics, read at scrape time);
+                  ?name[]=FAMILY ?listener=NAME ?histograms=listener|sum|none select series
     GET /healthz  200 while the process serves
     GET /readyz   200 when every listener accepts and (by default) an upstream is healthy
     GET /status   JSON: listeners, their upstreams, health, connections, bytes, last check
@@ -34,7 +35,7 @@ from .config import Address, AdminConfig
 from .health.monitor import HealthMonitor, Target
 from .health.state import State, choose_upstream
 from .listener import Listener, bind_socket
-from .metrics import CONTENT_TYPE_LATEST, CacheportCollector, make_registry, render
+from .metrics import CONTENT_TYPE_LATEST, CacheportMetrics, Selection, make_registry, render
 from .process import worker_id
 
 log = logging.getLogger("cacheport.admin")
@@ -93,7 +94,8 @@ class AdminServer:
         self.reuse_port = reuse_port
         self.listeners = listeners
         self.monitor = monitor
-        self.registry = make_registry(CacheportCollector(listeners, monitor))
+        self.cacheport_metrics = CacheportMetrics(listeners, monitor)
+        self.registry = make_registry()  # process-wide families; owners may add theirs
         self.started_at = time.time()
         self.bound: Address | None = None
         self._sock: socket.socket | None = None
@@ -201,8 +203,13 @@ class AdminServer:
 
     # -- the endpoints -------------------------------------------------------------
 
-    async def _metrics(self, _request: Request) -> Response:
-        return Response(200, render(self.registry), CONTENT_TYPE_LATEST)
+    async def _metrics(self, request: Request) -> Response:
+        try:
+            selection = Selection.from_query(request.query)
+        except ValueError as exc:
+            return Response.text(400, f"/metrics: {exc}")
+        body = await self.cacheport_metrics.render(selection) + render(self.registry, selection)
+        return Response(200, body, CONTENT_TYPE_LATEST)
 
     async def _healthz(self, _request: Request) -> Response:
         return Response.text(200, "ok")
