@@ -35,10 +35,12 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
+import ipaddress
+import os
 import socket
 import ssl
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -144,6 +146,23 @@ class Checker(abc.ABC):
                   leftovers: set[asyncio.Task[CheckResult]] | None = None) -> CheckResult:
         """One check cut at ``limit``, any failure turned into a result (see ``run_check``)."""
         return await run_check(self, limit, leftovers)
+
+    def start(self, limit: float, done: Callable[[CheckResult], None],
+              leftovers: set[asyncio.Task[CheckResult]] | None = None) -> Callable[[], None]:
+        """Begin one check; ``done`` gets its result once. Returns a function that abandons it.
+
+        The monitor's way in; it abandons a check still running at ``limit``. This
+        default runs ``run()`` as a task (cut at ``limit`` by itself as well); the
+        wire check does it with callbacks alone.
+        """
+        task = asyncio.get_running_loop().create_task(self.run(limit, leftovers))
+
+        def finished(t: asyncio.Task[CheckResult]) -> None:
+            if not t.cancelled():
+                done(t.result())
+
+        task.add_done_callback(finished)
+        return lambda: _abandon(task, leftovers)
 
 
 class TcpChecker(Checker):
@@ -367,6 +386,109 @@ class _WireProtocol(asyncio.Protocol):
 _LINGER_OFF = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, no TIME_WAIT
 
 
+class _RawCheck:
+    """One plain-TCP check on a bare non-blocking socket: readiness callbacks, no transport.
+
+    ::
+
+        connect_ex --(writable)--> send request --readable--> Judge.feed --> finish(verdict)
+
+    No transport, no name resolution step, no task or coroutine: at thousands of
+    nodes the Python side of a check is what it costs beyond HAProxy's (the
+    kernel's connect and reset are the same for both). Only for numeric addresses
+    without TLS; the rest go through ``_WireProtocol``. It has no timer of its own:
+    whoever started it cuts it with ``close()`` (the monitor's wheel, or ``run()``).
+    """
+
+    __slots__ = ("fd", "finish", "judge", "loop", "payload", "sock")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, family: int, address: Address,
+                 payload: bytes, judge: Judge,
+                 finish: Callable[[Verdict | OSError], None]) -> None:
+        self.loop, self.payload, self.judge, self.finish = loop, payload, judge, finish
+        self.fd = -1
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self.sock.setblocking(False)
+            err = self.sock.connect_ex((address.host, address.port))
+        except BaseException:
+            self.sock.close()
+            raise
+        if err not in (0, errno.EINPROGRESS):
+            self.sock.close()
+            raise OSError(err, os.strerror(err))
+        self.fd = self.sock.fileno()
+        if payload:
+            # A near node (loopback, the same host) has accepted by now: writing at once
+            # saves a wake-up for writability. A far one is still connecting: EAGAIN.
+            try:
+                sent = self.sock.send(payload)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:
+                loop.call_soon(self._end, exc)  # refused: reported like any other failure
+                return
+            else:
+                self._sent(sent)
+                return
+        loop.add_writer(self.fd, self._connected)
+
+    def _connected(self) -> None:
+        if self.fd < 0:
+            return
+        self.loop.remove_writer(self.fd)
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._end(OSError(err, os.strerror(err)))
+            return
+        if not self.payload:
+            self._end(Verdict(True, "connected"))
+            return
+        try:
+            sent = self.sock.send(self.payload)  # a few dozen bytes into an empty buffer
+        except OSError as exc:
+            self._end(exc)
+            return
+        self._sent(sent)
+
+    def _sent(self, sent: int) -> None:
+        if sent != len(self.payload):
+            self._end(Verdict(False, "could not send the check request at once"))
+            return
+        self.loop.add_reader(self.fd, self._readable)
+
+    def _readable(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            data = self.sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._end(exc)
+            return
+        verdict = self.judge.feed(data) if data else self.judge.closed()
+        if verdict is not None:
+            self._end(verdict)
+
+    def _end(self, outcome: Verdict | OSError) -> None:
+        if self.fd < 0:
+            return
+        self.close()
+        self.finish(outcome)
+
+    def close(self) -> None:
+        """Stop watching the socket and reset it (RST: no TIME_WAIT); safe to call twice."""
+        if self.fd < 0:
+            return
+        self.loop.remove_reader(self.fd)
+        self.loop.remove_writer(self.fd)
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
+        self.sock.close()
+        self.fd = -1
+
+
 class WireChecker(Checker):
     """Any kind of node, spoken to directly: connect, one request, judge the reply, RST."""
 
@@ -377,9 +499,36 @@ class WireChecker(Checker):
         self._secret = config.password.reveal() if config.password is not None else None
         # The TCP check never speaks TLS: a connect is all it asks for.
         self._tls = tls if config.kind != "tcp" else None
+        self._family = _numeric_family(address.host) if self._tls is None else None
+
+    def _result(self, outcome: Verdict | OSError) -> CheckResult:
+        if isinstance(outcome, Verdict):
+            return CheckResult(outcome.ok, outcome.reason, outcome.detail)
+        return CheckResult(False, _scrub(describe_error(outcome), self._secret))
+
+    def start(self, limit: float, done: Callable[[CheckResult], None],
+              leftovers: set[asyncio.Task[CheckResult]] | None = None) -> Callable[[], None]:
+        if self._family is None:
+            return super().start(limit, done, leftovers)
+        try:
+            raw = _RawCheck(asyncio.get_running_loop(), self._family, self.address,
+                            self._payload, Judge(self.config),
+                            lambda outcome: done(self._result(outcome)))
+        except OSError as exc:  # refused at once, or out of descriptors
+            result = self._result(exc)
+            handle = asyncio.get_running_loop().call_soon(done, result)
+            return handle.cancel
+        return raw.close
 
     async def check(self) -> CheckResult:
         loop = asyncio.get_running_loop()
+        if self._family is not None:
+            future: asyncio.Future[CheckResult] = loop.create_future()
+            cancel = self.start(self.config.timeout, future.set_result)  # run() cuts it
+            try:
+                return await future
+            finally:
+                cancel()
         done: asyncio.Future[Verdict] = loop.create_future()
         payload, judge = self._payload, Judge(self.config)
         tls = self._tls
@@ -407,6 +556,14 @@ class WireChecker(Checker):
             return CheckResult(False, f"timed out after {limit:g}s")
         except Exception as exc:  # one bad check must not end the checks
             return CheckResult(False, _scrub(describe_error(exc), self._secret))
+
+
+def _numeric_family(host: str) -> int | None:
+    """AF_INET/AF_INET6 for an IP literal, ``None`` for a name (resolved per check)."""
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return None
 
 
 def make_checker(address: Address, config: HealthConfig,
