@@ -89,6 +89,7 @@ LAYERS: dict[str, int] = {
     "proxy.config": 0,
     "proxy.protocols": 0,
     "proxy.health.state": 0,
+    "proxy.health.wire": 0,
     "proxy.cluster.ports": 0,
     "proxy.relay": 0,  # the package's __init__, pipes, buffered
     "proxy.tls": 1,
@@ -98,6 +99,7 @@ LAYERS: dict[str, int] = {
     "proxy.fleet": 1,
     "proxy.iptables": 1,
     "proxy.health.checks": 1,
+    "proxy.health.prober": 1,
     "proxy.relay.choose": 1,
     "proxy.relay.splice": 2,
     "proxy.relay.engine": 3,

@@ -10,9 +10,10 @@
 ``WireChecker`` is what the monitor runs: one connection, the request of
 ``wire.request()`` written at once, the reply judged by ``wire.Judge`` as it
 arrives, then a close with RST (no TIME_WAIT left behind: thousands of checks a
-second must not use up the host's ephemeral ports), all as callbacks on the
-loop. It costs a fraction of a client library's check (measured with ``python -m
-bench scale``: 1,000 nodes every 2 s went from 43 % of a core to a few %).
+second must not use up the host's ephemeral ports). Plain checks of numeric
+addresses run on the ``prober`` thread, TLS and host names as a transport on the
+loop. It costs a fraction of a client library's check (``python -m bench
+scale``: 1,000 nodes every 2 s went from 43 % of a core to HAProxy's few %).
 ``MemcachedChecker`` (pymemcache, in a thread) and ``RedisChecker`` (redis.asyncio)
 are the client-library checks the wire check was built to agree with; the
 tests hold both to the same reasons.
@@ -36,10 +37,8 @@ import concurrent.futures
 import contextlib
 import errno
 import ipaddress
-import os
 import socket
 import ssl
-import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -53,6 +52,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from ..config import Address, HealthConfig
+from .prober import LINGER_OFF, Job, Prober
 from .wire import Judge, Verdict, request
 
 
@@ -383,123 +383,22 @@ class _WireProtocol(asyncio.Protocol):
             self.done.set_result(verdict)
 
 
-_LINGER_OFF = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, no TIME_WAIT
-
-
-class _RawCheck:
-    """One plain-TCP check on a bare non-blocking socket: readiness callbacks, no transport.
-
-    ::
-
-        connect_ex --(writable)--> send request --readable--> Judge.feed --> finish(verdict)
-
-    No transport, no name resolution step, no task or coroutine: at thousands of
-    nodes the Python side of a check is what it costs beyond HAProxy's (the
-    kernel's connect and reset are the same for both). Only for numeric addresses
-    without TLS; the rest go through ``_WireProtocol``. It has no timer of its own:
-    whoever started it cuts it with ``close()`` (the monitor's wheel, or ``run()``).
-    """
-
-    __slots__ = ("fd", "finish", "judge", "loop", "payload", "sock")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, family: int, address: Address,
-                 payload: bytes, judge: Judge,
-                 finish: Callable[[Verdict | OSError], None]) -> None:
-        self.loop, self.payload, self.judge, self.finish = loop, payload, judge, finish
-        self.fd = -1
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            self.sock.setblocking(False)
-            err = self.sock.connect_ex((address.host, address.port))
-        except BaseException:
-            self.sock.close()
-            raise
-        if err not in (0, errno.EINPROGRESS):
-            self.sock.close()
-            raise OSError(err, os.strerror(err))
-        self.fd = self.sock.fileno()
-        if payload:
-            # A near node (loopback, the same host) has accepted by now: writing at once
-            # saves a wake-up for writability. A far one is still connecting: EAGAIN.
-            try:
-                sent = self.sock.send(payload)
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError as exc:
-                loop.call_soon(self._end, exc)  # refused: reported like any other failure
-                return
-            else:
-                self._sent(sent)
-                return
-        loop.add_writer(self.fd, self._connected)
-
-    def _connected(self) -> None:
-        if self.fd < 0:
-            return
-        self.loop.remove_writer(self.fd)
-        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            self._end(OSError(err, os.strerror(err)))
-            return
-        if not self.payload:
-            self._end(Verdict(True, "connected"))
-            return
-        try:
-            sent = self.sock.send(self.payload)  # a few dozen bytes into an empty buffer
-        except OSError as exc:
-            self._end(exc)
-            return
-        self._sent(sent)
-
-    def _sent(self, sent: int) -> None:
-        if sent != len(self.payload):
-            self._end(Verdict(False, "could not send the check request at once"))
-            return
-        self.loop.add_reader(self.fd, self._readable)
-
-    def _readable(self) -> None:
-        if self.fd < 0:
-            return
-        try:
-            data = self.sock.recv(4096)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._end(exc)
-            return
-        verdict = self.judge.feed(data) if data else self.judge.closed()
-        if verdict is not None:
-            self._end(verdict)
-
-    def _end(self, outcome: Verdict | OSError) -> None:
-        if self.fd < 0:
-            return
-        self.close()
-        self.finish(outcome)
-
-    def close(self) -> None:
-        """Stop watching the socket and reset it (RST: no TIME_WAIT); safe to call twice."""
-        if self.fd < 0:
-            return
-        self.loop.remove_reader(self.fd)
-        self.loop.remove_writer(self.fd)
-        with contextlib.suppress(OSError):
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
-        self.sock.close()
-        self.fd = -1
 
 
 class WireChecker(Checker):
     """Any kind of node, spoken to directly: connect, one request, judge the reply, RST."""
 
     def __init__(self, address: Address, config: HealthConfig,
-                 tls: CheckTls | None = None) -> None:
+                 tls: CheckTls | None = None, prober: Prober | None = None) -> None:
         super().__init__(address, config, tls)
         self._payload = request(config)
         self._secret = config.password.reveal() if config.password is not None else None
         # The TCP check never speaks TLS: a connect is all it asks for.
         self._tls = tls if config.kind != "tcp" else None
-        self._family = _numeric_family(address.host) if self._tls is None else None
+        family = _numeric_family(address.host) if self._tls is None else None
+        # Plain checks of numeric addresses run on the prober's thread; the rest here.
+        self._prober = prober if family is not None else None
+        self._family = family or socket.AF_INET
 
     def _result(self, outcome: Verdict | OSError) -> CheckResult:
         if isinstance(outcome, Verdict):
@@ -508,27 +407,16 @@ class WireChecker(Checker):
 
     def start(self, limit: float, done: Callable[[CheckResult], None],
               leftovers: set[asyncio.Task[CheckResult]] | None = None) -> Callable[[], None]:
-        if self._family is None:
+        prober = self._prober
+        if prober is None:
             return super().start(limit, done, leftovers)
-        try:
-            raw = _RawCheck(asyncio.get_running_loop(), self._family, self.address,
-                            self._payload, Judge(self.config),
-                            lambda outcome: done(self._result(outcome)))
-        except OSError as exc:  # refused at once, or out of descriptors
-            result = self._result(exc)
-            handle = asyncio.get_running_loop().call_soon(done, result)
-            return handle.cancel
-        return raw.close
+        job = Job(self._family, self.address.host, self.address.port, self._payload,
+                  Judge(self.config), lambda outcome, _seconds: done(self._result(outcome)))
+        prober.submit(job)
+        return lambda: prober.cancel(job)
 
     async def check(self) -> CheckResult:
         loop = asyncio.get_running_loop()
-        if self._family is not None:
-            future: asyncio.Future[CheckResult] = loop.create_future()
-            cancel = self.start(self.config.timeout, future.set_result)  # run() cuts it
-            try:
-                return await future
-            finally:
-                cancel()
         done: asyncio.Future[Verdict] = loop.create_future()
         payload, judge = self._payload, Judge(self.config)
         tls = self._tls
@@ -542,7 +430,7 @@ class WireChecker(Checker):
             sock = transport.get_extra_info("socket")
             if sock is not None:
                 with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_OFF)
             transport.abort()
         return CheckResult(verdict.ok, verdict.reason, verdict.detail)
 
@@ -566,7 +454,7 @@ def _numeric_family(host: str) -> int | None:
         return None
 
 
-def make_checker(address: Address, config: HealthConfig,
-                 tls: CheckTls | None = None) -> Checker:
+def make_checker(address: Address, config: HealthConfig, tls: CheckTls | None = None,
+                 prober: Prober | None = None) -> Checker:
     """The checker the monitor runs for one node: the wire check, for every kind."""
-    return WireChecker(address, config, tls)
+    return WireChecker(address, config, tls, prober)
