@@ -144,3 +144,13 @@ async def test_wire_and_library_checks_give_the_same_reasons(
                 assert PASSWORD not in repr(result) and WRONG not in repr(result)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+async def test_a_node_named_by_host_name_is_resolved_once_and_checked_on_the_prober(
+        redis_server: ServerProcess) -> None:
+    config = cfg("redis")
+    named = Address("localhost", redis_server.port)
+    result = await on_prober(WireChecker, named, config)
+    assert (result.ok, result.reason) == (True, "PONG")
+    missing = await on_prober(WireChecker, Address("no-such-node.invalid", 6379), config)
+    assert not missing.ok and missing.reason.startswith("cannot resolve")

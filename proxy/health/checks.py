@@ -10,10 +10,11 @@
 ``WireChecker`` is what the monitor runs: one connection, the request of
 ``wire.request()`` written at once, the reply judged by ``wire.Judge`` as it
 arrives, then a close with RST (no TIME_WAIT left behind: thousands of checks a
-second must not use up the host's ephemeral ports). Plain checks of numeric
-addresses run on the ``prober`` thread, TLS and host names as a transport on the
-loop. It costs a fraction of a client library's check (``python -m bench
-scale``: 1,000 nodes every 2 s went from 43 % of a core to HAProxy's few %).
+second must not use up the host's ephemeral ports). Plain checks run on the
+``prober`` thread (a node's name resolved on the loop, its address reused for
+``RESOLVE_TTL``), TLS ones as a transport on the loop. It costs a fraction of a
+client library's check (``python -m bench scale``: 1,000 nodes every 2 s went
+from 43 % of a core to about HAProxy's).
 ``MemcachedChecker`` (pymemcache, in a thread) and ``RedisChecker`` (redis.asyncio)
 are the client-library checks the wire check was built to agree with; the
 tests hold both to the same reasons.
@@ -37,6 +38,7 @@ import concurrent.futures
 import contextlib
 import errno
 import ipaddress
+import math
 import socket
 import ssl
 from collections.abc import Callable, Mapping
@@ -385,6 +387,9 @@ class _WireProtocol(asyncio.Protocol):
 
 
 
+RESOLVE_TTL = 5.0  # a node's name is resolved again after this long: the listeners' dns_ttl
+
+
 class WireChecker(Checker):
     """Any kind of node, spoken to directly: connect, one request, judge the reply, RST."""
 
@@ -395,10 +400,12 @@ class WireChecker(Checker):
         self._secret = config.password.reveal() if config.password is not None else None
         # The TCP check never speaks TLS: a connect is all it asks for.
         self._tls = tls if config.kind != "tcp" else None
-        family = _numeric_family(address.host) if self._tls is None else None
-        # Plain checks of numeric addresses run on the prober's thread; the rest here.
-        self._prober = prober if family is not None else None
-        self._family = family or socket.AF_INET
+        # Plain checks run on the prober's thread; TLS ones here, on the loop.
+        self._prober = prober if self._tls is None else None
+        family = _numeric_family(address.host)
+        # A name is resolved on the loop and its address reused for RESOLVE_TTL.
+        self._resolved: tuple[float, int, str] | None = (
+            (math.inf, family, address.host) if family is not None else None)
 
     def _result(self, outcome: Verdict | OSError) -> CheckResult:
         if isinstance(outcome, Verdict):
@@ -410,10 +417,46 @@ class WireChecker(Checker):
         prober = self._prober
         if prober is None:
             return super().start(limit, done, leftovers)
-        job = Job(self._family, self.address.host, self.address.port, self._payload,
-                  Judge(self.config), lambda outcome, _seconds: done(self._result(outcome)))
+        loop = asyncio.get_running_loop()
+        resolved = self._resolved
+        if resolved is not None and resolved[0] > loop.time():
+            return self._submit(prober, resolved[1], resolved[2], done)
+        # The name's address is stale: resolve first (getaddrinfo in the loop's executor).
+        submitted: list[Callable[[], None]] = []
+
+        async def resolve_then_submit() -> None:
+            try:
+                family, host = await self._resolve()
+            except OSError as exc:
+                done(self._result(exc))
+                return
+            submitted.append(self._submit(prober, family, host, done))
+
+        task = loop.create_task(resolve_then_submit())
+
+        def abandon() -> None:
+            task.cancel()
+            for cancel in submitted:
+                cancel()
+
+        return abandon
+
+    def _submit(self, prober: Prober, family: int, host: str,
+                done: Callable[[CheckResult], None]) -> Callable[[], None]:
+        job = Job(family, host, self.address.port, self._payload, Judge(self.config),
+                  lambda outcome, _seconds: done(self._result(outcome)))
         prober.submit(job)
         return lambda: prober.cancel(job)
+
+    async def _resolve(self) -> tuple[int, str]:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(self.address.host, self.address.port,
+                                       type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+        if not infos:
+            raise socket.gaierror(socket.EAI_NONAME, "no addresses")
+        family, _type, _proto, _canon, sockaddr = infos[0]
+        self._resolved = (loop.time() + RESOLVE_TTL, family, str(sockaddr[0]))
+        return family, str(sockaddr[0])
 
     async def check(self) -> CheckResult:
         loop = asyncio.get_running_loop()
