@@ -10,7 +10,8 @@ one port each, so N-1 nodes are really checked). Per size it reports:
   ``-c 1``), without and with a ``/metrics`` scrape every second, on both relays;
 - idle CPU (checks only), and HAProxy's CPU with the same nodes and
   ``option redis-check inter 2s`` in the same run;
-- one scrape's time, size and series (default, and ``?histograms=sum``);
+- one scrape's time, size and series (default, and ``?histograms=sum``), and
+  one ``/status``'s time;
 - RSS, start-up (until ``/readyz`` says ready) and one reload (one listener edited).
 
 ``--before REV`` runs an older commit's cacheport (``git archive`` into the work
@@ -57,17 +58,27 @@ def _get(url: str, method: str = "GET", timeout: float = 30.0) -> tuple[int, byt
     return status, body, time.perf_counter() - began
 
 
-def redis_get(port: int, requests: int) -> dict[str, float]:
-    """One redis-benchmark -c 1 GET run: rps and latency (ms) as it reports them."""
-    out = subprocess.run(
+def _ready(base: str) -> bool:
+    try:
+        return _get(base + "/readyz", timeout=5)[0] == 200
+    except OSError:  # the admin endpoint binds after the listeners
+        return False
+
+
+def redis_get(port: int, requests: int) -> dict[str, float] | None:
+    """One redis-benchmark -c 1 GET run: rps and latency (ms) as it reports them; ``None``
+    (and why, on stderr) when it reported none, e.g. the listener closed the connection."""
+    run = subprocess.run(
         ["redis-benchmark", "-p", str(port), "-c", "1", "-n", str(requests), "-t", "get",
-         "-q", "--csv"], capture_output=True, text=True, timeout=120, check=False).stdout
-    for line in out.splitlines():
+         "-q", "--csv"], capture_output=True, text=True, timeout=120, check=False)
+    for line in run.stdout.splitlines():
         cells = [c.strip('"') for c in line.split(",")]
         if cells and cells[0] == "GET" and len(cells) >= 8:
             return {"rps": float(cells[1]), "p50_ms": float(cells[4]),
                     "p99_ms": float(cells[6]), "max_ms": float(cells[7])}
-    raise SystemExit(f"redis-benchmark printed no GET result: {out[-300:]!r}")
+    print(f"scale: redis-benchmark on port {port} reported nothing: "
+          f"{(run.stdout + run.stderr)[-300:]!r}", file=sys.stderr)
+    return None
 
 
 class Scraper:
@@ -133,9 +144,9 @@ def measure_cacheport(source: Path, size: int, redis_port: int, node_ports: Sequ
         for port in luts.values():
             wait_port(port, 120, procs)
         deadline = time.monotonic() + 120
-        while _get(base + "/readyz")[0] != 200:
-            if time.monotonic() > deadline:
-                raise SystemExit("cacheport never said ready")
+        while not _ready(base):
+            if time.monotonic() > deadline or procs[0].poll() is not None:
+                raise SystemExit(f"cacheport never said ready (see {work})")
             time.sleep(0.05)
         out["startup_s"] = time.monotonic() - began
         time.sleep(3.0)  # every node checked at least once
@@ -147,6 +158,7 @@ def measure_cacheport(source: Path, size: int, redis_port: int, node_ports: Sequ
         out["scrape_s"] = statistics.median(s[2] for s in scrapes)
         out["scrape_bytes"] = len(scrapes[-1][1])
         out["series"] = samples(scrapes[-1][1])
+        out["status_s"] = statistics.median(_get(base + "/status")[2] for _ in range(3))
         summed = _get(base + "/metrics?histograms=sum")
         out["series_sum"] = samples(summed[1]) if summed[0] == 200 else None
         for relay, port in luts.items():
@@ -156,8 +168,11 @@ def measure_cacheport(source: Path, size: int, redis_port: int, node_ports: Sequ
                 with Scraper(base + "/metrics"):
                     scraped.append(redis_get(port, args.requests))
             for name, runs in (("quiet", quiet), ("scraped", scraped)):
+                done = [r for r in runs if r is not None]
+                out[f"{relay}_{name}_failed"] = len(runs) - len(done)
                 for key in ("rps", "p50_ms", "p99_ms", "max_ms"):
-                    out[f"{relay}_{name}_{key}"] = statistics.median(r[key] for r in runs)
+                    out[f"{relay}_{name}_{key}"] = (statistics.median(r[key] for r in done)
+                                                    if done else None)
         out["rss_mb"] = memory([pid]).rss_kb / 1024
         write_config(config, redis_port, others, admin, luts, edited=True)
         status, _body, took = _get(base + "/-/reload", "POST", timeout=120)
@@ -227,7 +242,8 @@ COLUMNS = [
     ("idle_cpu", "idle CPU", "{:.1%}"), ("haproxy_cpu", "HAProxy CPU", "{:.1%}"),
     ("scrape_s", "scrape s", "{:.3f}"), ("scrape_bytes", "scrape KB", "{}"),
     ("series", "series", "{:,}"), ("series_sum", "series (histograms=sum)", "{:,}"),
-    ("rss_mb", "RSS MB", "{:.0f}"), ("startup_s", "start s", "{:.2f}"),
+    ("status_s", "/status s", "{:.3f}"), ("rss_mb", "RSS MB", "{:.0f}"),
+    ("startup_s", "start s", "{:.2f}"),
     ("reload_s", "reload s", "{:.3f}"),
 ]
 

@@ -247,6 +247,7 @@ dashboards built on it expect; ``sum``: one over every listener and upstream (16
 series in all instead of 17 per upstream of each listener); ``none``: left out."""
 
 CHUNK = 50  # listeners rendered between two yields to the loop: about 1 ms of work
+JOIN_SLICE = 10_000  # lines joined and encoded between two yields: about 1 ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,8 +352,8 @@ class CacheportMetrics:
         monitor = self.monitor()
         if monitor is not None:
             targets = [t for t in monitor if selection.wants_listener(t.listener)]
-            for start in range(0, len(targets), CHUNK * 4):
-                for target in targets[start:start + CHUNK * 4]:
+            for start in range(0, len(targets), CHUNK * 2):
+                for target in targets[start:start + CHUNK * 2]:
                     self._target(target, lines, selection, check_total)
                 await asyncio.sleep(0)
         if selection.histograms == "sum":
@@ -361,12 +362,15 @@ class CacheportMetrics:
             if CHECK_DURATION in lines and monitor is not None:
                 _histogram(lines[CHECK_DURATION], CHECK_DURATION.name, "", check_total,
                            _CHECK_LE)
-        out = []
+        # Joined and encoded a slice at a time too: 4 MB in one join held the loop ~20 ms.
+        out: list[bytes] = []
         for family, body in lines.items():
             if body or not family.per_listener or selection.names is not None:
-                out.append(family.head())
-                out.extend(body)
-        return "".join(out).encode()
+                out.append(family.head().encode())
+                for start in range(0, len(body), JOIN_SLICE):
+                    out.append("".join(body[start:start + JOIN_SLICE]).encode())
+                    await asyncio.sleep(0)
+        return b"".join(out)
 
     @staticmethod
     def _listener(listener: ListenerView, lines: dict[Family, list[str]],
