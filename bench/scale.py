@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -41,7 +42,7 @@ from typing import Any
 import yaml
 
 from .procs import cpu_seconds, host_cpu, memory
-from .sidebyside import ROOT, free_port, header, start_redis, stop_all, wait_port
+from .sidebyside import ROOT, header, start_redis, stop_all, wait_port
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -125,10 +126,40 @@ def samples(text: bytes) -> int:
     return sum(1 for line in text.splitlines() if line and not line.startswith(b"#"))
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports (held together while chosen, so never the same)."""
+    socks = []
+    try:
+        for _ in range(n):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+class PortRaced(Exception):
+    """A port free_port() found was taken before cacheport bound it (checks use ephemeral
+    ports by the hundred a second here)."""
+
+
 def measure_cacheport(source: Path, size: int, redis_port: int, node_ports: Sequence[int],
                       work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    admin = free_port()
-    luts = {relay: free_port() for relay in args.relays}
+    for _attempt in range(3):
+        try:
+            return _measure_cacheport(source, size, redis_port, node_ports, work, args)
+        except PortRaced:
+            print(f"scale: a port was taken before cacheport bound it; again ({size})",
+                  file=sys.stderr)
+    raise SystemExit("scale: three port races in a row")
+
+
+def _measure_cacheport(source: Path, size: int, redis_port: int, node_ports: Sequence[int],
+                       work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    admin, *ports = free_ports(1 + len(args.relays))
+    luts = dict(zip(args.relays, ports, strict=True))
     config = work / f"cacheport-{size}.yaml"
     others = list(node_ports[:max(0, size - 1)])
     write_config(config, redis_port, others, admin, luts)
@@ -138,14 +169,23 @@ def measure_cacheport(source: Path, size: int, redis_port: int, node_ports: Sequ
     base = f"http://127.0.0.1:{admin}"
     try:
         began = time.monotonic()
+        log = work / f"cacheport-{size}.log"
+        log.write_text("")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "proxy", "run", "-c", str(config), "--log-level", "warning"],
-            cwd=source, env=env, stderr=open(work / f"cacheport-{size}.log", "ab")))
-        for port in luts.values():
-            wait_port(port, 120, procs)
+            cwd=source, env=env, stderr=open(log, "ab")))
+        try:
+            for port in luts.values():
+                wait_port(port, 120, procs)
+        except SystemExit:
+            if "already" in log.read_text():
+                raise PortRaced from None
+            raise
         deadline = time.monotonic() + 120
         while not _ready(base):
             if time.monotonic() > deadline or procs[0].poll() is not None:
+                if "already" in log.read_text():
+                    raise PortRaced
                 raise SystemExit(f"cacheport never said ready (see {work})")
             time.sleep(0.05)
         out["startup_s"] = time.monotonic() - began
@@ -197,7 +237,7 @@ defaults
   timeout client 30s
   timeout server 30s
 frontend front
-  bind 127.0.0.1:{free_port()}
+  bind 127.0.0.1:{free_ports(1)[0]}
   default_backend nodes
 backend nodes
   option redis-check

@@ -67,7 +67,10 @@ class Reloader:
         """Validate the file, then apply it; raise ConfigError/ReloadError and change nothing."""
         async with self._lock:
             try:
-                config = load_config(self.path)
+                # Parsing and validating thousands of listeners takes a few hundred ms;
+                # in a thread the loop keeps relaying and checking meanwhile (the GIL is
+                # handed back every few ms).
+                config = await asyncio.to_thread(load_config, self.path)
             except ConfigError:
                 self.server.reload_failures += 1
                 raise
