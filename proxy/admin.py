@@ -67,6 +67,9 @@ class Response:
     body: bytes
     content_type: str = "text/plain; charset=utf-8"
     headers: dict[str, str] = field(default_factory=dict)
+    # A large body (a scrape of thousands of listeners) in pieces, written one at a
+    # time: no copy of megabytes in one go on the loop. Sent after ``body``.
+    parts: tuple[bytes, ...] = ()
 
     @classmethod
     def text(cls, status: int, text: str) -> Response:
@@ -173,6 +176,9 @@ class AdminServer:
                 head_only = request_or_error.method == "HEAD"
             writer.write(_encode(response, head_only))
             await writer.drain()
+            for part in () if head_only else response.parts:
+                writer.write(part)
+                await writer.drain()
         except ConnectionError:
             pass
         finally:
@@ -208,8 +214,9 @@ class AdminServer:
             selection = Selection.from_query(request.query)
         except ValueError as exc:
             return Response.text(400, f"/metrics: {exc}")
-        body = await self.cacheport_metrics.render(selection) + render(self.registry, selection)
-        return Response(200, body, CONTENT_TYPE_LATEST)
+        parts = await self.cacheport_metrics.render_parts(selection)
+        return Response(200, b"", CONTENT_TYPE_LATEST,
+                        parts=(*parts, render(self.registry, selection)))
 
     async def _healthz(self, _request: Request) -> Response:
         return Response.text(200, "ok")
@@ -375,7 +382,7 @@ def _encode(response: Response, head_only: bool) -> bytes:
     reason = _REASONS.get(response.status, "")
     headers = {
         "Content-Type": response.content_type,
-        "Content-Length": str(len(response.body)),
+        "Content-Length": str(len(response.body) + sum(map(len, response.parts))),
         "Cache-Control": "no-store",
         "Connection": "close",
         **response.headers,
