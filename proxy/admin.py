@@ -40,6 +40,7 @@ from .process import worker_id
 
 log = logging.getLogger("cacheport.admin")
 
+SERVER_HEADER = f"cacheport/{__version__}"
 _MAX_HEAD = 16 * 1024
 _MAX_BODY = 1 << 20
 _READ_TIMEOUT = 5.0
@@ -334,6 +335,7 @@ def listener_status(listener: Listener, monitor: HealthMonitor | None) -> dict[s
             "kind": health.kind, "interval": health.interval, "timeout": health.timeout,
             "rise": health.rise, "fall": health.fall,
         },
+        "relay": listener.relay.value,  # engine, splice or buffered: who moves the bytes
         "accepted": listener.stats.accepted,
         "active": listener.active,
         "refused": dict(sorted(listener.stats.refused.items())),
@@ -385,6 +387,8 @@ def _encode(response: Response, head_only: bool) -> bytes:
         "Content-Length": str(len(response.body) + sum(map(len, response.parts))),
         "Cache-Control": "no-store",
         "Connection": "close",
+        # ``cacheport healthcheck`` tells this endpoint from another process on the port
+        "Server": SERVER_HEADER,
         **response.headers,
     }
     head = f"HTTP/1.1 {response.status} {reason}\r\n"
@@ -422,6 +426,42 @@ def fetch_status(address: Address, timeout: float = 5.0) -> dict[str, Any]:
     if not isinstance(doc, dict) or not isinstance(doc.get("listeners"), list):
         raise AdminError(f"admin endpoint {address} sent JSON without a 'listeners' list")
     return doc
+
+
+def probe_address(listen: Address) -> Address:
+    """Where a local client reaches an endpoint bound to ``listen``: the loopback address
+    of the same family when it is bound to every address (``0.0.0.0``, ``[::]``)."""
+    if listen.host in ("0.0.0.0", ""):
+        return Address("127.0.0.1", listen.port)
+    if listen.host == "::":
+        return Address("::1", listen.port)
+    return listen
+
+
+def probe_health(address: Address, path: str = "/healthz",
+                 timeout: float = 5.0) -> tuple[bool, str]:
+    """GET ``path`` from the admin endpoint at ``address``: (healthy, what was seen).
+
+    Healthy only on a 200 from cacheport itself (its ``Server`` header): with host
+    networking another process may hold the port, and its 200 says nothing about us.
+    """
+    url = f"http://{address}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            status, server = reply.status, reply.headers.get("Server", "")
+            body = reply.read(200).decode(errors="replace").strip()
+    except urllib.error.HTTPError as exc:
+        status, server = exc.code, exc.headers.get("Server", "")
+        body = exc.read(200).decode(errors="replace").strip()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        text = reason.strerror if isinstance(reason, OSError) and reason.strerror else reason
+        return False, f"cannot reach the admin endpoint at {url}: {str(text).lower()}"
+    if not server.startswith("cacheport/"):
+        return False, (f"{url} answered {status}, but not as cacheport (Server: "
+                       f"{server or 'none'}): another process holds the admin port; "
+                       f"give admin.listen a free one")
+    return status == 200, f"{url}: {status} {body}".rstrip()
 
 
 def human_bytes(n: int) -> str:
@@ -483,7 +523,9 @@ def format_status(doc: dict[str, Any]) -> str:
 
 def format_cluster(cluster: dict[str, Any]) -> list[str]:
     """One cluster's nodes: identity, role, slot ranges, the port clients are given."""
-    seed = f", seed port {cluster['seed_port']}" if cluster.get("seed_port") else ""
+    seed = "".join(f", {word} port {cluster[key]}" for key, word in (
+        ("seed_port", "seed"), ("primary_port", "primary"), ("reader_port", "reader"))
+        if cluster.get(key))
     error = f"; last error: {cluster['last_error']}" if cluster.get("last_error") else ""
     lines = [f"cluster {cluster.get('name')} ({cluster.get('engine')}, seed {cluster.get('seed')}"
              f", announce {cluster.get('announce')}, ports {cluster.get('ports')}{seed}){error}"]
@@ -495,7 +537,8 @@ def format_cluster(cluster: dict[str, Any]) -> list[str]:
         if node.get("port") and not node.get("listening"):
             port += " (not listening)"
         rows.append((str(node.get("hostname") or node.get("id", "?"))[:40],
-                     str(node.get("address", "?")), str(node.get("role") or "-"),
+                     str(node.get("address", "?")), str(node.get("role") or "-") + (
+                         " (failed)" if node.get("health") == "failed" else ""),
                      slots or "-", port, str(node.get("connections", 0))))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:

@@ -18,8 +18,8 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import __version__, iptables, runtime, supervisor
-from .admin import AdminError, fetch_status, format_status
+from . import __version__, aws, iptables, runtime, supervisor
+from .admin import AdminError, fetch_status, format_status, probe_address, probe_health
 from .config import (
     DEFAULT_ADMIN_PORT,
     Address,
@@ -94,11 +94,21 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     _print_table(config)
     for cc in config.clusters:
-        seed_port = f", seed_port {cc.seed_port}" if cc.seed_port is not None else ""
+        seed_port = "".join(f", {key} {port}" for key, port in (
+            ("seed_port", cc.seed_port), ("primary_port", cc.primary_port),
+            ("reader_port", cc.reader_port)) if port is not None)
         print(f"cluster {cc.name}: {cc.engine}, seed {cc.seed}, announce {cc.announce}, "
               f"ports {cc.ports[0]}-{cc.ports[1]}{seed_port}")
     clusters = f", {len(config.clusters)} cluster(s)" if config.clusters else ""
     print(f"{args.file}: OK, {len(config.listeners)} listener(s){clusters}")
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    """The port map's JSON Schema (or, with --markdown, its reference), from the model."""
+    from .config import reference
+
+    sys.stdout.write(reference.markdown() if args.markdown else reference.schema_text())
     return EXIT_OK
 
 
@@ -127,6 +137,31 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_UNREACHABLE
     print(json.dumps(doc, indent=2) if args.json else format_status(doc))
     return EXIT_OK
+
+
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    """For a container HEALTHCHECK or a Kubernetes exec probe: 0 healthy, 1 not (Docker
+    reserves 2). Asks the admin endpoint wherever the map puts it; with ``admin: off``
+    there is nothing to ask, and probing the listeners would count as clients (and dial
+    upstreams), so it reports healthy while the process runs and says so."""
+    if args.admin is not None:
+        address = args.admin
+    else:
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            print(f"cacheport: unhealthy: {exc}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+        if config.admin is None:
+            print(f"{args.config}: admin: off, so there is no endpoint to ask; healthy while "
+                  "the process runs (turn the admin endpoint on for a real check)")
+            return EXIT_OK
+        address = probe_address(config.admin.listen)
+    healthy, seen = probe_health(address, "/readyz" if args.ready else "/healthz",
+                                 timeout=args.timeout)
+    print(f"{'healthy' if healthy else 'unhealthy'}: {seen}",
+          file=sys.stdout if healthy else sys.stderr)
+    return EXIT_OK if healthy else EXIT_UNREACHABLE
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -225,7 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a port map and print it as a table")
     check.add_argument("file", metavar="FILE")
     check.set_defaults(func=cmd_check)
+    schema = sub.add_parser("schema", help="print the port map's JSON Schema (for editors "
+                            "with the YAML language server)")
+    schema.add_argument("--markdown", action="store_true",
+                        help="print the configuration reference (docs/configuration.md) instead")
+    schema.set_defaults(func=cmd_schema)
     iptables.register(sub)
+    aws.register(sub)
 
     status = sub.add_parser("status", help="show a running cacheport's listeners, upstreams "
                             "and their health (from its admin endpoint)")
@@ -238,6 +279,19 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                         help="how long to wait for an answer (default: %(default)s)")
     status.set_defaults(func=cmd_status)
+
+    health = sub.add_parser("healthcheck", help="exit 0 if the running cacheport's admin "
+                            "endpoint (wherever the map puts it) answers healthy, else 1")
+    where = health.add_mutually_exclusive_group(required=True)
+    where.add_argument("-c", "--config", metavar="FILE",
+                       help="the port map cacheport runs with (its admin.listen is asked)")
+    where.add_argument("--admin", type=_admin_address, metavar="HOST:PORT",
+                       help="ask this admin endpoint instead")
+    health.add_argument("--ready", action="store_true",
+                        help="ask /readyz (serving and an upstream healthy) instead of /healthz")
+    health.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS",
+                        help="how long to wait for an answer (default: %(default)s)")
+    health.set_defaults(func=cmd_healthcheck)
     return parser
 
 

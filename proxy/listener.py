@@ -28,8 +28,9 @@ from .config import Address, ListenerConfig
 from .health.state import State, choose_upstream
 from .metrics import UpstreamBook
 from .relay.buffered import BufferPool, Relay
-from .relay.choose import RelayKind, relay_order
-from .relay.engine import AnyRelay, NativeRelay, choose_native
+from .relay.choose import RelayKind, relay_order, serving_relay
+from .relay.engine import AnyRelay, NativeRelay, choose_native, native_available
+from .relay.pipes import splice_supported
 from .relay.splice import SpliceRelay, choose_hub
 from .resolver import ResolveError, Resolver
 from .tls import ListenerTls
@@ -47,6 +48,17 @@ _WARN_INTERVAL = 10.0
 
 class BindError(Exception):
     """A listener could not bind its address."""
+
+
+def relays_here() -> frozenset[RelayKind]:
+    """The relays this install can run: the engine only where it was built, splice only
+    where the kernel has splice(2); buffered everywhere."""
+    here = {RelayKind.BUFFERED}
+    if native_available():
+        here.add(RelayKind.ENGINE)
+    if splice_supported():
+        here.add(RelayKind.SPLICE)
+    return frozenset(here)
 
 
 @dataclass
@@ -166,6 +178,22 @@ class Listener:
     def active(self) -> int:
         return len(self.relays) + len(self.connecting)
 
+    @property
+    def rewriting(self) -> bool:
+        """A cluster listener: its relay factory rewrites replies, so it never splices."""
+        return self.relay_factory is not Relay
+
+    @property
+    def relay(self) -> RelayKind:
+        """Which relay serves this listener's connections on this install (``/status``)."""
+        return serving_relay(self.config, relays_here(), rewriting=self.rewriting)
+
+    @property
+    def engine_missing(self) -> bool:
+        """The native engine would serve this listener, but it was not built here."""
+        return (RelayKind.ENGINE in relay_order(self.config, rewriting=self.rewriting)
+                and not native_available())
+
     def bind(self) -> None:
         try:
             self.sock = bind_socket(self.config.listen, reuse_port=self.reuse_port)
@@ -231,9 +259,12 @@ class Listener:
         assert self.sock is not None, "bind() first"
         self.accepting = True
         self.loop.add_reader(self.sock.fileno(), self._on_acceptable)
+        missing = " (the native engine is not built on this install)" \
+            if self.engine_missing else ""
         log.info(
-            "listener %s %s -> %s (%s) started",
+            "listener %s %s -> %s (%s) started; relay %s%s",
             self.name, self.bound, self.config.upstream, self.config.protocol,
+            self.relay.value, missing,
         )
         upstream_tls = self.config.upstream_tls
         if upstream_tls is not None and not upstream_tls.verify:
@@ -542,9 +573,14 @@ class Listener:
     # Set by the server when health checks run: ``state(listener, upstream)``,
     # ``None`` for an upstream that is not checked.
     health: Callable[[str, Address], State | None] | None = None
+    # Set by a cluster on a role listener (reader_port) whose candidates change at run
+    # time: ``chooser(config)`` then replaces the upstream-then-backups order.
+    chooser: Callable[[ListenerConfig], Address | None] | None = None
 
     def _choose_upstream(self, config: ListenerConfig) -> Address | None:
         """The upstream for a new connection: the first of upstream, backups not DOWN."""
+        if self.chooser is not None:
+            return self.chooser(config)
         health = self.health
         if health is None:
             return config.upstream

@@ -77,6 +77,8 @@ class Reloader:
         self.server = server
         self.path = path
         self._lock = asyncio.Lock()
+        # Set by the aws: source: adds the clusters it read to the file's text.
+        self.extend: Callable[[str], str] | None = None
 
     async def reload(self) -> ReloadPlan:
         """Validate the file, then apply it; raise ConfigError/ReloadError and change nothing."""
@@ -85,7 +87,10 @@ class Reloader:
                 # Parsing and validating thousands of listeners takes a few hundred ms;
                 # in a thread the loop keeps relaying and checking meanwhile (the GIL is
                 # handed back every few ms).
+                # The file's own mistakes first, at its own lines.
                 config = await asyncio.to_thread(load_config, self.path)
+                if self.extend is not None:
+                    config = await asyncio.to_thread(load_config, self.path, self.extend)
             except ConfigError:
                 self.server.reload_failures += 1
                 raise
@@ -183,6 +188,12 @@ async def serve(config: Config, options: RunOptions) -> int:
     tasks: list[asyncio.Task[None]] = []
     if options.watch:
         tasks.append(loop.create_task(watch_file(options.config_path, reload_requested.set)))
+    if config.aws is not None:
+        from .aws.source import AwsSource  # only with an aws: block
+
+        source = AwsSource(config.aws)
+        reloader.extend = source.extend
+        tasks.append(loop.create_task(source.run(reloader.reload), name="aws"))
     stopping = loop.create_task(server.wait_stopping())
     try:
         with pid_file(options.pid_file):

@@ -73,6 +73,7 @@ class ServerCollector(Collector):
         "protocol_errors": "Connections closed because a peer broke the protocol",
         "listeners_added": "Per-node listeners started",
         "listeners_removed": "Per-node listeners stopped (node left)",
+        "failovers": "redis-replication: times the primary moved to another node",
     }
 
     def _cluster_metrics(self) -> Iterator[Metric]:
@@ -177,6 +178,13 @@ class Server:
         if admin is not None:
             await admin.start()
             self.admin = admin
+        fallen_back = [lst.name for lst in self.listeners.values() if lst.engine_missing]
+        if fallen_back:
+            # Each listener's start line names its relay; this says once why it is not
+            # the engine (an image or install built without a C compiler, or not Linux).
+            log.warning("the native relay engine is not built on this install (no C compiler "
+                        "or Python headers at install time, or not Linux): %d listener(s) use "
+                        "the Python relays", len(fallen_back))
         log.info("cacheport serving %d listener(s) from %s", len(self.listeners),
                  self.config.path)
 

@@ -121,4 +121,36 @@ install_system_packages
 install_bench_peers
 check_python
 install_venv
+# Optional: a valkey-server for the engine tests (scripts/valkey.sh); without it they skip.
+"$ROOT/scripts/valkey.sh" >/dev/null 2>&1 \
+    || say "no valkey-server to be had here: the Valkey runs of the engine tests are skipped"
 export PATH="$VENV/bin:$PATH"
+
+# --- Container engine for tests/test_container.py -------------------------------------
+# podman (rootful, daemonless), runc, mmdebstrap (the tests' base image, from the Debian
+# mirror apt uses) and docker-compose (validates deploy/compose.yaml; needs no daemon).
+# Asked of apt-get only when one is missing. Where they cannot be installed (no apt-get,
+# not root) the container tests are skipped with that reason -- except under CI=true,
+# where they fail.
+CONTAINER_TOOLS=(podman runc mmdebstrap docker-compose)  # command = Debian package here
+
+install_container_tools() {
+    local missing=() tool
+    for tool in "${CONTAINER_TOOLS[@]}"; do
+        command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+    done
+    [ "${#missing[@]}" -eq 0 ] && return 0
+    if ! command -v apt-get >/dev/null 2>&1 || [ "$(id -u)" -ne 0 ]; then
+        say "not installed: ${missing[*]} (installing them needs root and apt-get):" \
+            "tests/test_container.py will be skipped"
+        return 0
+    fi
+    say "installing ${missing[*]} with apt-get (for tests/test_container.py)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq || say "apt-get update failed; trying anyway"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null \
+        || say "apt-get could not install ${missing[*]}: tests/test_container.py will be skipped"
+}
+
+install_container_tools
+# --- end of the container engine block ------------------------------------------------

@@ -1,5 +1,5 @@
 """Helpers for the cluster tests (no tests here): free port ranges, an ElastiCache-style
-configuration endpoint, async waits with deadlines."""
+configuration endpoint, a lone Redis Cluster node, async waits with deadlines."""
 
 from __future__ import annotations
 
@@ -9,8 +9,14 @@ import random
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
+
+import redis
+
+from tests.support import ServerProcess, free_port, start_server, wait_until
 
 
 def free_range(count: int, host: str = "127.0.0.1", low: int = 20000, high: int = 32000) -> int:
@@ -47,6 +53,27 @@ async def async_wait(predicate: Callable[[], Awaitable[Any] | Any], deadline_s: 
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {deadline_s}s waiting for {message}")
         await asyncio.sleep(interval)
+
+
+def start_lone_node(workdir: Path) -> ServerProcess:
+    """A one-node Redis Cluster holding every slot, with no ``cluster-announce-ip``.
+
+    No peer ever told it its address, so it lists itself with an empty endpoint
+    (``["", port, id]`` in CLUSTER SLOTS, ``:port@cport`` in CLUSTER NODES).
+    """
+    node = start_server("redis", [
+        "--cluster-enabled", "yes", "--dir", str(workdir),
+        "--cluster-config-file", f"nodes-{uuid.uuid4().hex}.conf",
+        "--cluster-port", str(free_port())])
+    try:
+        with redis.Redis(port=node.port, socket_timeout=5, decode_responses=True) as r:
+            r.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+            wait_until(lambda: r.cluster("info").get("cluster_state") == "ok", 15, 0.05,
+                       "cluster_state:ok on the lone node")
+    except BaseException:
+        node.stop()
+        raise
+    return node
 
 
 def ad_reply(version: int, nodes: list[tuple[str, str, int]], form: str = "config") -> bytes:

@@ -29,11 +29,22 @@ from proxy.server import Server
 ROOT = Path(__file__).resolve().parent.parent
 
 
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now and never handed out before in this process: the kernel may give
+    the same ephemeral port to two binds in a row, and two listeners of one test would clash.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    for _ in range(100):
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no fresh ephemeral port in 100 tries")
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.02,
@@ -57,8 +68,17 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
+VALKEY_DIR = ROOT / ".cache" / "valkey" / "usr" / "bin"  # where scripts/valkey.sh puts it
+
+
+def valkey_server() -> str | None:
+    """valkey-server on PATH, else the one scripts/valkey.sh unpacked; None without one."""
+    found = shutil.which("valkey-server") or shutil.which("valkey-server", path=str(VALKEY_DIR))
+    return found
+
+
 def require_binary(name: str) -> str:
-    path = shutil.which(name)
+    path = shutil.which(name) if name != "valkey-server" else valkey_server()
     if path is None:
         raise RuntimeError(f"{name} is not installed; run scripts/test.sh, which installs it")
     return path
@@ -111,7 +131,8 @@ def _command(kind: str, port: int, extra: list[str], host: str) -> list[str]:
         user = ["-u", "root"] if os.geteuid() == 0 else []
         return [require_binary("memcached"), *user, "-l", host, "-p", str(port),
                 "-U", "0", "-m", "64", *extra]
-    return [require_binary("redis-server"), "--port", str(port), "--bind", host,
+    server = "valkey-server" if kind == "valkey" else "redis-server"
+    return [require_binary(server), "--port", str(port), "--bind", host,
             "--save", "", "--appendonly", "no", "--daemonize", "no", "--logfile", "",
             "--loglevel", "warning", *extra]
 

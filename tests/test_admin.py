@@ -15,6 +15,8 @@ import yaml
 from pymemcache.client.base import Client as MemcacheClient
 
 from proxy.admin import format_status
+from proxy.relay.choose import RelayKind, serving_relay
+from proxy.relay.engine import native_available
 from proxy.server import StopResult
 from tests.healthkit import (
     DOWN_WITHIN,
@@ -33,6 +35,7 @@ from tests.support import (
     CacheportProcess,
     ServerProcess,
     free_port,
+    make_config,
     run_cli,
     running_proxy,
     wait_until,
@@ -286,3 +289,37 @@ def test_cacheport_status_reads_the_admin_address_from_the_config(
     result = run_cli("status", "--admin", "nope:port")
     assert result.returncode == 2 and "--admin:" in result.stderr
 
+
+
+# -- which relay serves each listener: a pure choice, then /status and the start line -----
+
+
+def test_serving_relay_is_the_first_of_the_order_this_install_can_run() -> None:
+    plain = make_config([{"name": "t", "listen": "127.0.0.1:0", "upstream": "127.0.0.1:1",
+                          "protocol": "tcp"}]).listeners[0]
+    python = make_config([{"name": "p", "listen": "127.0.0.1:0", "upstream": "127.0.0.1:1",
+                           "relay": "python"}]).listeners[0]
+    everything = frozenset(RelayKind)
+    assert serving_relay(plain, everything) is RelayKind.ENGINE
+    assert serving_relay(plain, frozenset({RelayKind.SPLICE, RelayKind.BUFFERED})) \
+        is RelayKind.SPLICE  # built without a compiler
+    assert serving_relay(plain, frozenset({RelayKind.BUFFERED})) is RelayKind.BUFFERED
+    assert serving_relay(python, everything) is RelayKind.SPLICE
+    assert serving_relay(plain, everything, rewriting=True) is RelayKind.BUFFERED  # clusters
+
+
+def test_status_names_each_listeners_relay_and_the_endpoint_names_itself(
+        redis_server: ServerProcess) -> None:
+    listeners = [
+        {"name": "auto", "listen": "127.0.0.1:0", "upstream": redis_server.address},
+        {"name": "python", "listen": "127.0.0.1:0", "upstream": redis_server.address,
+         "relay": "python"},
+        {"name": "buffer", "listen": "127.0.0.1:0", "upstream": redis_server.address,
+         "relay": "python", "copy": "buffer"},
+    ]
+    with proxy_with_admin(listeners, defaults={"health": False}) as proxy:
+        relays = {lst["name"]: lst["relay"] for lst in status(proxy)["listeners"]}
+        code, headers, _body = http_get(proxy, "/healthz")
+    assert relays == {"auto": "engine" if native_available() else "splice",
+                      "python": "splice", "buffer": "buffered"}
+    assert code == 200 and headers["server"] == "cacheport/0.1.0"

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import http.server
 import signal
 import socket
+import subprocess
+import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,10 +19,12 @@ from tests.support import (
     ROOT,
     CacheportProcess,
     ServerProcess,
+    cacheport_env,
     free_port,
     make_config,
     port_open,
     run_cli,
+    wait_until,
 )
 
 BAD_MAPS = {
@@ -151,3 +157,110 @@ def test_loop_flag_selects_plain_asyncio(tmp_path: Path, redis_server: ServerPro
     finally:
         proc.stop()
     assert "on asyncio" in proc.log()
+
+
+# -- cacheport healthcheck: the container's HEALTHCHECK and Kubernetes exec probes ---------
+
+
+def test_healthcheck_asks_the_admin_endpoint_where_the_map_puts_it(
+        tmp_path: Path, redis_server: ServerProcess) -> None:
+    admin_port = free_port()
+    path = tmp_path / "cacheport.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        admin: {{listen: '0.0.0.0:{admin_port}'}}
+        listeners:
+          - {{name: rd, listen: '127.0.0.1:{free_port()}', upstream: '{redis_server.address}',
+              protocol: redis, health: off}}
+        """))
+    proc = CacheportProcess(path)
+    try:
+        proc.wait_serving()
+        result = run_cli("healthcheck", "-c", str(path))
+        assert result.returncode == 0, result.stderr
+        # bound to every address, asked on loopback
+        assert result.stdout == f"healthy: http://127.0.0.1:{admin_port}/healthz: 200 ok\n"
+        ready = run_cli("healthcheck", "--ready", "-c", str(path))
+        assert ready.returncode == 0 and "/readyz: 200 ready" in ready.stdout
+    finally:
+        proc.stop()
+    gone = run_cli("healthcheck", "-c", str(path))
+    assert gone.returncode == 1
+    assert (f"unhealthy: cannot reach the admin endpoint at http://127.0.0.1:{admin_port}"
+            f"/healthz: connection refused") in gone.stderr
+
+
+def test_healthcheck_fails_when_another_process_holds_the_admin_port() -> None:
+    """With host networking the port may be someone else's; their 200 says nothing."""
+
+    class Ok(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"ok\n")
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    with http.server.HTTPServer(("127.0.0.1", 0), Ok) as other:
+        thread = threading.Thread(target=other.serve_forever, daemon=True)
+        thread.start()
+        try:
+            result = run_cli("healthcheck", "--admin", f"127.0.0.1:{other.server_port}")
+        finally:
+            other.shutdown()
+            thread.join(5)
+    assert result.returncode == 1
+    assert "answered 200, but not as cacheport" in result.stderr
+    assert "another process holds the admin port" in result.stderr
+
+
+def test_healthcheck_under_admin_off_says_there_is_nothing_to_ask(tmp_path: Path) -> None:
+    path = tmp_path / "off.yaml"
+    path.write_text("admin: off\nlisteners:\n  - {name: rd, listen: '127.0.0.1:7001', "
+                    "upstream: '127.0.0.1:6379'}\n")
+    result = run_cli("healthcheck", "-c", str(path))
+    assert result.returncode == 0
+    assert "admin: off, so there is no endpoint to ask" in result.stdout
+
+
+def test_healthcheck_reports_a_bad_map_as_unhealthy_never_exit_2(tmp_path: Path) -> None:
+    """Docker reserves exit status 2 of a health check."""
+    path = tmp_path / "bad.yaml"
+    path.write_text("listeners: [\n")
+    result = run_cli("healthcheck", "-c", str(path))
+    assert result.returncode == 1 and "unhealthy:" in result.stderr and "invalid YAML" in (
+        result.stderr)
+    assert run_cli("healthcheck").returncode == 2  # no map and no --admin: a usage error
+
+
+# -- the relay each listener is served by, named at start ---------------------------------
+
+
+def test_start_line_names_each_listeners_relay_and_a_missing_engine_is_logged(
+        tmp_path: Path, redis_server: ServerProcess) -> None:
+    """As an install built without a C compiler: the engine cannot be imported."""
+    port = free_port()
+    path = tmp_path / "noengine.yaml"
+    path.write_text(f"admin: off\nlisteners:\n  - {{name: rd, listen: '127.0.0.1:{port}', "
+                    f"upstream: '{redis_server.address}', protocol: redis, health: off}}\n")
+    without_engine = ("import sys; sys.modules['proxy.relay._engine'] = None; "
+                      "from proxy.cli import main; sys.exit(main(sys.argv[1:]))")
+    log_path = tmp_path / "noengine.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-c", without_engine, "run", "-c", str(path)],
+                                stdout=log_file, stderr=subprocess.STDOUT, env=cacheport_env(),
+                                cwd=ROOT)
+        try:
+            wait_until(lambda: "cacheport serving" in log_path.read_text(), 15, 0.05,
+                       "cacheport to start serving")
+            r = redis.Redis(port=port, socket_timeout=5)
+            assert r.ping()
+            r.close()
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    log = log_path.read_text()
+    assert (f"listener rd 127.0.0.1:{port} -> {redis_server.address} (redis) started; relay "
+            "splice (the native engine is not built on this install)") in log
+    assert "WARNING cacheport.server: the native relay engine is not built on this install" in log
+    assert "1 listener(s) use the Python relays" in log

@@ -79,7 +79,7 @@ def test_a_map_with_only_clusters_is_valid_and_state_dir_is_relative(tmp_path: P
 
 @pytest.mark.parametrize(("snippet", "expected"), [
     ("engine: redis", "cacheport.yaml:4: cluster 'c': field 'engine': expected one of "
-                      "redis-cluster, memcached, got 'redis'"),
+                      "redis-cluster, redis-replication, memcached, got 'redis'"),
     ("ports: 6399-6380", "field 'ports': range '6399-6380' ends before it starts"),
     ("ports: 1-2000", "has 2000 ports; at most 1024"),
     ("ports: 6380-70000", "port 70000 in '6380-70000' is out of range"),

@@ -1,5 +1,6 @@
 """Redis Cluster listeners in-process, against a real 3-master cluster on loopback:
-status, the CLUSTER SLOTS fallback, unmapped nodes, backpressure, and reload.
+status, the CLUSTER SLOTS fallback, unmapped nodes, backpressure, and reload; and against
+a lone node that does not know its own address, with real redis-py and redis-cli clients.
 
 (The namespaced end-to-end run with a real client is test_cluster_redis_netns.py.)
 """
@@ -17,8 +18,10 @@ from typing import Any
 import pytest
 import redis
 
+from proxy.cluster.discovery import discover_redis_at
 from proxy.cluster.manager import ClusterManager
-from tests.cluster_helpers import free_range
+from proxy.config import Address
+from tests.cluster_helpers import free_range, start_lone_node
 from tests.support import (
     ProxyThread,
     ServerProcess,
@@ -346,3 +349,160 @@ def test_discovery_authenticates_with_the_cluster_health_credentials(
         for a in admins:
             a.close()
     assert all(password not in r.getMessage() for r in caplog.records)
+
+
+# --------------------------------------------------------------------------- blank endpoints
+
+
+@pytest.fixture(scope="module")
+def lone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One node holding every slot, no cluster-announce-ip: it lists itself without a host."""
+    node = start_lone_node(tmp_path_factory.mktemp("lone"))
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+def recording_connection(dialled: list[tuple[str, int]]) -> type[redis.Connection]:
+    """A redis-py connection class that notes every address it dials."""
+
+    class Recording(redis.Connection):
+        def _connect(self) -> socket.socket:
+            dialled.append((self.host, self.port))
+            sock: socket.socket = super()._connect()
+            return sock
+
+    return Recording
+
+
+def check_redis_py_only_dials(proxy: ProxyThread, nodes: list[ServerProcess]) -> None:
+    """redis-py's RedisCluster through the seed port: it must learn, dial and keep only
+    cacheport's ports, and no node may see one of its sockets as a client."""
+    st = status(proxy)
+    node_ports = {n["port"] for n in st["nodes"]}
+    ours = node_ports | {st["seed_port"]}
+    dialled: list[tuple[str, int]] = []
+    rc = redis.RedisCluster(host=HOST, port=st["seed_port"], socket_timeout=5,
+                            decode_responses=True,
+                            connection_class=recording_connection(dialled))
+    try:
+        keys = [f"blank-{i}" for i in range(100)]
+        for k in keys:
+            rc.set(k, k)
+        assert [rc.get(k) for k in keys] == keys
+        assert {(n.host, n.port) for n in rc.get_nodes()} == {(HOST, p) for p in node_ports}
+        assert dialled and {h for h, _ in dialled} == {HOST}
+        assert {p for _, p in dialled} <= ours, "redis-py dialled a node port directly"
+        sockets = [c._sock for n in rc.get_nodes()
+                   for c in (*n.redis_connection.connection_pool._available_connections,
+                             *n.redis_connection.connection_pool._in_use_connections)
+                   if c._sock is not None]
+        assert sockets and all(s.getpeername()[1] in ours for s in sockets)
+        local = {"{}:{}".format(*s.getsockname()[:2]) for s in sockets}
+        for n in nodes:
+            with redis.Redis(port=n.port, socket_timeout=5) as admin:
+                clients = {c["addr"] for c in admin.client_list()}
+            assert not clients & local, "a node has a redis-py socket as a direct client"
+    finally:
+        rc.close()
+
+
+async def test_discovery_addresses_a_node_without_an_address_where_it_was_asked(
+        lone: ServerProcess) -> None:
+    found = await discover_redis_at(Address(HOST, lone.port), None)
+    (node,) = found.nodes
+    assert node.address == Address(HOST, lone.port)
+    assert node.endpoints == ((HOST, lone.port),)
+    assert node.identity == redis.Redis(port=lone.port).execute_command("CLUSTER", "MYID").decode()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("endpoint_type", ["ip", "unknown-endpoint", "hostname"])
+def test_redis_py_reaches_a_node_without_an_address_only_through_cacheport(
+        lone: ServerProcess, tmp_path: Path, endpoint_type: str) -> None:
+    """The lone node says "" (or NULL, or "?") with its own port in CLUSTER SLOTS; redis-py
+    would read that as "the seed's host, this port" and dial the node around cacheport."""
+    admin = redis.Redis(port=lone.port, socket_timeout=5)
+    admin.config_set("cluster-preferred-endpoint-type", endpoint_type)
+    proxy = proxy_for([lone], tmp_path)
+    try:
+        (node,) = status(proxy)["nodes"]
+        assert node["address"] == f"{HOST}:{lone.port}" and node["listening"]
+        slots = redis.Redis(port=node["port"], socket_timeout=5).execute_command(
+            "CLUSTER", "SLOTS")
+        assert slots[0][2][:2] == [HOST.encode(), node["port"]]
+        check_redis_py_only_dials(proxy, [lone])
+    finally:
+        proxy.stop()
+        admin.config_set("cluster-preferred-endpoint-type", "ip")
+        admin.close()
+
+
+def redis_cli(port: int, *args: str) -> str:
+    result = subprocess.run([require_binary("redis-cli"), "-c", "-h", HOST, "-p", str(port),
+                             *args], capture_output=True, text=True, timeout=10, check=True)
+    return result.stdout
+
+
+def test_redis_cli_sees_a_node_without_an_address_at_its_cacheport_port(
+        lone: ServerProcess, tmp_path: Path) -> None:
+    proxy = proxy_for([lone], tmp_path)
+    try:
+        st = status(proxy)
+        (node,) = st["nodes"]
+        text = redis_cli(st["seed_port"], "CLUSTER", "NODES")
+        assert f" {HOST}:{node['port']}@" in text and f":{lone.port}@" not in text
+        slots = redis_cli(st["seed_port"], "CLUSTER", "SLOTS").split()
+        assert HOST in slots and str(node["port"]) in slots and str(lone.port) not in slots
+        assert redis_cli(st["seed_port"], "SET", "lone-cli", "v").strip() == "OK"
+        assert redis_cli(node["port"], "GET", "lone-cli").strip() == "v"
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("endpoint_type", ["ip", "unknown-endpoint", "hostname"])
+def test_redis_py_through_a_three_node_cluster_dials_only_cacheport(
+        masters: list[ServerProcess], tmp_path: Path, endpoint_type: str) -> None:
+    """NULL and "?" entries of every node (unknown-endpoint, hostname without hostnames)."""
+    admins = [redis.Redis(port=m.port, socket_timeout=5) for m in masters]
+    proxy = proxy_for(masters, tmp_path)
+    try:
+        for a in admins:
+            a.config_set("cluster-preferred-endpoint-type", endpoint_type)
+        check_redis_py_only_dials(proxy, masters)
+    finally:
+        proxy.stop()
+        for a in admins:
+            a.config_set("cluster-preferred-endpoint-type", "ip")
+            a.close()
+
+
+@pytest.mark.parametrize("endpoint_type", ["ip", "unknown-endpoint"])
+def test_redis_cli_follows_redirects_to_cacheport_ports(
+        masters: list[ServerProcess], tmp_path: Path, endpoint_type: str) -> None:
+    admins = [redis.Redis(port=m.port, socket_timeout=5) for m in masters]
+    proxy = proxy_for(masters, tmp_path)
+    try:
+        for a in admins:
+            a.config_set("cluster-preferred-endpoint-type", endpoint_type)
+        st = status(proxy)
+        seed_node = f"{HOST}:{masters[0].port}"
+        for owner in st["nodes"]:
+            _, key = _key_in_slot_of(owner)
+            listener = proxy.server.listeners[f"rc:{owner['port']}"]
+            before = proxy.call(lambda listener=listener: listener.stats.accepted)
+            # redis-cli prints no "-> Redirected" line when not interactive: the owner's
+            # listener counts the connection it followed the redirect with.
+            assert redis_cli(st["seed_port"], "SET", key, "via-cli").strip() == "OK"
+            after = proxy.call(lambda listener=listener: listener.stats.accepted)
+            assert after == before + (owner["address"] != seed_node)
+            direct = next(a for a, m in zip(admins, masters, strict=True)
+                          if owner["address"] == f"{HOST}:{m.port}")
+            assert direct.get(key) == b"via-cli"
+    finally:
+        proxy.stop()
+        for a in admins:
+            a.config_set("cluster-preferred-endpoint-type", "ip")
+            a.close()

@@ -91,6 +91,7 @@ LAYERS: dict[str, int] = {
     "proxy.health.state": 0,
     "proxy.health.wire": 0,
     "proxy.cluster.ports": 0,
+    "proxy.cluster.replication": 0,
     "proxy.relay": 0,  # the package's __init__, pipes, buffered
     "proxy.tls": 1,
     "proxy.resolver": 1,
@@ -98,6 +99,7 @@ LAYERS: dict[str, int] = {
     "proxy.metrics": 1,
     "proxy.fleet": 1,
     "proxy.iptables": 1,
+    "proxy.aws": 2,  # its render reuses iptables' YAML helpers
     "proxy.health.checks": 1,
     "proxy.health.prober": 1,
     "proxy.relay.choose": 1,

@@ -40,6 +40,7 @@ from proxy.protocols.redis_cluster import (
     topology_from_nodes,
 )
 from proxy.protocols.resp import Framer, Reader, parse_one
+from tests.cluster_helpers import start_lone_node
 from tests.support import ServerProcess, free_port, require_binary, start_server, wait_until
 from tests.test_protocols_helpers import RawConnection, command, splits
 
@@ -166,8 +167,10 @@ def _record(port: int, *steps: tuple[bytes, int]) -> tuple[bytes, bytes]:
 
 
 def _rewrite(sent: bytes, received: bytes, mapper: Callable[[str, int], tuple[str, int] | None],
-             upstream: int, rng: random.Random | None = None) -> tuple[bytes, ClusterRewriter]:
-    rw = ClusterRewriter(mapper, (HOST, upstream))
+             upstream: int, rng: random.Random | None = None,
+             by_id: Callable[[str], tuple[str, int] | None] | None = None,
+             ) -> tuple[bytes, ClusterRewriter]:
+    rw = ClusterRewriter(mapper, (HOST, upstream), by_id=by_id)
     assert rw.feed_request(sent) is sent
     if rng is None:
         return bytes(rw.feed_reply(received)), rw
@@ -186,12 +189,13 @@ def _frames(stream: bytes) -> list[bytes]:
 
 
 def _same_whole_and_split(sent: bytes, received: bytes, mapper: Callable[[str, int], tuple[
-        str, int] | None], upstream: int) -> bytes:
-    whole, rw = _rewrite(sent, received, mapper, upstream)
+        str, int] | None], upstream: int,
+        by_id: Callable[[str], tuple[str, int] | None] | None = None) -> bytes:
+    whole, rw = _rewrite(sent, received, mapper, upstream, by_id=by_id)
     assert not rw.conversation.pending and rw.request_error is None
     rng = random.Random(11)
     for _ in range(25):
-        assert _rewrite(sent, received, mapper, upstream, rng)[0] == whole
+        assert _rewrite(sent, received, mapper, upstream, rng, by_id)[0] == whole
     return whole
 
 
@@ -450,6 +454,142 @@ def test_real_blocking_command_and_large_value_pass_through(cluster: Cluster) ->
     assert all(o is c for o, c in zip(out[1:-1], chunks[1:-1], strict=True))
     assert b"".join(out[:-1]) == b"".join(chunks[:-1])
     assert ANNOUNCE.encode() in out[-1]
+
+
+# --------------------------------------------------------------------------- blank endpoints
+
+
+@pytest.fixture(scope="module")
+def lone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A one-node cluster without cluster-announce-ip: it lists itself with an empty host."""
+    node = start_lone_node(tmp_path_factory.mktemp("lone"))
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+# cluster-preferred-endpoint-type -> the endpoint a node that does not know its own address
+# gives in CLUSTER SLOTS (RESP2, RESP3) and CLUSTER SHARDS.
+_BLANK = {"ip": (b"", b"", b""), "unknown-endpoint": (None, None, b""),
+          "hostname": (b"?", b"?", b"?")}
+
+
+def _record_lone(lone: ServerProcess, endpoint_type: str, resp3: bool) -> tuple[bytes, bytes]:
+    admin = redis.Redis(host=HOST, port=lone.port, socket_timeout=5)
+    admin.config_set("cluster-preferred-endpoint-type", endpoint_type)
+    try:
+        hello = [(command("HELLO", 3), 1)] if resp3 else []
+        return _record(lone.port, *hello, (
+            command("CLUSTER", "SHARDS") + command("CLUSTER", "SLOTS")
+            + command("CLUSTER", "NODES") + command("CLUSTER", "MYID"), 4))
+    finally:
+        admin.config_set("cluster-preferred-endpoint-type", "ip")
+        admin.close()
+
+
+@pytest.mark.parametrize("endpoint_type", list(_BLANK))
+@pytest.mark.parametrize("resp3", [False, True], ids=["resp2", "resp3"])
+def test_real_blank_endpoints_are_mapped_by_node_id(lone: ServerProcess, endpoint_type: str,
+                                                    resp3: bool) -> None:
+    """A lone node without cluster-announce-ip: its SLOTS, SHARDS and NODES entries name no
+    host, and must leave with the announced address and mapped port, never its own port."""
+    sent, received = _record_lone(lone, endpoint_type, resp3)
+    before = _frames(received)[1 if resp3 else 0:]
+    node_id = (parse_one(before[3]).bytes_value or b"").decode()
+    slots_blank, _, shards_blank = _BLANK[endpoint_type]
+    # What the node really says: no host anywhere, only its own port and its id.
+    (entry,) = parse_one(before[1]).items[0].items[2:]
+    assert entry.items[0].value == slots_blank and entry.items[2].value == node_id.encode()
+    assert (b"\r\n$%d\r\n%s\r\n" % (len(shards_blank), shards_blank)) in before[0]
+    assert b"%s :%d@" % (node_id.encode(), lone.port) in before[2]
+    ids = {node_id: (ANNOUNCE, 41000)}
+    whole = _same_whole_and_split(sent, received, lambda h, p: None, lone.port, ids.get)
+    out = _frames(whole)[1 if resp3 else 0:]
+    for i, cmd in enumerate(["shards", "slots", "nodes"]):
+        topo = parse_topology(out[i], cmd, "unused")  # type: ignore[arg-type]
+        assert _endpoints(topo) == {(ANNOUNCE, 41000)}
+        assert [n.node_id for n in topo.nodes] == [node_id]
+        assert b"%d" % lone.port not in out[i]
+    assert out[3] == before[3]  # CLUSTER MYID
+
+
+@pytest.mark.parametrize("endpoint_type", list(_BLANK))
+def test_real_blank_endpoint_without_an_id_map_is_the_node_this_connection_reached(
+        lone: ServerProcess, endpoint_type: str) -> None:
+    """A mapper that knows only the address cacheport dials: that is the node that lists
+    itself without a host (a node learns every peer's address from the peer's connection)."""
+    sent, received = _record_lone(lone, endpoint_type, resp3=False)
+    table = {(HOST, lone.port): (ANNOUNCE, 41000)}
+    out = _frames(_same_whole_and_split(sent, received, lambda h, p: table.get((h, p)),
+                                        lone.port))
+    for i, cmd in enumerate(["shards", "slots", "nodes"]):
+        topo = parse_topology(out[i], cmd, "unused")  # type: ignore[arg-type]
+        assert _endpoints(topo) == {(ANNOUNCE, 41000)}
+
+
+def _slots_node(endpoint: bytes | None, port: int, node_id: bytes, ip: bytes = b"",
+                resp3: bool = False) -> bytes:
+    head = (b"_\r\n" if resp3 else b"$-1\r\n") if endpoint is None else (
+        b"$%d\r\n%s\r\n" % (len(endpoint), endpoint))
+    meta = (b"%1\r\n" if resp3 else b"*2\r\n") + b"$2\r\nip\r\n$%d\r\n%s\r\n" % (len(ip), ip)
+    return b"*4\r\n%s:%d\r\n$%d\r\n%s\r\n%s" % (head, port, len(node_id), node_id, meta)
+
+
+@pytest.mark.parametrize("endpoint", [b"", None, b"?"], ids=["empty", "null", "question"])
+@pytest.mark.parametrize("resp3", [False, True], ids=["resp2", "resp3"])
+def test_blank_slots_entries_of_two_nodes_on_one_port_go_by_id(endpoint: bytes | None,
+                                                               resp3: bool) -> None:
+    """Two nodes on different hosts, both on 6379, neither with a host in the entry: only the
+    id tells them apart (the port alone would send both clients to one node)."""
+    reply = (b"*2\r\n*3\r\n:0\r\n:8191\r\n" + _slots_node(endpoint, 6379, b"aaa", resp3=resp3)
+             + b"*3\r\n:8192\r\n:16383\r\n" + _slots_node(endpoint, 6379, b"bbb", resp3=resp3))
+    ids = {"aaa": ("nat", 7001), "bbb": ("nat", 7002)}
+    rw = ClusterRewriter(lambda h, p: ("nat", 7001) if (h, p) == ("10.0.0.5", 6379) else None,
+                         ("10.0.0.5", 6379), by_id=ids.get)
+    rw.feed_request(command("CLUSTER", "SLOTS"))
+    topo = parse_topology(rw.feed_reply(reply), "slots", "unused")
+    assert {(n.node_id, n.host, n.port) for n in topo.nodes} == {
+        ("aaa", "nat", 7001), ("bbb", "nat", 7002)}
+    assert not rw.unmapped
+
+
+@pytest.mark.parametrize("endpoint", [b"", b"?"], ids=["empty", "question"])
+@pytest.mark.parametrize("resp3", [False, True], ids=["resp2", "resp3"])
+def test_blank_shards_entry_maps_port_and_tls_port_by_id(endpoint: bytes, resp3: bool) -> None:
+    pairs = [(b"id", b"$3\r\nccc\r\n"), (b"port", b":6379\r\n"), (b"tls-port", b":6380\r\n"),
+             (b"ip", b"$0\r\n\r\n"),
+             (b"endpoint", b"$%d\r\n%s\r\n" % (len(endpoint), endpoint)),
+             (b"role", b"$6\r\nmaster\r\n"), (b"health", b"$6\r\nonline\r\n")]
+    node = (b"%%%d\r\n" % len(pairs) if resp3 else b"*%d\r\n" % (2 * len(pairs))) + b"".join(
+        b"$%d\r\n%s\r\n%s" % (len(k), k, v) for k, v in pairs)
+    shard = (b"%2\r\n" if resp3 else b"*4\r\n") + (
+        b"$5\r\nslots\r\n*2\r\n:0\r\n:16383\r\n$5\r\nnodes\r\n*1\r\n" + node)
+    rw = ClusterRewriter(lambda h, p: None, ("10.0.0.5", 6379),
+                         by_id={"ccc": ("nat", 7003)}.get)
+    rw.feed_request(command("CLUSTER", "SHARDS"))
+    (n,) = parse_topology(rw.feed_reply(b"*1\r\n" + shard), "shards", "unused").nodes
+    assert (n.host, n.port, n.tls_port, n.ip) == ("nat", 7003, 7003, "nat")
+
+
+def test_empty_ip_nodes_line_maps_by_the_id_column() -> None:
+    remap = Remapper(lambda h, p: None, ("10.0.0.5", 6379), by_id={"07c3": ("nat", 7004)}.get)
+    line = b"07c3 :6379@16379,,tls-port=6390 myself,master - 0 0 0 connected 0-16383"
+    assert rewrite_node_line(line, remap) == (
+        b"07c3 nat:7004@16379,,tls-port=7004 myself,master - 0 0 0 connected 0-16383")
+    assert not remap.unmapped
+
+
+def test_blank_entry_of_an_unknown_node_is_reported_and_left() -> None:
+    """The id is not mapped yet (a node cacheport has not discovered): the refresh it asks for
+    gives it a port; until then the entry stays as the node wrote it."""
+    seen: list[tuple[str, int]] = []
+    rw = ClusterRewriter(lambda h, p: None, ("10.0.0.5", 6379), by_id=lambda i: None,
+                         on_unmapped=lambda h, p: seen.append((h, p)))
+    rw.feed_request(command("CLUSTER", "SLOTS"))
+    reply = b"*1\r\n*3\r\n:0\r\n:16383\r\n" + _slots_node(b"", 6379, b"ddd")
+    assert rw.feed_reply(reply) == reply
+    assert seen == [("10.0.0.5", 6379)]
 
 
 # --------------------------------------------------------------------------- end to end

@@ -4,11 +4,15 @@
 
     cacheport --CLUSTER SHARDS (else CLUSTER SLOTS)----------------------> seed / a known node
     cacheport --config get cluster (else get AmazonElastiCache:cluster)--> configuration endpoint
+    cacheport --ROLE (a replica: then ROLE at its master; then ROLE at each replica)--> seed
 
 Redis: CLUSTER SHARDS (7.0+) lists every node with its role and health, including
 masters without slots and failed nodes; older servers (or an ACL that denies it) get
 CLUSTER SLOTS, which lists only nodes serving slots. Memcached: ``config get cluster``
-(engine 1.4.14+), else ``get AmazonElastiCache:cluster``. Parsing is the sans-IO code
+(engine 1.4.14+), else ``get AmazonElastiCache:cluster``. A replication group (cluster
+mode disabled): ROLE at the seed, followed to the master, whose reply lists its
+connected replicas; each replica is then asked ROLE too, and one that does not answer
+or whose link to the master is not ``connected`` is reported ``failed``. Parsing is the sans-IO code
 in ``proxy.protocols``; this module only moves the bytes, each step under a deadline.
 """
 
@@ -22,6 +26,7 @@ from dataclasses import dataclass, field
 from ..config import Address, Secret, UpstreamTlsConfig
 from ..protocols.memcache import AutoDiscoveryError, parse_config_reply
 from ..protocols.redis_cluster import ClusterNode, TopologyError, parse_topology
+from ..protocols.redis_role import Role, RoleError, parse_role
 from ..protocols.resp import ProtocolError, Reader
 from ..tls import client_context
 
@@ -141,23 +146,94 @@ def _node_of(n: ClusterNode, tls: bool) -> Node | None:
     )
 
 
+async def _authenticate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        address: Address, auth: Auth | None) -> None:
+    if auth is None:
+        return
+    username, password = auth
+    words = [b"AUTH", *([username.encode()] if username else []), password.reveal().encode()]
+    answer = await _resp_call(reader, writer, _command(*words))
+    if answer[:1] == b"-":
+        # The server's words, never the password: "WRONGPASS invalid username-...".
+        reason = answer[1:].decode("utf-8", "replace").strip().split(" ", 1)[0]
+        raise DiscoveryError(f"{address}: auth failed ({reason})")
+
+
+async def _role_at(address: Address, tls: UpstreamTlsConfig | None, server_name: str | None,
+                   auth: Auth | None) -> tuple[Role, str]:
+    """ROLE at ``address``, and the IP that really answered (the node's identity)."""
+    reader, writer = await _open(address, tls, server_name)
+    try:
+        peer = writer.get_extra_info("peername")
+        here = str(peer[0]) if peer else address.host
+        await _authenticate(reader, writer, address, auth)
+        raw = await _resp_call(reader, writer, _command(b"ROLE"))
+        if raw.startswith(b"-NOAUTH"):
+            raise DiscoveryError(f"{address} wants AUTH; give the cluster a health: block with "
+                                 "username and password (or password_env / password_file)")
+        try:
+            return parse_role(raw), here
+        except RoleError as exc:
+            raise DiscoveryError(f"{address}: {exc}") from None
+    finally:
+        await _close(writer)
+
+
+async def discover_replication_at(address: Address, tls: UpstreamTlsConfig | None,
+                                  server_name: str | None = None, auth: Auth | None = None,
+                                  each: float = 2.0) -> Discovery:
+    """The master (following a replica's ROLE once) and its replicas, each probed.
+
+    Identities are ``ip:port`` as the master's connection saw them, so the name the seed
+    was given (a DNS name that moves on failover) never keys a port.
+    """
+    role, ip = await _role_at(address, tls, server_name, auth)
+    queried = str(address)
+    if not role.is_master:
+        if role.master is None:
+            raise DiscoveryError(f"{address} is a {role.role}, not a Redis primary or replica")
+        master = Address(*role.master)
+        role, ip = await _role_at(master, tls, server_name, auth)
+        queried = f"{address} -> {master}"
+        if not role.is_master:
+            raise DiscoveryError(f"{master}, the master of {address}, says it is a "
+                                 f"{role.role} (chained replication is not followed)")
+        address = master
+    primary = Address(ip, address.port)
+    master_id = str(primary)
+
+    async def probe(host: str, port: int) -> str:
+        try:
+            async with asyncio.timeout(each):
+                seen, _ = await _role_at(Address(host, port), tls, server_name, auth)
+        except (TimeoutError, DiscoveryError):
+            return "failed"
+        if seen.role != "slave" or seen.link != "connected":
+            return "failed"  # not (yet) in sync, or replicating from elsewhere
+        return "online"
+
+    healths = await asyncio.gather(*(probe(h, p) for h, p in role.replicas))
+    nodes = [Node(identity=master_id, address=primary, role="master",
+                  endpoints=((primary.host, primary.port),))]
+    for (host, port), health in zip(role.replicas, healths, strict=True):
+        nodes.append(Node(identity=f"{Address(host, port)}", address=Address(host, port),
+                          role="replica", health=health, endpoints=((host, port),)))
+    return Discovery(tuple(nodes), "ROLE", queried)
+
+
 async def discover_redis_at(address: Address, tls: UpstreamTlsConfig | None,
                             server_name: str | None = None, auth: Auth | None = None
                             ) -> Discovery:
     """CLUSTER SHARDS at ``address``, falling back to CLUSTER SLOTS on an error reply."""
     reader, writer = await _open(address, tls, server_name)
     try:
+        # An entry that names no host ("", NULL or "?", and no ip) is the node this
+        # connection reached: a lone node without cluster-announce-ip does not know its own
+        # address, but a node learns every peer's address from the peer's connection, so
+        # only its own can be unknown. Dial it where it answered.
         peer = writer.get_extra_info("peername")
         here = str(peer[0]) if peer else address.host
-        if auth is not None:
-            username, password = auth
-            words = [b"AUTH", *([username.encode()] if username else []),
-                     password.reveal().encode()]
-            answer = await _resp_call(reader, writer, _command(*words))
-            if answer[:1] == b"-":
-                # The server's words, never the password: "WRONGPASS invalid username-...".
-                reason = answer[1:].decode("utf-8", "replace").strip().split(" ", 1)[0]
-                raise DiscoveryError(f"{address}: auth failed ({reason})")
+        await _authenticate(reader, writer, address, auth)
         errors = []
         for source in ("shards", "slots"):
             raw = await _resp_call(reader, writer, _command(b"CLUSTER", source.upper().encode()))
@@ -257,6 +333,8 @@ async def discover(engine: str, candidates: Sequence[Address], tls: UpstreamTlsC
             async with asyncio.timeout(each):
                 if engine == "redis-cluster":
                     return await discover_redis_at(address, tls, name, auth)
+                if engine == "redis-replication":
+                    return await discover_replication_at(address, tls, name, auth, each / 2)
                 return await discover_memcached_at(address, tls, name)
         except TimeoutError:
             errors.append(f"{address}: no answer within {each:g}s")

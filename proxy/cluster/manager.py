@@ -12,6 +12,13 @@
 
     client --> listener <cluster>:<port> --> RewritingRelay(rewriter) --> that node
 
+A replication group (``redis-replication``, cluster mode disabled) needs no rewriting:
+its listeners keep the plain relays (the native engine where built), and it adds two
+role listeners whose upstream follows the topology (``replication.py`` decides)::
+
+    client --> <cluster>:primary --> the current master (retargeted on failover)
+    client --> <cluster>:reader  --> least-connections healthy replica, else the master
+
 The manager does no socket work itself beyond discovery: the listener host (the
 ``Server``) binds, starts and drains listeners. Mappers read plain dicts that a refresh
 replaces whole, so relays never see a half-updated table.
@@ -28,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..config import Address, ClusterConfig, ListenerConfig
+from ..config import Address, ClusterConfig, ListenerConfig, UpstreamTlsConfig
 from ..listener import BindError, Listener, RelayFactory
 from ..protocols.memcache import AutoDiscoveryNode, AutoDiscoveryRewriter, announce_mapper
 from ..protocols.redis_cluster import ClusterRewriter
@@ -37,6 +44,7 @@ from ..tls import TlsError
 from .discovery import Discovery, DiscoveryError, Node, discover
 from .ports import PortBook, PortChanges, StateError, StateFile
 from .relay import Feed, RewritingRelay
+from .replication import choose_reader, failed_over
 
 log = logging.getLogger("cacheport.cluster")
 
@@ -69,6 +77,7 @@ class ClusterStats:
     protocol_errors: int = 0  # connections closed because a peer broke the protocol
     listeners_added: int = 0
     listeners_removed: int = 0
+    failovers: int = 0  # redis-replication: times the primary moved to another node
 
 
 class ClusterManager:
@@ -88,6 +97,7 @@ class ClusterManager:
         self.last_refresh: float | None = None  # wall clock of the last successful refresh
         self._owned: dict[str, ListenerConfig] = {}  # listener name -> its config
         self._redis_map: dict[tuple[str, int], tuple[str, int]] = {}
+        self._redis_ids: dict[str, tuple[str, int]] = {}  # node id -> (announce, its port)
         self._mc_ports: dict[str, int] = {}
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -107,6 +117,21 @@ class ClusterManager:
         Config names never contain ':', so these never clash with the port map's own.
         """
         return f"{self.name}:{port}" if port is not None else f"{self.name}:seed"
+
+    def role_listener_name(self, role: str) -> str:
+        """``<cluster>:primary`` / ``<cluster>:reader``: a replication group's role ports."""
+        return f"{self.name}:{role}"
+
+    @property
+    def primary(self) -> Node | None:
+        """redis-replication: the node discovery last found to be master."""
+        return next((n for n in self.nodes.values() if n.role == "master"), None)
+
+    def healthy_replicas(self) -> list[Address]:
+        """redis-replication: replicas in sync with the master, in port order."""
+        found = [(self.book.port_of(i) or 0, n.address) for i, n in self.nodes.items()
+                 if n.role == "replica" and n.health == "online"]
+        return [address for _, address in sorted(found)]
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -198,6 +223,7 @@ class ClusterManager:
             return True
 
     def _apply(self, nodes: list[Node]) -> None:
+        old_primary = self.primary
         by_id = {n.identity: n for n in nodes}
         unconfirmed = set(self._reserved) - set(by_id)
         changes = self._assign(list(by_id))
@@ -224,6 +250,15 @@ class ClusterManager:
                           ", ".join(changes.unassigned))
         self._logged_unassigned = changes.unassigned
         self._reconcile()
+        new_primary = self.primary
+        if old_primary is not None and new_primary is not None and \
+                failed_over(old_primary.address, new_primary.address):
+            self.stats.failovers += 1
+            log.warning("cluster %s: the primary is now %s (was %s)", self.name,
+                        new_primary.address, old_primary.address)
+            listener = self.host.listeners.get(self.role_listener_name("primary"))
+            if listener is not None and self.config.close_on_failover:
+                listener.close_upstream_connections(old_primary.address)
 
     def _assign(self, identities: list[str]) -> PortChanges:
         """Assign ports, through the state file when there is one (other workers share it).
@@ -315,18 +350,36 @@ class ClusterManager:
             name = self.listener_name(None)
             out[name] = (dataclasses.replace(template, name=name,
                                              listen=Address(host, self.config.seed_port)), None)
+        primary = self.primary
+        for role, port in (("primary", self.config.primary_port),
+                           ("reader", self.config.reader_port)):
+            if port is None or primary is None:
+                continue  # no master known yet: nothing to forward to
+            name = self.role_listener_name(role)
+            out[name] = (dataclasses.replace(
+                template, name=name, listen=Address(host, port), upstream=primary.address,
+                upstream_tls=self._node_tls(primary)), None)
         for identity, node in self.nodes.items():
             port = self.book.port_of(identity)
             if port is None:
                 continue
-            upstream_tls = template.upstream_tls
-            if upstream_tls is not None and upstream_tls.server_name is None and node.hostname:
-                upstream_tls = dataclasses.replace(upstream_tls, server_name=node.hostname)
             name = self.listener_name(port)
             out[name] = (dataclasses.replace(template, name=name, listen=Address(host, port),
                                              upstream=node.address,
-                                             upstream_tls=upstream_tls), identity)
+                                             upstream_tls=self._node_tls(node)), identity)
         return out
+
+    def _node_tls(self, node: Node) -> UpstreamTlsConfig | None:
+        """The node's name to verify: its hostname; a replication group's nodes are known
+        by IP only, so there the seed's DNS name (ElastiCache certificates are wildcards
+        over the group's names)."""
+        upstream_tls = self.config.template.upstream_tls
+        if upstream_tls is None or upstream_tls.server_name is not None:
+            return upstream_tls
+        name = node.hostname
+        if not name and self.config.engine == "redis-replication" and not self.config.seed.is_ip:
+            name = self.config.seed.host
+        return dataclasses.replace(upstream_tls, server_name=name) if name else upstream_tls
 
     def _reconcile(self) -> None:
         desired = self._desired()
@@ -345,11 +398,13 @@ class ClusterManager:
             if old is not None:
                 self._remove(name)
             try:
-                self.host.add_listener(lc, self._relay_factory(lc))
+                listener = self.host.add_listener(lc, self._relay_factory(lc))
             except (BindError, TlsError) as exc:
                 self.stats.bind_failures += 1
                 log.error("cluster %s: %s; will retry at the next refresh", self.name, exc)
                 continue
+            if name == self.role_listener_name("reader"):
+                listener.chooser = self._reader_chooser(listener)
             self.stats.listeners_added += 1
             self._owned[name] = lc
         self._rebuild_maps(desired)
@@ -364,6 +419,7 @@ class ClusterManager:
         """Only nodes whose listener is up are mapped; the rest count as unmapped."""
         announce = self.config.announce
         redis_map: dict[tuple[str, int], tuple[str, int]] = {}
+        redis_ids: dict[str, tuple[str, int]] = {}
         mc_ports: dict[str, int] = {}
         for name, (lc, identity) in desired.items():
             if identity is None or name not in self._owned:
@@ -372,8 +428,10 @@ class ClusterManager:
             target = (announce, lc.listen.port)
             for endpoint in (*node.endpoints, (node.address.host, node.address.port)):
                 redis_map[endpoint] = target
+            redis_ids[identity] = target
             mc_ports[identity] = lc.listen.port
         self._redis_map = redis_map
+        self._redis_ids = redis_ids
         self._mc_ports = mc_ports
 
     # -- relays -----------------------------------------------------------------------
@@ -381,6 +439,11 @@ class ClusterManager:
     def map_redis(self, host: str, port: int) -> tuple[str, int] | None:
         """Internal node endpoint -> ``(announce, its port)``; None if it has no listener."""
         return self._redis_map.get((host, port))
+
+    def map_redis_id(self, node_id: str) -> tuple[str, int] | None:
+        """Node id -> ``(announce, its port)``, for entries with a blank endpoint (a node that
+        does not know its own address lists itself as ``""``, NULL or ``?``)."""
+        return self._redis_ids.get(node_id)
 
     def _mc_port(self, entry: AutoDiscoveryNode) -> int | None:
         """The port for an auto-discovery entry; a node new to cacheport gets one reserved.
@@ -414,7 +477,24 @@ class ClusterManager:
     def _on_protocol_error(self, _who: str) -> None:
         self.stats.protocol_errors += 1
 
-    def _relay_factory(self, lc: ListenerConfig) -> RelayFactory:
+    def _reader_chooser(self, listener: Listener) -> Callable[[ListenerConfig], Address | None]:
+        """reader_port's upstream per connection: least connections over healthy replicas."""
+        turn = 0
+
+        def choose(config: ListenerConfig) -> Address | None:
+            nonlocal turn
+            turn += 1
+            counts: dict[Address, int] = {}
+            for address in listener.book.relays.values():
+                counts[address] = counts.get(address, 0) + 1
+            return choose_reader(self.healthy_replicas(), counts, config.upstream, turn)
+
+        return choose
+
+    def _relay_factory(self, lc: ListenerConfig) -> RelayFactory | None:
+        """None: the plain relays (native engine, splice); replication needs no rewriting."""
+        if self.config.engine == "redis-replication":
+            return None
         if self.config.engine == "memcached":
             mapper = announce_mapper(self.config.announce, self.config.announce_ip,
                                      self._mc_port)
@@ -431,7 +511,7 @@ class ClusterManager:
         def make_redis(pool: BufferPool, on_close: Callable[[Relay], None],
                        source: str) -> Relay:
             rw = ClusterRewriter(self.map_redis, upstream, on_unmapped=self._on_unmapped,
-                                 unmapped_redirect="tryagain")
+                                 unmapped_redirect="tryagain", by_id=self.map_redis_id)
             return RewritingRelay(pool, on_close, source, rw,
                                   feed_reply=self._watch_redirects(rw),
                                   on_upstream=self._upstream_setter(rw),
@@ -489,6 +569,9 @@ class ClusterManager:
             "seed": str(cfg.seed),
             "seed_port": cfg.seed_port,
             "seed_listening": seed_listener is not None and seed_listener.accepting,
+            "primary_port": cfg.primary_port,
+            "reader_port": cfg.reader_port,
+            "primary": str(self.primary.address) if self.primary is not None else None,
             "announce": cfg.announce,
             "ports": f"{cfg.ports[0]}-{cfg.ports[1]}",
             "source": self.discovery.source if self.discovery else None,

@@ -75,10 +75,26 @@ class RewritingSide(Side):
     def resume_writing(self) -> None:
         """Our transport drained: the peer side may read again."""
         peer = self.peer
+        relay = self.relay
         if peer is not None and isinstance(peer, RewritingSide) and peer.blocked:
             peer.blocked = False
-            if not peer.eof and not self.relay.closed:
+            if not peer.eof and not relay.closed and relay.dying is None:
                 peer.transport.resume_reading()  # type: ignore[union-attr]
+        if relay.dying is not None and relay.dying is peer:
+            relay.drain()
+
+    def pass_on(self, nbytes: int) -> None:
+        """The drain's chunk from this failed side: through the rewriter, to the peer."""
+        self.nbytes += nbytes
+        try:
+            out = self.feed(bytes(self.pool.scratch[:nbytes]))
+        except ValueError as exc:
+            relay = self.relay
+            assert isinstance(relay, RewritingRelay)
+            relay.protocol_error(self, exc)
+            return
+        if out:
+            self.peer.transport.write(out)  # type: ignore[union-attr]
 
 
 class _UpstreamSide(RewritingSide):

@@ -23,19 +23,44 @@ of it. Its transports turn every error into ``connection_lost``. (The splice
 path in proxy/splice.py watches raw sockets anyway, with a watchdog for this.)
 
 Half-close: EOF from one side becomes ``write_eof()`` (shutdown after the last
-pending byte) on the other; the relay closes once both directions are done.
-A reset or error on either side aborts both, sending an RST to the peer.
+pending byte) on the other; the relay closes once both directions are done. TLS
+has no half-close here: an upstream's EOF toward a TLS client closes the relay
+once the upstream's last bytes are sent.
+
+A reset or error on one side (``connection_lost`` with an exception) cuts the way
+into it; what it sent before is still in its socket, and ``Relay.lost`` reads it
+through a duplicate descriptor (the loop closes the transport's own right after
+``connection_lost``) and delivers it, then resets the other side once its send
+queue is empty -- within ``DRAIN_GRACE``. A failed TLS side cannot be read on:
+its remaining records died with its TLS state.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import os
 import socket
 import struct
+import termios
 from collections.abc import Callable
 from typing import cast
 
 _LINGER_RST = struct.pack("ii", 1, 0)
+# After one side fails, how long the bytes it sent before may take to reach the other
+# side before that side is reset anyway: a peer that stops reading must not keep a dead
+# connection (docs/hot-loop.md, "When a side fails").
+DRAIN_GRACE = 2.0
+SETTLE_TICK = 0.01  # how often a drained connection looks whether its send queue is empty
+
+
+def _unsent(fd: int) -> int:
+    """Bytes in a socket's send queue not yet acknowledged (SIOCOUTQ); 0 if unknown."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0])
+    except OSError:
+        return 0
 
 
 class BufferPool:
@@ -110,11 +135,23 @@ class Side(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         """Our transport drained: the peer side may read again."""
         peer = self.peer
+        relay = self.relay
         if peer is not None and peer.held is not None:
             self.pool.give_back(peer.held)
             peer.held = None
-            if not peer.eof and not self.relay.closed:
+            if not peer.eof and not relay.closed and relay.dying is None:
                 peer.transport.resume_reading()  # type: ignore[union-attr]
+        if relay.dying is not None and relay.dying is peer:
+            relay.drain()
+
+    def pass_on(self, nbytes: int) -> None:
+        """A chunk the drain read from this (failed) side's socket into the scratch
+        buffer: to the peer, as ``buffer_updated`` would, with no reading to pause."""
+        self.nbytes += nbytes
+        peer = self.peer.transport  # type: ignore[union-attr]
+        peer.write(self.pool.scratch[:nbytes])  # type: ignore[union-attr]
+        if peer.get_write_buffer_size():  # type: ignore[union-attr]
+            self.held = self.pool.take_scratch()
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -128,7 +165,7 @@ class Side(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:
-            self.relay.abort()
+            self.relay.lost(self)
         else:
             self.relay.close()
 
@@ -136,7 +173,8 @@ class Side(asyncio.BufferedProtocol):
 class Relay:
     """A client connection spliced to its upstream connection; owns both transports."""
 
-    __slots__ = ("client", "closed", "half_closed", "on_close", "source", "started", "upstream")
+    __slots__ = ("client", "closed", "drain_sock", "dying", "grace", "half_closed", "on_close",
+                 "settling", "source", "started", "upstream")
 
     def __init__(
         self, pool: BufferPool, on_close: Callable[[Relay], None], source: str = ""
@@ -150,6 +188,10 @@ class Relay:
         self.half_closed = 0
         self.closed = False
         self.started = False
+        self.dying: Side | None = None  # the side that failed (lost())
+        self.drain_sock: socket.socket | None = None  # a duplicate of its socket, to drain
+        self.grace: asyncio.TimerHandle | None = None
+        self.settling = False
 
     @property
     def bytes_upstream(self) -> int:
@@ -188,15 +230,94 @@ class Relay:
 
     def half_close(self, side: Side) -> None:
         """``side`` read EOF: shut the peer's write side once its pending bytes are sent."""
+        if self.dying is not None:
+            return  # the relay ends with the drain
         peer = side.peer.transport  # type: ignore[union-attr]
         if peer is None or peer.is_closing():
             self.close()
             return
         if peer.can_write_eof():
             peer.write_eof()
+        elif side is self.upstream:
+            # TLS toward the client cannot half-close: the server is done, so close once
+            # its last bytes are sent, as its own close would show directly.
+            self.close()
+            return
         self.half_closed += 1
         if self.half_closed == 2:
             self.close()
+
+    def lost(self, dead: Side) -> None:
+        """``dead``'s connection failed (a reset, a write that erred).
+
+        Nothing more reaches it, so the way into it is cut. Its socket's receive queue is
+        final and a direct peer would read it: read it through a duplicate descriptor and
+        deliver it (``drain``), then reset the other side (``settle``) -- within
+        ``DRAIN_GRACE`` whatever happens. A second failure resets at once.
+        """
+        if self.closed:
+            return
+        survivor = dead.peer
+        st = survivor.transport if survivor is not None else None
+        if (self.dying is not None or not self.started or survivor is None or st is None
+                or st.is_closing()):
+            self.abort()
+            return
+        self.dying = dead
+        survivor.held = None  # went down with the failed transport's buffer
+        try:
+            st.pause_reading()  # what the survivor sends has nowhere to go
+            self.grace = asyncio.get_running_loop().call_later(DRAIN_GRACE, self.abort)
+        except RuntimeError:
+            self.abort()
+            return
+        dt = dead.transport
+        raw = dt.get_extra_info("socket") if dt is not None else None
+        if raw is not None and dt.get_extra_info("ssl_object") is None:  # type: ignore[union-attr]
+            with contextlib.suppress(OSError, ValueError):
+                sock = socket.socket(fileno=os.dup(raw.fileno()))
+                sock.setblocking(False)
+                self.drain_sock = sock
+        self.drain()
+
+    def drain(self) -> None:
+        """Move what is left in the failed side's socket to the survivor, a chunk at a
+        time while the survivor's transport takes it (its ``resume_writing`` calls again)."""
+        dead = self.dying
+        if self.closed or dead is None:
+            return
+        st = dead.peer.transport  # type: ignore[union-attr]
+        sock = self.drain_sock
+        while sock is not None and not self.closed:
+            if st.get_write_buffer_size():  # type: ignore[union-attr]
+                return
+            try:
+                n = sock.recv_into(dead.pool.scratch)
+            except OSError:  # the reset itself, after the last byte
+                n = 0
+            if n == 0:
+                sock.close()
+                sock = self.drain_sock = None
+                break
+            dead.pass_on(n)
+        if not self.settling and not self.closed:
+            self.settling = True
+            self.settle()
+
+    def settle(self) -> None:
+        """Reset the survivor once its transport and its kernel sent everything (an RST
+        drops what is still queued); look again every ``SETTLE_TICK`` till the grace."""
+        dead = self.dying
+        if self.closed or dead is None:
+            return
+        st = dead.peer.transport  # type: ignore[union-attr]
+        raw = st.get_extra_info("socket")  # type: ignore[union-attr]
+        if (self.drain_sock is None and not st.get_write_buffer_size()  # type: ignore[union-attr]
+                and (raw is None or _unsent(raw.fileno()) == 0)):
+            self.abort()
+            return
+        with contextlib.suppress(RuntimeError):
+            asyncio.get_running_loop().call_later(SETTLE_TICK, self.settle)
 
     def abort(self) -> None:
         """Tear down both sides at once; both peers get an RST.
@@ -206,6 +327,7 @@ class Relay:
         """
         finished = self.closed
         self.closed = True
+        self._end_drain()
         for side in (self.client, self.upstream):
             t = side.transport
             if t is None or t.is_closing():
@@ -221,14 +343,27 @@ class Relay:
             self._finish()
 
     def close(self) -> None:
-        """Close both sides after their pending bytes are sent."""
+        """Close both sides after their pending bytes are sent (reset a dying relay:
+        a FIN after a cut stream would look like a complete reply)."""
+        if self.dying is not None:
+            self.abort()
+            return
         if self.closed:
             return
         self.closed = True
+        self._end_drain()
         for side in (self.client, self.upstream):
             if side.transport is not None:
                 side.transport.close()
         self._finish()
+
+    def _end_drain(self) -> None:
+        if self.grace is not None:
+            self.grace.cancel()
+            self.grace = None
+        if self.drain_sock is not None:
+            self.drain_sock.close()
+            self.drain_sock = None
 
     def _finish(self) -> None:
         for side in (self.client, self.upstream):

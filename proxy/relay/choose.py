@@ -44,3 +44,13 @@ def relay_order(config: ListenerConfig, *, rewriting: bool = False) -> tuple[Rel
         order.append(RelayKind.SPLICE)
     order.append(RelayKind.BUFFERED)
     return tuple(order)
+
+
+def serving_relay(config: ListenerConfig, available: frozenset[RelayKind], *,
+                  rewriting: bool = False) -> RelayKind:
+    """The relay that serves ``config``'s connections: the first of ``relay_order`` that
+    is ``available``. Values in, value out, so a silent fallback can be named at start."""
+    for kind in relay_order(config, rewriting=rewriting):
+        if kind in available:
+            return kind
+    return RelayKind.BUFFERED

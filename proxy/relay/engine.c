@@ -20,6 +20,12 @@
  * the kernel refuses a pipe, the direction copies. Backpressure: while bytes
  * wait for the destination, the source is not watched.
  *
+ * When a side fails (an RST, a write that errs), the way into it is cut, and the
+ * way out of it still delivers what that side sent before -- its socket's receive
+ * queue is final -- then the connection resets (lose()). A peer that stops reading
+ * gets drain_grace seconds for that, no more: the thread sweeps the dying
+ * connections while there are any (issue 33; docs/hot-loop.md).
+ *
  * Every descriptor is level-triggered and watched only for what some direction
  * waits for. A socket nobody waits on stays in the set with an empty mask, so an
  * RST still arrives as EPOLLERR and ends the connection; a hang-up nobody can act
@@ -41,7 +47,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/sockios.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -55,6 +63,7 @@
 #define MAX_BUSY_POLL_US 1000.0
 #define SPIN_MAX_BATCH 2 /* busy_poll only after a batch this small: a larger one means load */
 #define WAKE_TAG UINT64_MAX
+#define SWEEP_MS 10      /* how often dying connections are checked: deadline, send queue */
 
 enum { FREE = 0, LIVE = 1, DONE = 2 };
 
@@ -78,7 +87,10 @@ typedef struct {
     uint32_t gen;
     uint32_t bufsize;  /* copy-path read size: the listener's buffer_size */
     uint32_t bulk_at;  /* copy: auto -- reads at or over this switch to pipes */
+    uint32_t slot;
+    double deadline;   /* dying: reset by then whatever is left */
     uint8_t state, mode, reset, claimed;
+    uint8_t dead;      /* 0, or 1 + the side that failed: the connection is dying */
 } conn_t;
 
 typedef struct {
@@ -93,6 +105,10 @@ typedef struct {
     uint32_t nfree;
     uint32_t *done;
     uint32_t ndone, donecap;
+    uint64_t *dying;      /* tag(slot, gen, 0) of dying connections; only the thread writes */
+    uint32_t ndying, dyingcap;
+    double drain_grace;   /* seconds a dying connection may take to deliver what is left */
+    double next_sweep;
     uint32_t live;
     /* the pipe pool */
     int (*pipes)[2];
@@ -211,16 +227,90 @@ static void rewatch(Engine *e, conn_t *c, uint32_t slot) {
     }
 }
 
+static void lose(Engine *e, conn_t *c, int s);
+static void release_way(Engine *e, way_t *w, int reset);
+
 static void half_close(Engine *e, conn_t *c, int i) {
     way_t *w = &c->w[i];
     w->eof = 1;
     w->watching = 0;
     if (shutdown(c->fd[1 - i], SHUT_WR) < 0) {
-        finish(e, c, 1);
+        lose(e, c, 1 - i);  /* ENOTCONN: it was reset */
         return;
     }
     if (c->w[0].eof && c->w[1].eof)
         finish(e, c, 0);
+}
+
+static int push_dying(Engine *e, conn_t *c) {
+    if (e->ndying == e->dyingcap) {
+        uint32_t cap = e->dyingcap ? e->dyingcap * 2 : 16;
+        uint64_t *d = realloc(e->dying, cap * sizeof(*d));
+        if (d == NULL)
+            return 0;
+        e->dying = d;
+        e->dyingcap = cap;
+    }
+    e->dying[e->ndying++] = tag(c->slot, c->gen, 0);
+    return 1;
+}
+
+/* A dying connection whose failed side has nothing more to deliver: reset the other
+ * once its kernel has sent all of it (SIOCOUTQ: bytes not yet acknowledged) -- an RST
+ * drops what still waits in the send queue. The sweep asks again till the deadline. */
+static void settle(Engine *e, conn_t *c) {
+    int s = c->dead - 1, queued = 0;
+    way_t *out = &c->w[s];
+    out->eof = 1;
+    out->watching = 0;
+    if (out->pending)
+        return;  /* writable() empties it, then resume() comes back here */
+    if (ioctl(c->fd[1 - s], SIOCOUTQ, &queued) < 0 || queued == 0)
+        finish(e, c, 1);
+}
+
+/* Side s failed: a reset, or an error on a write to it. Nothing more reaches it, so
+ * the way into it is cut (its bytes have nowhere to go). Its socket's receive queue
+ * is final, and a direct peer would still read it: the way out of s reads it to the
+ * end and delivers it, then the connection resets (settle()) -- or at the deadline,
+ * if the other peer stops reading. A second failure resets at once. */
+static void lose(Engine *e, conn_t *c, int s) {
+    way_t *in = &c->w[1 - s], *out = &c->w[s];
+    if (c->dead) {
+        finish(e, c, 1);
+        return;
+    }
+    release_way(e, in, 1);
+    in->pending = 0;
+    in->eof = 1;  /* reads no more */
+    c->dead = (uint8_t)(1 + s);
+    c->deadline = now_s() + e->drain_grace;
+    if (!push_dying(e, c)) {
+        finish(e, c, 1);
+        return;
+    }
+    if (out->eof && !out->pending)
+        settle(e, c);
+    else if (out->stalled)
+        c->deaf[s] = 1;  /* its EPOLLERR/HUP would repeat; back when out resumes */
+    else
+        out->watching = !out->eof;
+}
+
+/* Way i's source ended (EOF, or an error: a reset) while the connection is dying:
+ * nothing more to deliver. Outside a drain, an error on a read means side i failed. */
+static void source_ended(Engine *e, conn_t *c, int i, int error) {
+    if (c->dead) {
+        if (c->dead == 1 + i)
+            settle(e, c);
+        else
+            finish(e, c, 1);
+    } else if (error) {
+        c->w[i].eof = 1;
+        lose(e, c, i);
+    } else {
+        half_close(e, c, i);
+    }
 }
 
 static void stall(way_t *w) {
@@ -237,13 +327,9 @@ static void resume(way_t *w) {
 static void copy_buffered(Engine *e, conn_t *c, int i) {
     way_t *w = &c->w[i];
     ssize_t n = recv(c->fd[i], e->scratch, c->bufsize, 0);
-    if (n < 0) {
-        if (errno != EAGAIN && errno != EINTR)
-            finish(e, c, 1);
-        return;
-    }
-    if (n == 0) {
-        half_close(e, c, i);
+    if (n <= 0) {
+        if (n == 0 || (errno != EAGAIN && errno != EINTR))
+            source_ended(e, c, i, n < 0);
         return;
     }
     __atomic_store_n(&w->nbytes, w->nbytes + (uint64_t)n, __ATOMIC_RELAXED);
@@ -255,7 +341,7 @@ static void copy_buffered(Engine *e, conn_t *c, int i) {
     ssize_t m = send(c->fd[1 - i], e->scratch, (size_t)n, MSG_NOSIGNAL);
     if (m < 0) {
         if (errno != EAGAIN && errno != EINTR) {
-            finish(e, c, 1);
+            lose(e, c, 1 - i);
             return;
         }
         m = 0;
@@ -285,15 +371,10 @@ static void readable(Engine *e, conn_t *c, int i) {
     }
     ssize_t n = splice(c->fd[i], NULL, w->pipe_w, NULL, e->pipe_size,
                        SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
-    if (n < 0) {
+    if (n <= 0) {
         return_pipe(e, w);  /* still empty */
-        if (errno != EAGAIN && errno != EINTR)
-            finish(e, c, 1);
-        return;
-    }
-    if (n == 0) {
-        return_pipe(e, w);
-        half_close(e, c, i);
+        if (n == 0 || (errno != EAGAIN && errno != EINTR))
+            source_ended(e, c, i, n < 0);
         return;
     }
     __atomic_store_n(&w->nbytes, w->nbytes + (uint64_t)n, __ATOMIC_RELAXED);
@@ -309,7 +390,7 @@ static void readable(Engine *e, conn_t *c, int i) {
     if (m < 0) {
         if (errno != EAGAIN && errno != EINTR) {
             w->pending = (size_t)n;
-            finish(e, c, 1);
+            lose(e, c, 1 - i);
             return;
         }
         m = 0;
@@ -336,7 +417,7 @@ static void writable(Engine *e, conn_t *c, int i) {
     }
     if (m < 0) {
         if (errno != EAGAIN && errno != EINTR)
-            finish(e, c, 1);
+            lose(e, c, 1 - i);
         return;
     }
     w->pending -= (size_t)m;
@@ -350,6 +431,8 @@ static void writable(Engine *e, conn_t *c, int i) {
         w->held_at = 0;
     }
     resume(w);
+    if (c->dead == 1 + i && w->eof)
+        settle(e, c);  /* the failed side's last bytes are out */
 }
 
 static void release_way(Engine *e, way_t *w, int reset) {
@@ -379,12 +462,12 @@ static void push_done(Engine *e, uint32_t slot) {
 }
 
 /* End a live connection: reset (RST to both peers) or a plain close. A close
- * with bytes still pending becomes a reset: a FIN after a cut stream would
- * look like a complete reply. */
+ * with bytes still pending, or of a dying connection, becomes a reset: a FIN
+ * after a cut stream would look like a complete reply. */
 static void finish(Engine *e, conn_t *c, int reset) {
     if (c->state != LIVE)
         return;
-    reset = reset || c->w[0].pending || c->w[1].pending;
+    reset = reset || c->dead || c->w[0].pending || c->w[1].pending;
     for (int s = 0; s < 2; s++) {
         if (reset) {
             struct linger lg = {1, 0};
@@ -415,18 +498,23 @@ static void handle(Engine *e, uint32_t slot, int s, uint32_t events) {
         acted = 1;
     }
     if (c->state == LIVE && !acted && (events & (EPOLLERR | EPOLLHUP))) {
-        /* Nobody reads or writes this socket now. An error (an RST after its peer
-         * half-closed, say) ends the connection: nothing more can reach that peer. A
-         * hang-up with the whole stream read means the same. A hang-up while its
-         * direction is stalled must wait for the stall to end, or bytes the peer sent
-         * before its FIN would be lost: take the socket out of the set till then. */
-        int err = 0;
-        socklen_t len = sizeof(err);
-        getsockopt(c->fd[s], SOL_SOCKET, SO_ERROR, &err, &len);
-        if ((events & EPOLLERR) || err || c->w[s].eof)
-            finish(e, c, 1);
-        else
+        /* Nobody reads or writes this socket now. An error (an RST) or a hang-up with
+         * the whole stream read means its peer is gone: lose() delivers what it sent
+         * before, once its way is free to. A hang-up while its direction is stalled
+         * must wait for the stall to end, or bytes the peer sent before its FIN would
+         * be lost: take the socket out of the set till then; the same for the failed
+         * side of a dying connection. */
+        if (c->dead == 1 + s) {
             c->deaf[s] = 1;
+        } else {
+            int err = 0;
+            socklen_t len = sizeof(err);
+            getsockopt(c->fd[s], SOL_SOCKET, SO_ERROR, &err, &len);
+            if ((events & EPOLLERR) || err || c->w[s].eof)
+                lose(e, c, s);
+            else
+                c->deaf[s] = 1;
+        }
     }
     if (c->state == LIVE)
         rewatch(e, c, slot);
@@ -434,12 +522,54 @@ static void handle(Engine *e, uint32_t slot, int s, uint32_t events) {
         push_done(e, slot);
 }
 
+/* Reset the dying connections past their deadline (under the lock); whether any ended. */
+static int sweep_dying(Engine *e) {
+    double now = now_s();
+    if (now < e->next_sweep)
+        return 0;
+    e->next_sweep = now + SWEEP_MS / 1e3;
+    uint32_t keep = 0, before = e->ndone;
+    for (uint32_t k = 0; k < e->ndying; k++) {
+        uint64_t t = e->dying[k];
+        uint32_t slot = (uint32_t)(t & 0xffffffffu) >> 1;
+        conn_t *c = slot < e->nconns ? e->conns[slot] : NULL;
+        if (c == NULL || c->gen != (uint32_t)(t >> 32) || c->state != LIVE || !c->dead)
+            continue;  /* ended already, or reused */
+        if (now < c->deadline && c->w[c->dead - 1].eof)
+            settle(e, c);  /* is the send queue empty now? */
+        if (c->state == LIVE && now >= c->deadline)
+            finish(e, c, 1);
+        if (c->state != LIVE) {
+            push_done(e, slot);
+            continue;
+        }
+        e->dying[keep++] = t;
+    }
+    e->ndying = keep;
+    return e->ndone > before;
+}
+
+static void notify(Engine *e) {
+    uint64_t one = 1;
+    ssize_t r = write(e->notifyfd, &one, sizeof(one));
+    (void)r;
+}
+
 static void *run(void *arg) {
     Engine *e = arg;
     struct epoll_event evs[BATCH];
     double spin_until = 0;
     for (;;) {
-        int n = epoll_wait(e->epfd, evs, BATCH, spin_until > 0 ? 0 : -1);
+        /* ndying is the thread's own: no lock to read it. */
+        int n = epoll_wait(e->epfd, evs, BATCH,
+                           spin_until > 0 ? 0 : (e->ndying ? SWEEP_MS : -1));
+        if (n == 0 && e->ndying && now_s() >= e->next_sweep) {
+            pthread_mutex_lock(&e->lock);
+            int tell = sweep_dying(e);
+            pthread_mutex_unlock(&e->lock);
+            if (tell)
+                notify(e);
+        }
         if (n == 0) {
             /* busy_poll: after a batch, poll instead of sleeping for a while, so
              * the reply or next request due within microseconds is taken without a
@@ -477,6 +607,8 @@ static void *run(void *arg) {
                 continue;  /* ended earlier in this batch, or reused */
             handle(e, slot, side, evs[k].events);
         }
+        if (e->ndying)
+            sweep_dying(e);
         int tell = e->ndone > before;
         double spin_us = e->busy_poll_us;
         pthread_mutex_unlock(&e->lock);
@@ -486,11 +618,8 @@ static void *run(void *arg) {
             spin_until = now_s() + spin_us / 1e6;
         else
             spin_until = 0;
-        if (tell) {
-            uint64_t one = 1;
-            ssize_t r = write(e->notifyfd, &one, sizeof(one));
-            (void)r;
-        }
+        if (tell)
+            notify(e);
     }
     return NULL;
 }
@@ -560,18 +689,19 @@ static void stop_engine(Engine *e) {
 static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
     /* The defaults are proxy/relay/splice.py's; proxy/native.py passes them from there. */
     static char *names[] = {"pipe_size", "max_pipes", "scratch_size", "small_reads",
-                            "refused_retry", "busy_poll_us", NULL};
+                            "refused_retry", "busy_poll_us", "drain_grace", NULL};
     Py_ssize_t pipe_size = 1 << 20, max_pipes = 64, scratch = 256 << 10, small_reads = 2;
-    double refused_retry = 5.0, busy_poll_us = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|nnnndd", names, &pipe_size, &max_pipes,
-                                     &scratch, &small_reads, &refused_retry, &busy_poll_us))
+    double refused_retry = 5.0, busy_poll_us = 0, drain_grace = 2.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|nnnnddd", names, &pipe_size, &max_pipes,
+                                     &scratch, &small_reads, &refused_retry, &busy_poll_us,
+                                     &drain_grace))
         return -1;
     if (pipe_size < 4096 || max_pipes < 0 || scratch < 4096 || small_reads < 1 ||
             small_reads > 255 || refused_retry < 0 ||
-            !(busy_poll_us >= 0 && busy_poll_us <= MAX_BUSY_POLL_US)) {
+            !(busy_poll_us >= 0 && busy_poll_us <= MAX_BUSY_POLL_US) || !(drain_grace >= 0)) {
         PyErr_SetString(PyExc_ValueError, "pipe_size and scratch_size >= 4096, max_pipes >= 0, "
                         "1 <= small_reads <= 255, refused_retry >= 0, "
-                        "0 <= busy_poll_us <= 1000");
+                        "0 <= busy_poll_us <= 1000, drain_grace >= 0");
         return -1;
     }
     if (e->inited) {
@@ -585,6 +715,7 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
     e->small_reads = (uint8_t)small_reads;
     e->refused_retry = refused_retry;
     e->busy_poll_us = busy_poll_us;
+    e->drain_grace = drain_grace;
     e->max_pipes = (uint32_t)max_pipes;
     e->scratch_size = (size_t)scratch;
     e->scratch = malloc(e->scratch_size);
@@ -620,6 +751,7 @@ static void Engine_dealloc(Engine *e) {
     free(e->conns);
     free(e->freelist);
     free(e->done);
+    free(e->dying);
     free(e->pipes);
     free(e->scratch);
     if (e->inited)
@@ -702,6 +834,7 @@ static PyObject *Engine_add(Engine *e, PyObject *args) {
     uint32_t gen = c->gen + 1;
     memset(c, 0, sizeof(*c));
     c->gen = gen;
+    c->slot = slot;
     c->fd[0] = cfd;
     c->fd[1] = ufd;
     c->mode = (uint8_t)mode;

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..config import DEFAULT_BUSY_POLL_US, ListenerConfig
 from ..process import worker_count
-from .buffered import _LINGER_RST, Relay
+from .buffered import _LINGER_RST, DRAIN_GRACE, Relay
 from .choose import RelayKind, relay_order
 
 # The engine applies the splice relay's copy rules, with its measured constants.
@@ -83,7 +83,7 @@ class _Lane:
         assert _engine is not None
         self.engine: Any = _engine.Engine(pipe_size=PIPE_SIZE, max_pipes=max_pipes,
                                           small_reads=SMALL_READS, refused_retry=REFUSED_RETRY,
-                                          busy_poll_us=busy_poll_us)
+                                          busy_poll_us=busy_poll_us, drain_grace=DRAIN_GRACE)
         self.relays: dict[int, NativeRelay] = {}
 
 

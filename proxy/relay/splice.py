@@ -47,6 +47,7 @@ the loop watches as a single descriptor, and the first event wakes it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import logging
@@ -58,7 +59,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import ListenerConfig
-from .buffered import _LINGER_RST, BufferPool
+from .buffered import _LINGER_RST, DRAIN_GRACE, SETTLE_TICK, BufferPool, _unsent
 from .choose import RelayKind, relay_order
 from .pipes import (
     BULK_READ,
@@ -237,7 +238,7 @@ class SpliceHub:
                 relay.probed = total
                 busy.append(relay)
         for relay in idle:
-            if not relay.closed:
+            if not relay.closed and relay.dying is None:
                 self.park(relay)
         if len(idle) >= TRIM_PARKS:
             self._trim_heap()
@@ -290,9 +291,9 @@ class SpliceHub:
         cut = 0
         for fd, events in poller.poll(0):
             relay = owners[fd]
-            if events & _POLL_DEAD and not relay.closed:
+            if events & _POLL_DEAD and not relay.closed and relay.dying is None:
                 cut += 1
-                relay.abort()
+                relay.lost(relay.up if fd == relay.cfd else relay.down)
         self.watchdog_aborts += cut
         return cut
 
@@ -417,8 +418,10 @@ class _Way:
             self.free.append(pipe)  # spurious wake-up: the pipe is still empty
             self.pipe = None
             return
-        except OSError:
-            self.relay.abort()
+        except OSError:  # src failed (reset): nothing of it is left to read
+            self.free.append(pipe)
+            self.pipe = None
+            self.relay.lost(self)
             return
         if n == 0:
             self.free.append(pipe)
@@ -439,7 +442,8 @@ class _Way:
         except BlockingIOError:
             m = 0
         except OSError:
-            self.relay.abort()
+            self.pending = n
+            self.relay.lost(self.other)
             return
         if m == n:
             self.free.append(pipe)
@@ -458,7 +462,7 @@ class _Way:
         except BlockingIOError:
             return
         except OSError:
-            self.relay.abort()
+            self.relay.lost(self.other)
             return
         self.pending -= m
         if self.pending:
@@ -476,7 +480,7 @@ class _Way:
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            self.relay.abort()
+            self.relay.lost(self)
             return
         if n == 0:
             self.relay.half_close(self)
@@ -491,7 +495,7 @@ class _Way:
         except (BlockingIOError, InterruptedError):
             m = 0
         except OSError:
-            self.relay.abort()
+            self.relay.lost(self.other)
             return
         if m < n:
             # Keep the unsent tail in this very buffer; the pool installs a fresh scratch.
@@ -511,7 +515,7 @@ class _Way:
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            self.relay.abort()
+            self.relay.lost(self.other)
             return
         self.held_at += m
         self.pending -= m
@@ -531,8 +535,45 @@ class _Way:
 
     def _resume(self) -> None:
         self.stalled = False
+        if self.relay.dying is self:
+            self.relay.rewatch()
+            self.drain()
+            return
         self.watching = not self.eof and not self.relay.closed
         self.relay.rewatch()
+
+    # -- after src failed: what is left in its socket, then the reset ------------------
+
+    def drain(self) -> None:
+        """``src`` failed, so its socket's receive queue is final: read it to the end
+        without a watcher (uvloop may have closed it after EPOLLERR) and send it on;
+        stall on ``dst`` when it is full. Rare, so always through the buffer."""
+        relay = self.relay
+        buf = self.bufpool.scratch
+        while not relay.closed:
+            try:
+                n = self.src_sock.recv_into(buf)  # type: ignore[union-attr]
+            except OSError:  # the reset itself, after the last byte (or EAGAIN: nothing)
+                n = 0
+            if n == 0:
+                relay.settle()
+                return
+            self.nbytes += n
+            self.buffered += n
+            try:
+                m = self.dst_sock.send(buf[:n])  # type: ignore[union-attr]
+            except (BlockingIOError, InterruptedError):
+                m = 0
+            except OSError:
+                relay.abort()
+                return
+            if m < n:
+                self.held = self.bufpool.take_scratch()
+                self.held_at = m
+                self.pending = n - m
+                self.stalled = True
+                relay.rewatch()
+                return
 
     def release(self, reset: bool) -> None:
         """The relay is closing: return or close the pipe, give back any buffer."""
@@ -560,9 +601,9 @@ class SpliceRelay:
     while parked.
     """
 
-    __slots__ = ("__weakref__", "cfd", "client_sock", "closed", "cmask", "down", "hub", "loop",
-                 "on_close", "parked", "probed", "source", "started", "ufd", "umask", "up",
-                 "upstream_sock")
+    __slots__ = ("__weakref__", "cfd", "client_sock", "closed", "cmask", "down", "dying", "grace",
+                 "hub", "loop", "on_close", "parked", "probed", "source", "started", "ufd",
+                 "umask", "up", "upstream_sock")
 
     def __init__(self, hub: SpliceHub, bufpool: BufferPool,
                  on_close: Callable[[SpliceRelay], None], source: str = "",
@@ -582,6 +623,8 @@ class SpliceRelay:
         self.closed = False
         self.started = False
         self.probed = 0  # bytes_total when the hub's tick last looked
+        self.dying: _Way | None = None  # after a side failed: the way out of it (lost())
+        self.grace: asyncio.TimerHandle | None = None
 
     @property
     def fds(self) -> tuple[int, int]:
@@ -648,12 +691,16 @@ class SpliceRelay:
             if cmask != self.cmask:
                 self._watch(self.cfd, self.cmask, cmask, self.up, self.down)
                 self.cmask = cmask
+        except (RuntimeError, OSError, ValueError):
+            # uvloop: the poll handle of this socket was closed after an error.
+            self.lost(self.up)
+            return
+        try:
             if umask != self.umask:
                 self._watch(self.ufd, self.umask, umask, self.down, self.up)
                 self.umask = umask
         except (RuntimeError, OSError, ValueError):
-            # uvloop: the poll handle of this socket was closed after an error.
-            self.abort()
+            self.lost(self.down)
 
     def _watch(self, fd: int, old: int, new: int, reader: _Way, writer: _Way) -> None:
         if self.parked:
@@ -722,11 +769,62 @@ class SpliceRelay:
             return
         try:
             way.dst_sock.shutdown(socket.SHUT_WR)  # type: ignore[union-attr]
-        except OSError:
-            self.abort()
+        except OSError:  # ENOTCONN: dst was reset
+            self.lost(way.other)
             return
         if self.up.eof and self.down.eof:
             self.close()
+
+    def lost(self, out: _Way) -> None:
+        """``out``'s source socket failed (an RST, or a write to it erred).
+
+        Nothing more reaches it, so the way into it is cut. What it sent before is still
+        in its socket, and a direct peer would read it: ``out`` delivers it, then
+        ``settle`` resets the other side -- within ``DRAIN_GRACE`` whatever happens. A
+        second failure resets at once.
+        """
+        if self.closed:
+            return
+        if self.dying is not None or self.loop is None:
+            if self.dying is not out:  # the same failure seen twice is not a second one
+                self.abort()
+            return
+        self.dying = out
+        cut = out.other
+        cut.release(reset=True)
+        cut.eof = True
+        out.watching = False
+        # The failed socket is read without a watcher from now on.
+        self._forget(out.src)
+        self.grace = self.loop.call_later(DRAIN_GRACE, self.abort)
+        self.rewatch()
+        if not out.stalled:
+            out.drain()
+
+    def _forget(self, fd: int) -> None:
+        """Stop watching ``fd``, whatever watches it now; errors are beside the point."""
+        if self.parked:
+            with contextlib.suppress(OSError, ValueError):
+                self.hub.epoll.unregister(fd)
+        elif self.loop is not None and not self.loop.is_closed():
+            for remove in (self.loop.remove_reader, self.loop.remove_writer):
+                with contextlib.suppress(RuntimeError, OSError, ValueError):
+                    remove(fd)
+        if fd == self.cfd:
+            self.cmask = 0
+        else:
+            self.umask = 0
+
+    def settle(self) -> None:
+        """The failed side's last byte is handed to the kernel: reset the other side once
+        its send queue is empty (an RST drops what is still queued); look again soon."""
+        out = self.dying
+        if self.closed or out is None or self.loop is None:
+            return
+        if out.pending == 0 and _unsent(out.dst) == 0:
+            self.abort()
+        else:
+            self.loop.call_later(SETTLE_TICK, self.settle)
 
     def abort(self) -> None:
         """Tear down both sides at once; both peers get an RST."""
@@ -737,12 +835,15 @@ class SpliceRelay:
 
         A FIN after a cut stream would look like a complete reply to the peer.
         """
-        self._shut(reset=bool(self.up.pending or self.down.pending))
+        self._shut(reset=bool(self.up.pending or self.down.pending or self.dying))
 
     def _shut(self, reset: bool) -> None:
         if self.closed:
             return
         self.closed = True
+        if self.grace is not None:
+            self.grace.cancel()
+            self.grace = None
         self._unwatch()  # before closing: the numbers may go to other sockets at once
         for sock in (self.client_sock, self.upstream_sock):
             if sock is None:

@@ -1,4 +1,4 @@
-"""Redis Cluster through a NAT host: rewrite node addresses in replies, parse topologies.
+"""Rewrite node addresses in Redis Cluster replies to the NAT host's announced ports.
 
 ::
 
@@ -16,20 +16,23 @@ replies to CLUSTER, pub/sub and MULTI bookkeeping) are held until complete; ever
 is forwarded as it arrives, however large.
 
 The mapper turns an internal ``(host, port)`` (what the node calls itself or a peer) into
-the ``(host, port)`` clients must use. It returns None for a node it does not know yet; the
-rewriter then reports it (``on_unmapped``, ``unmapped``) so the caller can refresh its
-topology, and leaves that endpoint as it was (or answers a redirect with ``-TRYAGAIN`` if
-asked to, so the client retries instead of dialling an unreachable address).
+the ``(host, port)`` clients must use. A node that does not know its own address (a lone
+node without ``cluster-announce-ip``) lists itself with an empty endpoint, and some
+settings give NULL or ``?``: such an entry is mapped by its node id (``by_id``), never left
+with the node's own port, which a client would otherwise dial directly, around the proxy.
+The mapper returns None for a node it does not know yet; the rewriter then reports it
+(``on_unmapped``, ``unmapped``) so the caller can refresh its topology, and leaves that
+endpoint as it was (or answers a redirect with ``-TRYAGAIN`` if asked to, so the client
+retries instead of dialling an unreachable address).
 """
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final, Literal
 
-from .resp import (
+from ..resp import (
     ATTRIBUTE,
     BULK_ERROR,
     CAPTURE_FOR,
@@ -39,7 +42,6 @@ from .resp import (
     Bytes,
     Conversation,
     Frame,
-    ProtocolError,
     RequestError,
     RequestParser,
     Scanner,
@@ -48,34 +50,31 @@ from .resp import (
     integer,
     parse_one,
 )
+from .fields import _b, _fields, _port, _s, _str, blank
 
 Mapper = Callable[[str, int], "tuple[str, int] | None"]
 """Internal (host, port) -> announced (host, port), or None if that node is not mapped yet."""
-
-
-def _s(b: bytes) -> str:
-    return b.decode("utf-8", "surrogateescape")
-
-
-def _b(s: str) -> bytes:
-    return s.encode("utf-8", "surrogateescape")
-
+IdMapper = Callable[[str], "tuple[str, int] | None"]
+"""Node id -> announced (host, port) of that node, or None if it is not mapped yet."""
 
 class Remapper:
     """Looks endpoints up in the mapper and remembers the ones it could not map.
 
     ``upstream`` is the internal address of the node this connection goes to: an empty host
     in a redirect (``-MOVED 3999 :6380``) or a NULL endpoint in CLUSTER SLOTS means "the
-    host you are connected to", i.e. this one.
+    host you are connected to", i.e. this one. ``by_id`` maps a node id to its announced
+    address: an entry with a blank endpoint names its node only by id.
     """
 
-    __slots__ = ("mapper", "on_unmapped", "unmapped", "upstream")
+    __slots__ = ("by_id", "mapper", "on_unmapped", "unmapped", "upstream")
 
     def __init__(self, mapper: Mapper, upstream: tuple[str, int],
-                 on_unmapped: Callable[[str, int], None] | None = None) -> None:
+                 on_unmapped: Callable[[str, int], None] | None = None,
+                 by_id: IdMapper | None = None) -> None:
         self.mapper = mapper
         self.upstream = upstream
         self.on_unmapped = on_unmapped
+        self.by_id = by_id
         self.unmapped: set[tuple[str, int]] = set()
 
     def lookup(self, candidates: Iterable[str | None], port: int) -> tuple[str, int] | None:
@@ -94,6 +93,22 @@ class Remapper:
             if self.on_unmapped is not None:
                 self.on_unmapped(first, port)
         return None
+
+    def lookup_blank(self, node_id: str | None, candidates: Iterable[str | None], port: int,
+                     ) -> tuple[str, int] | None:
+        """Map an entry whose endpoint is blank: by its node id first, which is exact.
+
+        Then by the other hosts the entry gives (ip, hostname). An entry that names no host
+        at all is the node this connection reached: a node learns each peer's address from
+        the peer's own connection, so only its own can be unknown (and "the host you
+        asked" is how a direct client reads an empty or NULL endpoint).
+        """
+        if node_id and self.by_id is not None:
+            mapped = self.by_id(node_id)
+            if mapped is not None:
+                return mapped
+        hosts = [h for h in candidates if not blank(h)]
+        return self.lookup(hosts or [self.upstream[0]], port)
 
 
 # --------------------------------------------------------------------------- redirects
@@ -141,31 +156,6 @@ def rewrite_redirect(raw: Bytes, remap: Remapper, tryagain: bool = False) -> byt
 
 # --------------------------------------------------------------------------- node lists
 
-
-def _port(f: Frame | None) -> int | None:
-    if f is None or not isinstance(f.value, bytes):
-        return None
-    try:
-        return int(f.bytes_value or b"")
-    except ValueError:
-        return None
-
-
-def _str(f: Frame | None) -> str | None:
-    v = None if f is None else f.bytes_value
-    return None if v is None else _s(v)
-
-
-def _fields(f: Frame) -> dict[bytes, Frame]:
-    """A RESP3 map or its RESP2 flat-array form as {key: value frame}."""
-    out: dict[bytes, Frame] = {}
-    for k, v in f.pairs():
-        key = k.bytes_value
-        if key is not None:
-            out[key.lower()] = v
-    return out
-
-
 def _set_host(f: Frame, host: str) -> None:
     if f.kind not in "$+=" or f.value is None:
         f.kind = "$"
@@ -176,7 +166,8 @@ def rewrite_slots(frame: Frame, remap: Remapper) -> bool:
     """Rewrite a CLUSTER SLOTS reply in place; True if anything changed.
 
     Each node is ``[endpoint, port, id, {ip, hostname}]``; a NULL endpoint means "the host
-    you asked", and the metadata map (7.0+) is a flat array in RESP2.
+    you asked", and the metadata map (7.0+) is a flat array in RESP2. A blank endpoint
+    (NULL, empty or ``?``) is mapped by the node id.
     """
     changed = False
     for rng in frame.items:
@@ -186,10 +177,13 @@ def rewrite_slots(frame: Frame, remap: Remapper) -> bool:
             if not port:
                 continue
             meta = _fields(f[3]) if len(f) > 3 else {}
-            endpoint = f[0].bytes_value
-            first = remap.upstream[0] if endpoint is None else _s(endpoint)
-            mapped = remap.lookup([first, _str(meta.get(b"ip")), _str(meta.get(b"hostname"))],
-                                  port)
+            endpoint = _str(f[0])
+            others = [_str(meta.get(b"ip")), _str(meta.get(b"hostname"))]
+            if blank(endpoint):
+                node_id = _str(f[2]) if len(f) > 2 else None
+                mapped = remap.lookup_blank(node_id, others, port)
+            else:
+                mapped = remap.lookup([endpoint, *others], port)
             if mapped is None:
                 continue
             host, new_port = mapped
@@ -207,10 +201,17 @@ def rewrite_slots(frame: Frame, remap: Remapper) -> bool:
 
 def _rewrite_shard_node(node: Frame, remap: Remapper) -> bool:
     f = _fields(node)
-    hosts = [_str(f.get(b"endpoint")), _str(f.get(b"ip")), _str(f.get(b"hostname"))]
+    endpoint = _str(f.get(b"endpoint"))
+    others = [_str(f.get(b"ip")), _str(f.get(b"hostname"))]
     port, tls_port = _port(f.get(b"port")), _port(f.get(b"tls-port"))
-    mapped = remap.lookup(hosts, port) if port else None
-    mapped_tls = remap.lookup(hosts, tls_port) if tls_port else None
+
+    def lookup(p: int) -> tuple[str, int] | None:
+        if blank(endpoint):
+            return remap.lookup_blank(_str(f.get(b"id")), others, p)
+        return remap.lookup([endpoint, *others], p)
+
+    mapped = lookup(port) if port else None
+    mapped_tls = lookup(tls_port) if tls_port else None
     if mapped is None and mapped_tls is None:
         return False
     host = (mapped or mapped_tls or ("", 0))[0]
@@ -238,7 +239,9 @@ def rewrite_node_line(line: bytes, remap: Remapper) -> bytes:
     """Rewrite one CLUSTER NODES line: ``<id> <ip:port@cport[,hostname]> ...``.
 
     The bus port is left alone (clients never use it); aux fields a newer server may add
-    after the hostname are kept, with a ``tls-port=`` one mapped too.
+    after the hostname are kept, with a ``tls-port=`` one mapped too. An empty ip (a node
+    that does not know its own address, so the one this connection reached) is mapped by
+    the node id in the first column.
     """
     fields = line.split(b" ")
     if len(fields) < 2:
@@ -250,7 +253,13 @@ def rewrite_node_line(line: bytes, remap: Remapper) -> bytes:
     extras = rest.split(b",") if at else []
     hostname = extras[1] if len(extras) > 1 and b"=" not in extras[1] else b""
     hosts = [_s(ip), _s(hostname)]
-    mapped = remap.lookup(hosts, int(port_s))
+
+    def lookup(port: int) -> tuple[str, int] | None:
+        if not ip:
+            return remap.lookup_blank(_s(fields[0]), hosts, port)
+        return remap.lookup(hosts, port)
+
+    mapped = lookup(int(port_s))
     if mapped is None:
         return line
     host = _b(mapped[0])
@@ -260,7 +269,7 @@ def rewrite_node_line(line: bytes, remap: Remapper) -> bytes:
         elif extra.startswith(b"tls-port="):
             tls = extra[9:]
             if tls.isdigit() and int(tls):
-                tmapped = remap.lookup(hosts, int(tls))
+                tmapped = lookup(int(tls))
                 if tmapped is not None:
                     extras[i] = b"tls-port=%d" % tmapped[1]
     fields[1] = b"%s:%d" % (host, mapped[1]) + ((b"@" + b",".join(extras)) if at else b"")
@@ -334,8 +343,9 @@ class ClusterRewriter:
         *,
         on_unmapped: Callable[[str, int], None] | None = None,
         unmapped_redirect: Literal["keep", "tryagain"] = "keep",
+        by_id: IdMapper | None = None,
     ) -> None:
-        self.remap = Remapper(mapper, upstream, on_unmapped)
+        self.remap = Remapper(mapper, upstream, on_unmapped, by_id)
         self.tryagain = unmapped_redirect == "tryagain"
         self._parser = RequestParser(capture_for=CAPTURE_FOR)
         self._conv = Conversation(watched=(b"cluster",))
@@ -467,232 +477,3 @@ class ClusterRewriter:
             return None
         self.replies_rewritten += 1
         return encode(frame)
-
-
-# --------------------------------------------------------------------------- topology
-
-
-class TopologyError(ValueError):
-    """A CLUSTER SHARDS / SLOTS / NODES reply that is an error or not the expected shape."""
-
-
-@dataclass(frozen=True, slots=True)
-class ClusterNode:
-    """One node as the cluster describes it.
-
-    ``host`` is the endpoint the cluster sends clients to (its preferred endpoint; the
-    queried host when the reply says NULL). ``slots`` are the ranges served by the node's
-    shard (for a replica: its master's). ``health`` comes from CLUSTER SHARDS ("online",
-    "failed", "loading") or CLUSTER NODES flags; CLUSTER SLOTS lists only serving nodes.
-    """
-
-    node_id: str
-    host: str
-    port: int
-    tls_port: int = 0
-    ip: str = ""
-    hostname: str = ""
-    role: Literal["master", "replica"] = "master"
-    master_id: str = ""
-    health: str = "online"
-    slots: tuple[tuple[int, int], ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Topology:
-    """The cluster's nodes, from whichever command could be run."""
-
-    nodes: tuple[ClusterNode, ...] = field(default_factory=tuple)
-    source: str = ""  # "shards", "slots" or "nodes"
-
-    @property
-    def masters(self) -> tuple[ClusterNode, ...]:
-        return tuple(n for n in self.nodes if n.role == "master")
-
-    def by_id(self) -> dict[str, ClusterNode]:
-        return {n.node_id: n for n in self.nodes}
-
-    def owner(self, slot: int) -> ClusterNode | None:
-        """The master serving ``slot``, if any."""
-        for n in self.masters:
-            if any(a <= slot <= b for a, b in n.slots):
-                return n
-        return None
-
-
-def _check(frame: Frame, what: str) -> None:
-    if frame.is_error:
-        raise TopologyError(f"{what} failed: {_s(frame.bytes_value or b'')}")
-    if not isinstance(frame.value, list):
-        raise TopologyError(f"{what} reply is not an array (type {frame.kind!r})")
-
-
-def _int(f: Frame | None, what: str) -> int:
-    value = _port(f)
-    if value is None:
-        raise TopologyError(f"{what} is not an integer")
-    return value
-
-
-def _ranges(values: list[int]) -> tuple[tuple[int, int], ...]:
-    return tuple(sorted((values[i], values[i + 1]) for i in range(0, len(values) - 1, 2)))
-
-
-def topology_from_shards(frame: Frame, default_host: str) -> Topology:
-    """Parse a CLUSTER SHARDS reply (Redis 7.0+; RESP2 or RESP3)."""
-    _check(frame, "CLUSTER SHARDS")
-    nodes: list[ClusterNode] = []
-    try:
-        for shard in frame.items:
-            f = _fields(shard)
-            slots = _ranges([_int(s, "slot") for s in f[b"slots"].items])
-            members = [_fields(node) for node in f[b"nodes"].items]
-            master = next((_str(m.get(b"id")) for m in members
-                           if _str(m.get(b"role")) == "master"), "")
-            for m in members:
-                ip, hostname = _str(m.get(b"ip")) or "", _str(m.get(b"hostname")) or ""
-                endpoint = _str(m.get(b"endpoint"))
-                role: Literal["master", "replica"] = (
-                    "master" if _str(m.get(b"role")) == "master" else "replica")
-                nodes.append(ClusterNode(
-                    node_id=_str(m[b"id"]) or "",
-                    host=endpoint if endpoint and endpoint != "?" else (ip or default_host),
-                    port=_port(m.get(b"port")) or 0,
-                    tls_port=_port(m.get(b"tls-port")) or 0,
-                    ip=ip, hostname=hostname, role=role,
-                    master_id="" if role == "master" else (master or ""),
-                    health=_str(m.get(b"health")) or "online",
-                    slots=slots,
-                ))
-    except KeyError as exc:
-        raise TopologyError(f"CLUSTER SHARDS entry without {exc.args[0]!r}") from None
-    return Topology(tuple(nodes), "shards")
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-@dataclass(slots=True)
-class _SlotsNode:
-    host: str
-    port: int
-    ip: str
-    hostname: str
-    master_id: str
-    slots: list[tuple[int, int]] = field(default_factory=list)
-
-
-def topology_from_slots(frame: Frame, default_host: str) -> Topology:
-    """Parse a CLUSTER SLOTS reply (any version; RESP2 or RESP3).
-
-    The first node of each range is its master. Ranges of one node are merged; a node
-    without an id (Redis < 4) is named ``host:port``.
-    """
-    _check(frame, "CLUSTER SLOTS")
-    found: dict[str, _SlotsNode] = {}
-    for rng in frame.items:
-        items = rng.items
-        if len(items) < 3:
-            raise TopologyError("CLUSTER SLOTS range without a master")
-        start, end = _int(items[0], "slot"), _int(items[1], "slot")
-        master_id = ""
-        for i, node in enumerate(items[2:]):
-            f = node.items
-            if len(f) < 2:
-                raise TopologyError("CLUSTER SLOTS node without endpoint and port")
-            endpoint = _str(f[0])
-            port = _int(f[1], "port")
-            meta = _fields(f[3]) if len(f) > 3 else {}
-            meta_ip = _str(meta.get(b"ip"))
-            host = endpoint if endpoint and endpoint != "?" else (meta_ip or default_host)
-            node_id = (_str(f[2]) if len(f) > 2 else None) or f"{host}:{port}"
-            if i == 0:
-                master_id = node_id
-            acc = found.get(node_id)
-            if acc is None:
-                endpoint_is_ip = bool(endpoint) and _is_ip(endpoint or "")
-                acc = found[node_id] = _SlotsNode(
-                    host=host, port=port,
-                    ip=meta_ip or (endpoint or "" if endpoint_is_ip else ""),
-                    hostname=_str(meta.get(b"hostname")) or (
-                        "" if endpoint_is_ip or endpoint == "?" else endpoint or ""),
-                    master_id="" if i == 0 else master_id,
-                )
-            acc.slots.append((start, end))
-    return Topology(tuple(
-        ClusterNode(node_id=node_id, host=a.host, port=a.port, ip=a.ip, hostname=a.hostname,
-                    role="replica" if a.master_id else "master", master_id=a.master_id,
-                    slots=tuple(sorted(a.slots)))
-        for node_id, a in found.items()
-    ), "slots")
-
-
-def topology_from_nodes(text: bytes | str, default_host: str) -> Topology:
-    """Parse CLUSTER NODES text. Nodes without an address (``:0``) are left out."""
-    if isinstance(text, str):
-        text = _b(text)
-    parsed: list[tuple[str, str, int, str, str, str, str, list[tuple[int, int]]]] = []
-    for line in text.splitlines():
-        fields = line.split(b" ")
-        if not line.strip():
-            continue
-        if len(fields) < 8:
-            raise TopologyError(f"CLUSTER NODES line with {len(fields)} fields: {line[:80]!r}")
-        node_id, addr, flags = _s(fields[0]), fields[1], _s(fields[2]).split(",")
-        hostport, _, rest = addr.partition(b"@")
-        ip, _, port_s = hostport.rpartition(b":")
-        if not port_s.isdigit():
-            raise TopologyError(f"CLUSTER NODES address {addr!r} has no port")
-        port = int(port_s)
-        if port == 0 or "noaddr" in flags or "handshake" in flags:
-            continue
-        extras = rest.split(b",")
-        hostname = _s(extras[1]) if len(extras) > 1 and b"=" not in extras[1] else ""
-        role = "master" if "master" in flags else "replica"
-        health = "failed" if ("fail" in flags or "fail?" in flags) else "online"
-        master = _s(fields[3]) if fields[3] != b"-" else ""
-        slots: list[tuple[int, int]] = []
-        for s in fields[8:]:
-            a, dash, b = s.partition(b"-")
-            if s.startswith(b"["):
-                continue  # a slot being imported or migrated
-            if not a.isdigit() or (dash and not b.isdigit()):
-                raise TopologyError(f"CLUSTER NODES slot field {s!r}")
-            slots.append((int(a), int(b) if dash else int(a)))
-        parsed.append((node_id, _s(ip) or default_host, port, hostname, role, master, health,
-                       slots))
-    by_id = {p[0]: p for p in parsed}
-    nodes = []
-    for node_id, host, port, hostname, role, master, health, slots in parsed:
-        if role == "replica" and master in by_id:
-            slots = by_id[master][7]
-        nodes.append(ClusterNode(
-            node_id=node_id, host=host, port=port, ip=host, hostname=hostname,
-            role="master" if role == "master" else "replica", master_id=master,
-            health=health, slots=tuple(sorted(slots)),
-        ))
-    return Topology(tuple(nodes), "nodes")
-
-
-def parse_topology(raw: Bytes, command: Literal["shards", "slots", "nodes"],
-                   default_host: str) -> Topology:
-    """Parse the raw reply to ``CLUSTER <command>``; raises ``TopologyError``."""
-    try:
-        frame = parse_one(raw)
-    except ProtocolError as exc:
-        raise TopologyError(f"CLUSTER {command.upper()} reply is not RESP: {exc}") from None
-    if command == "shards":
-        return topology_from_shards(frame, default_host)
-    if command == "slots":
-        return topology_from_slots(frame, default_host)
-    if frame.is_error:
-        raise TopologyError(f"CLUSTER NODES failed: {_s(frame.bytes_value or b'')}")
-    text = frame.bytes_value
-    if text is None:
-        raise TopologyError("CLUSTER NODES reply is not a string")
-    return topology_from_nodes(text, default_host)
