@@ -25,6 +25,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "tls": ("bench.tls", "TLS-terminating listener beside a plain one and redis-server's own TLS"),
     "cluster": ("bench.cluster", "redis-cluster rewriting listener vs a plain tcp listener "
                                  "vs direct"),
+    "scale": ("bench.scale", "1 to 3,000 checked listeners: the listener under test's GET/s and "
+                             "latency, idle CPU vs HAProxy's checks, scrape, RSS, start, reload"),
     "protocols": ("bench.protocols", "CPU cost of the sans-IO framers and rewriters (no sockets)"),
 }
 DEFAULT = "run"

@@ -2,7 +2,8 @@
 
 ::
 
-    GET /metrics  Prometheus text format (metrics.CacheportCollector, read at scrape time)
+    GET /metrics  Prometheus text format (metrics.CacheportMetrics, read at scrape time);
+                  ?name[]=FAMILY ?listener=NAME ?histograms=listener|sum|none select series
     GET /healthz  200 while the process serves
     GET /readyz   200 when every listener accepts and (by default) an upstream is healthy
     GET /status   JSON: listeners, their upstreams, health, connections, bytes, last check
@@ -34,7 +35,7 @@ from .config import Address, AdminConfig
 from .health.monitor import HealthMonitor, Target
 from .health.state import State, choose_upstream
 from .listener import Listener, bind_socket
-from .metrics import CONTENT_TYPE_LATEST, CacheportCollector, make_registry, render
+from .metrics import CONTENT_TYPE_LATEST, CacheportMetrics, Selection, make_registry, render
 from .process import worker_id
 
 log = logging.getLogger("cacheport.admin")
@@ -67,6 +68,9 @@ class Response:
     body: bytes
     content_type: str = "text/plain; charset=utf-8"
     headers: dict[str, str] = field(default_factory=dict)
+    # A large body (a scrape of thousands of listeners) in pieces, written one at a
+    # time: no copy of megabytes in one go on the loop. Sent after ``body``.
+    parts: tuple[bytes, ...] = ()
 
     @classmethod
     def text(cls, status: int, text: str) -> Response:
@@ -94,7 +98,8 @@ class AdminServer:
         self.reuse_port = reuse_port
         self.listeners = listeners
         self.monitor = monitor
-        self.registry = make_registry(CacheportCollector(listeners, monitor))
+        self.cacheport_metrics = CacheportMetrics(listeners, monitor)
+        self.registry = make_registry()  # process-wide families; owners may add theirs
         self.started_at = time.time()
         self.bound: Address | None = None
         self._sock: socket.socket | None = None
@@ -174,6 +179,9 @@ class AdminServer:
                 head_only = request_or_error.method == "HEAD"
             writer.write(_encode(response, head_only))
             await writer.drain()
+            for part in () if head_only else response.parts:
+                writer.write(part)
+                await writer.drain()
         except ConnectionError:
             pass
         finally:
@@ -204,8 +212,14 @@ class AdminServer:
 
     # -- the endpoints -------------------------------------------------------------
 
-    async def _metrics(self, _request: Request) -> Response:
-        return Response(200, render(self.registry), CONTENT_TYPE_LATEST)
+    async def _metrics(self, request: Request) -> Response:
+        try:
+            selection = Selection.from_query(request.query)
+        except ValueError as exc:
+            return Response.text(400, f"/metrics: {exc}")
+        parts = await self.cacheport_metrics.render_parts(selection)
+        return Response(200, b"", CONTENT_TYPE_LATEST,
+                        parts=(*parts, render(self.registry, selection)))
 
     async def _healthz(self, _request: Request) -> Response:
         return Response.text(200, "ok")
@@ -383,7 +397,7 @@ def _encode(response: Response, head_only: bool) -> bytes:
     reason = _REASONS.get(response.status, "")
     headers = {
         "Content-Type": response.content_type,
-        "Content-Length": str(len(response.body)),
+        "Content-Length": str(len(response.body) + sum(map(len, response.parts))),
         "Cache-Control": "no-store",
         "Connection": "close",
         # ``cacheport healthcheck`` tells this endpoint from another process on the port

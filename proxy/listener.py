@@ -266,7 +266,6 @@ class Listener:
         assert self.sock is not None, "bind() first"
         self.accepting = True
         self.loop.add_reader(self.sock.fileno(), self._on_acceptable)
-        self._schedule_idle_sweep()
         missing = " (the native engine is not built on this install)" \
             if self.engine_missing else ""
         log.info(
@@ -553,6 +552,7 @@ class Listener:
             else:
                 relay = self.relay_factory(self.pool, self._upstream_relay_closed, source)
             self.relays.add(relay)
+            self._schedule_idle_sweep()
             if tls.server is not None and isinstance(relay, Relay) and \
                     not await self._client_handshake(relay, client, source, config):
                 return
@@ -731,8 +731,9 @@ class Listener:
     # -- idle timeout --------------------------------------------------------
 
     def _schedule_idle_sweep(self) -> None:
+        # Only while there are connections: thousands of idle listeners keep no timers.
         idle = self.config.idle_timeout
-        if idle is not None and self._idle_handle is None:
+        if idle is not None and self._idle_handle is None and self.relays:
             self._idle_handle = self.loop.call_later(max(idle / 4, 0.05), self._sweep_idle)
 
     def _sweep_idle(self) -> None:

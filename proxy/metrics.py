@@ -5,20 +5,24 @@
     relay Side.nbytes, ListenerStats, UpstreamBook, health Targets   (plain ints)
                   |  read only when Prometheus scrapes
                   v
-    CacheportCollector.collect() --> prometheus-client text format (/metrics)
+    CacheportMetrics.render(Selection) --> text exposition format (/metrics)
+    make_registry(): process, platform, GC (prometheus-client) --> appended
 
 Nothing on the forwarding path calls into prometheus-client: a relay only adds
 to its own integers, a listener updates ``UpstreamBook`` once when a connection
-opens and once when it closes, and this collector folds it all together when
+opens and once when it closes, and the renderer folds it all together when
 asked. The byte counters include connections that are still open (their live
-``Side.nbytes``), so a scrape is exact at the moment it is taken. ``collect()``
-must run on the event loop's thread, which is where the admin endpoint calls it.
+``Side.nbytes``), so each listener's series are exact at the moment it is read.
+``render()`` runs on the event loop's thread, which is where the admin endpoint
+calls it, a chunk of listeners at a time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+import urllib.parse
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -29,19 +33,14 @@ from prometheus_client import (
     PROCESS_COLLECTOR,
     generate_latest,
 )
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.registry import CollectorRegistry
 
 from . import __version__
 from .config import Address
 from .health.state import State
 
-__all__ = ["CONTENT_TYPE_LATEST", "Buckets", "CacheportCollector", "UpstreamBook", "make_registry"]
+__all__ = ["CONTENT_TYPE_LATEST", "Buckets", "CacheportMetrics", "Selection", "UpstreamBook",
+           "make_registry"]
 
 # Loopback connects take ~50us, a connect across AZs ~1ms, a SYN lost to a dead node seconds.
 CONNECT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -194,110 +193,267 @@ class TargetView(Protocol):
     def durations(self) -> Buckets: ...
 
 
-class CacheportCollector(Collector):
-    """Reads the listeners and the health monitor when scraped; keeps no state of its own."""
+@dataclass(frozen=True, slots=True)
+class Family:
+    """One metric family as exposed: its full name (counters end in ``_total``), type, help."""
+
+    name: str
+    kind: str  # counter | gauge | histogram
+    help: str
+    per_listener: bool = True
+
+    def head(self) -> str:
+        text = self.help.replace("\\", "\\\\").replace("\n", "\\n")
+        return f"# HELP {self.name} {text}\n# TYPE {self.name} {self.kind}\n"
+
+    def sample_names(self) -> tuple[str, ...]:
+        if self.kind == "histogram":
+            return (self.name, *(self.name + s for s in ("_bucket", "_count", "_sum")))
+        if self.kind == "counter":
+            return (self.name, self.name.removesuffix("_total"))
+        return (self.name,)
+
+
+BUILD_INFO = Family("cacheport_build_info", "gauge", "cacheport version, always 1", False)
+ACCEPTING = Family("cacheport_listener_accepting", "gauge",
+                   "1 while the listener is bound and accepting")
+ACCEPTED = Family("cacheport_connections_accepted_total", "counter",
+                  "Client connections accepted")
+REFUSED = Family("cacheport_connections_refused_total", "counter",
+                 "Client connections closed before reaching an upstream, by reason")
+CUT = Family("cacheport_connections_closed_total", "counter",
+             "Connections cacheport closed itself (idle timeout, upstream down), by reason")
+ACTIVE = Family("cacheport_connections_active", "gauge",
+                "Open client connections relayed to the upstream")
+CONNECTIONS = Family("cacheport_upstream_connections_total", "counter",
+                     "Connections relayed to the upstream")
+BYTES = Family("cacheport_bytes_total", "counter",
+               "Bytes relayed; direction upstream is client -> node, downstream node -> client")
+CONNECT = Family("cacheport_upstream_connect_duration_seconds", "histogram",
+                 "Time to connect to the upstream for a new client connection")
+UP = Family("cacheport_upstream_up", "gauge",
+            "Health check verdict: 1 UP, 0 DOWN (or not yet checked)")
+CHANGES = Family("cacheport_upstream_state_changes_total", "counter", "UP <-> DOWN changes")
+CHECKS = Family("cacheport_upstream_checks_total", "counter", "Health checks run, by result")
+CHECK_DURATION = Family("cacheport_upstream_check_duration_seconds", "histogram",
+                        "Time one health check took")
+LISTENER_FAMILIES = (ACCEPTING, ACCEPTED, REFUSED, CUT, ACTIVE, CONNECTIONS, BYTES, CONNECT)
+HEALTH_FAMILIES = (UP, CHANGES, CHECKS, CHECK_DURATION)
+FAMILIES = (BUILD_INFO, *LISTENER_FAMILIES, *HEALTH_FAMILIES)
+
+HISTOGRAMS = ("listener", "sum", "none")
+"""``?histograms=``: one histogram per (listener, upstream), the default and what
+dashboards built on it expect; ``sum``: one over every listener and upstream (16
+series in all instead of 17 per upstream of each listener); ``none``: left out."""
+
+CHUNK = 50  # listeners rendered between two yields to the loop: about 1 ms of work
+JOIN_SLICE = 10_000  # lines joined and encoded between two yields: about 1 ms
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which series one scrape wants: the cardinality controls of ``/metrics``.
+
+    ``?name[]=FAMILY`` (repeatable; prometheus-client's own filter, a family or a
+    sample name), ``?listener=NAME`` (repeatable; HAProxy's exporter ``scope=``),
+    ``?histograms=listener|sum|none``.
+    """
+
+    names: frozenset[str] | None = None
+    listeners: frozenset[str] | None = None
+    histograms: str = "listener"
+
+    @classmethod
+    def from_query(cls, query: str) -> Selection:
+        """The selection a query string asks for; ``ValueError`` says what is wrong."""
+        params = urllib.parse.parse_qs(query, keep_blank_values=True)
+        unknown = sorted(set(params) - {"name[]", "name", "listener", "histograms"})
+        if unknown:
+            raise ValueError(f"unknown parameter {unknown[0]!r}; "
+                             "known: name[], listener, histograms")
+        names = params.get("name[]", []) + params.get("name", [])
+        listeners = params.get("listener", [])
+        histograms = params.get("histograms", ["listener"])[-1]
+        if histograms not in HISTOGRAMS:
+            raise ValueError(f"histograms={histograms!r}: expected one of "
+                             f"{', '.join(HISTOGRAMS)}")
+        return cls(frozenset(names) if names else None,
+                   frozenset(listeners) if listeners else None, histograms)
+
+    def wants(self, family: Family) -> bool:
+        if family.kind == "histogram" and self.histograms == "none":
+            return False
+        return self.names is None or not self.names.isdisjoint(family.sample_names())
+
+    def wants_listener(self, name: str) -> bool:
+        return self.listeners is None or name in self.listeners
+
+
+def _label(value: str) -> str:
+    if "\\" in value or '"' in value or "\n" in value:
+        value = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return value
+
+
+_LE = (*(f'le="{b!r}"' for b in CONNECT_BUCKETS), 'le="+Inf"')
+_CHECK_LE = (*(f'le="{b!r}"' for b in CHECK_DURATION_BUCKETS), 'le="+Inf"')
+
+
+def _histogram(out: list[str], name: str, labels: str, b: Buckets, les: tuple[str, ...]) -> None:
+    """``labels`` is ``listener="a",upstream="b",`` (with its trailing comma) or empty."""
+    running = 0
+    for le, n in zip(les, b.counts, strict=True):
+        running += n
+        out.append(f"{name}_bucket{{{labels}{le}}} {running}\n")
+    bare = labels[:-1]
+    out.append(f"{name}_count{{{bare}}} {b.count}\n" if bare else f"{name}_count {b.count}\n")
+    out.append(f"{name}_sum{{{bare}}} {b.sum!r}\n" if bare else f"{name}_sum {b.sum!r}\n")
+
+
+def _add_into(total: Buckets, b: Buckets) -> None:
+    for i, n in enumerate(b.counts):
+        total.counts[i] += n
+    total.sum += b.sum
+    total.count += b.count
+
+
+class CacheportMetrics:
+    """Renders cacheport's own families as text, from plain counters, a chunk at a time.
+
+    ::
+
+        listeners, health targets --render(selection)--> one list of lines per family
+                 (every CHUNK listeners: await, so relays and checks run in between)
+                                                  --join--> text exposition format
+
+    Formatting the text directly (not through prometheus-client's metric objects)
+    and yielding to the loop every ``CHUNK`` listeners keeps a scrape of thousands
+    of listeners from holding the loop: each step is about a millisecond. A
+    listener's own series are read in one step, so they agree with each other;
+    two listeners may be read a few milliseconds apart.
+    """
 
     def __init__(self, listeners: Callable[[], Iterable[ListenerView]],
                  monitor: Callable[[], Iterable[TargetView] | None]) -> None:
         self.listeners = listeners
         self.monitor = monitor
 
-    def collect(self) -> Iterator[Metric]:
-        info = GaugeMetricFamily("cacheport_build_info", "cacheport version, always 1",
-                                 labels=["version"])
-        info.add_metric([__version__], 1)
-        yield info
-        yield from self._listener_metrics(list(self.listeners()))
+    async def render(self, selection: Selection = Selection()) -> bytes:
+        """The whole text at once (for callers that want bytes, not a stream)."""
+        return b"".join(await self.render_parts(selection))
+
+    async def render_parts(self, selection: Selection = Selection()) -> list[bytes]:
+        """The text in pieces of at most ``JOIN_SLICE`` lines, to be written one by one."""
+        lines: dict[Family, list[str]] = {f: [] for f in FAMILIES if selection.wants(f)}
+        if BUILD_INFO in lines:
+            lines[BUILD_INFO].append(f'cacheport_build_info{{version="{__version__}"}} 1\n')
+        connect_total = Buckets(CONNECT_BUCKETS)
+        listeners = [lst for lst in self.listeners() if selection.wants_listener(lst.name)]
+        for start in range(0, len(listeners), CHUNK):
+            for listener in listeners[start:start + CHUNK]:
+                self._listener(listener, lines, selection, connect_total)
+            await asyncio.sleep(0)
+        check_total = Buckets(CHECK_DURATION_BUCKETS)
         monitor = self.monitor()
         if monitor is not None:
-            yield from self._health_metrics(monitor)
+            targets = [t for t in monitor if selection.wants_listener(t.listener)]
+            for start in range(0, len(targets), CHUNK * 2):
+                for target in targets[start:start + CHUNK * 2]:
+                    self._target(target, lines, selection, check_total)
+                await asyncio.sleep(0)
+        if selection.histograms == "sum":
+            if CONNECT in lines:
+                _histogram(lines[CONNECT], CONNECT.name, "", connect_total, _LE)
+            if CHECK_DURATION in lines and monitor is not None:
+                _histogram(lines[CHECK_DURATION], CHECK_DURATION.name, "", check_total,
+                           _CHECK_LE)
+        # Joined and encoded a slice at a time too, and never joined whole: one 4 MB join
+        # held the loop ~10-20 ms; the admin endpoint writes the pieces one by one.
+        out: list[bytes] = []
+        for family, body in lines.items():
+            if body or not family.per_listener or selection.names is not None:
+                out.append(family.head().encode())
+                for start in range(0, len(body), JOIN_SLICE):
+                    out.append("".join(body[start:start + JOIN_SLICE]).encode())
+                    await asyncio.sleep(0)
+        return out
 
-    def _listener_metrics(self, listeners: list[ListenerView]) -> Iterator[Metric]:
-        lu = ["listener", "upstream"]
-        accepting = GaugeMetricFamily(
-            "cacheport_listener_accepting", "1 while the listener is bound and accepting",
-            labels=["listener"])
-        accepted = CounterMetricFamily(
-            "cacheport_connections_accepted", "Client connections accepted",
-            labels=["listener"])
-        refused = CounterMetricFamily(
-            "cacheport_connections_refused",
-            "Client connections closed before reaching an upstream, by reason",
-            labels=["listener", "reason"])
-        cut = CounterMetricFamily(
-            "cacheport_connections_closed",
-            "Connections cacheport closed itself (idle timeout, upstream down), by reason",
-            labels=["listener", "reason"])
-        active = GaugeMetricFamily(
-            "cacheport_connections_active", "Open client connections relayed to the upstream",
-            labels=lu)
-        connections = CounterMetricFamily(
-            "cacheport_upstream_connections", "Connections relayed to the upstream", labels=lu)
-        nbytes = CounterMetricFamily(
-            "cacheport_bytes",
-            "Bytes relayed; direction upstream is client -> node, downstream node -> client",
-            labels=[*lu, "direction"])
-        connect = HistogramMetricFamily(
-            "cacheport_upstream_connect_duration_seconds",
-            "Time to connect to the upstream for a new client connection", labels=lu)
-        for listener in listeners:
-            name = listener.name
-            stats = listener.stats
-            accepting.add_metric([name], 1 if listener.accepting else 0)
-            accepted.add_metric([name], stats.accepted)
+    @staticmethod
+    def _listener(listener: ListenerView, lines: dict[Family, list[str]],
+                  selection: Selection, connect_total: Buckets) -> None:
+        name = _label(listener.name)
+        stats = listener.stats
+        book = listener.book
+        ln = f'listener="{name}"'
+        if (out := lines.get(ACCEPTING)) is not None:
+            out.append(f"cacheport_listener_accepting{{{ln}}} {1 if listener.accepting else 0}\n")
+        if (out := lines.get(ACCEPTED)) is not None:
+            out.append(f"cacheport_connections_accepted_total{{{ln}}} {stats.accepted}\n")
+        if (out := lines.get(REFUSED)) is not None:
             for reason, count in sorted(stats.refused.items()):
-                refused.add_metric([name, reason], count)
-            book = listener.book
-            cut.add_metric([name, "idle timeout"], stats.idle_closed)
-            cut.add_metric([name, "upstream down"],
-                           sum(c.closed_on_down for c in book.counters.values()))
-            totals = book.totals()
-            # Configured upstreams show from the start (at zero), former ones while counted.
-            shown = dict.fromkeys((*listener.config.upstreams, *book.counters))
-            for addr in shown:
-                labels = [name, str(addr)]
-                counters = book.counters.get(addr) or _ZERO
-                n_active, up, down = totals.get(addr, (0, 0, 0))
-                active.add_metric(labels, n_active)
-                connections.add_metric(labels, counters.connections)
-                nbytes.add_metric([*labels, "upstream"], up)
-                nbytes.add_metric([*labels, "downstream"], down)
-                b = counters.connect_seconds
-                connect.add_metric(labels, b.cumulative(), b.sum)
-        yield from (accepting, accepted, refused, cut, active, connections, nbytes, connect)
+                out.append(f'cacheport_connections_refused_total{{{ln},'
+                           f'reason="{_label(reason)}"}} {count}\n')
+        if (out := lines.get(CUT)) is not None:
+            on_down = sum(c.closed_on_down for c in book.counters.values())
+            out.append(f'cacheport_connections_closed_total{{{ln},reason="idle timeout"}} '
+                       f"{stats.idle_closed}\n")
+            out.append(f'cacheport_connections_closed_total{{{ln},reason="upstream down"}} '
+                       f"{on_down}\n")
+        totals = book.totals()
+        active, conns, nbytes = lines.get(ACTIVE), lines.get(CONNECTIONS), lines.get(BYTES)
+        connect = lines.get(CONNECT)
+        # Configured upstreams show from the start (at zero), former ones while counted.
+        for addr in dict.fromkeys((*listener.config.upstreams, *book.counters)):
+            lu = f'{ln},upstream="{_label(str(addr))}"'
+            counters = book.counters.get(addr) or _ZERO
+            n_active, up, down = totals.get(addr, (0, 0, 0))
+            if active is not None:
+                active.append(f"cacheport_connections_active{{{lu}}} {n_active}\n")
+            if conns is not None:
+                conns.append(f"cacheport_upstream_connections_total{{{lu}}} "
+                             f"{counters.connections}\n")
+            if nbytes is not None:
+                nbytes.append(f'cacheport_bytes_total{{{lu},direction="upstream"}} {up}\n')
+                nbytes.append(f'cacheport_bytes_total{{{lu},direction="downstream"}} {down}\n')
+            if connect is not None:
+                if selection.histograms == "sum":
+                    _add_into(connect_total, counters.connect_seconds)
+                else:
+                    _histogram(connect, CONNECT.name, lu + ",", counters.connect_seconds, _LE)
 
-    def _health_metrics(self, monitor: Iterable[TargetView]) -> Iterator[Metric]:
-        lu = ["listener", "upstream"]
-        up = GaugeMetricFamily(
-            "cacheport_upstream_up",
-            "Health check verdict: 1 UP, 0 DOWN (or not yet checked)", labels=lu)
-        changes = CounterMetricFamily(
-            "cacheport_upstream_state_changes", "UP <-> DOWN changes", labels=lu)
-        checks = CounterMetricFamily(
-            "cacheport_upstream_checks", "Health checks run, by result",
-            labels=[*lu, "result"])
-        duration = HistogramMetricFamily(
-            "cacheport_upstream_check_duration_seconds", "Time one health check took",
-            labels=lu)
-        for target in monitor:
-            labels = [target.listener, str(target.upstream)]
-            up.add_metric(labels, 1 if target.state is State.UP else 0)
-            changes.add_metric(labels, target.changes)
-            checks.add_metric([*labels, "ok"], target.checks_ok)
-            checks.add_metric([*labels, "failed"], target.checks_failed)
-            duration.add_metric(labels, target.durations.cumulative(), target.durations.sum)
-        yield from (up, changes, checks, duration)
+    @staticmethod
+    def _target(target: TargetView, lines: dict[Family, list[str]], selection: Selection,
+                check_total: Buckets) -> None:
+        lu = f'listener="{_label(target.listener)}",upstream="{_label(str(target.upstream))}"'
+        if (out := lines.get(UP)) is not None:
+            out.append(f"cacheport_upstream_up{{{lu}}} "
+                       f"{1 if target.state is State.UP else 0}\n")
+        if (out := lines.get(CHANGES)) is not None:
+            out.append(f"cacheport_upstream_state_changes_total{{{lu}}} {target.changes}\n")
+        if (out := lines.get(CHECKS)) is not None:
+            out.append(f'cacheport_upstream_checks_total{{{lu},result="ok"}} '
+                       f"{target.checks_ok}\n")
+            out.append(f'cacheport_upstream_checks_total{{{lu},result="failed"}} '
+                       f"{target.checks_failed}\n")
+        if (out := lines.get(CHECK_DURATION)) is not None:
+            if selection.histograms == "sum":
+                _add_into(check_total, target.durations)
+            else:
+                _histogram(out, CHECK_DURATION.name, lu + ",", target.durations, _CHECK_LE)
 
 
-def make_registry(collector: CacheportCollector) -> CollectorRegistry:
-    """A registry of our own (not the global one) plus the process, platform and GC metrics."""
+def make_registry() -> CollectorRegistry:
+    """A registry of our own (not the global one) with the process, platform and GC metrics;
+    the owner adds its few process-wide families. The per-listener ones are
+    ``CacheportMetrics``'s, rendered beside it."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
     for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
         registry.register(standard)
     return registry
 
 
-def render(registry: CollectorRegistry) -> bytes:
-    """The text exposition format; call on the event loop's thread."""
+def render(registry: CollectorRegistry, selection: Selection = Selection()) -> bytes:
+    """The registry's families in the text format, filtered by ``selection``'s names."""
+    if selection.names is not None:
+        return generate_latest(registry.restricted_registry(sorted(selection.names)))
     return generate_latest(registry)

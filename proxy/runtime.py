@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import logging
 import os
@@ -55,6 +56,20 @@ def raise_nofile_limit() -> int:
     return soft
 
 
+def settle_heap() -> None:
+    """Move every object alive now (listeners, configs, checks' probes) out of the cyclic
+    garbage collector's reach (``gc.freeze``), after start-up and after each reload.
+
+    With 3,000 listeners a full collection walked ~150,000 long-lived objects every
+    few seconds and held the loop 45-150 ms (gc.callbacks, under ``python -m bench
+    scale``'s 3,000-listener port map); frozen, it takes 2-3 ms. Reference counting
+    still frees what dies later; only a reference cycle among objects alive at a
+    freeze would stay in memory (at worst some of a listener a reload removed: a
+    few KB per reload).
+    """
+    gc.freeze()
+
+
 class Reloader:
     """Re-reads the port map file and applies it; every trigger goes through here."""
 
@@ -69,13 +84,19 @@ class Reloader:
         """Validate the file, then apply it; raise ConfigError/ReloadError and change nothing."""
         async with self._lock:
             try:
-                config = load_config(self.path)  # the file's own mistakes, at its own lines
+                # Parsing and validating thousands of listeners takes a few hundred ms;
+                # in a thread the loop keeps relaying and checking meanwhile (the GIL is
+                # handed back every few ms).
+                # The file's own mistakes first, at its own lines.
+                config = await asyncio.to_thread(load_config, self.path)
                 if self.extend is not None:
-                    config = load_config(self.path, self.extend)
+                    config = await asyncio.to_thread(load_config, self.path, self.extend)
             except ConfigError:
                 self.server.reload_failures += 1
                 raise
-            return await self.server.reload(config)
+            plan = await self.server.reload(config)
+            settle_heap()
+            return plan
 
     async def reload_logged(self, trigger: str) -> None:
         try:
@@ -154,6 +175,7 @@ async def serve(config: Config, options: RunOptions) -> int:
     except StartError as exc:
         log.error("%s; nothing was started", exc)
         return EXIT_CONFIG
+    settle_heap()
     loop = asyncio.get_running_loop()
     reloader = Reloader(server, options.config_path)
     if server.admin is not None:

@@ -191,8 +191,8 @@ def fleet_admin(supervisor: Supervisor, config: AdminConfig) -> AdminServer:
             restarts.add_metric([str(w.index)], w.restarts)
         return [running, restarts]
 
-    async def metrics(_request: Request) -> Response:
-        texts = await fleet.gather_metrics(addresses)
+    async def metrics(request: Request) -> Response:
+        texts = await fleet.gather_metrics(addresses, request.query)
         return Response(200, fleet.render_merged(texts, own_metrics()), CONTENT_TYPE_LATEST)
 
     async def status(_request: Request) -> Response:

@@ -73,6 +73,27 @@ Python >= 3.11 with venv -- then run this command again."
     [ -z "$missing" ] || die "still missing after apt-get: ${missing//$'\n'/ }"
 }
 
+# HAProxy, the peer the bench compares against (python -m bench run, and scale's check
+# CPU): only with CACHEPORT_BENCH_PEERS=1, and never required -- the bench skips a peer
+# that is not installed.
+install_bench_peers() {
+    [ "${CACHEPORT_BENCH_PEERS:-0}" = 1 ] || return 0
+    if command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ]; then
+        return 0
+    fi
+    local sudo=()
+    [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+    if ! command -v apt-get >/dev/null 2>&1 \
+            || { [ ${#sudo[@]} -gt 0 ] && ! command -v sudo >/dev/null 2>&1; }; then
+        say "CACHEPORT_BENCH_PEERS=1: cannot apt-get install haproxy here; the bench skips it"
+        return 0
+    fi
+    say "installing haproxy for the bench (CACHEPORT_BENCH_PEERS=1)"
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends haproxy >/dev/null \
+        || say "installing haproxy failed; the bench skips it"
+}
+
 check_python() {
     python3 - <<'PY' || die "Python >= 3.11 is required (found $(python3 --version 2>&1))"
 import sys
@@ -98,6 +119,7 @@ install_venv() {
 }
 
 install_system_packages
+install_bench_peers
 check_python
 install_venv
 # Optional: a valkey-server for the engine tests (scripts/valkey.sh); without it they skip.

@@ -89,6 +89,7 @@ LAYERS: dict[str, int] = {
     "proxy.config": 0,
     "proxy.protocols": 0,  # proxy_header too
     "proxy.health.state": 0,
+    "proxy.health.wire": 0,
     "proxy.cluster.ports": 0,
     "proxy.cluster.replication": 0,
     "proxy.relay": 0,  # the package's __init__, pipes, buffered
@@ -100,6 +101,7 @@ LAYERS: dict[str, int] = {
     "proxy.iptables": 1,
     "proxy.aws": 2,  # its render reuses iptables' YAML helpers
     "proxy.health.checks": 1,
+    "proxy.health.prober": 1,
     "proxy.relay.choose": 1,
     "proxy.relay.splice": 2,
     "proxy.relay.engine": 3,
