@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import random
 import re
 import shutil
 import signal
@@ -32,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -125,6 +126,7 @@ class OutputParser:
         self.ended = False  # "The End" was printed
         self._detail_for: int | None = None  # index of an [err] still reading its message
         self._timeout = False
+        self.tail: deque[str] = deque(maxlen=6)  # the last lines, to say why it stopped
 
     @property
     def last_test(self) -> str:
@@ -135,6 +137,7 @@ class OutputParser:
 
     def feed(self, raw: str) -> None:
         line = _ANSI.sub("", raw).rstrip("\r\n")
+        self.tail.append(line)
         if self._detail_for is not None:
             if line and not line.startswith(("[", "Testing ")) and not line.startswith("  "):
                 outcome = self.outcomes[self._detail_for]
@@ -467,6 +470,28 @@ def free_ports(count: int) -> int:
     raise RuntimeError(f"no {count} consecutive free ports")
 
 
+def suite_baseport() -> int:
+    """A ``--baseport`` for runtest: its test server takes a port from the 32 below it, and
+    checks each (and each + 10000) wrongly, on the wildcard address; the default (21111)
+    is shared by every run on the machine, so concurrent runs would collide."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(12000, 22000)
+        socks: list[socket.socket] = []
+        try:
+            for port in [*range(base, base + 32), *range(base + 10000, base + 10032)]:
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("", port))
+            return base + 32
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free range of ports for the suite's test server")
+
+
 def port_open(port: int) -> bool:
     try:
         with socket.create_connection((HOST, port), timeout=0.2):
@@ -614,7 +639,8 @@ def run_suite(src: Path, kind_name: str, port: int, units: Sequence[str],
                 run.not_run = pending
                 break
             cmd = ["./runtest", "--host", HOST, "--port", str(port), *SUITE_FLAGS,
-                   "--timeout", str(limits.stall), *flags]
+                   "--timeout", str(limits.stall), "--baseport", str(suite_baseport()),
+                   *flags]
             for name in [*skip, *hung.get(pending[0], [])]:
                 cmd += ["--skiptest", name]
             for unit in pending:
@@ -624,6 +650,12 @@ def run_suite(src: Path, kind_name: str, port: int, units: Sequence[str],
             stopped = parser.unit or pending[0]
             if parser.ended and not parser.interruptions:
                 run.outcomes += parser.outcomes
+                break
+            if not parser.unit:  # it never started a unit: running it again will not help
+                run.interruptions.append(Interruption(
+                    pending[0], "exit", "(none)",
+                    "the suite did not start: " + " / ".join(parser.tail)[-400:]))
+                run.not_run = pending
                 break
             if not parser.interruptions:  # killed at the deadline, or died
                 killed = time.monotonic() >= end
@@ -674,6 +706,7 @@ def _run_once(cmd: list[str], src: Path, out: Any, timeout: float) -> OutputPars
     finally:
         stop(proc)
         reader.join(10)
+        proc.stdout.close()
         out.flush()
     return parser
 
