@@ -155,8 +155,11 @@ puts $reordered
 
 def tcl_tries(port: int, count: int, src: Path) -> int:
     """``tries`` with the suite's Tcl client."""
-    done = subprocess.run(["tclsh", "-", str(port), str(count)], input=TCL, cwd=src,
-                          capture_output=True, text=True, timeout=600, check=False)
+    with tempfile.NamedTemporaryFile("w", suffix=".tcl") as script:
+        script.write(TCL)
+        script.flush()
+        done = subprocess.run(["tclsh", script.name, str(port), str(count)], cwd=src,
+                              capture_output=True, text=True, timeout=600, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"tclsh: {done.stderr.strip()[-300:]}")
     return int(done.stdout.split()[-1])
