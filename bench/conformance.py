@@ -65,6 +65,9 @@ SKIPPED = {
     "BRPOPLPUSH with multiple blocked clients":
         _ORDER + "BRPOPLPUSH on rd1, BRPOPLPUSH on rd2, LPUSH on r; when rd2's arrives "
         "first, rd1 stays blocked and the test reads from it forever",
+    "BRPOPLPUSH does not affect WATCH while still blocked":
+        _ORDER + "EXEC on the watching client (not yet answered), then LPUSH on r; when "
+        "LPUSH arrives first, the blocked BRPOPLPUSH writes the WATCHed key and EXEC aborts",
     "PUBLISH/SUBSCRIBE after UNSUBSCRIBE without arguments":
         _ORDER + "UNSUBSCRIBE on rd1 (its reply is not read), then PUBLISH on r expecting "
         "0 receivers",
