@@ -15,7 +15,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-# name -> (module, one line of help). ``conformance`` (bench/conformance.py) joins here.
+# name -> (module, one line of help).
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("bench.run", "direct vs cacheport vs HAProxy, nginx, socat (and DNAT with --netns): "
                          "the standing table"),
@@ -27,6 +27,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                                  "vs direct"),
     "scale": ("bench.scale", "1 to 3,000 checked listeners: the listener under test's GET/s and "
                              "latency, idle CPU vs HAProxy's checks, scrape, RSS, start, reload"),
+    "conformance": ("bench.conformance", "Redis's own test suite direct and through each kind of "
+                                         "listener, compared test by test"),
+    "arrival-order": ("bench.arrival_order", "how often a command sent second on another "
+                                             "connection reaches Redis first"),
     "protocols": ("bench.protocols", "CPU cost of the sans-IO framers and rewriters (no sockets)"),
 }
 DEFAULT = "run"

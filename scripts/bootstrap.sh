@@ -155,3 +155,98 @@ install_container_tools() {
 
 install_container_tools
 # --- end of the container engine block ------------------------------------------------
+
+# ---------------------------------------------------------------------------
+# Redis's own Tcl test suite, for the conformance run (docs/conformance.md): it comes from
+# the distribution's source package of the installed redis-server, so apt needs a deb-src
+# entry for the mirror redis-server came from, dpkg-dev to unpack it, tcl to run it, tcl-tls and
+# openssl for its --tls runs. Fetching the source is bench/conformance.py's job (into
+# ~/.cache/cacheport). Never fatal here: without these the conformance test says what is
+# missing, and fails under CI=true.
+SUITE_PACKAGES=(tcl tcl-tls dpkg-dev openssl)
+SUITE_SOURCES=/etc/apt/sources.list.d/cacheport-deb-src
+
+have_redis_source() {
+    local out
+    out=$(apt-cache showsrc redis 2>/dev/null || true)
+    grep -q '^Package: redis' <<<"$out"
+}
+
+# The mirror URIs apt knows redis-server from (the installed version's among them).
+redis_mirrors() {
+    { apt-cache policy redis-server 2>/dev/null || true; } \
+        | awk '/^ +[0-9]+ [a-z+]+:\/\// { print $2 }' | sort -u
+}
+
+# Copy every deb entry for those mirrors (deb822 .sources and one-line .list) as deb-src.
+write_deb_src() {
+    local uris=$1 files=() f
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list; do
+        [ -f "$f" ] && [[ "$f" != "$SUITE_SOURCES".* ]] && files+=("$f")
+    done
+    [ "${#files[@]}" -gt 0 ] || return 0
+    awk -v uris="$(tr '\n' ' ' <<<"$uris")" -v out="$SUITE_SOURCES" '
+        function flush() {
+            if (hit && deb && stanza !~ /\nEnabled: *no/) {
+                sub(/^Types:[^\n]*/, "Types: deb-src", stanza)
+                gsub(/\nTypes:[^\n]*/, "\nTypes: deb-src", stanza)
+                printf "%s\n", stanza > (out ".sources")
+            }
+            stanza = ""; hit = 0; deb = 0
+        }
+        BEGIN { n = split(uris, u, " "); for (i = 1; i <= n; i++) want[u[i]] = 1 }
+        FNR == 1 { flush() }
+        FILENAME ~ /\.sources$/ {
+            if ($0 ~ /^[ \t]*$/) { flush(); next }
+            if ($0 ~ /^#/) next
+            stanza = stanza $0 "\n"
+            if (tolower($1) == "uris:") for (i = 2; i <= NF; i++) if ($i in want) hit = 1
+            if (tolower($1) == "types:") for (i = 2; i <= NF; i++) if ($i == "deb") deb = 1
+            next
+        }
+        /^deb[ \t]/ {
+            line = $0; sub(/^deb/, "deb-src", line)
+            for (i = 2; i <= NF; i++) if ($i in want) { print line > (out ".list"); break }
+        }
+        END { flush() }' "${files[@]}"
+}
+
+install_redis_suite_deps() {
+    local missing=() p
+    for p in tclsh:tcl dpkg-source:dpkg-dev openssl:openssl; do
+        command -v "${p%%:*}" >/dev/null 2>&1 || missing+=("${p#*:}")
+    done
+    if command -v tclsh >/dev/null 2>&1 \
+            && ! echo 'exit [catch {package require tls}]' | tclsh >/dev/null 2>&1; then
+        missing+=(tcl-tls)
+    fi
+    have_redis_source && [ "${#missing[@]}" -eq 0 ] && return 0
+    have_redis_source || missing+=("a deb-src entry for redis-server's mirror")
+    if ! command -v apt-get >/dev/null 2>&1 || [ "$(id -u)" -ne 0 ]; then
+        say "the conformance run (docs/conformance.md) is missing: ${missing[*]};" \
+            "as root, scripts/bootstrap.sh adds them. Its test skips (and fails under CI=true)"
+        return 0
+    fi
+    if ! have_redis_source && ! compgen -G "$SUITE_SOURCES.*" >/dev/null; then
+        local uris
+        uris=$(redis_mirrors)
+        if [ -z "$uris" ]; then
+            say "cannot tell which mirror redis-server came from (apt-cache policy" \
+                "redis-server); add a deb-src entry for it by hand for the conformance run"
+        else
+            say "adding deb-src entries for $(tr '\n' ' ' <<<"$uris")in $SUITE_SOURCES.*"
+            write_deb_src "$uris"
+        fi
+    fi
+    say "installing ${SUITE_PACKAGES[*]} and apt's source index for the conformance run"
+    env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+        || say "apt-get update failed; the conformance run may not find redis's source"
+    env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${SUITE_PACKAGES[@]}" >/dev/null \
+        || say "apt-get install ${SUITE_PACKAGES[*]} failed; the conformance run needs them"
+    have_redis_source \
+        || say "apt has no source package for redis even now; the conformance run cannot fetch" \
+               "the suite (see $SUITE_SOURCES.*)"
+}
+
+install_redis_suite_deps
