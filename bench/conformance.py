@@ -809,7 +809,7 @@ def _unavailable(k: Kind, certs: Path) -> str:
             return f"Tcl has no tls package (apt-get install tcl-tls): {SETUP_HINT}"
     if k.listener == "native":
         sys.path.insert(0, str(ROOT))
-        from proxy.native import native_available
+        from proxy.relay.engine import native_available
 
         if not native_available():
             return "the native relay engine is not built here (no C compiler?)"
