@@ -55,6 +55,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "framer_py.h"
+#include "nodemap.h"
+#include "resp_framer.h"
+
 #define MODE_AUTO 0
 #define MODE_SPLICE 1
 #define MODE_BUFFER 2
@@ -1074,6 +1078,10 @@ PyMODINIT_FUNC PyInit__engine(void) {
     Py_INCREF(&EngineType);
     if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) {
         Py_DECREF(&EngineType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (framer_py_add(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }
