@@ -99,6 +99,110 @@ def conversations(draw: st.DrawFn) -> Ops:
     return ops
 
 
+def _reply_to(name: bytes, args: tuple[bytes, ...], st_: dict[str, object],
+              draw: st.DrawFn) -> bytes:
+    """What a Redis Cluster node plausibly answers (a toy model: enough to keep the
+    conversation in step, so CLUSTER replies after pub/sub, MULTI or HELLO get matched)."""
+    resp3 = st_["resp3"]
+    subs: set[bytes] = st_["subs"]  # type: ignore[assignment]
+    if draw(st.integers(0, 7)) == 0:
+        return draw(st.sampled_from([b"-MOVED 3999 10.0.0.2:6379\r\n",
+                                     b"-ASK 1 10.9.9.9:6379\r\n", b"-MOVED 7 :6379\r\n"]))
+    if st_["multi"] and name not in (b"exec", b"discard", b"multi"):
+        st_["queued"].append((name, args))  # type: ignore[attr-defined]
+        return b"+QUEUED\r\n"
+    if name == b"multi":
+        st_["multi"] = True
+        return b"+OK\r\n"
+    if name in (b"exec", b"discard"):
+        queued = st_["queued"]
+        st_["multi"], st_["queued"] = False, []
+        if name == b"discard":
+            return b"+OK\r\n"
+        return arr(*[_reply_to(n, a, {**st_, "multi": False, "queued": []}, draw)
+                     for n, a in queued])  # type: ignore[attr-defined]
+    if name == b"cluster":
+        sub = args[0].lower() if args else b""
+        return {b"slots": SLOTS, b"nodes": NODES, b"replicas": arr(NODES)}.get(
+            sub, bulk(b"cluster_state:ok"))
+    if name in (b"subscribe", b"psubscribe", b"ssubscribe", b"unsubscribe", b"punsubscribe",
+                b"sunsubscribe"):
+        chans = list(args) or sorted(subs) or [b""]
+        out = b""
+        for c in chans:
+            if name.endswith(b"unsubscribe"):
+                subs.discard(c)
+            else:
+                subs.add(c)
+            out += arr(bulk(name), bulk(c) if c else b"$-1\r\n", b":%d\r\n" % len(subs),
+                       t=b">" if resp3 else b"*")
+        return out
+    if name == b"hello":
+        st_["resp3"] = args[:1] == (b"3",)
+        return b"%1\r\n+proto\r\n:3\r\n" if st_["resp3"] else arr(bulk(b"proto"), b":2\r\n")
+    if name == b"reset":
+        st_["resp3"], st_["multi"] = False, False
+        subs.clear()
+        return b"+RESET\r\n"
+    if name == b"client":
+        return b"" if args[1:2] in ((b"OFF",), (b"SKIP",)) else b"+OK\r\n"
+    if name == b"ping":
+        return arr(bulk(b"pong"), bulk(b"")) if subs and not resp3 else b"+PONG\r\n"
+    if name == b"get":
+        return draw(st.sampled_from([b"$3\r\nbar\r\n", b"$-1\r\n", b"_\r\n" if resp3 else
+                                     b"$-1\r\n", bulk(b"-MOVED 1 10.0.0.1:6379")]))
+    return b"+OK\r\n"
+
+
+COHERENT = [(b"GET", b"k"), (b"SET", b"k", b"v"), (b"CLUSTER", b"SLOTS"), (b"CLUSTER", b"NODES"),
+            (b"cluster", b"replicas", b"a"), (b"CLUSTER", b"INFO"), (b"MULTI",), (b"EXEC",),
+            (b"DISCARD",), (b"SUBSCRIBE", b"c1", b"c2"), (b"UNSUBSCRIBE",),
+            (b"PSUBSCRIBE", b"p*"), (b"PUNSUBSCRIBE", b"p*"), (b"SSUBSCRIBE", b"s1"),
+            (b"SUNSUBSCRIBE",), (b"HELLO", b"3"), (b"HELLO", b"2"), (b"RESET",), (b"PING",),
+            (b"CLIENT", b"REPLY", b"OFF"), (b"CLIENT", b"REPLY", b"ON")]
+
+
+@st.composite
+def coherent(draw: st.DrawFn) -> Ops:
+    """Commands and the replies a node would give, interleaved with pub/sub messages and
+    pushes, cut at random points."""
+    state: dict[str, object] = {"resp3": False, "multi": False, "queued": [], "subs": set()}
+    ops: Ops = []
+    for _ in range(draw(st.integers(1, 14))):
+        words = draw(st.sampled_from(COHERENT))
+        inline = draw(st.integers(0, 5)) == 0
+        req = b" ".join(words) + b"\r\n" if inline else cmd(*words)
+        rep = _reply_to(words[0].lower(), words[1:], state, draw)
+        if state["subs"] and draw(st.booleans()):
+            rep = arr(bulk(b"message"), bulk(b"c1"), bulk(b"-MOVED 1 10.0.0.1:6379"),
+                      t=b">" if state["resp3"] else b"*") + rep
+        if state["resp3"] and draw(st.integers(0, 4)) == 0:
+            rep = arr(bulk(b"invalidate"), arr(bulk(b"k")), t=b">") + rep
+        ops.append(("req", req))
+        for part in _cut(rep, draw):
+            ops.append(("rep", part))
+    return ops
+
+
+def _cut(data: bytes, draw: st.DrawFn) -> list[bytes]:
+    if not data:
+        return []
+    cuts = sorted(draw(st.lists(st.integers(1, len(data)), max_size=3)))
+    out, at = [], 0
+    for c in [*cuts, len(data)]:
+        if c > at:
+            out.append(data[at:c])
+            at = c
+    return out
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(coherent())
+def test_c_framer_keeps_in_step_with_python_on_coherent_conversations(ops: Ops) -> None:
+    ok, why = same_output(ops)
+    assert ok, why
+
+
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(conversations())
 def test_c_framer_forwards_what_the_python_rewriter_forwards(ops: Ops) -> None:

@@ -201,7 +201,9 @@ fail:
 }
 
 static PyObject *Framer_state(FramerObject *o, PyObject *unused) {
-    return Py_BuildValue("{s:n,s:i,s:i,s:i,s:i,s:K}", "held", (Py_ssize_t)rf_held(&o->f),
+    return Py_BuildValue("{s:n,s:K,s:i,s:i,s:i,s:i,s:i,s:K}", "held", (Py_ssize_t)rf_held(&o->f),
+                         "pending", (unsigned long long)rf_pending(&o->f),
+                         "special", (int)o->f.special,
                          "opaque", (int)o->f.opaque, "request_error", (int)o->f.request_error,
                          "protocol", (int)o->f.protocol, "in_multi", (int)o->f.in_multi,
                          "redirects", (unsigned long long)o->f.redirects);

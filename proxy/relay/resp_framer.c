@@ -418,8 +418,8 @@ static int elem(const char *d, size_t n, size_t pos, rf_elem_t *e) {
                 return -1;
             e->isbytes = 1;
             e->v = d + nl + 1;
+            head_add(e, e->v, (size_t)v);  /* at vlen, still 0 */
             e->vlen = (size_t)v;
-            head_add(e, e->v, e->vlen);
             e->hash = fnv(FNV0, e->v, e->vlen);
             e->end = nl + 3 + (size_t)v;
             return 0;
@@ -427,8 +427,8 @@ static int elem(const char *d, size_t n, size_t pos, rf_elem_t *e) {
         if (t == '+' || t == '-' || t == ':' || t == ',' || t == '#' || t == '(') {
             e->isbytes = 1;
             e->v = h + 1;
+            head_add(e, e->v, hl - 1);
             e->vlen = hl - 1;
-            head_add(e, e->v, e->vlen);
             e->hash = fnv(FNV0, e->v, e->vlen);
             e->end = nl + 1;
             return 0;
@@ -1219,6 +1219,8 @@ void rf_free(rf_t *f) {
 }
 
 size_t rf_held(const rf_t *f) { return f->holdlen; }
+
+uint64_t rf_pending(const rf_t *f) { return q_total(&f->pending); }
 
 void rf_release(rf_t *f) {
     if (f->hold != NULL && f->holdlen == 0)

@@ -114,5 +114,7 @@ size_t rf_reply(rf_t *f, const char *p, size_t n, rf_out_t *o, int *action);
 void rf_release(rf_t *f);
 /* Bytes held for an incomplete frame (tests). */
 size_t rf_held(const rf_t *f);
+/* Commands whose replies are due (tests). */
+uint64_t rf_pending(const rf_t *f);
 
 #endif
