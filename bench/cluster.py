@@ -1,10 +1,13 @@
-"""``python -m bench cluster``: a rewriting redis-cluster listener vs a plain tcp listener
-vs direct, through redis-benchmark.
+"""``python -m bench cluster``: redis-cluster listeners (the buffered rewriting relay, and
+framed by the native engine) vs a plain tcp listener vs twemproxy vs direct, through
+redis-benchmark.
 
 One redis-server in cluster mode that owns every slot (so no request is redirected: this
 measures the cost of framing every reply, the rewriting path's common case), and one
-``cacheport run`` serving it twice: a plain ``tcp`` listener and the cluster's own
-per-node listener. The three targets run alternately, ``--reps`` times each, in the same
+``cacheport run`` serving it three times: a plain ``tcp`` listener and two clusters' own
+per-node listeners, ``relay: python`` and ``relay: native``. twemproxy (``nutcracker``,
+which parses every request and reply: the fair peer of a framing proxy) fronts the same
+node when it is installed. The three targets run alternately, ``--reps`` times each, in the same
 run; the table shows medians and the ratio to direct. Everything it starts is stopped by
 PID; traffic stays on loopback.
 """
@@ -48,6 +51,18 @@ def _wait_file(path: Path, timeout: float = 20) -> None:
         time.sleep(0.05)
 
 
+def _start_twemproxy(procs: list[subprocess.Popen[bytes]], work: Path, node: int) -> int:
+    """nutcracker in front of the node (one server: hashing plays no part)."""
+    port = free_port()
+    conf = work / "nutcracker.yml"
+    conf.write_text(f"bench:\n  listen: {HOST}:{port}\n  redis: true\n  hash: fnv1a_64\n"
+                    f"  distribution: ketama\n  servers:\n    - {HOST}:{node}:1\n")
+    procs.append(subprocess.Popen(["nutcracker", "-c", str(conf), "-s", str(free_port()),
+                                   "-a", HOST, "-o", str(work / "nutcracker.log")]))
+    wait_port(port, procs=procs)
+    return port
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench cluster",
                                      description="A rewriting redis-cluster listener vs a plain "
@@ -75,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     raise SystemExit("single-node cluster did not become ok")
                 time.sleep(0.05)
             plain, seed, low = free_port(), free_port(), free_port()  # one node, one port
+            nseed, nlow = free_port(), free_port()
             config = work / "bench.yaml"
             config.write_text(
                 f"admin: off\nlisteners:\n"
@@ -82,16 +98,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "protocol: tcp}\n"
                 f"clusters:\n"
                 f"  - {{name: rc, engine: redis-cluster, seed: '{HOST}:{node}', "
-                f"announce: {HOST}, listen: {HOST}, ports: {low}-{low}, seed_port: {seed}}}\n")
+                f"announce: {HOST}, listen: {HOST}, ports: {low}-{low}, seed_port: {seed}, "
+                "relay: python}\n"
+                f"  - {{name: rn, engine: redis-cluster, seed: '{HOST}:{node}', "
+                f"announce: {HOST}, listen: {HOST}, ports: {nlow}-{nlow}, seed_port: {nseed}, "
+                "relay: native}\n")
             start_cacheport(procs, config)
             wait_port(seed, procs=procs)
             wait_port(plain, procs=procs)
             state = work / "bench.state.json"
             _wait_file(state)
-            assigned = json.loads(state.read_text())["clusters"]["rc"]["ports"]["assigned"]
-            rewriting = int(next(iter(assigned.values())))
+            clusters = json.loads(state.read_text())["clusters"]
+            rewriting = int(next(iter(clusters["rc"]["ports"]["assigned"].values())))
+            framed = int(next(iter(clusters["rn"]["ports"]["assigned"].values())))
             wait_port(rewriting, procs=procs)
-            targets = {"direct": node, "plain tcp": plain, "rewriting": rewriting}
+            wait_port(framed, procs=procs)
+            targets = {"direct": node, "plain tcp": plain, "cluster, relay: python": rewriting,
+                       "cluster, relay: native": framed}
+            if shutil.which("nutcracker"):
+                targets["twemproxy"] = _start_twemproxy(procs, work, node)
             tests = [t for t in args.tests.split(",") if t]
             columns = [f"{t.upper()} -P {p}" for p in args.pipeline for t in tests]
             results: dict[tuple[str, str], list[float]] = {}

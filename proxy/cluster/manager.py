@@ -519,11 +519,12 @@ class _RedisRelays:
     """A Redis Cluster node listener's relays: called, the buffered rewriting relay;
     ``native``, a connection the engine frames (``relay: native``; relay/choose.py)."""
 
-    __slots__ = ("manager", "upstream")
+    __slots__ = ("_framing", "manager", "upstream")
 
     def __init__(self, manager: ClusterManager, upstream: tuple[str, int]) -> None:
         self.manager = manager
         self.upstream = upstream
+        self._framing: NativeFraming | None = None
 
     def _rewriter(self) -> ClusterRewriter:
         m = self.manager
@@ -545,8 +546,12 @@ class _RedisRelays:
 
     def _native(self, hub: NativeHub, bufsize: int, on_close: Callable[[NativeRelay], None],
                 source: str) -> NativeRelay:
-        m = self.manager
-        framing = NativeFraming(m._nodemap, self._rewriter().remap, tryagain=True,
-                                on_redirects=m._redirects_seen,
-                                on_protocol_error=m._on_protocol_error)
+        # One NativeFraming serves the listener's connections: the per-connection state
+        # is the engine's, so an idle framed connection costs Python no more than a plain.
+        framing = self._framing
+        if framing is None:
+            m = self.manager
+            framing = self._framing = NativeFraming(
+                m._nodemap, self._rewriter().remap, tryagain=True,
+                on_redirects=m._redirects_seen, on_protocol_error=m._on_protocol_error)
         return NativeRelay(hub, bufsize, on_close, source, "buffer", framing)

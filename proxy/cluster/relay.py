@@ -168,7 +168,8 @@ class NativeFraming:
 
     ``nodemap`` is the cluster's ``_engine.NodeMap`` (the manager swaps its table after
     each refresh); the remapper is the one a ``ClusterRewriter`` would use, so a frame
-    rewritten here comes out as the Python relay would write it.
+    rewritten here comes out as the Python relay would write it. One serves every
+    connection of a node's listener: they all reach the same node.
     """
 
     __slots__ = ("_nodemap", "on_protocol_error", "on_redirects", "remap", "tryagain")

@@ -39,6 +39,8 @@ static int ieq(const char *a, size_t n, const char *lit) {
 }
 
 static int name_id(const char *a, size_t n) {
+    if (n < 4 || n > 12)
+        return N_OTHER;  /* GET, SET, ...: the common case, decided by the length */
     for (size_t k = 1; k < NNAMES; k++)
         if (ieq(a, n, NAMES[k]))
             return (int)k;

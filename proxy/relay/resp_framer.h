@@ -24,7 +24,7 @@
 #define RF_MAX_BULK (512LL << 20)      /* MAX_BULK */
 #define RF_MAX_DEPTH 65536             /* nesting beyond this is a broken stream */
 #define RF_MAX_HOLD ((512LL << 20) + (1 << 20))  /* a held frame: proto-max-bulk-len + 1 MiB */
-#define RF_ARG 24                      /* bytes of a captured name/argument kept */
+#define RF_ARG 16                      /* bytes of a captured name/argument kept */
 
 /* What Python applies to a whole frame (RF_ASK). */
 enum { RF_ASK_CLUSTER = 1, RF_ASK_EXEC = 2, RF_ASK_REDIRECT = 3 };
