@@ -1,0 +1,209 @@
+"""The engine with a framed (Redis Cluster) connection, driven over socket pairs:
+
+::
+
+    test (client) <-TCP-> Engine [resp_framer] <-TCP-> test (node)
+
+Redirects rewritten in the thread from the node map, node lists handed to Python
+(asks/answer) while the rest of the chunk waits, a broken stream closed cleanly, and the
+close rule of issue 33 on a framed connection. (The same paths through real clusters are
+test_cluster_redis.py, test_cluster_redis_netns.py and test_last_reply.py with
+``relay: native``.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from proxy.relay.engine import _engine, native_available
+
+pytestmark = pytest.mark.skipif(not native_available(), reason="the engine is not built here")
+
+
+def cmd(*args: bytes) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two connected TCP sockets on loopback (a reset is a reset, unlike a socketpair)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        a = socket.create_connection(server.getsockname())
+        b, _ = server.accept()
+    return a, b
+
+
+class Pair:
+    def __init__(self, engine: Any, nodemap: Any) -> None:
+        self.client, c_engine = tcp_pair()
+        self.node, n_engine = tcp_pair()
+        for s in (self.client, self.node):
+            s.settimeout(5)
+        c_engine.setblocking(False)
+        n_engine.setblocking(False)
+        self.engine = engine
+        self.slot = engine.add(c_engine.detach(), n_engine.detach(), 2, 65536, 65536, nodemap)
+
+    def read(self, sock: socket.socket, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    def close(self) -> None:
+        self.client.close()
+        self.node.close()
+
+
+LINGER_RST = struct.pack("ii", 1, 0)
+
+
+def _send_quietly(sock: socket.socket, data: bytes) -> None:
+    with contextlib.suppress(OSError):
+        sock.sendall(data)
+
+
+@pytest.fixture
+def engine() -> Iterator[Any]:
+    e = _engine.Engine()
+    yield e
+    e.stop()
+
+
+@pytest.fixture
+def nodemap() -> Any:
+    nm = _engine.NodeMap()
+    nm.swap([(b"10.0.0.2", 6379, b"nat.example:7002")])
+    return nm
+
+
+def asks(engine: Any, want: int = 1, timeout: float = 5) -> list[tuple[Any, ...]]:
+    got: list[tuple[Any, ...]] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < want:
+        assert time.monotonic() < deadline, f"asks: {got}"
+        select.select([engine.notify_fd], [], [], 0.05)
+        got += engine.asks()
+    return got
+
+
+def test_a_redirect_is_rewritten_in_the_engine_and_counted(engine: Any, nodemap: Any) -> None:
+    p = Pair(engine, nodemap)
+    sent = cmd(b"GET", b"k") + cmd(b"GET", b"v")
+    p.client.sendall(sent)
+    assert p.read(p.node, len(sent)) == sent
+    value = b"$22\r\n-MOVED 1 10.0.0.2:6379\r\n"  # a stored value: untouched
+    p.node.sendall(b"-MOVED 3999 10.0.0.2:6379\r\n" + value)
+    want = b"-MOVED 3999 nat.example:7002\r\n" + value
+    assert p.read(p.client, len(want)) == want
+    assert asks(engine) == [(p.slot, 0, 1, None)]  # one redirect, told to Python
+    p.close()
+
+
+def test_a_node_list_waits_for_python_and_what_follows_keeps_its_order(
+        engine: Any, nodemap: Any) -> None:
+    p = Pair(engine, nodemap)
+    sent = cmd(b"CLUSTER", b"NODES") + cmd(b"GET", b"k")
+    p.client.sendall(sent)
+    p.read(p.node, len(sent))
+    nodes = b"$10\r\nabc 1:2@3\n\r\n"
+    p.node.sendall(nodes + b"$3\r\nbar\r\n")
+    [(slot, kind, frame, spec)] = asks(engine)
+    assert (slot, kind, frame, spec) == (p.slot, 1, nodes, b"\x03")
+    p.client.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        p.client.recv(100)  # nothing passes the frame Python holds
+    p.client.setblocking(True)
+    assert engine.answer(slot, b"$9\r\nrewritten\r\n")
+    assert p.read(p.client, 24) == b"$9\r\nrewritten\r\n$3\r\nbar\r\n"
+    p.close()
+
+
+def test_a_node_that_breaks_the_protocol_is_closed_and_counted(engine: Any,
+                                                                nodemap: Any) -> None:
+    p = Pair(engine, nodemap)
+    p.client.sendall(cmd(b"GET", b"k"))
+    p.read(p.node, len(cmd(b"GET", b"k")))
+    # 8 MB of garbage: a line longer than 1 MiB. What came first is passed on as it
+    # arrives (as the Python relay does), then both sides are reset.
+    sender = threading.Thread(target=_send_quietly, args=(p.node, b"+" + b"x" * (8 << 20)))
+    sender.start()
+    received = 0
+    with pytest.raises(ConnectionResetError):
+        while chunk := p.client.recv(1 << 16):
+            received += len(chunk)
+    sender.join(10)
+    assert received <= (1 << 20) + (1 << 16)
+    assert (p.slot, 4, None, None) in asks(engine)
+    assert engine.stats()["protocol_errors"] == 1
+    assert [r[0] for r in engine.reap()] == [p.slot]
+    q = Pair(engine, nodemap)  # the thread still serves
+    q.client.sendall(cmd(b"PING"))
+    q.read(q.node, len(cmd(b"PING")))
+    q.node.sendall(b"+PONG\r\n")
+    assert q.read(q.client, 7) == b"+PONG\r\n"
+    p.close()
+    q.close()
+
+
+def test_a_client_gone_while_python_rewrites_leaves_nothing_behind(engine: Any,
+                                                                   nodemap: Any) -> None:
+    p = Pair(engine, nodemap)
+    p.client.sendall(cmd(b"CLUSTER", b"SLOTS"))
+    p.read(p.node, len(cmd(b"CLUSTER", b"SLOTS")))
+    p.node.sendall(b"*0\r\n")
+    [(slot, kind, _frame, _spec)] = asks(engine)
+    assert kind == 1
+    p.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+    p.client.close()  # a reset: the way down has nowhere to go
+    deadline = time.monotonic() + 5
+    while not engine.reap():
+        assert time.monotonic() < deadline
+        select.select([engine.notify_fd], [], [], 0.05)
+    assert engine.answer(slot, b"*0\r\n") is False  # ended meanwhile: dropped
+    assert engine.stats()["live"] == 0
+    p.node.close()
+
+
+def test_the_nodes_last_reply_is_delivered_before_its_reset(engine: Any, nodemap: Any) -> None:
+    """Issue 33 on a framed connection: the reply already sent comes before the reset."""
+    p = Pair(engine, nodemap)
+    p.client.sendall(cmd(b"GET", b"k"))
+    p.read(p.node, len(cmd(b"GET", b"k")))
+    p.node.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+    p.node.sendall(b"-MOVED 1 10.0.0.2:6379\r\n")
+    p.node.close()
+    data = b""
+    try:
+        while chunk := p.client.recv(100):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    assert data == b"-MOVED 1 nat.example:7002\r\n"
+    p.client.close()
+
+
+def test_a_client_half_close_still_gets_the_rewritten_reply_then_eof(
+        engine: Any, nodemap: Any) -> None:
+    p = Pair(engine, nodemap)
+    sent = cmd(b"CLUSTER", b"SLOTS")
+    p.client.sendall(sent)
+    p.client.shutdown(socket.SHUT_WR)
+    assert p.read(p.node, len(sent) + 1) == sent  # then the node sees the EOF
+    p.node.sendall(b"*0\r\n")
+    [(slot, _kind, _frame, _spec)] = asks(engine)
+    assert engine.answer(slot, b"*1\r\n*0\r\n")
+    p.node.close()
+    assert p.read(p.client, 100) == b"*1\r\n*0\r\n"
+    p.client.close()
