@@ -611,11 +611,8 @@ static void q_pop(rf_queue_t *q) {
     if (--h->count)
         return;
     q->head = (q->head + 1) & (q->cap - 1);
-    if (--q->len == 0) {
-        free(q->v);  /* an idle connection keeps nothing */
-        q->v = NULL;
-        q->cap = q->head = 0;
-    }
+    if (--q->len == 0)
+        q->head = 0;  /* the buffer stays: a request at a time allocates nothing */
 }
 
 static uint64_t q_total(const rf_queue_t *q) {
