@@ -93,7 +93,8 @@ def _three_masters(args: argparse.Namespace, tests: list[str]) -> None:
         work = Path(tmpdir)
         try:
             nodes = [start_redis(procs, "--cluster-enabled", "yes", "--dir", str(work),
-                                 "--cluster-config-file", f"nodes-{i}.conf")
+                                 "--cluster-config-file", f"nodes-{i}.conf",
+                                 "--cluster-port", str(free_port()))  # not port + 10000
                      for i in range(3)]
             subprocess.run(["redis-cli", "--cluster", "create",
                             *[f"{HOST}:{n}" for n in nodes], "--cluster-yes"],
@@ -172,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         work = Path(tmpdir)
         try:
             node = start_redis(procs, "--cluster-enabled", "yes", "--dir", str(work),
-                               "--cluster-config-file", "nodes.conf")
+                               "--cluster-config-file", "nodes.conf",
+                               "--cluster-port", str(free_port()))  # not port + 10000
             _cli(node, "CLUSTER", "ADDSLOTSRANGE", "0", "16383")
             deadline = time.monotonic() + 15
             while "cluster_state:ok" not in _cli(node, "CLUSTER", "INFO"):
