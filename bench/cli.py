@@ -23,8 +23,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                        "paired with direct"),
     "pool": ("bench.pool", "judge several runs' JSON of one topology together (medians)"),
     "tls": ("bench.tls", "TLS-terminating listener beside a plain one and redis-server's own TLS"),
-    "cluster": ("bench.cluster", "redis-cluster rewriting listener vs a plain tcp listener "
-                                 "vs direct"),
+    "cluster": ("bench.cluster", "redis-cluster listeners (Python relay, native framing) vs "
+                                 "a plain tcp listener vs twemproxy vs direct"),
     "protocols": ("bench.protocols", "CPU cost of the sans-IO framers and rewriters (no sockets)"),
 }
 DEFAULT = "run"
