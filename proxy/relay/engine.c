@@ -83,12 +83,13 @@ typedef struct {
     uint8_t eof, watching, stalled, bulk, small;
 } way_t;
 
-/* A cluster connection's framing (resp_framer.h): only such connections have one. The
- * way down (upstream -> client) frames every chunk; what it read and has not framed yet
- * waits in the backlog while a send is short or Python rewrites a frame (an ask). */
+/* A cluster connection's framing (resp_framer.h). The way down (upstream -> client)
+ * frames every chunk; what it read and has not framed yet waits in the backlog while a
+ * send is short or Python rewrites a frame (an ask). A connection holds one only while
+ * its conversation is not a fresh one's: an idle framed connection parks it in the
+ * thread's pool (park_framing), so it costs no more than a plain one. */
 typedef struct {
     rf_t rf;
-    nodemap_t *nm;
     char *backlog;
     size_t bat, bend;   /* backlog[bat:bend] still to frame */
     char *ask;          /* the frame Python is to rewrite, till asks() takes it */
@@ -96,8 +97,9 @@ typedef struct {
     uint8_t *spec;
     size_t speclen;
     uint8_t askkind, waiting;  /* waiting: the way down waits for answer() */
-    uint64_t redirects_told;
 } framed_t;
+
+#define FPOOL_MAX 64     /* parked framing states kept per thread */
 
 typedef struct {
     int fd[2];         /* 0: client, 1: upstream; way i reads fd[i] and writes fd[1 - i] */
@@ -113,7 +115,8 @@ typedef struct {
     uint8_t state, mode, reset, claimed;
     uint8_t dead;      /* 0, or 1 + the side that failed: the connection is dying */
     uint8_t broken;    /* the upstream broke the protocol (framed connections) */
-    framed_t *fr;      /* NULL for a plain connection */
+    nodemap_t *nm;     /* a framed (Redis Cluster) connection's node map; NULL: plain */
+    framed_t *fr;      /* its framing state while the conversation is not a fresh one's */
 } conn_t;
 
 /* What the thread tells Python about framed connections besides their end (asks()). */
@@ -159,6 +162,8 @@ typedef struct {
     tell_t *tells;        /* for asks(): frames to rewrite, redirects, broken streams */
     uint32_t ntells, tellcap;
     uint64_t protocol_errors;
+    framed_t **fpool;     /* parked framing states, for connections that become busy */
+    uint32_t nfpool;
 } Engine;
 
 static double now_s(void) {
@@ -234,11 +239,48 @@ static void notify(Engine *e);
 
 static void free_framed(framed_t *fr) {
     rf_free(&fr->rf);
-    nm_unref(fr->nm);
     free(fr->backlog);
     free(fr->ask);
     free(fr->spec);
     free(fr);
+}
+
+/* The framing state of a framed connection about to read: its own, or a parked one. */
+static framed_t *take_framing(Engine *e, conn_t *c) {
+    if (c->fr != NULL)
+        return c->fr;
+    framed_t *fr;
+    if (e->nfpool) {
+        fr = e->fpool[--e->nfpool];
+    } else {
+        fr = calloc(1, sizeof(*fr));
+        if (fr == NULL)
+            return NULL;
+        rf_init(&fr->rf, NULL, NULL);
+    }
+    rf_rebind(&fr->rf, nm_lookup, c->nm);
+    c->fr = fr;
+    return fr;
+}
+
+/* A framed connection whose conversation is back to a fresh one's gives its state to
+ * the pool (nothing in flight, nothing held, nothing Python is looking at). */
+static void park_framing(Engine *e, conn_t *c) {
+    framed_t *fr = c->fr;
+    if (fr == NULL || fr->waiting || fr->bat < fr->bend || fr->ask != NULL ||
+            c->w[1].pending || !rf_idle(&fr->rf))
+        return;
+    c->fr = NULL;
+    rf_release(&fr->rf);
+    free(fr->backlog);
+    fr->backlog = NULL;
+    fr->bat = fr->bend = 0;
+    if (e->fpool == NULL)
+        e->fpool = calloc(FPOOL_MAX, sizeof(*e->fpool));
+    if (e->fpool != NULL && e->nfpool < FPOOL_MAX)
+        e->fpool[e->nfpool++] = fr;
+    else
+        free_framed(fr);
 }
 
 /* Way 1 of a framed connection has work besides its socket: a frame with Python, or
@@ -513,6 +555,7 @@ static void pump_reply(Engine *e, conn_t *c, const char *p, size_t n) {
         }
     }
     drop_backlog(fr);
+    park_framing(e, c);
 }
 
 /* Through the scratch buffer: small reads under auto, copy: buffer, or no pipe. */
@@ -526,12 +569,17 @@ static void copy_buffered(Engine *e, conn_t *c, int i) {
     }
     __atomic_store_n(&w->nbytes, w->nbytes + (uint64_t)n, __ATOMIC_RELAXED);
     w->copied += (uint64_t)n;
-    if (c->fr != NULL) {
+    if (c->nm != NULL) {
+        framed_t *fr = take_framing(e, c);
+        if (fr == NULL) {
+            finish(e, c, 1);
+            return;
+        }
         if (i == 1) {
             pump_reply(e, c, e->scratch, (size_t)n);
             return;
         }
-        rf_request(&c->fr->rf, e->scratch, (size_t)n);  /* noted before the node sees it */
+        rf_request(&fr->rf, e->scratch, (size_t)n);  /* noted before the node sees it */
     }
     if (c->mode == MODE_AUTO && (size_t)n >= c->bulk_at) {
         w->bulk = 1;  /* a full read: more is waiting, splice it */
@@ -649,6 +697,8 @@ static void after_drain(Engine *e, conn_t *c, int i) {
             pump_reply(e, c, c->fr->backlog + c->fr->bat, c->fr->bend - c->fr->bat);
             if (c->state != LIVE || w->pending || (c->fr != NULL && c->fr->waiting))
                 return;
+        } else {
+            park_framing(e, c);
         }
     }
     if (c->dead == 1 + i && w->eof)
@@ -703,6 +753,10 @@ static void finish(Engine *e, conn_t *c, int reset) {
     if (c->fr != NULL) {
         free_framed(c->fr);
         c->fr = NULL;
+    }
+    if (c->nm != NULL) {
+        nm_unref(c->nm);
+        c->nm = NULL;
     }
     c->state = DONE;
     c->reset = (uint8_t)reset;
@@ -977,6 +1031,9 @@ static void Engine_dealloc(Engine *e) {
     free(e->done);
     free(e->dying);
     free(e->tells);
+    for (uint32_t i = 0; i < e->nfpool; i++)
+        free_framed(e->fpool[i]);
+    free(e->fpool);
     free(e->pipes);
     free(e->scratch);
     if (e->inited)
@@ -1024,26 +1081,18 @@ static PyObject *Engine_add(Engine *e, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "bad mode or bufsize");
         return NULL;
     }
-    framed_t *fr = NULL;
+    nodemap_t *nm = NULL;
     if (map != Py_None) {
-        nodemap_t *nm = framer_py_nodemap(map);
+        nm = framer_py_nodemap(map);
         if (nm == NULL) {
             refuse_fds(cfd, ufd);
             return NULL;
         }
-        fr = calloc(1, sizeof(*fr));
-        if (fr == NULL) {
-            refuse_fds(cfd, ufd);
-            return PyErr_NoMemory();
-        }
         nm_ref(nm);
-        fr->nm = nm;
-        rf_init(&fr->rf, nm_lookup, nm);
         mode = MODE_BUFFER;
     }
     if (check_open(e) < 0 || start_thread(e) < 0) {
-        if (fr != NULL)
-            free_framed(fr);
+        nm_unref(nm);
         refuse_fds(cfd, ufd);
         return NULL;
     }
@@ -1064,8 +1113,7 @@ static PyObject *Engine_add(Engine *e, PyObject *args) {
             if (fl) e->freelist = fl;
             if (cs == NULL || fl == NULL) {
                 pthread_mutex_unlock(&e->lock);
-                if (fr != NULL)
-                    free_framed(fr);
+                nm_unref(nm);
                 refuse_fds(cfd, ufd);
                 return PyErr_NoMemory();
             }
@@ -1074,8 +1122,7 @@ static PyObject *Engine_add(Engine *e, PyObject *args) {
         c = calloc(1, sizeof(*c));
         if (c == NULL) {
             pthread_mutex_unlock(&e->lock);
-            if (fr != NULL)
-                free_framed(fr);
+            nm_unref(nm);
             refuse_fds(cfd, ufd);
             return PyErr_NoMemory();
         }
@@ -1089,7 +1136,7 @@ static PyObject *Engine_add(Engine *e, PyObject *args) {
     c->fd[0] = cfd;
     c->fd[1] = ufd;
     c->mode = (uint8_t)mode;
-    c->fr = fr;
+    c->nm = nm;
     c->bufsize = bufsize;
     c->bulk_at = bulk_at < bufsize ? bulk_at : bufsize;
     for (int i = 0; i < 2; i++) {
@@ -1178,8 +1225,8 @@ static PyObject *Engine_reap(Engine *e, PyObject *unused) {
 
 /* asks() -> [(slot, kind, frame, spec)] what framed connections need from Python:
  * kind 1..3 a whole frame to rewrite (resp_framer.h RF_ASK_*; answer() with the bytes
- * to send instead), 0 redirects the thread rewrote (frame: how many since the last
- * asks()), 4 the node broke the protocol (the connection is closed). */
+ * to send instead), 0 a redirect the thread rewrote (frame: 1), 4 the node broke the
+ * protocol (the connection is closed). */
 static PyObject *Engine_asks(Engine *e, PyObject *unused) {
     PyObject *out = PyList_New(0);
     if (out == NULL)
@@ -1195,19 +1242,13 @@ static PyObject *Engine_asks(Engine *e, PyObject *unused) {
         int kind = e->tells[k].kind;
         if (kind == TELL_BROKEN) {
             item = Py_BuildValue("(IiOO)", slot, kind, Py_None, Py_None);
-        } else if (c->state != LIVE || c->fr == NULL) {
+        } else if (c->state != LIVE || c->nm == NULL) {
             continue;
         } else if (kind == TELL_REDIRECTS) {
-            framed_t *fr = c->fr;
-            if (fr->rf.redirects == fr->redirects_told)
-                continue;
-            item = Py_BuildValue("(IiKO)", slot, kind,
-                                 (unsigned long long)(fr->rf.redirects - fr->redirects_told),
-                                 Py_None);
-            fr->redirects_told = fr->rf.redirects;
+            item = Py_BuildValue("(IiiO)", slot, kind, 1, Py_None);
         } else {
             framed_t *fr = c->fr;
-            if (!fr->waiting || fr->ask == NULL)
+            if (fr == NULL || !fr->waiting || fr->ask == NULL)
                 continue;
             item = Py_BuildValue("(Iiy#y#)", slot, kind, fr->ask, (Py_ssize_t)fr->asklen,
                                  fr->spec, (Py_ssize_t)fr->speclen);

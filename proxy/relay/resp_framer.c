@@ -1219,6 +1219,20 @@ void rf_free(rf_t *f) {
 
 size_t rf_held(const rf_t *f) { return f->holdlen; }
 
+int rf_idle(const rf_t *f) {
+    return !f->pending.len && !f->queued.len && scan_idle(&f->sc) && !f->rq_left &&
+           !f->rq_skip && !f->rq_linelen && !f->rq_capping && f->protocol == 2 &&
+           !f->in_multi && !f->req_multi && !f->reply_off && !f->skip_next && !f->opaque &&
+           !f->request_error && !f->subs[0].n && !f->subs[1].n && !f->subs[2].n &&
+           f->sub_left < 0 && !f->holdlen && !f->special;
+}
+
+void rf_rebind(rf_t *f, rf_lookup_fn lookup, void *ctx) {
+    f->lookup = lookup;
+    f->lookup_ctx = ctx;
+    f->redirects = 0;
+}
+
 uint64_t rf_pending(const rf_t *f) { return q_total(&f->pending); }
 
 void rf_release(rf_t *f) {

@@ -112,6 +112,10 @@ void rf_request(rf_t *f, const char *p, size_t n);
 size_t rf_reply(rf_t *f, const char *p, size_t n, rf_out_t *o, int *action);
 /* Free what the last rf_reply emitted (call once its bytes are sent or copied). */
 void rf_release(rf_t *f);
+/* Whether the state is a fresh connection's (nothing pending, RESP2, no subscription,
+ * no MULTI, ...): then it may serve another connection (rf_rebind). */
+int rf_idle(const rf_t *f);
+void rf_rebind(rf_t *f, rf_lookup_fn lookup, void *ctx);
 /* Bytes held for an incomplete frame (tests). */
 size_t rf_held(const rf_t *f);
 /* Commands whose replies are due (tests). */
