@@ -207,3 +207,29 @@ def test_a_client_half_close_still_gets_the_rewritten_reply_then_eof(
     p.node.close()
     assert p.read(p.client, 100) == b"*1\r\n*0\r\n"
     p.client.close()
+
+
+def test_an_idle_framed_connection_holds_no_framing_state(engine: Any, nodemap: Any) -> None:
+    """Memory: between requests a framed connection parks its state, as cheap as a plain
+    one; it keeps it while its conversation is not a fresh one's (here: RESP3)."""
+    p = Pair(engine, nodemap)
+    assert engine.detail(p.slot)["framed"] == 1
+    for request, reply in ((cmd(b"PING"), b"+PONG\r\n"), (cmd(b"HELLO", b"3"), b"%0\r\n")):
+        p.client.sendall(request)
+        p.read(p.node, len(request))
+        deadline = time.monotonic() + 5
+        while not engine.detail(p.slot)["framing_held"]:  # a reply is due
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        p.node.sendall(reply)
+        assert p.read(p.client, len(reply)) == reply
+    assert engine.detail(p.slot)["framing_held"] == 1  # RESP3 now: kept
+    p.client.sendall(cmd(b"HELLO", b"2"))
+    p.read(p.node, len(cmd(b"HELLO", b"2")))
+    p.node.sendall(b"*0\r\n")
+    assert p.read(p.client, 4) == b"*0\r\n"
+    deadline = time.monotonic() + 5
+    while engine.detail(p.slot)["framing_held"]:  # a fresh conversation again: parked
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    p.close()

@@ -1354,14 +1354,15 @@ static PyObject *Engine_detail(Engine *e, PyObject *arg) {
         return NULL;
     }
     PyObject *d = Py_BuildValue(
-        "{s:i,s:i,s:I,s:I,s:K,s:K,s:i,s:i,s:i,s:i,s:n,s:n}",
+        "{s:i,s:i,s:I,s:I,s:K,s:K,s:i,s:i,s:i,s:i,s:n,s:n,s:i,s:i}",
         "client_fd", c->fd[0], "upstream_fd", c->fd[1],
         "leases_up", c->w[0].leases, "leases_down", c->w[1].leases,
         "copied_up", (unsigned long long)c->w[0].copied,
         "copied_down", (unsigned long long)c->w[1].copied,
         "bulk_up", (int)c->w[0].bulk, "bulk_down", (int)c->w[1].bulk,
         "eof_up", (int)c->w[0].eof, "eof_down", (int)c->w[1].eof,
-        "pending_up", (Py_ssize_t)c->w[0].pending, "pending_down", (Py_ssize_t)c->w[1].pending);
+        "pending_up", (Py_ssize_t)c->w[0].pending, "pending_down", (Py_ssize_t)c->w[1].pending,
+        "framed", c->nm != NULL, "framing_held", c->fr != NULL);
     pthread_mutex_unlock(&e->lock);
     return d;
 }
