@@ -505,7 +505,8 @@ static void pump_reply(Engine *e, conn_t *c, const char *p, size_t n) {
                 return;
             }
             memcpy(fr->ask, o.data, o.len);
-            memcpy(fr->spec, o.spec, o.speclen);
+            if (o.speclen)  /* a redirect has none */
+                memcpy(fr->spec, o.spec, o.speclen);
             fr->asklen = o.len;
             fr->speclen = o.speclen;
             fr->askkind = (uint8_t)o.ask;
