@@ -305,3 +305,28 @@ def test_conversations_through_the_engine_come_out_as_from_the_python_rewriter(
             assert reset and b"".join(want).startswith(got[:len(b"".join(want))])
 
     check()
+
+
+@pytest.mark.timeout(120)
+def test_the_framed_engine_under_address_sanitizer() -> None:
+    """This file's socket tests against an ASan+UBSan build of the whole engine
+    (scripts/asan.sh); skipped where gcc has no sanitizer runtime."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    cc = os.environ.get("CC", "gcc")
+    if shutil.which(cc) is None:
+        pytest.skip(f"no C compiler ({cc})")
+    lib = subprocess.run([cc, "-print-file-name=libasan.so"], capture_output=True, text=True)
+    if not os.path.isabs(lib.stdout.strip()):
+        pytest.skip("gcc's AddressSanitizer runtime (libasan) is not installed")
+    r = subprocess.run([str(root / "scripts" / "asan.sh"), "tests/test_native_cluster.py",
+                        "-k", "not sanitizer and not conversations"],
+                       capture_output=True, text=True, timeout=110,
+                       env={**os.environ, "CACHEPORT_VENV": sys.prefix})
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert " passed" in r.stdout
