@@ -23,8 +23,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                        "paired with direct"),
     "pool": ("bench.pool", "judge several runs' JSON of one topology together (medians)"),
     "tls": ("bench.tls", "TLS-terminating listener beside a plain one and redis-server's own TLS"),
-    "cluster": ("bench.cluster", "redis-cluster rewriting listener vs a plain tcp listener "
-                                 "vs direct"),
+    "cluster": ("bench.cluster", "redis-cluster listeners (Python relay, native framing) vs "
+                                 "a plain tcp listener vs twemproxy vs direct"),
     "scale": ("bench.scale", "1 to 3,000 checked listeners: the listener under test's GET/s and "
                              "latency, idle CPU vs HAProxy's checks, scrape, RSS, start, reload"),
     "conformance": ("bench.conformance", "Redis's own test suite direct and through each kind of "

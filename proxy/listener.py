@@ -39,7 +39,10 @@ from .tls import ListenerTls
 log = logging.getLogger("cacheport.listener")
 
 RelayFactory = Callable[[BufferPool, Callable[[Relay], None], str], Relay]
-"""Builds the relay for each new connection: ``(pool, on_close, source) -> Relay``."""
+"""Builds the relay for each new connection: ``(pool, on_close, source) -> Relay``.
+
+A cluster's factory may also have ``native(hub, bufsize, on_close, source) ->
+NativeRelay``: the engine can frame its protocol (``relay: native``; relay/choose.py)."""
 
 _ACCEPT_BATCH = 64
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -191,14 +194,21 @@ class Listener:
         return self.relay_factory is not Relay
 
     @property
+    def framed(self) -> bool:
+        """A cluster listener whose protocol the engine can frame (Redis Cluster)."""
+        return getattr(self.relay_factory, "native", None) is not None
+
+    @property
     def relay(self) -> RelayKind:
         """Which relay serves this listener's connections on this install (``/status``)."""
-        return serving_relay(self.config, relays_here(), rewriting=self.rewriting)
+        return serving_relay(self.config, relays_here(), rewriting=self.rewriting,
+                             framed=self.framed)
 
     @property
     def engine_missing(self) -> bool:
         """The native engine would serve this listener, but it was not built here."""
-        return (RelayKind.ENGINE in relay_order(self.config, rewriting=self.rewriting)
+        return (RelayKind.ENGINE in relay_order(self.config, rewriting=self.rewriting,
+                                                framed=self.framed)
                 and not native_available())
 
     def bind(self) -> None:
@@ -539,11 +549,15 @@ class Listener:
             # Who moves the bytes (relay/choose.py): the native engine or a splice relay
             # takes the raw sockets; the buffered Relay wraps them in transports. Each
             # choose_* says whether its relay can serve here and now.
-            order = relay_order(config, rewriting=self.relay_factory is not Relay)
-            native = choose_native(self.loop, config) if RelayKind.ENGINE in order else None
+            order = relay_order(config, rewriting=self.rewriting, framed=self.framed)
+            native = choose_native(self.loop, config, order) if RelayKind.ENGINE in order \
+                else None
             hub = (choose_hub(self.loop, config)
                    if native is None and RelayKind.SPLICE in order else None)
-            if native is not None:
+            if native is not None and self.rewriting:
+                relay = self.relay_factory.native(  # type: ignore[attr-defined]
+                    native, config.buffer_size, self._upstream_relay_closed, source)
+            elif native is not None:
                 relay = NativeRelay(native, config.buffer_size, self._upstream_relay_closed,
                                     source, config.copy)
             elif hub is not None:

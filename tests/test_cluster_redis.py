@@ -21,6 +21,7 @@ import redis
 from proxy.cluster.discovery import discover_redis_at
 from proxy.cluster.manager import ClusterManager
 from proxy.config import Address
+from proxy.relay.engine import native_available
 from tests.cluster_helpers import free_range, start_lone_node
 from tests.support import (
     ProxyThread,
@@ -33,6 +34,17 @@ from tests.support import (
 )
 
 HOST = "127.0.0.1"
+RELAY = "python"  # set per test by the relay fixture: every test runs on both relays
+
+
+@pytest.fixture(autouse=True, params=["python", "native"])
+def relay(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Cluster listeners on the buffered rewriting relay, and framed by the native engine."""
+    if request.param == "native" and not native_available():
+        pytest.skip("the native engine is not built here")
+    globals()["RELAY"] = request.param
+    yield str(request.param)
+    globals()["RELAY"] = "python"
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +81,7 @@ def cluster_config(seed: int, tmp_path: Path, ports: int = 8, **extra: Any) -> d
     base = free_range(ports + 1)
     return {"name": "rc", "engine": "redis-cluster", "seed": f"{HOST}:{seed}",
             "announce": HOST, "listen": HOST, "ports": f"{base + 1}-{base + ports}",
-            "seed_port": base, "refresh": "1h", **extra}
+            "seed_port": base, "refresh": "1h", "relay": RELAY, **extra}
 
 
 def proxy_for(masters: list[ServerProcess], tmp_path: Path, **extra: Any) -> ProxyThread:
@@ -506,3 +518,32 @@ def test_redis_cli_follows_redirects_to_cacheport_ports(
         for a in admins:
             a.config_set("cluster-preferred-endpoint-type", "ip")
             a.close()
+
+
+def test_each_relay_serves_the_node_listeners_it_is_named_for(
+        masters: list[ServerProcess], tmp_path: Path, relay: str) -> None:
+    """``relay: native`` frames cluster connections in the engine; ``python`` keeps the
+    buffered rewriting relay (and ``auto`` too, till the conformance run passes)."""
+    from proxy.relay.choose import RelayKind
+    from proxy.relay.engine import NativeRelay
+
+    proxy = proxy_for(masters, tmp_path)
+    try:
+        node = status(proxy)["nodes"][0]
+        listener = proxy.server.listeners[f"rc:{node['port']}"]
+        with socket.create_connection((HOST, node["port"]), timeout=5) as s:
+            s.sendall(b"*1\r\n$4\r\nPING\r\n")
+            assert s.recv(64) == b"+PONG\r\n"
+            kinds = proxy.call(lambda: [type(r).__name__ for r in listener.relays])
+            s.sendall(b"*2\r\n$7\r\nCLUSTER\r\n$5\r\nSLOTS\r\n")
+            reply = s.recv(65536)
+            assert f":{node['port']}\r\n".encode() in reply
+            assert f":{masters[0].port}\r\n".encode() not in reply
+        if relay == "native":
+            assert listener.relay == RelayKind.ENGINE
+            assert kinds == [NativeRelay.__name__]
+        else:
+            assert listener.relay == RelayKind.BUFFERED
+            assert kinds == ["RewritingRelay"]
+    finally:
+        proxy.stop()

@@ -29,6 +29,7 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
+from proxy.relay.engine import native_available
 from tests.netns_lab import CLIENT_IP, NAT_IP, NamespaceUnavailable, NetnsLab, NsThread
 from tests.support import CacheportProcess, require_binary, wait_until
 
@@ -171,8 +172,14 @@ class Lab:
         return self.cli.run(probe)
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+@pytest.fixture(scope="module", params=["python", "native"])
+def lab(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+        ) -> Iterator[Lab]:
+    """The lab, with cacheport's cluster listeners on the buffered rewriting relay and
+    framed by the native engine."""
+    relay = str(request.param)
+    if relay == "native" and not native_available():
+        pytest.skip("the native engine is not built here")
     try:
         net = NetnsLab().create()
     except NamespaceUnavailable as exc:
@@ -205,6 +212,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
                 seed_port: {SEED_PORT}
                 refresh: 1s
                 retire_grace: 1m
+                relay: {relay}
             """))
         lab.cacheport = CacheportProcess(config, "--loop", "uvloop",
                                          prefix=net.prefix(net.nat))

@@ -59,7 +59,7 @@ _NATIVE = pytest.mark.skipif(not native_available(),
                              reason="the native relay engine was not built here")
 PLAIN = ["native-buffer", "native-splice", "native-auto", "splice", "auto", "buffer"]
 TLS = ["tls-client", "tls-upstream"]
-CLUSTER = ["redis-cluster", "memcached-cluster"]
+CLUSTER = ["redis-cluster", "native-redis-cluster", "memcached-cluster"]
 
 
 def _routes(kinds: list[str], *, asyncio_too: bool = True) -> list[Any]:
@@ -173,7 +173,7 @@ def route(kind: str, loop_kind: str, tmp_path: Path, pki: dict[str, str]) -> Ite
         if kind == "tls-upstream":
             server = _tls_redis(pki)
             server_tls = ssl.create_default_context(cafile=pki["ca"])
-        elif kind == "redis-cluster":
+        elif kind.endswith("redis-cluster"):
             server = _cluster_redis(tmp_path)
         elif kind == "memcached-cluster":
             server = start_server("memcached")
@@ -181,7 +181,7 @@ def route(kind: str, loop_kind: str, tmp_path: Path, pki: dict[str, str]) -> Ite
             server = start_server("redis")
         stack.callback(server.stop)
         if kind in CLUSTER:
-            if kind == "redis-cluster":
+            if kind.endswith("redis-cluster"):
                 seed, engine = server.port, "redis-cluster"
             else:
                 ep = ConfigEndpoint(server.port,
@@ -191,7 +191,8 @@ def route(kind: str, loop_kind: str, tmp_path: Path, pki: dict[str, str]) -> Ite
             base = free_range(5)
             cluster = {"name": "c", "engine": engine, "seed": f"{HOST}:{seed}",
                        "announce": HOST, "listen": HOST, "ports": f"{base + 1}-{base + 4}",
-                       "seed_port": base, "refresh": "1h"}
+                       "seed_port": base, "refresh": "1h",
+                       "relay": "native" if kind.startswith("native-") else "python"}
             config = make_config([], clusters=[cluster], state_dir=str(tmp_path / "state"))
         else:
             listener: dict[str, Any] = {"name": "t", "listen": f"{HOST}:0",

@@ -40,6 +40,7 @@ from proxy.protocols.redis_cluster import (
     topology_from_nodes,
 )
 from proxy.protocols.resp import Framer, Reader, parse_one
+from proxy.relay.engine import native_available
 from tests.cluster_helpers import start_lone_node
 from tests.support import ServerProcess, free_port, require_binary, start_server, wait_until
 from tests.test_protocols_helpers import RawConnection, command, splits
@@ -153,7 +154,45 @@ def _mapper(cluster: Cluster, extra: dict[str, str] | None = None
         for (h, p), v in list(table.items()):
             if h == ip:
                 table[(name, p)] = v
-    return lambda host, port: table.get((host, port))
+    return _Table(table)
+
+
+class _Table:
+    """A mapper over a plain table (the engine's node map is built from the same one)."""
+
+    def __init__(self, table: dict[tuple[str, int], tuple[str, int]]) -> None:
+        self.table = table
+
+    def __call__(self, host: str, port: int) -> tuple[str, int] | None:
+        return self.table.get((host, port))
+
+
+def _native(sent: bytes, chunks: list[bytes],
+            mapper: Callable[[str, int], tuple[str, int] | None], upstream: int,
+            by_id: Callable[[str], tuple[str, int] | None] | None) -> bytes:
+    """The same conversation through the engine's C framer (asks answered in Python)."""
+    from proxy.protocols.redis_cluster import Remapper, rewrite_asked
+    from proxy.relay.engine import _engine
+
+    table = getattr(mapper, "table", None)
+    nodemap = None
+    if table is not None:
+        nodemap = _engine.NodeMap()
+        nodemap.swap([(h.encode(), p, b"%s:%d" % (a.encode(), ap))
+                      for (h, p), (a, ap) in table.items()])
+    fr = _engine.Framer(nodemap)
+    remap = Remapper(mapper, (HOST, upstream), by_id=by_id)
+    fr.feed_request(sent)
+    out = []
+    for chunk in chunks:
+        for ev in fr.feed_reply(chunk):
+            assert ev[0] != "error"
+            if ev[0] == "ask":
+                new = rewrite_asked(ev[2], ev[1], ev[3], remap)
+                out.append(ev[2] if new is None else new)
+            else:
+                out.append(ev[1])
+    return b"".join(out)
 
 
 def _record(port: int, *steps: tuple[bytes, int]) -> tuple[bytes, bytes]:
@@ -196,6 +235,11 @@ def _same_whole_and_split(sent: bytes, received: bytes, mapper: Callable[[str, i
     rng = random.Random(11)
     for _ in range(25):
         assert _rewrite(sent, received, mapper, upstream, rng, by_id)[0] == whole
+    if native_available():  # the engine's framer must agree, whole and split
+        assert _native(sent, [received], mapper, upstream, by_id) == whole
+        for _ in range(10):
+            cut = [rng.randrange(len(received) + 1) for _ in range(rng.randrange(1, 30))]
+            assert _native(sent, list(splits(received, cut)), mapper, upstream, by_id) == whole
     return whole
 
 

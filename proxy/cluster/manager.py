@@ -40,10 +40,11 @@ from ..listener import BindError, Listener, RelayFactory
 from ..protocols.memcache import AutoDiscoveryNode, AutoDiscoveryRewriter, announce_mapper
 from ..protocols.redis_cluster import ClusterRewriter
 from ..relay.buffered import BufferPool, Relay
+from ..relay.engine import NativeHub, NativeRelay, new_node_map
 from ..tls import TlsError
 from .discovery import Discovery, DiscoveryError, Node, discover
 from .ports import PortBook, PortChanges, StateError, StateFile
-from .relay import Feed, RewritingRelay
+from .relay import Feed, NativeFraming, RewritingRelay
 from .replication import choose_reader, failed_over
 
 log = logging.getLogger("cacheport.cluster")
@@ -101,6 +102,7 @@ class ClusterManager:
         self._owned: dict[str, ListenerConfig] = {}  # listener name -> its config
         self._redis_map: dict[tuple[str, int], tuple[str, int]] = {}
         self._redis_ids: dict[str, tuple[str, int]] = {}  # node id -> (announce, its port)
+        self._nodemap = new_node_map()  # _redis_map for the engine's framer (None: not built)
         self._mc_ports: dict[str, int] = {}
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -448,6 +450,9 @@ class ClusterManager:
             mc_ports[identity] = lc.listen.port
         self._redis_map = redis_map
         self._redis_ids = redis_ids
+        if self._nodemap is not None:
+            self._nodemap.swap([(_utf8(h), p, b"%s:%d" % (_utf8(a), ap))
+                                for (h, p), (a, ap) in redis_map.items()])
         self._mc_ports = mc_ports
 
     # -- relays -----------------------------------------------------------------------
@@ -522,18 +527,11 @@ class ClusterManager:
                                       on_protocol_error=self._on_protocol_error)
 
             return make_mc
-        upstream = (lc.upstream.host, lc.upstream.port)
+        return _RedisRelays(self, (lc.upstream.host, lc.upstream.port))
 
-        def make_redis(pool: BufferPool, on_close: Callable[[Relay], None],
-                       source: str) -> Relay:
-            rw = ClusterRewriter(self.map_redis, upstream, on_unmapped=self._on_unmapped,
-                                 unmapped_redirect="tryagain", by_id=self.map_redis_id)
-            return RewritingRelay(pool, on_close, source, rw,
-                                  feed_reply=self._watch_redirects(rw),
-                                  on_upstream=self._upstream_setter(rw),
-                                  on_protocol_error=self._on_protocol_error)
-
-        return make_redis
+    def _redirects_seen(self, count: int) -> None:
+        self.stats.redirects += count
+        self.request_refresh()
 
     def _watch_redirects(self, rw: ClusterRewriter) -> Feed:
         """feed_reply, plus a refresh request when a MOVED/ASK went by (slots moved)."""
@@ -604,3 +602,49 @@ class ClusterManager:
                         for p, r in sorted(self.book.retired.items())],
             "stats": dataclasses.asdict(self.stats),
         }
+
+
+def _utf8(s: str) -> bytes:
+    return s.encode("utf-8", "surrogateescape")
+
+
+class _RedisRelays:
+    """A Redis Cluster node listener's relays: called, the buffered rewriting relay;
+    ``native``, a connection the engine frames (``relay: native``; relay/choose.py)."""
+
+    __slots__ = ("_framing", "manager", "upstream")
+
+    def __init__(self, manager: ClusterManager, upstream: tuple[str, int]) -> None:
+        self.manager = manager
+        self.upstream = upstream
+        self._framing: NativeFraming | None = None
+
+    def _rewriter(self) -> ClusterRewriter:
+        m = self.manager
+        return ClusterRewriter(m.map_redis, self.upstream, on_unmapped=m._on_unmapped,
+                               unmapped_redirect="tryagain", by_id=m.map_redis_id)
+
+    def __call__(self, pool: BufferPool, on_close: Callable[[Relay], None],
+                 source: str) -> Relay:
+        m = self.manager
+        rw = self._rewriter()
+        return RewritingRelay(pool, on_close, source, rw,
+                              feed_reply=m._watch_redirects(rw),
+                              on_upstream=m._upstream_setter(rw),
+                              on_protocol_error=m._on_protocol_error)
+
+    @property
+    def native(self) -> Callable[..., NativeRelay] | None:
+        return self._native if self.manager._nodemap is not None else None
+
+    def _native(self, hub: NativeHub, bufsize: int, on_close: Callable[[NativeRelay], None],
+                source: str) -> NativeRelay:
+        # One NativeFraming serves the listener's connections: the per-connection state
+        # is the engine's, so an idle framed connection costs Python no more than a plain.
+        framing = self._framing
+        if framing is None:
+            m = self.manager
+            framing = self._framing = NativeFraming(
+                m._nodemap, self._rewriter().remap, tryagain=True,
+                on_redirects=m._redirects_seen, on_protocol_error=m._on_protocol_error)
+        return NativeRelay(hub, bufsize, on_close, source, "buffer", framing)

@@ -18,15 +18,21 @@ errors, CLUSTER replies, auto-discovery blocks).
 
 A peer that breaks the protocol (bytes the framer cannot parse) gets a clean close of
 both sides and a counter, never a traceback.
+
+``NativeFraming`` is the other way to serve a Redis Cluster node: the native engine
+frames the connection in C (proxy/relay/resp_framer.c) and hands Python only the rare
+frames that list nodes and the redirects its node map cannot answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
+from ..protocols.redis_cluster import ASK_REDIRECT, Remapper, rewrite_asked
 from ..relay.buffered import BufferPool, Relay, Side
 
 log = logging.getLogger("cacheport.cluster")
@@ -150,3 +156,54 @@ class RewritingRelay(Relay):
         if self.on_protocol_error is not None:
             self.on_protocol_error(who)
         self.abort()
+
+
+class NativeFraming:
+    """A Redis Cluster connection on the native engine: what its framer asks of Python.
+
+    ::
+
+        engine thread --asks()--> NativeHub._reap --answer()--> rewrite_asked(frame)
+                                                  --redirects()/broken()--> counters
+
+    ``nodemap`` is the cluster's ``_engine.NodeMap`` (the manager swaps its table after
+    each refresh); the remapper is the one a ``ClusterRewriter`` would use, so a frame
+    rewritten here comes out as the Python relay would write it. One serves every
+    connection of a node's listener: they all reach the same node.
+    """
+
+    __slots__ = ("_nodemap", "on_protocol_error", "on_redirects", "remap", "tryagain")
+
+    def __init__(self, nodemap: Any, remap: Remapper, *, tryagain: bool,
+                 on_redirects: Callable[[int], None],
+                 on_protocol_error: Callable[[str], None]) -> None:
+        self._nodemap = nodemap
+        self.remap = remap
+        self.tryagain = tryagain
+        self.on_redirects = on_redirects
+        self.on_protocol_error = on_protocol_error
+
+    @property
+    def nodemap(self) -> Any:
+        return self._nodemap
+
+    def attached(self, upstream: socket.socket) -> None:
+        """The address really reached: what an empty-host ``-MOVED 1 :6380`` refers to."""
+        try:
+            peer = upstream.getpeername()
+        except OSError:
+            return
+        self.remap.upstream = (str(peer[0]), int(peer[1]))
+
+    def answer(self, kind: int, frame: bytes, spec: bytes) -> bytes:
+        new = rewrite_asked(frame, kind, spec, self.remap, self.tryagain)
+        if kind == ASK_REDIRECT and new is not None:
+            self.on_redirects(1)
+        return frame if new is None else new
+
+    def redirects(self, count: int) -> None:
+        self.on_redirects(count)
+
+    def broken(self) -> None:
+        log.debug("closing a connection: the upstream broke the protocol")
+        self.on_protocol_error("upstream")

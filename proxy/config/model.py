@@ -368,7 +368,9 @@ class Tunables(Section):
                                           "userspace buffer; auto picks (docs/hot-loop.md).")
     relay: RelayName = Field(
         "auto", description="Who moves them: the native engine's threads or Python; auto "
-                            "picks the engine where it is built and the listener is plain.")
+                            "picks the engine where it is built and the listener is plain. "
+                            "On a redis-cluster entry, native frames and rewrites replies "
+                            "in the engine (auto: Python, for now).")
     health: HealthSwitch = Field(
         None, json_schema_extra=_plus(*_ON, *_OFF, default="on"),
         description="Health checks: on (the default), off, or a mapping of settings (see "

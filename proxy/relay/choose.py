@@ -3,7 +3,8 @@
 =====================================  ==================================
 listener                               relays tried, best first
 =====================================  ==================================
-cluster (rewrites replies)             buffered (its rewriting subclass)
+Redis Cluster node, ``relay: native``  engine (framing it), buffered
+cluster, any other                     buffered (its rewriting subclass)
 ``tls`` or ``upstream_tls`` set        buffered
 ``relay: python``, ``copy: buffer``    buffered
 ``relay: python``, ``copy: auto``/     splice, buffered
@@ -13,8 +14,11 @@ cluster (rewrites replies)             buffered (its rewriting subclass)
 ``relay: auto``/``native``, other      engine, splice, buffered
 =====================================  ==================================
 
-The engine only moves bytes cacheport need not see; TLS is encrypted in Python and
-a cluster listener rewrites replies, so both stay on the buffered relay. A relay is
+The engine moves bytes cacheport need not see, and frames Redis Cluster connections
+(proxy/relay/resp_framer.c) when the cluster's listeners ask for ``relay: native``;
+``auto`` keeps cluster listeners on the buffered relay until Redis's own test suite
+passes through the native framer (issue 33). TLS is encrypted in Python, so it stays
+on the buffered relay. A relay is
 skipped when it cannot serve here: the engine when it was not built (no C compiler
 at install, not Linux) or cannot start a thread, splice when the kernel lacks
 splice(2). ``copy`` then still tells the engine how to copy (docs/hot-loop.md).
@@ -33,9 +37,17 @@ class RelayKind(enum.Enum):
     BUFFERED = "buffered"  # relay/buffered.py: asyncio transports over one scratch buffer
 
 
-def relay_order(config: ListenerConfig, *, rewriting: bool = False) -> tuple[RelayKind, ...]:
-    """The relays to try for ``config``'s connections, best first; always ends buffered."""
-    if rewriting or not config.may_splice:
+def relay_order(config: ListenerConfig, *, rewriting: bool = False,
+                framed: bool = False) -> tuple[RelayKind, ...]:
+    """The relays to try for ``config``'s connections, best first; always ends buffered.
+
+    ``framed``: the engine can frame this rewriting listener's protocol (Redis Cluster).
+    """
+    if rewriting:
+        if framed and config.relay == "native" and config.may_splice:
+            return (RelayKind.ENGINE, RelayKind.BUFFERED)
+        return (RelayKind.BUFFERED,)
+    if not config.may_splice:
         return (RelayKind.BUFFERED,)
     order: list[RelayKind] = []
     if config.relay != "python":
@@ -47,10 +59,10 @@ def relay_order(config: ListenerConfig, *, rewriting: bool = False) -> tuple[Rel
 
 
 def serving_relay(config: ListenerConfig, available: frozenset[RelayKind], *,
-                  rewriting: bool = False) -> RelayKind:
+                  rewriting: bool = False, framed: bool = False) -> RelayKind:
     """The relay that serves ``config``'s connections: the first of ``relay_order`` that
     is ``available``. Values in, value out, so a silent fallback can be named at start."""
-    for kind in relay_order(config, rewriting=rewriting):
+    for kind in relay_order(config, rewriting=rewriting, framed=framed):
         if kind in available:
             return kind
     return RelayKind.BUFFERED

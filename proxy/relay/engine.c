@@ -52,8 +52,13 @@
 #include <sys/ioctl.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "framer_py.h"
+#include "nodemap.h"
+#include "resp_framer.h"
 
 #define MODE_AUTO 0
 #define MODE_SPLICE 1
@@ -78,6 +83,24 @@ typedef struct {
     uint8_t eof, watching, stalled, bulk, small;
 } way_t;
 
+/* A cluster connection's framing (resp_framer.h). The way down (upstream -> client)
+ * frames every chunk; what it read and has not framed yet waits in the backlog while a
+ * send is short or Python rewrites a frame (an ask). A connection holds one only while
+ * its conversation is not a fresh one's: an idle framed connection parks it in the
+ * thread's pool (park_framing), so it costs no more than a plain one. */
+typedef struct {
+    rf_t rf;
+    char *backlog;
+    size_t bat, bend;   /* backlog[bat:bend] still to frame */
+    char *ask;          /* the frame Python is to rewrite, till asks() takes it */
+    size_t asklen;
+    uint8_t *spec;
+    size_t speclen;
+    uint8_t askkind, waiting;  /* waiting: the way down waits for answer() */
+} framed_t;
+
+#define FPOOL_MAX 64     /* parked framing states kept per thread */
+
 typedef struct {
     int fd[2];         /* 0: client, 1: upstream; way i reads fd[i] and writes fd[1 - i] */
     uint32_t mask[2];  /* what epoll watches on each now */
@@ -91,7 +114,17 @@ typedef struct {
     double deadline;   /* dying: reset by then whatever is left */
     uint8_t state, mode, reset, claimed;
     uint8_t dead;      /* 0, or 1 + the side that failed: the connection is dying */
+    uint8_t broken;    /* the upstream broke the protocol (framed connections) */
+    nodemap_t *nm;     /* a framed (Redis Cluster) connection's node map; NULL: plain */
+    framed_t *fr;      /* its framing state while the conversation is not a fresh one's */
 } conn_t;
+
+/* What the thread tells Python about framed connections besides their end (asks()). */
+enum { TELL_REDIRECTS = 0, TELL_BROKEN = 4 };  /* 1..3: RF_ASK_* */
+typedef struct {
+    uint64_t tag;
+    uint8_t kind;
+} tell_t;
 
 typedef struct {
     PyObject_HEAD
@@ -126,6 +159,11 @@ typedef struct {
     size_t scratch_size;
     uint64_t thread_errors;
     double busy_poll_us;  /* after a batch, poll without sleeping this long (0: never) */
+    tell_t *tells;        /* for asks(): frames to rewrite, redirects, broken streams */
+    uint32_t ntells, tellcap;
+    uint64_t protocol_errors;
+    framed_t **fpool;     /* parked framing states, for connections that become busy */
+    uint32_t nfpool;
 } Engine;
 
 static double now_s(void) {
@@ -197,6 +235,76 @@ static void discard_pipe(Engine *e, way_t *w) {
 /* -- connections ---------------------------------------------------------- */
 
 static void finish(Engine *e, conn_t *c, int reset);
+static void notify(Engine *e);
+
+static void free_framed(framed_t *fr) {
+    rf_free(&fr->rf);
+    free(fr->backlog);
+    free(fr->ask);
+    free(fr->spec);
+    free(fr);
+}
+
+/* The framing state of a framed connection about to read: its own, or a parked one. */
+static framed_t *take_framing(Engine *e, conn_t *c) {
+    if (c->fr != NULL)
+        return c->fr;
+    framed_t *fr;
+    if (e->nfpool) {
+        fr = e->fpool[--e->nfpool];
+    } else {
+        fr = calloc(1, sizeof(*fr));
+        if (fr == NULL)
+            return NULL;
+        rf_init(&fr->rf, NULL, NULL);
+    }
+    rf_rebind(&fr->rf, nm_lookup, c->nm);
+    c->fr = fr;
+    return fr;
+}
+
+/* A framed connection whose conversation is back to a fresh one's gives its state to
+ * the pool (nothing in flight, nothing held, nothing Python is looking at). */
+static void park_framing(Engine *e, conn_t *c) {
+    framed_t *fr = c->fr;
+    if (fr == NULL || fr->waiting || fr->bat < fr->bend || fr->ask != NULL ||
+            c->w[1].pending || !rf_idle(&fr->rf))
+        return;
+    c->fr = NULL;
+    rf_release(&fr->rf);
+    free(fr->backlog);
+    fr->backlog = NULL;
+    fr->bat = fr->bend = 0;
+    if (e->fpool == NULL)
+        e->fpool = calloc(FPOOL_MAX, sizeof(*e->fpool));
+    if (e->fpool != NULL && e->nfpool < FPOOL_MAX)
+        e->fpool[e->nfpool++] = fr;
+    else
+        free_framed(fr);
+}
+
+/* Way 1 of a framed connection has work besides its socket: a frame with Python, or
+ * bytes read and not framed yet. */
+static int framing_busy(conn_t *c, int i) {
+    return i == 1 && c->fr != NULL && (c->fr->waiting || c->fr->bat < c->fr->bend);
+}
+
+static void tell(Engine *e, conn_t *c, uint8_t kind) {
+    if (e->ntells == e->tellcap) {
+        uint32_t cap = e->tellcap ? e->tellcap * 2 : 16;
+        tell_t *t = realloc(e->tells, cap * sizeof(*t));
+        if (t == NULL) {
+            e->thread_errors++;
+            return;
+        }
+        e->tells = t;
+        e->tellcap = cap;
+    }
+    e->tells[e->ntells].tag = tag(c->slot, c->gen, 0);
+    e->tells[e->ntells].kind = kind;
+    e->ntells++;
+    notify(e);
+}
 
 /* Bring the epoll set in line with what the directions wait for. A socket stays
  * registered with an empty mask while nobody waits on it, so an RST still arrives
@@ -263,8 +371,8 @@ static void settle(Engine *e, conn_t *c) {
     way_t *out = &c->w[s];
     out->eof = 1;
     out->watching = 0;
-    if (out->pending)
-        return;  /* writable() empties it, then resume() comes back here */
+    if (out->pending || framing_busy(c, s))
+        return;  /* writable() (or answer()) empties it, then comes back here */
     if (ioctl(c->fd[1 - s], SIOCOUTQ, &queued) < 0 || queued == 0)
         finish(e, c, 1);
 }
@@ -289,11 +397,11 @@ static void lose(Engine *e, conn_t *c, int s) {
         finish(e, c, 1);
         return;
     }
-    if (out->eof && !out->pending)
+    if (out->eof && !out->pending && !framing_busy(c, s))
         settle(e, c);
     else if (out->stalled)
         c->deaf[s] = 1;  /* its EPOLLERR/HUP would repeat; back when out resumes */
-    else
+    else if (!framing_busy(c, s))
         out->watching = !out->eof;
 }
 
@@ -313,6 +421,8 @@ static void source_ended(Engine *e, conn_t *c, int i, int error) {
     }
 }
 
+static void pump_reply(Engine *e, conn_t *c, const char *p, size_t n);
+
 static void stall(way_t *w) {
     w->watching = 0;
     w->stalled = 1;
@@ -321,6 +431,132 @@ static void stall(way_t *w) {
 static void resume(way_t *w) {
     w->stalled = 0;
     w->watching = !w->eof;
+}
+
+/* Keep p[0:n] (the unframed rest of a chunk) in the backlog; p may lie in it already. */
+static int keep_backlog(framed_t *fr, const char *p, size_t n) {
+    if (fr->backlog != NULL && p >= fr->backlog && p <= fr->backlog + fr->bend) {
+        fr->bat = (size_t)(p - fr->backlog);
+        return 0;
+    }
+    char *b = NULL;
+    if (n) {
+        b = malloc(n);
+        if (b == NULL)
+            return -1;
+        memcpy(b, p, n);
+    }
+    free(fr->backlog);
+    fr->backlog = b;
+    fr->bat = 0;
+    fr->bend = n;
+    return 0;
+}
+
+static void drop_backlog(framed_t *fr) {
+    free(fr->backlog);
+    fr->backlog = NULL;
+    fr->bat = fr->bend = 0;
+}
+
+/* The way down of a framed connection: frame p[0:n] and send what the framer says --
+ * the bytes as read, a redirect rewritten here, or (after Python's answer) a frame
+ * rewritten there. A short send or an ask parks the rest of the chunk in the backlog
+ * and stops reading the node till it is out (writable(), answer()). */
+static void pump_reply(Engine *e, conn_t *c, const char *p, size_t n) {
+    framed_t *fr = c->fr;
+    way_t *w = &c->w[1];
+    size_t off = 0;
+    while (off < n) {
+        rf_out_t o;
+        int act;
+        size_t used = rf_reply(&fr->rf, p + off, n - off, &o, &act);
+        if (act == RF_ERROR) {
+            /* Like the Python relay: a node that breaks the protocol gets a clean close
+             * of both sides (a reset, the stream being cut) and a counter. */
+            e->protocol_errors++;
+            c->broken = 1;
+            tell(e, c, TELL_BROKEN);
+            finish(e, c, 1);
+            return;
+        }
+        struct iovec iov[2];
+        int cnt = 0;
+        size_t total = 0;
+        if (o.fwd) {
+            iov[cnt].iov_base = (void *)(p + off);
+            iov[cnt++].iov_len = o.fwd;
+            total += o.fwd;
+        }
+        if (act == RF_EMIT && o.len) {
+            iov[cnt].iov_base = (void *)o.data;
+            iov[cnt++].iov_len = o.len;
+            total += o.len;
+        }
+        if (act == RF_EMIT && o.redirect)
+            tell(e, c, TELL_REDIRECTS);
+        if (act == RF_ASK) {
+            free(fr->ask);
+            free(fr->spec);
+            fr->ask = malloc(o.len);
+            fr->spec = malloc(o.speclen ? o.speclen : 1);
+            if (fr->ask == NULL || fr->spec == NULL) {
+                finish(e, c, 1);
+                return;
+            }
+            memcpy(fr->ask, o.data, o.len);
+            if (o.speclen)  /* a redirect has none */
+                memcpy(fr->spec, o.spec, o.speclen);
+            fr->asklen = o.len;
+            fr->speclen = o.speclen;
+            fr->askkind = (uint8_t)o.ask;
+            fr->waiting = 1;
+            tell(e, c, (uint8_t)o.ask);
+        }
+        off += used;
+        ssize_t m = 0;
+        if (total) {
+            struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)cnt};
+            m = sendmsg(c->fd[0], &mh, MSG_NOSIGNAL);
+            if (m < 0) {
+                if (errno != EAGAIN && errno != EINTR) {
+                    rf_release(&fr->rf);
+                    lose(e, c, 0);
+                    return;
+                }
+                m = 0;
+            }
+        }
+        if ((size_t)m < total) {
+            size_t left = total - (size_t)m, at = 0;
+            w->held = malloc(left);
+            if (w->held == NULL) {
+                rf_release(&fr->rf);
+                finish(e, c, 1);
+                return;
+            }
+            for (int k = 0; k < cnt; k++) {
+                size_t len = iov[k].iov_len, skip = (size_t)m < len ? (size_t)m : len;
+                memcpy(w->held + at, (char *)iov[k].iov_base + skip, len - skip);
+                at += len - skip;
+                m -= (ssize_t)skip;
+            }
+            w->held_at = 0;
+            w->pending = left;
+            stall(w);
+        }
+        rf_release(&fr->rf);
+        if (w->pending || fr->waiting) {
+            if (keep_backlog(fr, p + off, n - off) < 0) {
+                finish(e, c, 1);
+                return;
+            }
+            w->watching = 0;
+            return;
+        }
+    }
+    drop_backlog(fr);
+    park_framing(e, c);
 }
 
 /* Through the scratch buffer: small reads under auto, copy: buffer, or no pipe. */
@@ -334,6 +570,18 @@ static void copy_buffered(Engine *e, conn_t *c, int i) {
     }
     __atomic_store_n(&w->nbytes, w->nbytes + (uint64_t)n, __ATOMIC_RELAXED);
     w->copied += (uint64_t)n;
+    if (c->nm != NULL) {
+        framed_t *fr = take_framing(e, c);
+        if (fr == NULL) {
+            finish(e, c, 1);
+            return;
+        }
+        if (i == 1) {
+            pump_reply(e, c, e->scratch, (size_t)n);
+            return;
+        }
+        rf_request(&fr->rf, e->scratch, (size_t)n);  /* noted before the node sees it */
+    }
     if (c->mode == MODE_AUTO && (size_t)n >= c->bulk_at) {
         w->bulk = 1;  /* a full read: more is waiting, splice it */
         w->small = 0;
@@ -403,6 +651,8 @@ static void readable(Engine *e, conn_t *c, int i) {
     stall(w);
 }
 
+static void after_drain(Engine *e, conn_t *c, int i);
+
 static void writable(Engine *e, conn_t *c, int i) {
     way_t *w = &c->w[i];
     ssize_t m;
@@ -413,6 +663,7 @@ static void writable(Engine *e, conn_t *c, int i) {
         m = send(c->fd[1 - i], w->held + w->held_at, w->pending, MSG_NOSIGNAL);
     } else {
         resume(w);  /* nothing to send: a stale wake-up */
+        after_drain(e, c, i);
         return;
     }
     if (m < 0) {
@@ -431,6 +682,26 @@ static void writable(Engine *e, conn_t *c, int i) {
         w->held_at = 0;
     }
     resume(w);
+    after_drain(e, c, i);
+}
+
+/* Way i has sent all it held: a framed way down goes on with its backlog (unless it
+ * waits for Python), then a dying connection may settle. */
+static void after_drain(Engine *e, conn_t *c, int i) {
+    way_t *w = &c->w[i];
+    if (i == 1 && c->fr != NULL) {
+        if (c->fr->waiting) {
+            w->watching = 0;
+            return;
+        }
+        if (c->fr->bat < c->fr->bend) {
+            pump_reply(e, c, c->fr->backlog + c->fr->bat, c->fr->bend - c->fr->bat);
+            if (c->state != LIVE || w->pending || (c->fr != NULL && c->fr->waiting))
+                return;
+        } else {
+            park_framing(e, c);
+        }
+    }
     if (c->dead == 1 + i && w->eof)
         settle(e, c);  /* the failed side's last bytes are out */
 }
@@ -480,6 +751,14 @@ static void finish(Engine *e, conn_t *c, int reset) {
     }
     release_way(e, &c->w[0], reset);
     release_way(e, &c->w[1], reset);
+    if (c->fr != NULL) {
+        free_framed(c->fr);
+        c->fr = NULL;
+    }
+    if (c->nm != NULL) {
+        nm_unref(c->nm);
+        c->nm = NULL;
+    }
     c->state = DONE;
     c->reset = (uint8_t)reset;
     e->live--;
@@ -752,6 +1031,10 @@ static void Engine_dealloc(Engine *e) {
     free(e->freelist);
     free(e->done);
     free(e->dying);
+    free(e->tells);
+    for (uint32_t i = 0; i < e->nfpool; i++)
+        free_framed(e->fpool[i]);
+    free(e->fpool);
     free(e->pipes);
     free(e->scratch);
     if (e->inited)
@@ -784,19 +1067,33 @@ static void refuse_fds(int cfd, int ufd) {
     close(ufd);
 }
 
-/* add(client_fd, upstream_fd, mode, bufsize, bulk_at) -> slot. The engine owns both
- * descriptors from here on, also when it raises: then it has reset and closed them. */
+/* add(client_fd, upstream_fd, mode, bufsize, bulk_at, nodemap=None) -> slot. The engine
+ * owns both descriptors from here on, also when it raises: then it has reset and closed
+ * them. With a NodeMap the connection is a Redis Cluster one: its replies are framed
+ * (resp_framer.h), and it always copies (a framer must see every byte). */
 static PyObject *Engine_add(Engine *e, PyObject *args) {
     int cfd, ufd, mode;
     unsigned int bufsize, bulk_at;
-    if (!PyArg_ParseTuple(args, "iiiII", &cfd, &ufd, &mode, &bufsize, &bulk_at))
+    PyObject *map = Py_None;
+    if (!PyArg_ParseTuple(args, "iiiII|O", &cfd, &ufd, &mode, &bufsize, &bulk_at, &map))
         return NULL;
     if (mode < MODE_AUTO || mode > MODE_BUFFER || bufsize == 0) {
         refuse_fds(cfd, ufd);
         PyErr_SetString(PyExc_ValueError, "bad mode or bufsize");
         return NULL;
     }
+    nodemap_t *nm = NULL;
+    if (map != Py_None) {
+        nm = framer_py_nodemap(map);
+        if (nm == NULL) {
+            refuse_fds(cfd, ufd);
+            return NULL;
+        }
+        nm_ref(nm);
+        mode = MODE_BUFFER;
+    }
     if (check_open(e) < 0 || start_thread(e) < 0) {
+        nm_unref(nm);
         refuse_fds(cfd, ufd);
         return NULL;
     }
@@ -817,6 +1114,7 @@ static PyObject *Engine_add(Engine *e, PyObject *args) {
             if (fl) e->freelist = fl;
             if (cs == NULL || fl == NULL) {
                 pthread_mutex_unlock(&e->lock);
+                nm_unref(nm);
                 refuse_fds(cfd, ufd);
                 return PyErr_NoMemory();
             }
@@ -825,6 +1123,7 @@ static PyObject *Engine_add(Engine *e, PyObject *args) {
         c = calloc(1, sizeof(*c));
         if (c == NULL) {
             pthread_mutex_unlock(&e->lock);
+            nm_unref(nm);
             refuse_fds(cfd, ufd);
             return PyErr_NoMemory();
         }
@@ -838,6 +1137,7 @@ static PyObject *Engine_add(Engine *e, PyObject *args) {
     c->fd[0] = cfd;
     c->fd[1] = ufd;
     c->mode = (uint8_t)mode;
+    c->nm = nm;
     c->bufsize = bufsize;
     c->bulk_at = bulk_at < bufsize ? bulk_at : bufsize;
     for (int i = 0; i < 2; i++) {
@@ -924,6 +1224,109 @@ static PyObject *Engine_reap(Engine *e, PyObject *unused) {
     return out;
 }
 
+/* asks() -> [(slot, kind, frame, spec)] what framed connections need from Python:
+ * kind 1..3 a whole frame to rewrite (resp_framer.h RF_ASK_*; answer() with the bytes
+ * to send instead), 0 a redirect the thread rewrote (frame: 1), 4 the node broke the
+ * protocol (the connection is closed). */
+static PyObject *Engine_asks(Engine *e, PyObject *unused) {
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    pthread_mutex_lock(&e->lock);
+    for (uint32_t k = 0; k < e->ntells; k++) {
+        uint64_t t = e->tells[k].tag;
+        uint32_t slot = (uint32_t)(t & 0xffffffffu) >> 1;
+        conn_t *c = slot < e->nconns ? e->conns[slot] : NULL;
+        if (c == NULL || c->gen != (uint32_t)(t >> 32))
+            continue;
+        PyObject *item = NULL;
+        int kind = e->tells[k].kind;
+        if (kind == TELL_BROKEN) {
+            item = Py_BuildValue("(IiOO)", slot, kind, Py_None, Py_None);
+        } else if (c->state != LIVE || c->nm == NULL) {
+            continue;
+        } else if (kind == TELL_REDIRECTS) {
+            item = Py_BuildValue("(IiiO)", slot, kind, 1, Py_None);
+        } else {
+            framed_t *fr = c->fr;
+            if (fr == NULL || !fr->waiting || fr->ask == NULL)
+                continue;
+            item = Py_BuildValue("(Iiy#y#)", slot, kind, fr->ask, (Py_ssize_t)fr->asklen,
+                                 fr->spec, (Py_ssize_t)fr->speclen);
+            if (item != NULL) {
+                free(fr->ask);
+                fr->ask = NULL;
+            }
+        }
+        if (item == NULL || PyList_Append(out, item) < 0) {
+            Py_XDECREF(item);
+            memmove(e->tells, e->tells + k, (e->ntells - k) * sizeof(*e->tells));
+            e->ntells -= k;
+            pthread_mutex_unlock(&e->lock);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    e->ntells = 0;
+    if (e->tellcap > 64) {
+        free(e->tells);
+        e->tells = NULL;
+        e->tellcap = 0;
+    }
+    pthread_mutex_unlock(&e->lock);
+    return out;
+}
+
+/* answer(slot, data): the bytes that go to the client in place of the frame asked
+ * about; the way down sends them, then frames the rest of what it had read. */
+static PyObject *Engine_answer(Engine *e, PyObject *args) {
+    Py_ssize_t slot;
+    Py_buffer b;
+    if (!PyArg_ParseTuple(args, "ny*", &slot, &b))
+        return NULL;
+    pthread_mutex_lock(&e->lock);
+    conn_t *c = (slot >= 0 && (size_t)slot < e->nconns) ? e->conns[slot] : NULL;
+    if (c == NULL || c->state != LIVE || c->fr == NULL || !c->fr->waiting) {
+        pthread_mutex_unlock(&e->lock);
+        PyBuffer_Release(&b);
+        Py_RETURN_FALSE;  /* ended meanwhile */
+    }
+    framed_t *fr = c->fr;
+    way_t *w = &c->w[1];
+    fr->waiting = 0;
+    free(fr->ask);
+    fr->ask = NULL;
+    if (c->dead == 1) {
+        /* The client failed: nothing more goes to it. */
+        pthread_mutex_unlock(&e->lock);
+        PyBuffer_Release(&b);
+        Py_RETURN_FALSE;
+    }
+    size_t len = (size_t)b.len;
+    char *held = malloc(w->pending + len + 1);
+    if (held == NULL) {
+        finish(e, c, 1);
+    } else {
+        if (w->pending)
+            memcpy(held, w->held + w->held_at, w->pending);
+        memcpy(held + w->pending, b.buf, len);
+        free(w->held);
+        w->held = held;
+        w->held_at = 0;
+        w->pending += len;
+        stall(w);
+        rewatch(e, c, (uint32_t)slot);
+    }
+    if (c->state == DONE && !c->claimed) {
+        push_done(e, (uint32_t)slot);
+        notify(e);
+    }
+    pthread_mutex_unlock(&e->lock);
+    PyBuffer_Release(&b);
+    Py_RETURN_TRUE;
+}
+
 /* counts(slot) -> (up, down, pending_down): relaxed reads, no lock. */
 static PyObject *Engine_counts(Engine *e, PyObject *arg) {
     Py_ssize_t slot = PyLong_AsSsize_t(arg);
@@ -952,14 +1355,15 @@ static PyObject *Engine_detail(Engine *e, PyObject *arg) {
         return NULL;
     }
     PyObject *d = Py_BuildValue(
-        "{s:i,s:i,s:I,s:I,s:K,s:K,s:i,s:i,s:i,s:i,s:n,s:n}",
+        "{s:i,s:i,s:I,s:I,s:K,s:K,s:i,s:i,s:i,s:i,s:n,s:n,s:i,s:i}",
         "client_fd", c->fd[0], "upstream_fd", c->fd[1],
         "leases_up", c->w[0].leases, "leases_down", c->w[1].leases,
         "copied_up", (unsigned long long)c->w[0].copied,
         "copied_down", (unsigned long long)c->w[1].copied,
         "bulk_up", (int)c->w[0].bulk, "bulk_down", (int)c->w[1].bulk,
         "eof_up", (int)c->w[0].eof, "eof_down", (int)c->w[1].eof,
-        "pending_up", (Py_ssize_t)c->w[0].pending, "pending_down", (Py_ssize_t)c->w[1].pending);
+        "pending_up", (Py_ssize_t)c->w[0].pending, "pending_down", (Py_ssize_t)c->w[1].pending,
+        "framed", c->nm != NULL, "framing_held", c->fr != NULL);
     pthread_mutex_unlock(&e->lock);
     return d;
 }
@@ -967,14 +1371,15 @@ static PyObject *Engine_detail(Engine *e, PyObject *arg) {
 static PyObject *Engine_stats(Engine *e, PyObject *unused) {
     pthread_mutex_lock(&e->lock);
     PyObject *d = Py_BuildValue(
-        "{s:I,s:I,s:I,s:K,s:K,s:K,s:i,s:K,s:n}",
+        "{s:I,s:I,s:I,s:K,s:K,s:K,s:i,s:K,s:n,s:K}",
         "live", e->live, "pipes_live", e->pipes_live, "pipes_free", e->npipes,
         "pipes_created", (unsigned long long)e->pipes_created,
         "pipe_failures", (unsigned long long)e->pipe_failures,
         "pipe_busy", (unsigned long long)e->pipe_busy,
         "pipe_errno", e->pipe_errno,
         "thread_errors", (unsigned long long)e->thread_errors,
-        "pipe_size", (Py_ssize_t)e->pipe_size);
+        "pipe_size", (Py_ssize_t)e->pipe_size,
+        "protocol_errors", (unsigned long long)e->protocol_errors);
     pthread_mutex_unlock(&e->lock);
     return d;
 }
@@ -1032,6 +1437,8 @@ static PyMethodDef Engine_methods[] = {
     {"close", (PyCFunction)Engine_close, METH_VARARGS, "End a connection now."},
     {"reap", (PyCFunction)Engine_reap, METH_NOARGS, "Connections the thread ended."},
     {"counts", (PyCFunction)Engine_counts, METH_O, "Byte counters of a connection."},
+    {"asks", (PyCFunction)Engine_asks, METH_NOARGS, "What framed connections need."},
+    {"answer", (PyCFunction)Engine_answer, METH_VARARGS, "Bytes in place of an asked frame."},
     {"detail", (PyCFunction)Engine_detail, METH_O, "A connection's state (tests)."},
     {"stats", (PyCFunction)Engine_stats, METH_NOARGS, "Engine-wide counters."},
     {"trim_pipes", (PyCFunction)Engine_trim_pipes, METH_NOARGS, "Close pooled pipes."},
@@ -1074,6 +1481,10 @@ PyMODINIT_FUNC PyInit__engine(void) {
     Py_INCREF(&EngineType);
     if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) {
         Py_DECREF(&EngineType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (framer_py_add(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

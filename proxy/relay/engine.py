@@ -23,7 +23,7 @@ import os
 import socket
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from ..config import DEFAULT_BUSY_POLL_US, ListenerConfig
 from ..process import worker_count
@@ -50,10 +50,38 @@ def native_available() -> bool:
     return _engine is not None
 
 
-def choose_native(loop: asyncio.AbstractEventLoop, config: ListenerConfig) -> NativeHub | None:
+def new_node_map() -> Any:
+    """A node map for framed (cluster) connections (swap() it after each refresh), or None
+    where the engine is not built."""
+    return None if _engine is None else _engine.NodeMap()
+
+
+class Framing(Protocol):
+    """What a framed connection (a Redis Cluster node's) needs from Python: the node map
+    its redirects are rewritten from, and answers to what the framer hands over
+    (proxy/cluster/relay.py NativeFraming)."""
+
+    @property
+    def nodemap(self) -> Any: ...
+
+    def attached(self, upstream: socket.socket) -> None: ...
+
+    def answer(self, kind: int, frame: bytes, spec: bytes) -> bytes: ...
+
+    def redirects(self, count: int) -> None: ...
+
+    def broken(self) -> None: ...
+
+
+_TELL_REDIRECTS = 0
+_TELL_BROKEN = 4
+
+
+def choose_native(loop: asyncio.AbstractEventLoop, config: ListenerConfig,
+                  order: tuple[RelayKind, ...] | None = None) -> NativeHub | None:
     """The loop's native hub when this listener's connections go to the engine; else None."""
     global _unavailable_logged
-    if RelayKind.ENGINE not in relay_order(config):
+    if RelayKind.ENGINE not in (relay_order(config) if order is None else order):
         return None
     if _engine is None:
         if config.relay == "native" and not _unavailable_logged:
@@ -153,10 +181,10 @@ class NativeHub:
         return lane
 
     def add(self, relay: NativeRelay, cfd: int, ufd: int, mode: int,
-            bufsize: int) -> tuple[_Lane, int]:
+            bufsize: int, nodemap: Any = None) -> tuple[_Lane, int]:
         """Hand both descriptors to an engine (it owns them even when this raises)."""
         lane = self.pick()
-        slot: int = lane.engine.add(cfd, ufd, mode, bufsize, BULK_READ)
+        slot: int = lane.engine.add(cfd, ufd, mode, bufsize, BULK_READ, nodemap)
         lane.relays[slot] = relay
         return lane, slot
 
@@ -172,12 +200,36 @@ class NativeHub:
         return up, down
 
     def _reap(self, lane: _Lane) -> None:
-        """The engine ended connections (EOF both ways, a reset, an error)."""
+        """The engine ended connections (EOF both ways, a reset, an error), or a framed
+        connection needs Python (a frame to rewrite, redirects to count)."""
+        for slot, kind, frame, spec in lane.engine.asks():
+            self._ask(lane, slot, kind, frame, spec)
         for slot, up, down, _reset in lane.engine.reap():
             relay = lane.relays.pop(slot, None)
             if relay is not None:
                 relay.ended(up, down)
         self._idle()
+
+    def _ask(self, lane: _Lane, slot: int, kind: int, frame: Any, spec: Any) -> None:
+        relay = lane.relays.get(slot)
+        framing = relay.framing if relay is not None else None
+        if kind == _TELL_REDIRECTS:
+            if framing is not None:
+                framing.redirects(frame)
+        elif kind == _TELL_BROKEN:
+            if framing is not None:
+                framing.broken()
+        else:
+            try:
+                data = frame if framing is None else framing.answer(kind, frame, spec)
+            except ValueError as exc:  # a frame Python cannot parse: the node broke RESP
+                log.debug("closing a connection: the upstream broke the protocol: %s", exc)
+                if framing is not None:
+                    framing.broken()
+                if relay is not None:
+                    relay.abort()
+                return
+            lane.engine.answer(slot, data)
 
     def _idle(self) -> None:
         if not self._trimming and any(not lane.relays for lane in self.lanes):
@@ -243,12 +295,13 @@ class NativeRelay:
     descriptors and this object keeps the slot and, once ended, the final counts.
     """
 
-    __slots__ = ("__weakref__", "bufsize", "client_sock", "closed", "final", "hub", "lane",
-                 "mode", "on_close", "slot", "source", "upstream_sock")
+    __slots__ = ("__weakref__", "bufsize", "client_sock", "closed", "final", "framing", "hub",
+                 "lane", "mode", "on_close", "slot", "source", "upstream_sock")
 
     def __init__(self, hub: NativeHub, bufsize: int, on_close: Callable[[NativeRelay], None],
-                 source: str = "", copy: str = "auto") -> None:
+                 source: str = "", copy: str = "auto", framing: Framing | None = None) -> None:
         self.hub = hub
+        self.framing = framing  # a Redis Cluster connection: the engine frames it
         self.bufsize = bufsize
         self.on_close = on_close
         self.source = source
@@ -264,6 +317,8 @@ class NativeRelay:
                upstream: socket.socket) -> None:
         """Take both connected, non-blocking sockets (the loop is the hub's)."""
         self.client_sock, self.upstream_sock = client, upstream
+        if self.framing is not None:
+            self.framing.attached(upstream)
 
     def start(self) -> None:
         """Hand the sockets to the engine; whatever arrived meanwhile waits in the kernel."""
@@ -272,7 +327,9 @@ class NativeRelay:
         self.client_sock = self.upstream_sock = None
         cfd, ufd = client.detach(), upstream.detach()
         try:
-            self.lane, self.slot = self.hub.add(self, cfd, ufd, self.mode, self.bufsize)
+            self.lane, self.slot = self.hub.add(
+                self, cfd, ufd, self.mode, self.bufsize,
+                self.framing.nodemap if self.framing is not None else None)
         except (OSError, RuntimeError, ValueError, MemoryError) as exc:
             log.debug("native: the engine refused a connection: %s", exc)
             self._closed()

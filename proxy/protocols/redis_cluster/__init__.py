@@ -5,6 +5,9 @@ replies into nodes for discovery. Both read frames through ``fields``.
 
 from .fields import blank
 from .rewrite import (
+    ASK_CLUSTER,
+    ASK_EXEC,
+    ASK_REDIRECT,
     REWRITERS,
     ClusterRewriter,
     IdMapper,
@@ -12,6 +15,7 @@ from .rewrite import (
     Redirect,
     Remapper,
     parse_redirect,
+    rewrite_asked,
     rewrite_node_line,
     rewrite_nodes,
     rewrite_nodes_text,
@@ -31,6 +35,9 @@ from .topology import (
 )
 
 __all__ = [
+    "ASK_CLUSTER",
+    "ASK_EXEC",
+    "ASK_REDIRECT",
     "REWRITERS",
     "ClusterNode",
     "ClusterRewriter",
@@ -43,6 +50,7 @@ __all__ = [
     "blank",
     "parse_redirect",
     "parse_topology",
+    "rewrite_asked",
     "rewrite_node_line",
     "rewrite_nodes",
     "rewrite_nodes_text",

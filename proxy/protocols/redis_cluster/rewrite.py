@@ -312,6 +312,31 @@ REWRITERS: Final[dict[bytes, Callable[[Frame, Remapper], bool]]] = {
 }
 """CLUSTER subcommand (lower case) -> in-place rewriter of its reply."""
 
+# What the native engine's framer (proxy/relay/resp_framer.c) asks Python to rewrite.
+ASK_CLUSTER: Final = 1  # the reply to CLUSTER SLOTS/SHARDS/NODES/REPLICAS; spec: its rewriter
+ASK_EXEC: Final = 2  # an EXEC reply; spec: a rewriter (or 0) per result
+ASK_REDIRECT: Final = 3  # a redirect the engine's node map cannot answer
+_REWRITER_IDS: Final[dict[int, Callable[[Frame, Remapper], bool]]] = {
+    1: rewrite_slots, 2: rewrite_shards, 3: rewrite_nodes, 4: rewrite_replicas,
+}
+
+
+def rewrite_asked(raw: bytes, ask: int, spec: bytes, remap: Remapper,
+                  tryagain: bool = False) -> bytes | None:
+    """What ``ClusterRewriter._on_frame`` makes of a whole frame the engine handed over
+    (its matching done in C); None when the frame goes out unchanged."""
+    if ask == ASK_REDIRECT:
+        return rewrite_redirect(raw, remap, tryagain)
+    frame = parse_one(raw)
+    changed = False
+    if ask == ASK_CLUSTER:
+        changed = not frame.is_error and _REWRITER_IDS[spec[0]](frame, remap)
+    else:
+        for rw, result in zip(spec, frame.items, strict=True):
+            if rw and not result.is_error:
+                changed |= _REWRITER_IDS[rw](result, remap)
+    return encode(frame) if changed else None
+
 
 # --------------------------------------------------------------------------- the rewriter
 
