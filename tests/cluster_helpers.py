@@ -7,16 +7,19 @@ import asyncio
 import contextlib
 import random
 import socket
+import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from tests.support import ServerProcess, free_port, start_server, wait_until
+from tests.support import ServerProcess, free_port, require_binary, start_server, wait_until
+
+HOST = "127.0.0.1"
 
 
 def free_range(count: int, host: str = "127.0.0.1", low: int = 20000, high: int = 32000) -> int:
@@ -53,6 +56,41 @@ async def async_wait(predicate: Callable[[], Awaitable[Any] | Any], deadline_s: 
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {deadline_s}s waiting for {message}")
         await asyncio.sleep(interval)
+
+
+def start_cluster_node(workdir: Path) -> ServerProcess:
+    """One redis-server with cluster mode on, not yet part of any cluster."""
+    return start_server("redis", [
+        "--cluster-enabled", "yes", "--dir", str(workdir),
+        "--cluster-config-file", f"nodes-{uuid.uuid4().hex}.conf",
+        "--cluster-port", str(free_port()), "--cluster-node-timeout", "2000"])
+
+
+@contextlib.contextmanager
+def three_masters(workdir: Path) -> Iterator[list[ServerProcess]]:
+    """A real 3-master Redis Cluster on loopback, every node seeing all three; stopped after."""
+    nodes: list[ServerProcess] = []
+    try:
+        for _ in range(3):
+            nodes.append(start_cluster_node(workdir))
+        subprocess.run([require_binary("redis-cli"), "--cluster", "create",
+                        *[f"{HOST}:{n.port}" for n in nodes], "--cluster-yes"],
+                       check=True, capture_output=True, timeout=30)
+
+        def ok() -> bool:
+            for n in nodes:
+                with redis.Redis(port=n.port, socket_timeout=2) as r:
+                    info = r.cluster("info")
+                    if info.get("cluster_state") != "ok" or int(
+                            info.get("cluster_known_nodes", 0)) != 3:
+                        return False
+            return True
+
+        wait_until(ok, 30, 0.1, "cluster_state:ok")
+        yield nodes
+    finally:
+        for n in nodes:
+            n.stop()
 
 
 def start_lone_node(workdir: Path) -> ServerProcess:

@@ -9,8 +9,6 @@ environment. A real 3-master cluster; a fourth node joins and then is forgotten.
 from __future__ import annotations
 
 import socket
-import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,14 +18,11 @@ import redis
 
 from proxy.admin import fetch_status
 from proxy.config import Address
-from tests.cluster_helpers import free_range
+from tests.cluster_helpers import free_range, start_cluster_node, three_masters
 from tests.lbkit import Backend, haproxy, quiet_port
 from tests.support import (
     CacheportProcess,
     ServerProcess,
-    free_port,
-    require_binary,
-    start_server,
     wait_until,
 )
 
@@ -51,28 +46,11 @@ clusters:
 """
 
 
-def cluster_node(workdir: Path) -> ServerProcess:
-    return start_server("redis", [
-        "--cluster-enabled", "yes", "--dir", str(workdir),
-        "--cluster-config-file", f"nodes-{uuid.uuid4().hex}.conf",
-        "--cluster-port", str(free_port()), "--cluster-node-timeout", "2000"])
-
-
 @pytest.fixture(scope="module")
 def masters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServerProcess]]:
-    workdir = tmp_path_factory.mktemp("hosts3")
-    nodes: list[ServerProcess] = []
-    try:
-        nodes = [cluster_node(workdir) for _ in range(3)]
-        subprocess.run([require_binary("redis-cli"), "--cluster", "create",
-                        *[f"{HOST}:{n.port}" for n in nodes], "--cluster-yes"],
-                       check=True, capture_output=True, timeout=30)
-        wait_until(lambda: all(redis.Redis(port=n.port).cluster("info")["cluster_state"] == "ok"
-                               for n in nodes), 30, 0.1, "cluster_state:ok")
+    """A real 3-master Redis Cluster on loopback."""
+    with three_masters(tmp_path_factory.mktemp("hosts3")) as nodes:
         yield nodes
-    finally:
-        for n in nodes:
-            n.stop()
 
 
 def node_ports(admin: Address) -> dict[str, int]:
@@ -113,7 +91,7 @@ def test_two_hosts_without_state_agree_on_every_port_as_nodes_join_and_leave(
         assert cluster_doc(a)["ports_canonical"] is True
 
         # A fourth node joins (no slots yet: a master a client may still be sent to).
-        extra = cluster_node(tmp_path)
+        extra = start_cluster_node(tmp_path)
         bus = extra.args[extra.args.index("--cluster-port") + 1]
         redis.Redis(port=masters[0].port).execute_command("CLUSTER", "MEET", HOST, extra.port,
                                                           bus)

@@ -22,14 +22,13 @@ from proxy.cluster.discovery import discover_redis_at
 from proxy.cluster.manager import ClusterManager
 from proxy.config import Address
 from proxy.relay.engine import native_available
-from tests.cluster_helpers import free_range, start_lone_node
+from tests.cluster_helpers import free_range, start_lone_node, three_masters
 from tests.support import (
     ProxyThread,
     ServerProcess,
     free_port,
     make_config,
     require_binary,
-    start_server,
     wait_until,
 )
 
@@ -49,32 +48,9 @@ def relay(request: pytest.FixtureRequest) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def masters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServerProcess]]:
-    workdir = tmp_path_factory.mktemp("cluster3")
-    nodes: list[ServerProcess] = []
-    try:
-        for _ in range(3):
-            nodes.append(start_server("redis", [
-                "--cluster-enabled", "yes", "--dir", str(workdir),
-                "--cluster-config-file", f"nodes-{uuid.uuid4().hex}.conf",
-                "--cluster-port", str(free_port()), "--cluster-node-timeout", "2000"]))
-        subprocess.run([require_binary("redis-cli"), "--cluster", "create",
-                        *[f"{HOST}:{n.port}" for n in nodes], "--cluster-yes"],
-                       check=True, capture_output=True, timeout=30)
-
-        def ok() -> bool:
-            for n in nodes:
-                with redis.Redis(port=n.port, socket_timeout=2) as r:
-                    info = r.cluster("info")
-                    if info.get("cluster_state") != "ok" or int(
-                            info.get("cluster_known_nodes", 0)) != 3:
-                        return False
-            return True
-
-        wait_until(ok, 30, 0.1, "cluster_state:ok")
+    """A real 3-master Redis Cluster on loopback."""
+    with three_masters(tmp_path_factory.mktemp("cluster3")) as nodes:
         yield nodes
-    finally:
-        for n in nodes:
-            n.stop()
 
 
 def cluster_config(seed: int, tmp_path: Path, ports: int = 8, **extra: Any) -> dict[str, Any]:

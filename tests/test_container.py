@@ -33,11 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import yaml
 from pymemcache.client.base import Client as MemcacheClient
 
-from tests.cluster_helpers import free_range
+from tests.cluster_helpers import free_range, three_masters
 from tests.container_engine import (
     IMAGE,
     Podman,
@@ -408,32 +407,8 @@ def test_a_map_uid_10001_cannot_read_stops_the_container_saying_so(
 @pytest.fixture(scope="module")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServerProcess]]:
     """A real 3-master Redis Cluster on loopback."""
-    workdir = tmp_path_factory.mktemp("cluster")
-    nodes: list[ServerProcess] = []
-    try:
-        for _ in range(3):
-            nodes.append(start_server("redis", [
-                "--cluster-enabled", "yes", "--dir", str(workdir),
-                "--cluster-config-file", f"nodes-{uuid.uuid4().hex}.conf",
-                "--cluster-port", str(free_port()), "--cluster-node-timeout", "2000"]))
-        subprocess.run([require_binary("redis-cli"), "--cluster", "create",
-                        *[f"{HOST}:{n.port}" for n in nodes], "--cluster-yes"],
-                       check=True, capture_output=True, timeout=30)
-
-        def ok() -> bool:
-            for n in nodes:
-                with redis.Redis(port=n.port, socket_timeout=2) as r:
-                    info = r.cluster("info")
-                    if info.get("cluster_state") != "ok" or int(
-                            info.get("cluster_known_nodes", 0)) != 3:
-                        return False
-            return True
-
-        wait_until(ok, 30, 0.1, "cluster_state:ok")
+    with three_masters(tmp_path_factory.mktemp("cluster")) as nodes:
         yield nodes
-    finally:
-        for n in nodes:
-            n.stop()
 
 
 def _node_ports(container: Container) -> dict[str, int]:
