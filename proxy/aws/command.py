@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import sys
-from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, load_yaml, parse_config
+from ..iptables.command import write_translated
 from ..iptables.render import _count
 from .fetch import AwsError, client, read_account, tag_reader
 from .render import render_yaml
@@ -54,20 +53,8 @@ def run_import(args: argparse.Namespace, api: Any = None) -> int:
         return EXIT_CONFIG
     document = render_yaml(result, region=region, announce=args.announce, allow=allow,
                            listen=args.listen)
-    target = args.output or "<output>"
-    try:
-        parse_config(load_yaml(document, target), target)
-    except ConfigError as exc:
-        print(f"cacheport: the translated port map is not valid: {exc}", file=sys.stderr)
+    if not write_translated(document, args.output):
         return EXIT_CONFIG
-    if args.output:
-        try:
-            Path(args.output).write_text(document, encoding="utf-8")
-        except OSError as exc:
-            print(f"cacheport: {args.output}: cannot write: {exc.strerror}", file=sys.stderr)
-            return EXIT_CONFIG
-    else:
-        sys.stdout.write(document)
     review = sum(1 for u in result.untranslated if u.needed)
     print(f"cacheport: {_count(len(result.clusters), 'cluster')} and "
           f"{_count(len(result.listeners), 'listener')}"

@@ -62,26 +62,34 @@ def cmd_import(args: argparse.Namespace) -> int:
               "nothing written", file=sys.stderr)
         return EXIT_CONFIG
     document = render_yaml(listeners, untranslated, source=label)
-    target = args.output or "<output>"
-    try:
-        parse_config(load_yaml(document, target), target)
-    except ConfigError as exc:
-        print(f"cacheport: the translated port map is not valid: {exc}", file=sys.stderr)
+    if not write_translated(document, args.output):
         return EXIT_CONFIG
-    if args.output:
-        try:
-            Path(args.output).write_text(document, encoding="utf-8")
-        except OSError as exc:
-            print(f"cacheport: {args.output}: cannot write: {exc.strerror}", file=sys.stderr)
-            return EXIT_CONFIG
-    else:
-        sys.stdout.write(document)
     skipped = sum(1 for u in untranslated if u.needed)
     print(f"cacheport: {_count(len(listeners), 'listener')} from "
           f"{_count(sum(len(lc.lines) for lc in listeners), 'DNAT rule')}"
           f"{f' written to {args.output}' if args.output else ''}; {skipped} line(s) skipped, "
           f"{len(untranslated) - skipped} not needed", file=sys.stderr)
     return EXIT_OK
+
+
+def write_translated(document: str, output: str | None) -> bool:
+    """Check a translated port map with the loader every map goes through, then write it to
+    ``output`` (stdout when None); False, with the reason on stderr, if either fails."""
+    target = output or "<output>"
+    try:
+        parse_config(load_yaml(document, target), target)
+    except ConfigError as exc:
+        print(f"cacheport: the translated port map is not valid: {exc}", file=sys.stderr)
+        return False
+    if output:
+        try:
+            Path(output).write_text(document, encoding="utf-8")
+        except OSError as exc:
+            print(f"cacheport: {output}: cannot write: {exc.strerror}", file=sys.stderr)
+            return False
+    else:
+        sys.stdout.write(document)
+    return True
 
 
 def cmd_export(args: argparse.Namespace) -> int:
