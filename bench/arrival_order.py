@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from . import conformance as cf
+from .sidebyside import free_port
 
 
 class Conn:
@@ -186,7 +187,7 @@ def address(setup: Setup, tmp: Path) -> Iterator[int]:
         if setup.relay is None:
             yield upstream
             return
-        listen = cf.free_port()
+        listen = free_port()
         config = cf.cacheport_config(cf.kind(setup.relay), upstream, listen, tmp, tmp / "state",
                                      setup.engine_threads)
         with cf.cacheport(config, tmp / "cacheport"):

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .sidebyside import (
     free_port,
+    free_range,
     header,
     redis_rps,
     start_cacheport,
@@ -63,28 +64,6 @@ def _start_twemproxy(procs: list[subprocess.Popen[bytes]], work: Path, node: int
     return port
 
 
-def _free_range(n: int) -> int:
-    """The first of ``n`` consecutive free ports (a cluster entry's port range)."""
-    import random
-    import socket
-
-    for _ in range(200):
-        base = random.randrange(20000, 60000 - n)
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind((HOST, p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise SystemExit("no free port range")
-
-
 def _three_masters(args: argparse.Namespace, tests: list[str]) -> None:
     """redis-benchmark --cluster through the seed port of a 3-master cluster: direct, and
     behind cacheport's clusters: on each relay (twemproxy is not cluster-aware)."""
@@ -106,7 +85,7 @@ def _three_masters(args: argparse.Namespace, tests: list[str]) -> None:
                 time.sleep(0.1)
             entries, seeds = [], {}
             for name, relay in (("rc", "python"), ("rn", "native")):
-                seed, low = free_port(), _free_range(3)
+                seed, low = free_port(), free_range(3)
                 seeds[name] = seed
                 entries.append(f"  - {{name: {name}, engine: redis-cluster, seed: "
                                f"'{HOST}:{nodes[0]}', announce: {HOST}, listen: {HOST}, "

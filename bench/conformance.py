@@ -42,6 +42,8 @@ from typing import Any
 
 import yaml
 
+from bench.sidebyside import free_port, free_range
+
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 
@@ -477,30 +479,6 @@ def all_units(src: Path) -> list[str]:
 # Processes: each started in its own session, stopped by PID
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def free_ports(count: int) -> int:
-    """First of ``count`` consecutive free ports below the ephemeral range."""
-    for base in range(20000 + os.getpid() % 5000, 32000, 7):
-        socks: list[socket.socket] = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind((HOST, port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no {count} consecutive free ports")
-
-
 def suite_baseport() -> int:
     """A ``--baseport`` for runtest: its test server takes a port from the 32 below it, and
     checks each (and each + 10000) wrongly, on the wildcard address; the default (21111)
@@ -822,7 +800,7 @@ def _one_kind(k: Kind, work: Path, certs: Path, tmp: Path, units: Sequence[str],
     with redis_server(k.server, tmp / "redis", certs) as upstream:
         if k.listener is None:
             return run_suite(work, k.name, upstream, units, k.suite_flags, limits, log, skip)
-        listen = free_ports(CLUSTER_PORTS + 1) if k.listener == "cluster" else free_port()
+        listen = free_range(CLUSTER_PORTS + 1) if k.listener == "cluster" else free_port()
         config = cacheport_config(k, upstream, listen, certs, tmp / "state", engine_threads)
         with cacheport(config, tmp / "cacheport"):
             wait_until(lambda: port_open(listen), 20, f"cacheport listening on {listen}")

@@ -24,6 +24,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_range(count: int) -> int:
+    """First of ``count`` consecutive free ports below the ephemeral range (a cluster entry's
+    port range); the start depends on the pid, so concurrent runs look in different places."""
+    for base in range(20000 + os.getpid() % 5000, 32000, 7):
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
 def wait_port(port: int, deadline: float = 30.0,
               procs: Sequence[subprocess.Popen[bytes]] = ()) -> None:
     """Until something accepts on ``port``; fails early if one of ``procs`` has exited."""
