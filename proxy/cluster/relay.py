@@ -78,16 +78,12 @@ class RewritingSide(Side):
                 self.blocked = True
                 self.transport.pause_reading()  # type: ignore[union-attr]
 
-    def resume_writing(self) -> None:
-        """Our transport drained: the peer side may read again."""
-        peer = self.peer
-        relay = self.relay
-        if peer is not None and isinstance(peer, RewritingSide) and peer.blocked:
-            peer.blocked = False
-            if not peer.eof and not relay.closed and relay.dying is None:
-                peer.transport.resume_reading()  # type: ignore[union-attr]
-        if relay.dying is not None and relay.dying is peer:
-            relay.drain()
+    def unhold(self) -> bool:
+        """Rewritten output is written whole (no scratch buffer to hold): only the flag."""
+        if not self.blocked:
+            return False
+        self.blocked = False
+        return True
 
     def pass_on(self, nbytes: int) -> None:
         """The drain's chunk from this failed side: through the rewriter, to the peer."""

@@ -136,13 +136,20 @@ class Side(asyncio.BufferedProtocol):
         """Our transport drained: the peer side may read again."""
         peer = self.peer
         relay = self.relay
-        if peer is not None and peer.held is not None:
-            self.pool.give_back(peer.held)
-            peer.held = None
+        if peer is not None and peer.unhold():
             if not peer.eof and not relay.closed and relay.dying is None:
                 peer.transport.resume_reading()  # type: ignore[union-attr]
         if relay.dying is not None and relay.dying is peer:
             relay.drain()
+
+    def unhold(self) -> bool:
+        """The peer's transport drained: release what this side held back while it sent
+        (here, a scratch buffer). True if this side had paused its reading for it."""
+        if self.held is None:
+            return False
+        self.pool.give_back(self.held)
+        self.held = None
+        return True
 
     def pass_on(self, nbytes: int) -> None:
         """A chunk the drain read from this (failed) side's socket into the scratch
