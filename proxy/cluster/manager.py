@@ -136,7 +136,8 @@ class ClusterManager:
         """redis-replication: replicas in sync with the master, in port order."""
         found = [(self.book.port_of(i) or 0, n.address) for i, n in self.nodes.items()
                  if n.role == "replica" and n.health == "online"]
-        return [address for _, address in sorted(found)]
+        # Two replicas with no port yet (both 0) must not fall back to comparing Addresses.
+        return [address for _, address in sorted(found, key=lambda pa: (pa[0], str(pa[1])))]
 
     # -- life cycle -------------------------------------------------------------------
 
