@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .sidebyside import (
     free_port,
@@ -49,6 +50,24 @@ def _wait_file(path: Path, timeout: float = 20) -> None:
     while not path.exists():
         if time.monotonic() > deadline:
             raise SystemExit(f"{path} was not written within {timeout}s")
+        time.sleep(0.05)
+
+
+def _wait_clusters(path: Path, names: Sequence[str], timeout: float = 20) -> dict[str, Any]:
+    """The state file's clusters once every one of ``names`` has its ports: each cluster's
+    first refresh writes the file, so the first write may hold only one of them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if path.exists():
+            try:
+                clusters: dict[str, Any] = json.loads(path.read_text())["clusters"]
+            except (ValueError, KeyError):
+                clusters = {}
+            if all(clusters.get(n, {}).get("ports", {}).get("assigned") for n in names):
+                return clusters
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{path}: clusters {', '.join(names)} not all written within "
+                             f"{timeout}s")
         time.sleep(0.05)
 
 
@@ -178,8 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             wait_port(seed, procs=procs)
             wait_port(plain, procs=procs)
             state = work / "bench.state.json"
-            _wait_file(state)
-            clusters = json.loads(state.read_text())["clusters"]
+            clusters = _wait_clusters(state, ("rc", "rn"))
             rewriting = int(next(iter(clusters["rc"]["ports"]["assigned"].values())))
             framed = int(next(iter(clusters["rn"]["ports"]["assigned"].values())))
             wait_port(rewriting, procs=procs)
