@@ -68,6 +68,10 @@ class NsThread:
     def run(self, fn: Callable[..., T], *args: Any, timeout: float = 30) -> T:
         return self._pool.submit(fn, *args).result(timeout)
 
+    def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        """Start ``fn`` there without waiting for it."""
+        return self._pool.submit(fn, *args)
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
