@@ -631,7 +631,7 @@ class Listener:
                 and config.upstream_tls.server_name is None:
             name = target.host
         try:
-            await self.loop.create_connection(
+            transport, _ = await self.loop.create_connection(
                 lambda: side, sock=upstream, ssl=self.tls.client,
                 server_hostname=name,
                 ssl_handshake_timeout=config.connect_timeout)
@@ -641,6 +641,7 @@ class Listener:
                                    "failed: %s; client closed", self.name, target,
                                    name, _tls_reason(exc))
             return False
+        self.tls.upstream_seen(transport.get_extra_info("ssl_object"))  # the expiry gauge
         return True
 
     def _discard(self, relay: AnyRelay | None, client: socket.socket,
