@@ -611,7 +611,7 @@ class Listener:
                                 config: ListenerConfig) -> bool:
         side = relay.client
         try:
-            await self.loop.connect_accepted_socket(
+            transport, _ = await self.loop.connect_accepted_socket(
                 lambda: side, client, ssl=self.tls.server,
                 ssl_handshake_timeout=config.connect_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
@@ -620,6 +620,7 @@ class Listener:
                                    self.name, source, _tls_reason(exc))
             self._discard(relay, client, None)
             return False
+        self.tls.client_seen(transport.get_extra_info("ssl_object"))  # the expiry gauge
         return True
 
     async def _upstream_handshake(self, relay: Relay, upstream: socket.socket,

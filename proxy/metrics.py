@@ -245,9 +245,10 @@ CHECK_DURATION = Family("cacheport_upstream_check_duration_seconds", "histogram"
                         "Time one health check took")
 CERT_EXPIRY = Family(
     "cacheport_tls_certificate_expiry_timestamp_seconds", "gauge",
-    "notAfter of a certificate as Unix time, by leg: client (the one presented to clients), "
-    "client_ca (verifies client certificates), upstream (the node's, at the last "
-    "handshake), upstream_ca (verifies the node's); a bundle's earliest")
+    "notAfter of a certificate as Unix time, by leg: termination (presented to clients), "
+    "client (a client's, at the last mutual-TLS handshake), client_ca (verifies client "
+    "certificates), upstream (the node's, at the last handshake), upstream_ca (verifies the "
+    "node's); a bundle's earliest")
 LISTENER_FAMILIES = (ACCEPTING, ACCEPTED, REFUSED, CUT, ACTIVE, CONNECTIONS, BYTES, CONNECT,
                      CERT_EXPIRY)
 HEALTH_FAMILIES = (UP, CHANGES, CHECKS, CHECK_DURATION)

@@ -56,45 +56,10 @@ def upstream_server_name(lc: ListenerConfig) -> str:
     assert lc.upstream_tls is not None
     return lc.upstream_tls.server_name or lc.upstream.host
 
-
-class ListenerTls:
-    """The contexts one listener uses; rebuilt on every start and reload."""
-
-    __slots__ = ("client", "files", "name", "server", "server_name")
-
-    def __init__(self, lc: ListenerConfig) -> None:
-        try:
-            self.server = server_context(lc.tls) if lc.tls is not None else None
-            self.client = client_context(lc.upstream_tls) if lc.upstream_tls is not None \
-                else None
-        except TlsError as exc:
-            field = "tls" if lc.tls is not None and "upstream" not in str(exc) else "upstream_tls"
-            raise TlsError(f"listener {lc.name!r}: field {field!r}: {exc}") from None
-        except (ssl.SSLError, OSError) as exc:
-            raise TlsError(f"listener {lc.name!r}: field 'upstream_tls': {exc}") from None
-        self.server_name = upstream_server_name(lc) if lc.upstream_tls is not None else None
-        self.name = lc.name
-        # notAfter of the files this listener holds, read once per start and reload.
-        files = {LEG_CLIENT: lc.tls.cert if lc.tls else None,
-                 LEG_CLIENT_CA: lc.tls.client_ca if lc.tls else None,
-                 LEG_UPSTREAM_CA: lc.upstream_tls.ca if lc.upstream_tls else None}
-        self.files = {leg: t for leg, path in files.items()
-                      if path is not None and (t := file_expiry(path)) is not None}
-
-    def expiry(self) -> Mapping[str, float]:
-        """notAfter (Unix time) per leg: the files held, and the peers seen at handshakes."""
-        seen = PEERS.of(self.name)
-        return {**self.files, **seen} if seen else self.files
-
-    def upstream_seen(self, ssl_object: ssl.SSLObject | None) -> None:
-        """After a handshake with the node: note its certificate's notAfter."""
-        if ssl_object is not None:
-            PEERS.seen_der(self.name, LEG_UPSTREAM, ssl_object.getpeercert(binary_form=True))
-
-
 # -- certificate expiry: what cacheport_tls_certificate_expiry_timestamp_seconds reads -------
 
-LEG_CLIENT = "client"  # the certificate cacheport presents to clients (termination)
+LEG_TERMINATION = "termination"  # the certificate cacheport presents to clients
+LEG_CLIENT = "client"  # a client's certificate, as seen at the last mutual-TLS handshake
 LEG_CLIENT_CA = "client_ca"  # the CA bundle client certificates must chain to (mutual TLS)
 LEG_UPSTREAM = "upstream"  # the node's certificate, as seen at the last handshake
 LEG_UPSTREAM_CA = "upstream_ca"  # the CA bundle the node's certificate is verified with
@@ -215,3 +180,44 @@ def record_certificate_expiry(listener: str, leg: str, not_after: float) -> None
     """The hook for any relay that handshakes: ``not_after`` (Unix time) of the certificate
     the peer on ``leg`` (``upstream``, ``client``) showed to ``listener`` just now."""
     PEERS.seen(listener, leg, not_after)
+
+
+class ListenerTls:
+    """The contexts one listener uses; rebuilt on every start and reload."""
+
+    __slots__ = ("client", "files", "name", "server", "server_name")
+
+    def __init__(self, lc: ListenerConfig) -> None:
+        try:
+            self.server = server_context(lc.tls) if lc.tls is not None else None
+            self.client = client_context(lc.upstream_tls) if lc.upstream_tls is not None \
+                else None
+        except TlsError as exc:
+            field = "tls" if lc.tls is not None and "upstream" not in str(exc) else "upstream_tls"
+            raise TlsError(f"listener {lc.name!r}: field {field!r}: {exc}") from None
+        except (ssl.SSLError, OSError) as exc:
+            raise TlsError(f"listener {lc.name!r}: field 'upstream_tls': {exc}") from None
+        self.server_name = upstream_server_name(lc) if lc.upstream_tls is not None else None
+        self.name = lc.name
+        # notAfter of the files this listener holds, read once per start and reload.
+        files = {LEG_TERMINATION: lc.tls.cert if lc.tls else None,
+                 LEG_CLIENT_CA: lc.tls.client_ca if lc.tls else None,
+                 LEG_UPSTREAM_CA: lc.upstream_tls.ca if lc.upstream_tls else None}
+        self.files = {leg: t for leg, path in files.items()
+                      if path is not None and (t := file_expiry(path)) is not None}
+
+    def expiry(self) -> Mapping[str, float]:
+        """notAfter (Unix time) per leg: the files held, and the peers seen at handshakes."""
+        seen = PEERS.of(self.name)
+        return {**self.files, **seen} if seen else self.files
+
+    def upstream_seen(self, ssl_object: ssl.SSLObject | None) -> None:
+        """After a handshake with the node: note its certificate's notAfter."""
+        if ssl_object is not None:
+            PEERS.seen_der(self.name, LEG_UPSTREAM, ssl_object.getpeercert(binary_form=True))
+
+    def client_seen(self, ssl_object: ssl.SSLObject | None) -> None:
+        """After a mutual-TLS handshake with a client: note its certificate's notAfter."""
+        if ssl_object is not None and self.server is not None \
+                and self.server.verify_mode == ssl.CERT_REQUIRED:
+            PEERS.seen_der(self.name, LEG_CLIENT, ssl_object.getpeercert(binary_form=True))

@@ -337,7 +337,7 @@ def test_every_dashboard_query_returns_data(stack: Stack) -> None:
 def test_every_leg_of_the_tls_listener_has_a_certificate_gauge(stack: Stack) -> None:
     found = {s["metric"]["leg"] for s in stack.series(
         'cacheport_tls_certificate_expiry_timestamp_seconds{listener="tls"}')}
-    assert found == {"client", "client_ca", "upstream", "upstream_ca"}
+    assert found == {"termination", "client", "client_ca", "upstream", "upstream_ca"}
 
 
 def test_promtool_check_metrics_is_clean_on_live_metrics(stack: Stack) -> None:

@@ -60,7 +60,7 @@ def test_a_bundle_reports_its_earliest_certificate_and_a_changed_file_is_read_ag
     assert file_expiry(str(tmp_path / "junk.pem")) is None
 
 
-def test_every_leg_has_its_gauge_and_the_upstream_one_comes_with_the_first_handshake(
+def test_every_leg_has_its_gauge_and_the_peers_ones_come_with_the_first_handshake(
     pki: Pki,  # noqa: F811
 ) -> None:
     server_until = datetime.datetime(2033, 3, 3, tzinfo=UTC)
@@ -68,6 +68,10 @@ def test_every_leg_has_its_gauge_and_the_upstream_one_comes_with_the_first_hands
     server_cert, server_key = pki.issue("front", not_after=server_until)
     node_cert, node_key = pki.issue("node", not_after=node_until)
     ca_until = not_after(der_of(pki.ca))
+    client_until = datetime.datetime(2035, 5, 5, tzinfo=UTC)
+    client_cert = pki.dir / "client-2035.pem"
+    pki.ca.issue_cert("client@example.test", not_after=client_until) \
+        .private_key_and_cert_chain_pem.write_to_path(str(client_cert))
     node = tls_redis(pki, node_cert, node_key)
     try:
         listener = {"name": "tls", "listen": "127.0.0.1:0", "upstream": node.address,
@@ -77,16 +81,19 @@ def test_every_leg_has_its_gauge_and_the_upstream_one_comes_with_the_first_hands
                     "upstream_tls": {"ca": str(pki.ca_file), "server_name": "localhost"}}
         with proxy_with_admin([listener]) as proxy:
             before = metrics(proxy)
-            assert sample(before, GAUGE, listener="tls", leg="client") == server_until.timestamp()
+            assert sample(before, GAUGE, listener="tls",
+                          leg="termination") == server_until.timestamp()
             assert sample(before, GAUGE, listener="tls", leg="client_ca") == ca_until
             assert sample(before, GAUGE, listener="tls", leg="upstream_ca") == ca_until
-            assert (GAUGE, frozenset({("listener", "tls"), ("leg", "upstream")})) not in before
+            for leg in ("upstream", "client"):  # not before the first handshake
+                assert (GAUGE, frozenset({("listener", "tls"), ("leg", leg)})) not in before
             r = redis.Redis(port=proxy.port("tls"), ssl=True, ssl_ca_certs=str(pki.ca_file),
-                            ssl_certfile=str(pki.client_cert), socket_timeout=10)
+                            ssl_certfile=str(client_cert), socket_timeout=10)
             assert r.ping()
             r.close()
             after = metrics(proxy)
             assert sample(after, GAUGE, listener="tls", leg="upstream") == node_until.timestamp()
+            assert sample(after, GAUGE, listener="tls", leg="client") == client_until.timestamp()
     finally:
         node.stop()
         PEERS._times.pop("tls", None)  # per process: leave no listener "tls" to other tests
