@@ -56,6 +56,7 @@ def upstream_server_name(lc: ListenerConfig) -> str:
     assert lc.upstream_tls is not None
     return lc.upstream_tls.server_name or lc.upstream.host
 
+
 # -- certificate expiry: what cacheport_tls_certificate_expiry_timestamp_seconds reads -------
 
 LEG_TERMINATION = "termination"  # the certificate cacheport presents to clients
