@@ -172,6 +172,12 @@ class PeerCertificates:
     def of(self, listener: str) -> Mapping[str, float]:
         return self._times.get(listener, _NONE)
 
+    def forget(self, listener: str) -> None:
+        """Drop what ``listener`` saw: its next handshakes start afresh."""
+        self._times.pop(listener, None)
+        for key in [k for k in self._last_der if k[0] == listener]:
+            del self._last_der[key]
+
 
 _NONE: Mapping[str, float] = {}
 PEERS = PeerCertificates()

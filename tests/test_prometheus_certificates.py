@@ -96,7 +96,7 @@ def test_every_leg_has_its_gauge_and_the_peers_ones_come_with_the_first_handshak
             assert sample(after, GAUGE, listener="tls", leg="client") == client_until.timestamp()
     finally:
         node.stop()
-        PEERS._times.pop("tls", None)  # per process: leave no listener "tls" to other tests
+        PEERS.forget("tls")  # per process: leave no listener "tls" to other tests
 
 
 def test_the_hook_for_other_relays_sets_the_gauge_of_its_listener() -> None:
@@ -105,4 +105,4 @@ def test_the_hook_for_other_relays_sets_the_gauge_of_its_listener() -> None:
         assert PEERS.of("hooked") == {"upstream": 1_900_000_000.0}
         assert PEERS.of("other") == {}
     finally:
-        PEERS._times.pop("hooked", None)
+        PEERS.forget("hooked")
