@@ -169,6 +169,7 @@ install_prometheus() {
         return 0
     fi
     say "installing prometheus with apt-get (for the alert rule and dashboard tests)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq || say "apt-get update failed; trying anyway"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         prometheus >/dev/null \
         || say "apt-get could not install prometheus: the alert rule and dashboard tests skip"
