@@ -611,7 +611,7 @@ class Listener:
                                 config: ListenerConfig) -> bool:
         side = relay.client
         try:
-            await self.loop.connect_accepted_socket(
+            transport, _ = await self.loop.connect_accepted_socket(
                 lambda: side, client, ssl=self.tls.server,
                 ssl_handshake_timeout=config.connect_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
@@ -620,6 +620,7 @@ class Listener:
                                    self.name, source, _tls_reason(exc))
             self._discard(relay, client, None)
             return False
+        self.tls.client_seen(transport.get_extra_info("ssl_object"))  # the expiry gauge
         return True
 
     async def _upstream_handshake(self, relay: Relay, upstream: socket.socket,
@@ -631,7 +632,7 @@ class Listener:
                 and config.upstream_tls.server_name is None:
             name = target.host
         try:
-            await self.loop.create_connection(
+            transport, _ = await self.loop.create_connection(
                 lambda: side, sock=upstream, ssl=self.tls.client,
                 server_hostname=name,
                 ssl_handshake_timeout=config.connect_timeout)
@@ -641,6 +642,7 @@ class Listener:
                                    "failed: %s; client closed", self.name, target,
                                    name, _tls_reason(exc))
             return False
+        self.tls.upstream_seen(transport.get_extra_info("ssl_object"))  # the expiry gauge
         return True
 
     def _discard(self, relay: AnyRelay | None, client: socket.socket,

@@ -163,6 +163,10 @@ class HasUpstreams(Protocol):
     def upstreams(self) -> Sequence[Address]: ...
 
 
+class HoldsCertificates(Protocol):
+    def expiry(self) -> Mapping[str, float]: ...
+
+
 class ListenerView(Protocol):
     @property
     def name(self) -> str: ...
@@ -174,6 +178,8 @@ class ListenerView(Protocol):
     def book(self) -> UpstreamBook[Any]: ...
     @property
     def config(self) -> HasUpstreams: ...
+    @property
+    def tls(self) -> HoldsCertificates: ...
 
 
 class TargetView(Protocol):
@@ -237,7 +243,14 @@ CHANGES = Family("cacheport_upstream_state_changes_total", "counter", "UP <-> DO
 CHECKS = Family("cacheport_upstream_checks_total", "counter", "Health checks run, by result")
 CHECK_DURATION = Family("cacheport_upstream_check_duration_seconds", "histogram",
                         "Time one health check took")
-LISTENER_FAMILIES = (ACCEPTING, ACCEPTED, REFUSED, CUT, ACTIVE, CONNECTIONS, BYTES, CONNECT)
+CERT_EXPIRY = Family(
+    "cacheport_tls_certificate_expiry_timestamp_seconds", "gauge",
+    "notAfter of a certificate as Unix time, by leg: termination (presented to clients), "
+    "client (a client's, at the last mutual-TLS handshake), client_ca (verifies client "
+    "certificates), upstream (the node's, at the last handshake), upstream_ca (verifies the "
+    "node's); a bundle's earliest")
+LISTENER_FAMILIES = (ACCEPTING, ACCEPTED, REFUSED, CUT, ACTIVE, CONNECTIONS, BYTES, CONNECT,
+                     CERT_EXPIRY)
 HEALTH_FAMILIES = (UP, CHANGES, CHECKS, CHECK_DURATION)
 FAMILIES = (BUILD_INFO, *LISTENER_FAMILIES, *HEALTH_FAMILIES)
 
@@ -399,6 +412,10 @@ class CacheportMetrics:
                        f"{stats.idle_closed}\n")
             out.append(f'cacheport_connections_closed_total{{{ln},reason="upstream down"}} '
                        f"{on_down}\n")
+        if (out := lines.get(CERT_EXPIRY)) is not None:
+            for leg, when in listener.tls.expiry().items():
+                out.append(f'cacheport_tls_certificate_expiry_timestamp_seconds{{{ln},'
+                           f'leg="{leg}"}} {when!r}\n')
         totals = book.totals()
         active, conns, nbytes = lines.get(ACTIVE), lines.get(CONNECTIONS), lines.get(BYTES)
         connect = lines.get(CONNECT)

@@ -156,6 +156,27 @@ install_container_tools() {
 install_container_tools
 # --- end of the container engine block ------------------------------------------------
 
+# Prometheus and promtool (Debian package prometheus) for tests/test_alert_rules.py and
+# tests/test_prometheus.py: the rules in deploy/prometheus and the dashboard in
+# deploy/grafana are checked against a real Prometheus. Without them those tests skip
+# (and fail under CI=true). The package's own service, where systemd starts it, listens on
+# :9090; the tests start their own on a free port.
+install_prometheus() {
+    command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 && return 0
+    if ! command -v apt-get >/dev/null 2>&1 || [ "$(id -u)" -ne 0 ]; then
+        say "prometheus is not installed (needs root and apt-get): the alert rule and" \
+            "dashboard tests will be skipped"
+        return 0
+    fi
+    say "installing prometheus with apt-get (for the alert rule and dashboard tests)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq || say "apt-get update failed; trying anyway"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        prometheus >/dev/null \
+        || say "apt-get could not install prometheus: the alert rule and dashboard tests skip"
+}
+
+install_prometheus
+
 # ---------------------------------------------------------------------------
 # Redis's own Tcl test suite, for the conformance run (docs/conformance.md): it comes from
 # the distribution's source package of the installed redis-server, so apt needs a deb-src
