@@ -64,13 +64,15 @@ R = TypeVar("R", bound=Counted)
 class Buckets:
     """A histogram as plain numbers: ``observe()`` is one bisect and three adds."""
 
-    __slots__ = ("bounds", "count", "counts", "sum")
+    __slots__ = ("bounds", "count", "counts", "sum", "text")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.sum = 0.0
         self.count = 0
+        # Its exposition text at the last scrape, with the count and labels it was for.
+        self.text: tuple[int, str, str] | None = None
 
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
@@ -313,14 +315,25 @@ _CHECK_LE = (*(f'le="{b!r}"' for b in CHECK_DURATION_BUCKETS), 'le="+Inf"')
 
 
 def _histogram(out: list[str], name: str, labels: str, b: Buckets, les: tuple[str, ...]) -> None:
-    """``labels`` is ``listener="a",upstream="b",`` (with its trailing comma) or empty."""
+    """``labels`` is ``listener="a",upstream="b",`` (with its trailing comma) or empty.
+
+    A histogram that saw nothing since the last scrape (most of them, with thousands of
+    mostly idle listeners) reuses its text: its 18 lines were most of a scrape's work."""
+    cached = b.text
+    if cached is not None and cached[0] == b.count and cached[1] == labels:
+        out.append(cached[2])
+        return
+    lines = []
     running = 0
     for le, n in zip(les, b.counts, strict=True):
         running += n
-        out.append(f"{name}_bucket{{{labels}{le}}} {running}\n")
+        lines.append(f"{name}_bucket{{{labels}{le}}} {running}\n")
     bare = labels[:-1]
-    out.append(f"{name}_count{{{bare}}} {b.count}\n" if bare else f"{name}_count {b.count}\n")
-    out.append(f"{name}_sum{{{bare}}} {b.sum!r}\n" if bare else f"{name}_sum {b.sum!r}\n")
+    lines.append(f"{name}_count{{{bare}}} {b.count}\n" if bare else f"{name}_count {b.count}\n")
+    lines.append(f"{name}_sum{{{bare}}} {b.sum!r}\n" if bare else f"{name}_sum {b.sum!r}\n")
+    text = "".join(lines)
+    b.text = (b.count, labels, text)
+    out.append(text)
 
 
 def _add_into(total: Buckets, b: Buckets) -> None:

@@ -95,3 +95,23 @@ def test_buckets_are_cumulative_and_end_with_inf() -> None:
     assert b.cumulative() == [("0.1", 2), ("1.0", 3), ("+Inf", 4)]
     assert b.count == 4
     assert b.sum == pytest.approx(2.65)
+
+
+def test_a_histograms_text_is_reused_only_while_nothing_was_observed() -> None:
+    from proxy.metrics import _histogram
+
+    b = Buckets((0.1, 1.0))
+    les = ('le="0.1"', 'le="1.0"', 'le="+Inf"')
+    first: list[str] = []
+    _histogram(first, "h", 'listener="a",', b, les)
+    again: list[str] = []
+    _histogram(again, "h", 'listener="a",', b, les)
+    assert again == first and again[0] is first[0]
+    b.observe(0.5)
+    after: list[str] = []
+    _histogram(after, "h", 'listener="a",', b, les)
+    assert 'h_bucket{listener="a",le="1.0"} 1\n' in after[0]
+    assert 'h_count{listener="a"} 1\n' in after[0]
+    other: list[str] = []
+    _histogram(other, "h", 'listener="b",', b, les)  # same numbers, other labels
+    assert 'listener="b"' in other[0] and 'listener="a"' not in other[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -154,3 +155,35 @@ async def test_a_node_named_by_host_name_is_resolved_once_and_checked_on_the_pro
     assert (result.ok, result.reason) == (True, "PONG")
     missing = await on_prober(WireChecker, Address("no-such-node.invalid", 6379), config)
     assert not missing.ok and missing.reason.startswith("cannot resolve")
+
+
+async def test_a_check_cancelled_in_flight_leaves_the_thread_checking() -> None:
+    """A reload cancels checks still waiting for a reply; the next checks must still run."""
+    silent = socket.socket()  # accepts (the kernel does) and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    prober = Prober()
+    try:
+        config = cfg("redis", timeout=5.0)
+        address = Address("127.0.0.1", silent.getsockname()[1])
+        stuck = WireChecker(address, config, None, prober)
+        first: list[CheckResult] = []
+        stuck.start(config.timeout, first.append)
+        async with asyncio.timeout(5):
+            while not any(job.sock is not None for job in prober.outstanding):
+                await asyncio.sleep(0.005)
+                prober.collect()  # nothing to collect yet: the node never answers
+        for job in list(prober.outstanding):
+            prober.cancel(job)
+        checker = WireChecker(Address("127.0.0.1", closed_port()), cfg("redis"), None, prober)
+        results: list[CheckResult] = []
+        checker.start(1.0, results.append)
+        async with asyncio.timeout(5):
+            while not results:
+                await asyncio.sleep(0.005)
+                prober.collect()
+        assert not results[0].ok and first == []
+        assert prober._thread is not None and prober._thread.is_alive()
+    finally:
+        prober.close()
+        silent.close()

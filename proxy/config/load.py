@@ -298,7 +298,8 @@ class _Resolver:
                     f"({admin.listen})", line=raw.lines.get("listen", line),
                     where=f"listener {lc.name!r}: field 'listen': ")
             by_name[lc.name] = len(listeners)
-            by_port.setdefault(lc.listen.port, []).append(len(listeners))
+            if lc.listen.port != 0:  # port 0 never clashes: indexing it made N listeners N²
+                by_port.setdefault(lc.listen.port, []).append(len(listeners))
             listeners.append(lc)
         return listeners
 

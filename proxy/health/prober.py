@@ -130,33 +130,41 @@ class Prober:
         results = self._results
         try:
             while not self._stop:
-                for fd, events in epoll.poll(1.0):
-                    if fd == self._wake:
-                        with contextlib.suppress(BlockingIOError):
-                            os.eventfd_read(self._wake)
-                        self._drain(epoll, inflight, results)
-                        continue
-                    job = inflight.get(fd)
-                    if job is not None:
-                        outcome = self._event(epoll, job, events)
-                        if outcome is not None:
-                            self._end(epoll, inflight, fd, job, outcome, results)
-        except Exception:
-            log.exception("the health check thread stopped")
+                try:
+                    self._step(epoll, inflight, results)
+                except Exception:
+                    # A bug in one check must not end every check: log it, carry on
+                    # (at most once a second if it repeats).
+                    log.exception("a health check failed unexpectedly; checks go on")
+                    time.sleep(1.0)
         finally:
             for fd, job in list(inflight.items()):
                 self._close(epoll, fd, job)
             epoll.close()
+
+    def _step(self, epoll: select.epoll, inflight: dict[int, Job],
+              results: collections.deque[tuple[Job, Outcome, float]]) -> None:
+        for fd, events in epoll.poll(1.0):
+            if fd == self._wake:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self._wake)
+                self._drain(epoll, inflight, results)
+                continue
+            job = inflight.get(fd)
+            if job is not None:
+                outcome = self._event(epoll, job, events)
+                if outcome is not None:
+                    self._end(epoll, inflight, fd, job, outcome, results)
 
     def _drain(self, epoll: select.epoll, inflight: dict[int, Job],
                results: collections.deque[tuple[Job, Outcome, float]]) -> None:
         while self._commands:
             cancel, job = self._commands.popleft()
             if cancel:
-                sock = job.sock
-                if sock is not None and inflight.get(sock.fileno()) is job:
-                    self._close(epoll, sock.fileno(), job)
-                    del inflight[sock.fileno()]
+                fd = job.sock.fileno() if job.sock is not None else -1
+                if inflight.get(fd) is job:
+                    del inflight[fd]
+                    self._close(epoll, fd, job)  # closes the socket: its fileno() is -1 after
                 continue
             outcome = self._start(epoll, job)
             if outcome is not None:
