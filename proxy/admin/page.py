@@ -32,11 +32,17 @@ th{background:#e8ecf1;font-weight:600}
 td.n{text-align:right;font-variant-numeric:tabular-nums}
 tr.listener td{background:#dfe7f1;font-weight:600}
 .up{background:#c9ecc9}.down{background:#f6c1c1;font-weight:700}
-.unchecked,.transitional{background:#fbeab0}
+.unchecked{background:#fbeab0}
 .ok{color:#13651b;font-weight:700}.bad{color:#a61b1b;font-weight:700}
+#ready{color:#fff;padding:1px 8px;border-radius:3px}#ready.ok{background:#2e7d32}
+#ready.bad{background:#c62828}
 .muted{color:#66707c}
 @media (max-width:600px){body{font-size:15px}table{font-size:14px}}
 """
+
+
+# A cell's class comes from this table, never from a value's text
+_HEALTH_CLASS = {"up": "up", "down": "down", "unknown": "unchecked", "unchecked": "unchecked"}
 
 
 def esc(value: Any) -> str:
@@ -45,7 +51,7 @@ def esc(value: Any) -> str:
 
 
 def _cell(value: Any, cls: str = "") -> str:
-    return f'<td class="{cls}">{esc(value)}</td>' if cls else f"<td>{esc(value)}</td>"
+    return f'<td class="{esc(cls)}">{esc(value)}</td>' if cls else f"<td>{esc(value)}</td>"
 
 
 def _num(value: Any) -> str:
@@ -132,7 +138,7 @@ def listener_rows(lst: dict[str, Any]) -> str:
             label += " (in use)"
         rows.append(
             f'<tr class="upstream">{_cell(label, "muted")}{_cell(up.get("address"))}'
-            f'{_cell(health.upper(), health.lower())}{_cell(checked)}'
+            f'{_cell(health.upper(), _HEALTH_CLASS.get(health.lower(), ""))}{_cell(checked)}'
             f"{_num(up.get('active'))}{_num(up.get('connections'))}"
             f"{_num(human_bytes(int(up.get('bytes_upstream') or 0)))}"
             f"{_num(human_bytes(int(up.get('bytes_downstream') or 0)))}<td></td></tr>")
