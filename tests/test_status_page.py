@@ -164,7 +164,7 @@ def test_a_person_sees_listeners_the_down_upstream_and_its_reason_and_the_node_p
         assert "ready" in driver.find_element(By.ID, "ready").text
         shot = os.environ.get("CACHEPORT_SCREENSHOT")
         if shot:
-            driver.save_screenshot(shot)
+            driver.find_element(By.TAG_NAME, "body").screenshot(shot)  # the content only
     finally:
         driver.quit()
         client.close()
