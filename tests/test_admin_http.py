@@ -84,3 +84,17 @@ def test_allow_matches_sources_v4_mapped_v6_included() -> None:
     assert not auth.source_allowed("127.0.0.1", config)
     assert not auth.source_allowed("", config)
     assert auth.source_allowed("203.0.113.1", AdminConfig())  # no list: every source
+
+
+@pytest.mark.parametrize("pretty", [False, True])
+def test_status_json_in_slices_is_the_same_text_as_one_dumps(pretty: bool) -> None:
+    import asyncio
+    import json
+
+    from proxy.admin.status import Slicer, json_parts
+
+    for doc in ({"version": "1", "listeners": [{"a": [1, {"b": None}]}, {"c": "<d>"}],
+                 "clusters": [], "admin": {"writes": "token"}},
+                {"listeners": []}, {"listeners": [{"a": 1}]}, {"ready": True}):
+        text = b"".join(asyncio.run(json_parts(doc, Slicer(budget=0), pretty))).decode()
+        assert text == json.dumps(doc, indent=2 if pretty else None) + "\n"

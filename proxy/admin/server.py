@@ -37,7 +37,7 @@ from . import http, page
 from .auth import NOT_ALLOWED, READ_METHODS, Refusal, check_write, source_allowed, writes_open
 from .client import AdminError
 from .http import Malformed, Request, Response
-from .status import Slicer, json_parts, listeners_status, readiness
+from .status import LazyListeners, Slicer, json_parts, readiness
 
 log = logging.getLogger("cacheport.admin")
 
@@ -180,8 +180,8 @@ class AdminServer:
             async with asyncio.timeout(http.WRITE_TIMEOUT):
                 writer.write(http.encode_head(response, head_only))
                 await writer.drain()
-                for part in () if head_only else response.parts:
-                    writer.write(part)
+                for batch in () if head_only else _batches(response.parts):
+                    writer.write(batch)
                     await writer.drain()
         except TimeoutError:
             self.refused["timeout"] += 1
@@ -257,7 +257,9 @@ class AdminServer:
     async def _status(self, request: Request) -> Response:
         slicer = Slicer()
         doc = await self.document(request, slicer)
-        return Response(200, b"", "application/json", parts=tuple(await json_parts(doc, slicer)))
+        pretty = "pretty" in urllib.parse.parse_qs(request.query, keep_blank_values=True)
+        parts = await json_parts(doc, slicer, pretty)
+        return Response(200, b"", "application/json", parts=tuple(parts))
 
     async def _page(self, request: Request) -> Response:
         query = urllib.parse.parse_qs(request.query)
@@ -284,7 +286,7 @@ class AdminServer:
             "ready": ready,
             "ready_reason": why,
             "draining": draining,
-            "listeners": await listeners_status(listeners, monitor, slicer),
+            "listeners": LazyListeners(listeners, monitor),  # built as they are encoded
             **(self.status_extra() if self.status_extra is not None else {}),
             "admin": self.admin_status(),
         }
@@ -299,3 +301,18 @@ class AdminServer:
                       "open" if writes_open(self.config, bound) else "refused",
             "refused": dict(sorted(self.refused.items())),
         }
+
+
+def _batches(parts: Iterable[bytes], size: int = 64 * 1024) -> Iterator[bytes]:
+    """``parts`` joined into writes of about ``size``: one write per listener's few hundred
+    bytes was one syscall each, thousands in a row without yielding to the loop."""
+    batch: list[bytes] = []
+    held = 0
+    for part in parts:
+        batch.append(part)
+        held += len(part)
+        if held >= size:
+            yield b"".join(batch)
+            batch, held = [], 0
+    if batch:
+        yield b"".join(batch)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -138,34 +138,60 @@ def listener_status(listener: Listener, monitor: HealthMonitor | None) -> dict[s
     }
 
 
-async def listeners_status(listeners: Iterable[Listener], monitor: HealthMonitor | None,
-                           slicer: Slicer) -> list[dict[str, Any]]:
-    """``listener_status`` of each, yielding to the loop between slices."""
-    out = []
-    for listener in listeners:
-        out.append(listener_status(listener, monitor))
-        await slicer()
-    return out
+class LazyListeners:
+    """A document's ``listeners``, each built only when the encoder reaches it.
+
+    Built all at once, 3,000 listeners' dicts (~100,000 objects) stayed alive while they
+    grew, and the cyclic GC walked them again and again: 30-70 ms held at a time. One at
+    a time, each is encoded and freed by reference counting before the next exists.
+    """
+
+    def __init__(self, listeners: Iterable[Listener], monitor: HealthMonitor | None) -> None:
+        self.listeners = list(listeners)
+        self.monitor = monitor
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (listener_status(lst, self.monitor) for lst in self.listeners)
 
 
-async def json_parts(doc: dict[str, Any], slicer: Slicer) -> list[bytes]:
-    """``doc`` as indented JSON in pieces: ``listeners`` (the long list) one item at a
-    time, then the rest. The same text ``json.dumps(doc, indent=2)`` gives, but the
-    pure-Python indenting encoder never runs over thousands of listeners at once."""
-    if "listeners" not in doc:
-        return [json.dumps(doc, indent=2).encode() + b"\n"]
+Listeners = list[dict[str, Any]] | LazyListeners
+
+
+async def json_parts(doc: dict[str, Any], slicer: Slicer, pretty: bool = False) -> list[bytes]:
+    """``doc`` as JSON in pieces, ``listeners`` (the long list) one item at a time.
+
+    The same text as ``json.dumps(doc)`` (or ``indent=2`` when ``pretty``). Compact by
+    default: the C encoder takes ~0.03 ms a listener where the pure-Python indenting one
+    (used whenever ``indent`` is set) took ~0.3 ms, 1 s of CPU per /status at 3,000.
+    """
+    if not isinstance(doc.get("listeners"), list | LazyListeners):
+        return [_dumps(doc, pretty).encode() + b"\n"]
     keys = list(doc)
     at = keys.index("listeners")
     before = {k: doc[k] for k in keys[:at]}
     after = {k: doc[k] for k in keys[at + 1:]}
+    items: Listeners = doc["listeners"]
+    if not pretty:
+        head = _dumps(before, False)[:-1] + (", " if before else "") + '"listeners": ['
+        parts = [head]
+        for index, item in enumerate(items):
+            parts.append((", " if index else "") + json.dumps(item))
+            await slicer()
+        tail = _dumps(after, False)[1:] if after else "}"
+        parts.append("]" + (", " + tail if after else tail) + "\n")
+        return [p.encode() for p in parts]
     parts = [_members(before, first=True) + (",\n" if before else "") + '  "listeners": [']
-    items: list[dict[str, Any]] = doc["listeners"]
     for index, item in enumerate(items):
         text = json.dumps(item, indent=2).replace("\n", "\n    ")
         parts.append(("," if index else "") + "\n    " + text)
         await slicer()
-    parts.append(("\n  ]" if items else "]") + ("," + _members(after) if after else "") + "\n}\n")
+    close = "\n  ]" if len(parts) > 1 else "]"
+    parts.append(close + ("," + _members(after) if after else "") + "\n}\n")
     return [p.encode() for p in parts]
+
+
+def _dumps(doc: dict[str, Any], pretty: bool) -> str:
+    return json.dumps(doc, indent=2) if pretty else json.dumps(doc)
 
 
 def _members(members: dict[str, Any], first: bool = False) -> str:
