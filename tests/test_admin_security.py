@@ -15,14 +15,22 @@ import yaml
 
 from proxy.admin import http as admin_http
 from tests.healthkit import admin_address, http_get, metrics, proxy_with_admin
-from tests.support import CacheportProcess, ProxyThread, ServerProcess, free_port, run_cli
+from tests.support import (
+    CacheportProcess,
+    ProxyThread,
+    ServerProcess,
+    free_port,
+    run_cli,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def request(port: int, method: str, path: str,
-            headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], str]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+def request(port: int, method: str, path: str, headers: dict[str, str] | None = None,
+            source: str = "127.0.0.1") -> tuple[int, dict[str, str], str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10,
+                                      source_address=(source, 0))
     try:
         conn.request(method, path, headers=headers or {})
         reply = conn.getresponse()
@@ -230,3 +238,35 @@ def test_refusals_are_counted_by_reason(redis_server: ServerProcess) -> None:
         samples = metrics(proxy)
         assert samples[("cacheport_admin_refused_total",
                         frozenset({("reason", "malformed")}))] == 1
+
+
+@pytest.mark.timeout(90)
+def test_workers_behind_an_allow_list_and_a_token_reload_and_show_the_page(
+        tmp_path: Path, redis_server: ServerProcess, token: str) -> None:
+    """The supervisor's endpoint applies allow and token; the workers' private ones take
+    the token it passes on, and the allow list (only 127.0.0.2, where this test asks
+    from) does not lock the supervisor (asking from 127.0.0.1) out of them."""
+    port = free_port()
+    (tmp_path / "admin.token").write_text(token)
+    path = tmp_path / "workers.yaml"
+    path.write_text(yaml.safe_dump({
+        "workers": 2, "drain_timeout": "1s",
+        "admin": {"listen": f"0.0.0.0:{port}", "allow": ["127.0.0.2/32"],
+                  "token_file": "admin.token"},
+        "listeners": [{"name": "rd", "listen": f"127.0.0.1:{free_port()}",
+                       "upstream": redis_server.address, "protocol": "redis"}]}))
+    proc = CacheportProcess(path)
+    try:
+        wait_until(lambda: "serving with 2 workers" in proc.log(), 30,
+                   message="both workers to be ready")
+        assert request(port, "GET", "/healthz")[0] == 403  # from 127.0.0.1
+        assert request(port, "POST", "/-/reload", source="127.0.0.2")[0] == 401
+        code, _headers, body = request(port, "POST", "/-/reload",
+                                       {"Authorization": f"Bearer {token}"}, "127.0.0.2")
+        assert code == 200 and body.count("reloaded") == 2, body
+        code, _headers, page = request(port, "GET", "/?refresh=0", source="127.0.0.2")
+        assert code == 200 and 'id="workers"' in page and 'data-listener="rd"' in page
+        assert page.count('<td class="up">ready</td>') == 2  # both workers
+        assert token not in page and token not in proc.log()
+    finally:
+        proc.stop()
