@@ -254,7 +254,8 @@ def test_workers_behind_an_allow_list_and_a_token_reload_and_show_the_page(
         "admin": {"listen": f"0.0.0.0:{port}", "allow": ["127.0.0.2/32"],
                   "token_file": "admin.token"},
         "listeners": [{"name": "rd", "listen": f"127.0.0.1:{free_port()}",
-                       "upstream": redis_server.address, "protocol": "redis"}]}))
+                       "upstream": redis_server.address, "protocol": "redis",
+                       "health": "off"}]}))  # ready at once, not after the first checks
     proc = CacheportProcess(path)
     try:
         wait_until(lambda: "serving with 2 workers" in proc.log(), 30,
@@ -266,7 +267,8 @@ def test_workers_behind_an_allow_list_and_a_token_reload_and_show_the_page(
         assert code == 200 and body.count("reloaded") == 2, body
         code, _headers, page = request(port, "GET", "/?refresh=0", source="127.0.0.2")
         assert code == 200 and 'id="workers"' in page and 'data-listener="rd"' in page
-        assert page.count('<td class="up">ready</td>') == 2  # both workers
+        workers = page[page.index('id="workers"'):page.index('id="listeners"')]
+        assert workers.count('<td class="up">ready</td>') == 2, workers
         assert token not in page and token not in proc.log()
     finally:
         proc.stop()
