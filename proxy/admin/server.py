@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 import urllib.parse
 from collections import Counter
@@ -79,7 +80,7 @@ class AdminServer:
         self.registry.register(_Refusals(self.refused))
         self.started_at = time.time()
         self.bound: Address | None = None
-        self._sock: Any = None
+        self._sock: socket.socket | None = None
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopped = False
