@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 import pytest
 
@@ -98,3 +99,39 @@ def test_status_json_in_slices_is_the_same_text_as_one_dumps(pretty: bool) -> No
                 {"listeners": []}, {"listeners": [{"a": 1}]}, {"ready": True}):
         text = b"".join(asyncio.run(json_parts(doc, Slicer(budget=0), pretty))).decode()
         assert text == json.dumps(doc, indent=2 if pretty else None) + "\n"
+
+
+MAP = """\
+admin:
+  listen: 0.0.0.0:9180
+  allow: [10.0.0.0/16]
+  {token}
+listeners:
+  - {{name: a, listen: 127.0.0.1:6390, upstream: 10.0.0.1:6379, health: off}}
+"""
+
+
+def test_the_token_comes_from_the_environment_or_a_file_and_never_shows(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy.config import ConfigError, load_config
+
+    folder = tmp_path
+    monkeypatch.setenv("ADMIN_TOKEN", "from-the-env-123")
+    path = folder / "map.yaml"
+    path.write_text(MAP.format(token="token: ${ADMIN_TOKEN}"))
+    admin = load_config(str(path)).admin
+    assert admin is not None and admin.token is not None
+    assert admin.token.reveal() == "from-the-env-123"
+    assert "from-the-env-123" not in repr(admin) and admin.allow is not None
+    (folder / "admin.token").write_text("from-a-file-456\n")
+    path.write_text(MAP.format(token="token_file: admin.token"))
+    admin = load_config(str(path)).admin
+    assert admin is not None and admin.token is not None
+    assert admin.token.reveal() == "from-a-file-456"
+    path.write_text(MAP.format(token="token_file: admin.token\n  token: ${ADMIN_TOKEN}"))
+    with pytest.raises(ConfigError, match="give only one of token and token_file") as caught:
+        load_config(str(path))
+    assert "from-the-env-123" not in str(caught.value)
+    path.write_text(MAP.format(token="token_file: nowhere.token"))
+    with pytest.raises(ConfigError, match="admin: field 'token_file': no such file"):
+        load_config(str(path))
