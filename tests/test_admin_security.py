@@ -52,7 +52,11 @@ def start(tmp_path: Path, redis_server: ServerProcess, admin: dict[str, object],
         {"name": "rd", "listen": f"127.0.0.1:{free_port()}", "upstream": redis_server.address,
          "protocol": "redis", "health": "off"}]}))
     proc = CacheportProcess(path)
-    proc.wait_serving()
+    try:
+        proc.wait_serving()
+    except BaseException:
+        proc.stop()  # closes its log file too
+        raise
     return proc, path, port
 
 
