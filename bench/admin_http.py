@@ -139,8 +139,16 @@ def start(kind: str, aiohttp_path: str | None) -> tuple[subprocess.Popen[str], i
     line = proc.stdout.readline().split()
     if not line:
         proc.wait(10)
+        proc.stdout.close()
         raise SystemExit(f"admin-http: the {kind} server did not start")
     return proc, int(line[0]), float(line[1])
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    proc.wait(10)
+    if proc.stdout is not None:
+        proc.stdout.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,8 +161,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results: dict[str, dict[str, list[float]]] = {"own": {}, "aiohttp": {}}
     extras: dict[str, tuple[str, int, float]] = {}
+    kinds = ["own", "aiohttp"]
+    try:
+        stop(start("aiohttp", args.aiohttp_path)[0])
+    except SystemExit:
+        print("admin-http: aiohttp is not importable here (pip install aiohttp, or "
+              "--aiohttp-path DIR); measuring the own server alone", file=sys.stderr)
+        kinds = ["own"]
+        del results["aiohttp"]
     for _rep in range(args.reps):
-        for kind in ("own", "aiohttp"):
+        for kind in kinds:
             proc, port, imported = start(kind, args.aiohttp_path)
             try:
                 healthz(port, 50)  # warm
@@ -168,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                     status, taken = huge_body(port)
                     extras[kind] = (status, taken, unfinished_head(port, args.cap))
             finally:
-                proc.terminate()
-                proc.wait(10)
+                stop(proc)
     print("| server | /healthz req/s | p99 ms | head never ended: closed after "
           "| 1 GiB POST: answer,"
           " body taken | RSS MB | import ms added |")
