@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,4 +34,5 @@ def test_admin_http_measures_the_own_server_with_or_without_aiohttp(tmp_path: Pa
     result = bench(tmp_path, "admin-http", "--requests", "50", "--reps", "1", "--cap", "8")
     assert result.returncode == 0, result.stderr
     [own] = [line for line in result.stdout.splitlines() if line.startswith("| own |")]
-    assert "| 5.0 s |" in own and "413 Payload Too Large" in own
+    assert re.search(r"\| [56]\.\d s \|", own), own  # READ_TIMEOUT, plus a loaded host's delay
+    assert "413 Payload Too Large" in own
