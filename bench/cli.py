@@ -27,6 +27,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                                  "a plain tcp listener vs twemproxy vs direct"),
     "scale": ("bench.scale", "1 to 3,000 checked listeners: the listener under test's GET/s and "
                              "latency, idle CPU vs HAProxy's checks, scrape, RSS, start, reload"),
+    "admin-hold": ("bench.admin_hold", "how long /status, / and /metrics hold the event loop "
+                                       "at 1,000-3,000 listeners (CPU time, in-process)"),
+    "admin-http": ("bench.admin_http", "the admin endpoint's own HTTP/1.1 beside aiohttp's "
+                                       "server: req/s, slow and huge requests, RSS"),
     "conformance": ("bench.conformance", "Redis's own test suite direct and through each kind of "
                                          "listener, compared test by test"),
     "arrival-order": ("bench.arrival_order", "how often a command sent second on another "

@@ -105,6 +105,51 @@ class Scraper:
         self._thread.join(60)
 
 
+_PROBE = """
+import select, sys, time, urllib.request
+url, limit = sys.argv[1], time.monotonic() + float(sys.argv[2])
+worst = 0.0
+print("probing", flush=True)
+while time.monotonic() < limit and not sys.stdin.closed:
+    began = time.perf_counter()
+    urllib.request.urlopen(url, timeout=30).read()
+    worst = max(worst, time.perf_counter() - began)
+    if select.select([sys.stdin], [], [], 0)[0] and not sys.stdin.read(1):
+        break
+print(worst, flush=True)
+"""
+
+
+def loop_held(base: str, path: str, fetches: int = 3) -> tuple[float | None, float | None]:
+    """(median time of one GET ``path``, slowest /healthz answer while they ran), seconds.
+
+    /healthz is answered on the same event loop, so its slowest answer during the
+    fetches is about the longest stretch the loop was held by them (what the relays and
+    checks wait), plus the probe's own ~1 ms and whatever the host's other tenants take.
+    The probe is a process of its own: in a thread here it would wait for this one's
+    GIL while it reads a megabyte of /status.
+    """
+    times: list[float] = []
+    probe = subprocess.Popen([sys.executable, "-c", _PROBE, base + "/healthz", "120"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert probe.stdin is not None and probe.stdout is not None
+    try:
+        probe.stdout.readline()  # probing
+        time.sleep(0.2)
+        for _ in range(fetches):
+            status, _body, took = _get(base + path, timeout=60)
+            if status != 200:
+                return None, None  # an older build without this path
+            times.append(took)
+        probe.stdin.close()
+        worst = float(probe.stdout.readline())
+    finally:
+        if probe.poll() is None:
+            probe.kill()
+        probe.wait(10)
+    return statistics.median(times), worst
+
+
 def write_config(path: Path, redis_port: int, node_ports: Sequence[int], admin: int,
                  luts: dict[str, int], edited: bool = False) -> None:
     listeners: list[dict[str, Any]] = [
@@ -198,7 +243,11 @@ def _measure_cacheport(source: Path, size: int, redis_port: int, node_ports: Seq
         out["scrape_s"] = statistics.median(s[2] for s in scrapes)
         out["scrape_bytes"] = len(scrapes[-1][1])
         out["series"] = samples(scrapes[-1][1])
-        out["status_s"] = statistics.median(_get(base + "/status")[2] for _ in range(3))
+        out["scrape_hold_s"] = loop_held(base, "/metrics")[1]
+        out["status_s"], out["status_hold_s"] = loop_held(base, "/status")
+        out["page_s"], out["page_hold_s"] = loop_held(base, "/")
+        if args.admin_only:
+            return out
         summed = _get(base + "/metrics?histograms=sum")
         out["series_sum"] = samples(summed[1]) if summed[0] == 200 else None
         for relay, port in luts.items():
@@ -281,8 +330,11 @@ COLUMNS = [
     ("python_quiet_p99_ms", "p99 ms py", "{:.3f}"),
     ("idle_cpu", "idle CPU", "{:.1%}"), ("haproxy_cpu", "HAProxy CPU", "{:.1%}"),
     ("scrape_s", "scrape s", "{:.3f}"), ("scrape_bytes", "scrape KB", "{}"),
-    ("series", "series", "{:,}"), ("series_sum", "series (histograms=sum)", "{:,}"),
-    ("status_s", "/status s", "{:.3f}"), ("rss_mb", "RSS MB", "{:.0f}"),
+    ("series", "series", "{:,}"), ("scrape_hold_s", "loop held by scrape s", "{:.3f}"),
+    ("series_sum", "series (histograms=sum)", "{:,}"),
+    ("status_s", "/status s", "{:.3f}"), ("status_hold_s", "loop held by /status s", "{:.3f}"),
+    ("page_s", "page / s", "{:.3f}"), ("page_hold_s", "loop held by / s", "{:.3f}"),
+    ("rss_mb", "RSS MB", "{:.0f}"),
     ("startup_s", "start s", "{:.2f}"),
     ("reload_s", "reload s", "{:.3f}"),
 ]
@@ -317,6 +369,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--relays", default="python,native")
     parser.add_argument("--before", metavar="REV", help="also run this commit's cacheport")
     parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--admin-only", action="store_true",
+                        help="only start-up, scrape, /status and the page (/), with how long "
+                             "each held the event loop; no GET/s, idle CPU, HAProxy or reload")
     args = parser.parse_args(argv)
     args.relays = args.relays.split(",")
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -344,7 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.before:
             builds.insert(0, (args.before, export(args.before, work)))
         for size in sizes:
-            haproxy = measure_haproxy(size, node_ports, work, args.idle)
+            haproxy = None if args.admin_only else measure_haproxy(size, node_ports, work,
+                                                                   args.idle)
             for name, source in builds:
                 figures = measure_cacheport(source, size, redis_port, node_ports, work, args)
                 figures["haproxy_cpu"] = haproxy

@@ -207,7 +207,10 @@ def cmd_reload(args: argparse.Namespace) -> int:
     if address is None:
         print("cacheport: the map says admin: off; use --pid-file", file=sys.stderr)
         return EXIT_CONFIG
-    request = urllib.request.Request(f"http://{address}/-/reload", method="POST", data=b"")
+    token = config.admin.token if config.admin is not None else None
+    headers = {"Authorization": f"Bearer {token.reveal()}"} if token is not None else {}
+    request = urllib.request.Request(f"http://{address}/-/reload", method="POST", data=b"",
+                                     headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=args.timeout) as reply:
             print(reply.read().decode(errors="replace").strip())

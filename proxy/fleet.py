@@ -31,13 +31,15 @@ from .config import Address
 FETCH_TIMEOUT = 2.0
 
 
-async def http_request(address: Address, method: str, path: str) -> tuple[int, bytes]:
+async def http_request(address: Address, method: str, path: str,
+                       authorization: str | None = None) -> tuple[int, bytes]:
     """One HTTP/1.1 request to a worker's admin endpoint (which closes after answering)."""
+    auth = f"Authorization: {authorization}\r\n" if authorization else ""
     async with asyncio.timeout(FETCH_TIMEOUT):
         reader, writer = await asyncio.open_connection(address.host, address.port)
         try:
-            writer.write(f"{method} {path} HTTP/1.1\r\nHost: {address}\r\n"
-                         "Content-Length: 0\r\nConnection: close\r\n\r\n".encode())
+            writer.write(f"{method} {path} HTTP/1.1\r\nHost: {address}\r\n{auth}"
+                         "Content-Length: 0\r\nConnection: close\r\n\r\n".encode("latin-1"))
             await writer.drain()
             raw = await reader.read()
         finally:

@@ -156,8 +156,10 @@ class Server:
         if self.config.admin is not None:
             admin_config = self.config.admin
             if self.private_admin:
+                # Only the supervisor asks it, from loopback: its allow list is the
+                # public endpoint's business; the token stays (the supervisor passes it on)
                 admin_config = dataclasses.replace(
-                    admin_config, listen=Address("127.0.0.1", 0), explicit=True)
+                    admin_config, listen=Address("127.0.0.1", 0), explicit=True, allow=None)
             admin = AdminServer(admin_config, lambda: self.listeners.values(),
                                 lambda: self.monitor)
             admin.registry.register(ServerCollector(self))

@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -195,14 +196,15 @@ def fleet_admin(supervisor: Supervisor, config: AdminConfig) -> AdminServer:
         texts = await fleet.gather_metrics(addresses, request.query)
         return Response(200, fleet.render_merged(texts, own_metrics()), CONTENT_TYPE_LATEST)
 
-    async def status(_request: Request) -> Response:
-        return Response.json(200, fleet.merge_status(await fleet.gather_status(addresses)))
+    async def document(_request: Request, _slicer: object) -> dict[str, Any]:
+        doc = fleet.merge_status(await fleet.gather_status(addresses))
+        return {**doc, "admin": admin.admin_status()}
 
     async def readyz(_request: Request) -> Response:
         doc = fleet.merge_status(await fleet.gather_status(addresses))
         return Response.text(200 if doc["ready"] else 503, str(doc["ready_reason"]))
 
-    async def reload(_request: Request) -> Response:
+    async def reload(request: Request) -> Response:
         try:
             load_config(supervisor.options.config_path)
         except ConfigError as exc:
@@ -215,7 +217,9 @@ def fleet_admin(supervisor: Supervisor, config: AdminConfig) -> AdminServer:
                 results.append(f"worker {worker}: not ready")
                 continue
             try:
-                code, body = await fleet.http_request(address, "POST", "/-/reload")
+                # The workers' private endpoints hold the same token: pass the caller's on
+                code, body = await fleet.http_request(
+                    address, "POST", "/-/reload", request.headers.get("authorization"))
             except (OSError, TimeoutError) as exc:
                 code, body = 502, str(exc).encode()
             ok = ok and code == 200
@@ -223,7 +227,7 @@ def fleet_admin(supervisor: Supervisor, config: AdminConfig) -> AdminServer:
         return Response.text(200 if ok else 400, "\n".join(results))
 
     admin.add_route("GET", "/metrics", metrics)
-    admin.add_route("GET", "/status", status)
+    admin.document = document  # /status and the page (/)
     admin.add_route("GET", "/readyz", readyz)
     admin.add_route("POST", "/-/reload", reload)
     return admin

@@ -271,3 +271,24 @@ install_redis_suite_deps() {
 }
 
 install_redis_suite_deps
+
+# --- A browser for tests/test_status_page.py ------------------------------------------
+# Debian's chromium and chromium-driver (selenium drives it from the dev extra; it never
+# downloads a browser or driver of its own). Never fatal here: without them the browser
+# test is skipped with that reason -- except under CI=true, where it fails.
+install_browser() {
+    command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 && return 0
+    if ! command -v apt-get >/dev/null 2>&1 || [ "$(id -u)" -ne 0 ]; then
+        say "no chromium/chromedriver (installing them needs root and apt-get):" \
+            "the status page's browser test will be skipped"
+        return 0
+    fi
+    say "installing chromium and chromium-driver with apt-get (for tests/test_status_page.py)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq || say "apt-get update failed; trying anyway"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        chromium chromium-driver fonts-dejavu-core >/dev/null \
+        || say "apt-get could not install chromium: the status page's browser test will be skipped"
+}
+
+install_browser
+# --- end of the browser block ---------------------------------------------------------

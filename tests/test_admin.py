@@ -323,3 +323,22 @@ def test_status_names_each_listeners_relay_and_the_endpoint_names_itself(
     assert relays == {"auto": "engine" if native_available() else "splice",
                       "python": "splice", "buffer": "buffered"}
     assert code == 200 and headers["server"] == "cacheport/0.1.0"
+
+
+def test_status_keeps_the_listeners_asked_for_and_indents_on_request(
+        redis_server: ServerProcess) -> None:
+    listeners = [{"name": name, "listen": "127.0.0.1:0", "upstream": redis_server.address,
+                  "protocol": "redis", "health": "off"} for name in ("a", "b", "c")]
+    with proxy_with_admin(listeners) as proxy:
+        code, _headers, body = http_get(proxy, "/status?listener=a&listener=c")
+        assert code == 200 and b"\n  " not in body
+        doc = json.loads(body)
+        assert [lst["name"] for lst in doc["listeners"]] == ["a", "c"]
+        assert doc["ready"] is True  # readiness is the whole process's, filter or not
+        assert doc["admin"] == {"listen": str(admin_address(proxy)), "allow": None,
+                                "writes": "open", "refused": {}}
+        code, _headers, body = http_get(proxy, "/status?pretty")
+        assert body.startswith(b'{\n  "version": ') and len(json.loads(body)["listeners"]) == 3
+        code, _headers, page = http_get(proxy, "/?listener=b&refresh=0")
+        assert code == 200 and b'data-listener="b"' in page and b'data-listener="a"' not in page
+        assert b"http-equiv" not in page

@@ -109,7 +109,12 @@ LAYERS: dict[str, int] = {
     "proxy.cluster.discovery": 2,
     "proxy.cluster.relay": 2,
     "proxy.listener": 4,
-    "proxy.admin": 5,
+    "proxy.admin": 5,  # __init__ and server
+    "proxy.admin.http": 1,
+    "proxy.admin.auth": 1,
+    "proxy.admin.client": 1,
+    "proxy.admin.page": 2,
+    "proxy.admin.status": 5,
     "proxy.cluster": 5,  # __init__ and manager
     "proxy.server": 6,
     "proxy.runtime": 7,

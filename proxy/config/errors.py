@@ -166,6 +166,9 @@ def render(exc: ValidationError, data: YamlMap, path: str,
         line = data.lines.get(head, data.line)
         where = f"{head}: "
         if len(rest) == 1:
+            if kind == "token_sources":  # never show the mapping: it holds the token
+                line = data[head].lines.get("token", line)
+                return located(path, error["msg"], line, where)
             if kind in ("value_error",):
                 return located(path, _message(error), line, where)
             shape = _SHAPES.get(head, "a mapping")

@@ -218,6 +218,12 @@ class _Resolver:
         if section is None:
             return None
         given = {key: section.get(key) for key in section.given()}
+        if "token_file" in given:
+            raw = self.data["admin"]
+            assert isinstance(raw, YamlMap)
+            given["token"] = self.ctx.field(raw, "token_file", "admin: ",
+                                            lambda _, name: password_from_file(name),
+                                            given.pop("token_file"))
         return AdminConfig(explicit=True, **given)
 
     def listener(self, section: ListenerSection, raw: YamlMap) -> ListenerConfig:

@@ -407,7 +407,8 @@ class ListenerSection(Tunables):
 
 
 class AdminSection(Section):
-    """The HTTP admin endpoint (/metrics, /healthz, /readyz, /status); ``off`` disables it."""
+    """The HTTP admin endpoint (/, /metrics, /healthz, /readyz, /status, POST /-/reload);
+    ``off`` disables it."""
 
     model_config = ConfigDict(title="admin")
 
@@ -418,6 +419,28 @@ class AdminSection(Section):
     ready_requires_healthy: Bool = Field(
         True, description="/readyz also needs one healthy (or unchecked) upstream, not only "
                           "bound ports.")
+    allow: Networks = Field(
+        None, json_schema_extra={"default": "every source"},
+        description="Source CIDRs that may use the endpoint at all (a bare IP is one host); "
+                    "others get 403. Set it when listen is beyond loopback.")
+    token: Password = Field(
+        None, description="The bearer token that write routes (POST /-/reload) require; "
+                          "write it as ${VAR}, or use token_file. Never shown in logs, "
+                          "errors or /status.")
+    token_file: FileName = Field(
+        None, description="A file holding the token (one line; relative to the port map's "
+                          "folder).")
+    insecure_writes: Bool = Field(
+        False, description="Let write routes through without a token although listen is "
+                           "beyond loopback (only behind a firewall you trust).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_token_source(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "token" in data and "token_file" in data:
+            raise PydanticCustomError("token_sources",
+                                      "give only one of token and token_file", {})
+        return data
 
 
 class ClusterSection(Tunables):

@@ -126,6 +126,9 @@ class AdminConfig:
     ready_requires_healthy: bool = True
     # False when the YAML has no admin block: then a taken port is a warning, not a failure
     explicit: bool = False
+    allow: tuple[Network, ...] | None = None  # None: every source
+    token: Secret | None = None  # what write routes require (Secret: never printed)
+    insecure_writes: bool = False  # off loopback without a token, writes pass anyway
 
 
 @dataclass(frozen=True, slots=True)
