@@ -5,8 +5,10 @@ for the Python relay (``relay: python``), beside redis-server direct. redis-benc
 with ``-k 0`` reconnects for every request, so its requests/s are new connections per
 second (accept, dial, one PING, both closes -- and, with the log on, one line) and its
 p50 is the latency of a whole short connection. Runs are interleaved target by target
-and the medians reported; cacheport writes its log to a file, as it would to journald.
-Everything it starts is stopped by PID; traffic stays on loopback.
+(alternating the order each round), and each "log on" run is judged against the "log off"
+run beside it: the medians of those pairs' ratios and p50 differences are reported.
+cacheport writes its log to a file, as it would to journald. Everything it starts is
+stopped by PID; traffic stays on loopback.
 """
 
 from __future__ import annotations
@@ -73,8 +75,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         for (relay, log), port in ports.items()}
             rps: dict[str, list[float]] = {name: [] for name in targets}
             p50: dict[str, list[float]] = {name: [] for name in targets}
-            for _rep in range(args.reps):
-                for name, port in targets.items():
+            order = list(targets.items())
+            for rep in range(args.reps):
+                # Each pair runs back to back, in alternating order: drift on a shared
+                # machine falls on both sides of a pair alike.
+                for name, port in order if rep % 2 == 0 else order[::-1]:
                     rate, latency = connect_rate(port, args.requests, args.clients)
                     rps[name].append(rate)
                     p50[name].append(latency)
@@ -84,18 +89,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"{args.clients} clients, {args.requests} connections a run",
                          args.reps))
             print()
-            print("| target | connections/s | x log off | p50 ms | p50 added by the log |")
+            print("| target | connections/s | on / off (median of pairs) | p50 ms "
+                  "| p50 added by the log (median of pairs) |")
             print("|---|---:|---:|---:|---:|")
             for name in targets:
                 rate, latency = statistics.median(rps[name]), statistics.median(p50[name])
                 base = name.replace("log on", "log off")
                 if name.endswith("log on"):
-                    ref_rate = statistics.median(rps[base])
-                    added = latency - statistics.median(p50[base])
-                    ratio, extra = f"{rate / ref_rate:.2f}x", f"{added * 1000:+.0f} us"
+                    ratio = statistics.median(
+                        on / off for on, off in zip(rps[name], rps[base], strict=True) if off)
+                    added = statistics.median(
+                        on - off for on, off in zip(p50[name], p50[base], strict=True))
+                    cells = f"{ratio:.2f}x | {latency:.3f} | {added * 1000:+.0f} us"
                 else:
-                    ratio = extra = "-"
-                print(f"| {name} | {rate:,.0f} | {ratio} | {latency:.3f} | {extra} |")
+                    cells = f"- | {latency:.3f} | -"
+                print(f"| {name} | {rate:,.0f} | {cells} |")
             print(f"\nconnection log lines written: {written:,}")
         finally:
             stop_all(procs)

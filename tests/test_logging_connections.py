@@ -19,6 +19,7 @@ from proxy import closes
 from proxy.logs import CONNECTIONS_LOGGER
 from proxy.relay.engine import native_available
 from tests.cluster_helpers import free_range, start_lone_node
+from tests.healthkit import metrics, sample
 from tests.support import (
     ProxyThread,
     ServerProcess,
@@ -230,3 +231,30 @@ def test_a_cluster_node_listener_logs_its_connections(
             proxy.stop()
     finally:
         node.stop()
+
+
+def test_metrics_count_closes_by_reason_and_dropped_lines(
+        redis_server: ServerProcess, lines: Lines) -> None:
+    admin = free_port()
+    with running_proxy(tcp_listener(redis_server.port, log_connections=True),
+                       admin={"listen": f"127.0.0.1:{admin}"}) as proxy:
+        me = _talk(proxy.port("t"), PING, 7)
+        lines.wait(client=me)
+        samples = metrics(proxy)
+        assert sample(samples, "cacheport_connections_closed_total", listener="t",
+                      reason="client_closed") == 1
+        # Shown from the start, for alerts.
+        assert ("cacheport_connections_closed_total",
+                frozenset({("listener", "t"), ("reason", "idle_timeout")})) in samples
+        assert ("cacheport_log_lines_dropped_total", frozenset()) in samples
+
+
+def test_behind_a_load_balancer_the_line_names_the_client_of_the_proxy_header(
+        redis_server: ServerProcess, lines: Lines) -> None:
+    listener = tcp_listener(redis_server.port, log_connections=True, proxy_protocol="v1",
+                            proxy_protocol_from=["127.0.0.1/32"])
+    with running_proxy(listener) as proxy:
+        header = b"PROXY TCP4 203.0.113.7 127.0.0.1 5555 6379\r\n"
+        _talk(proxy.port("t"), header + PING, 7)
+        (line,) = lines.wait(client="203.0.113.7:5555")
+        _check(line, "203.0.113.7:5555", redis_server.address, 14, 7, closes.CLIENT_CLOSED)
