@@ -157,3 +157,10 @@ def test_a_full_queue_drops_lines_counts_them_and_never_blocks() -> None:
 @pytest.mark.parametrize("reason", list(closes.CLOSES) + list(closes.REFUSALS))
 def test_reasons_are_snake_case_label_values(reason: str) -> None:
     assert reason.replace("_", "").isalpha() and reason == reason.lower()
+
+
+def test_the_reason_table_in_the_docs_lists_every_reason() -> None:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "operating.md").read_text()
+    table = {line.split("|")[1].strip().strip("`") for line in text.splitlines()
+             if line.startswith("| `")}
+    assert set(closes.CLOSES) | set(closes.REFUSALS) <= table

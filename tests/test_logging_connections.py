@@ -258,3 +258,18 @@ def test_behind_a_load_balancer_the_line_names_the_client_of_the_proxy_header(
         _talk(proxy.port("t"), header + PING, 7)
         (line,) = lines.wait(client="203.0.113.7:5555")
         _check(line, "203.0.113.7:5555", redis_server.address, 14, 7, closes.CLIENT_CLOSED)
+
+
+def test_a_connection_cut_at_stop_says_so(redis_server: ServerProcess, lines: Lines) -> None:
+    proxy = ProxyThread(make_config(tcp_listener(redis_server.port, log_connections=True,
+                                                 relay="python"))).start()
+    try:
+        sock = socket.create_connection(("127.0.0.1", proxy.port("t")), timeout=5)
+        me = _name(sock)
+        sock.sendall(PING)
+        assert sock.recv(7) == b"+PONG\r\n"
+    finally:
+        proxy.stop()  # drain_timeout 0: the live connection is cut
+    sock.close()
+    (line,) = lines.wait(client=me)
+    _check(line, me, redis_server.address, 14, 7, closes.CUT_AT_STOP)
