@@ -35,6 +35,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                                          "listener, compared test by test"),
     "arrival-order": ("bench.arrival_order", "how often a command sent second on another "
                                              "connection reaches Redis first"),
+    "connlog": ("bench.connlog", "log_connections on vs off: new connections/s and p50, "
+                                 "native engine and Python relay"),
     "protocols": ("bench.protocols", "CPU cost of the sans-IO framers and rewriters (no sockets)"),
 }
 DEFAULT = "run"

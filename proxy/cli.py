@@ -18,10 +18,11 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import __version__, aws, iptables, runtime, supervisor
+from . import __version__, aws, iptables, logs, runtime, supervisor
 from .admin import AdminError, fetch_status, format_status, probe_address, probe_health
 from .config import (
     DEFAULT_ADMIN_PORT,
+    LOG_FORMATS,
     Address,
     Config,
     ConfigError,
@@ -29,7 +30,6 @@ from .config import (
     parse_address,
     parse_workers,
 )
-from .process import worker_id
 
 EXIT_OK = 0
 EXIT_UNREACHABLE = 1
@@ -65,16 +65,6 @@ def _workers(text: str) -> int:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
-
-def _setup_logging(level: str) -> None:
-    worker = worker_id()
-    prefix = f"[worker {worker}] " if worker is not None else ""
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format=f"%(asctime)s %(levelname)s %(name)s: {prefix}%(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S",
-        stream=sys.stderr,
-    )
 
 
 def _print_table(config: Config) -> None:
@@ -165,19 +155,25 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level)
+    # The flag's format (text by default) until the map is read; then the map's, unless
+    # the flag was given.
+    logs.setup(args.log_level, args.log_format or "text")
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         log.error("%s", exc)
         return EXIT_CONFIG
+    log_format = args.log_format or config.log_format
+    if log_format != (args.log_format or "text"):
+        logs.setup(args.log_level, log_format)
     options = runtime.RunOptions(config_path=args.config, pid_file=args.pid_file,
                                  watch=args.watch, reuse_port=args.reuse_port)
     workers = config.workers if args.workers is None else args.workers
     with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
         if workers > 1 and not args.reuse_port:
             log.info("cacheport %s supervising %d workers", __version__, workers)
-            worker_args = ["--loop", args.loop, "--log-level", args.log_level]
+            worker_args = ["--loop", args.loop, "--log-level", args.log_level,
+                           "--log-format", log_format]
             return runner.run(supervisor.supervise(options, worker_args, workers))
         log.info("cacheport %s on %s", __version__, type(runner.get_loop()).__module__)
         return runner.run(runtime.serve(config, options))
@@ -239,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="event loop (default: uvloop when installed)")
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                      default="info")
+    run.add_argument("--log-format", choices=LOG_FORMATS, default=None,
+                     help="text (the default) or json: one object per line; wins over the "
+                     "map's logging.log_format")
     run.add_argument("--pid-file", metavar="PATH", help="write the process id here "
                      "(for `cacheport reload`)")
     run.add_argument("--watch", action="store_true",

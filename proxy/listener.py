@@ -24,8 +24,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from . import closes
 from .config import Address, ListenerConfig
 from .health.state import State, choose_upstream
+from .logs import CONNECTIONS
 from .metrics import UpstreamBook
 from .protocols import proxy_header
 from .relay.buffered import BufferPool, Relay
@@ -78,10 +80,17 @@ class ListenerStats:
     refused: dict[str, int] = field(default_factory=dict)
     closed_bytes_upstream: int = 0  # client -> upstream, from relays that have closed
     closed_bytes_downstream: int = 0  # upstream -> client
-    idle_closed: int = 0
+    closed: dict[str, int] = field(default_factory=dict)  # relayed connections, by reason
 
     def refuse(self, reason: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
+
+    def close(self, reason: str) -> None:
+        self.closed[reason] = self.closed.get(reason, 0) + 1
+
+    @property
+    def idle_closed(self) -> int:
+        return self.closed.get(closes.IDLE_TIMEOUT, 0)
 
 
 class _RateLimitedLog:
@@ -92,7 +101,8 @@ class _RateLimitedLog:
         self.last = -interval
         self.suppressed = 0
 
-    def warning(self, message: str, *args: object) -> None:
+    def warning(self, message: str, *args: object, **fields: object) -> None:
+        """``fields`` (listener, client, reason...) go on the record: JSON lines carry them."""
         now = time.monotonic()
         if now - self.last < self.interval:
             self.suppressed += 1
@@ -101,7 +111,7 @@ class _RateLimitedLog:
             message += f" (and {self.suppressed} more since the last report)"
         self.suppressed = 0
         self.last = now
-        log.warning(message, *args)
+        log.warning(message, *args, extra=fields)
 
 
 def _tls_reason(exc: BaseException) -> str:
@@ -112,6 +122,10 @@ def _tls_reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return "handshake timed out"
     return str(exc) or type(exc).__name__
+
+
+def _client(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def _tune(sock: socket.socket) -> None:
@@ -174,6 +188,9 @@ class Listener:
         self.tls = ListenerTls(config)
         self._per_client: dict[str, int] = {}  # live connections per source IP
         self._not_allowed_seen: dict[str, float] = {}
+        # log_connections: when each relay's connection began (wall, monotonic) and the
+        # client's port; only while its listener logs connections.
+        self._began: dict[AnyRelay, tuple[float, float, int]] = {}
         # Which upstream each relay uses, and per-upstream totals.
         self.book: UpstreamBook[AnyRelay] = UpstreamBook()
         # Cluster listeners set a factory of rewriting relays (proxy.cluster.relay); the
@@ -304,11 +321,13 @@ class Listener:
         self.sock = None
         log.info("listener %s %s stopped", self.name, self.bound)
 
-    def close_connections(self) -> None:
-        """Cut every live and connecting connection (used once draining is over)."""
+    def close_connections(self, reason: str = closes.CUT_AT_STOP) -> None:
+        """Cut every live and connecting connection (used once draining is over);
+        ``reason``: cut_at_stop, or drained for a listener a reload removed."""
         for task in list(self.connecting):
             task.cancel()
         for relay in list(self.relays):
+            relay.why = reason
             relay.abort()
         if self._idle_handle is not None:
             self._idle_handle.cancel()
@@ -354,41 +373,43 @@ class Listener:
             # count), rather than a fresh one held by every relay.
             source = sys.intern(_peer[0])
             if self.config.proxy_protocol != "off":
-                self._accept_proxied(client, source)
+                self._accept_proxied(client, source, _peer[1])
                 continue
             refusal = self._admit(source)
             if refusal is not None:
-                self.stats.refuse(refusal)
+                self._refuse(refusal, source, _peer[1])
                 client.close()
                 continue
             self.stats.accepted += 1
             self._per_client[source] = self._per_client.get(source, 0) + 1
-            task = self.loop.create_task(self._connect(client, source))
+            task = self.loop.create_task(self._connect(client, source, _peer[1]))
             self.connecting.add(task)
             task.add_done_callback(self._connect_done)
 
     # -- PROXY protocol ------------------------------------------------------------
 
-    def _accept_proxied(self, client: socket.socket, peer: str) -> None:
+    def _accept_proxied(self, client: socket.socket, peer: str, port: int) -> None:
         """A load balancer's connection: read its header before admitting the client."""
         config = self.config
         trusted = config.proxy_protocol_from or ()
         if not any(ipaddress.ip_address(peer) in net for net in trusted):
-            self._refuse_proxied(client, peer, "untrusted source",
+            self._refuse_proxied(client, peer, port, closes.PROXY_UNTRUSTED,
                                  "not in proxy_protocol_from")
             return
-        task = self.loop.create_task(self._read_header_then_connect(client, peer))
+        task = self.loop.create_task(self._read_header_then_connect(client, peer, port))
         self.connecting.add(task)
         task.add_done_callback(self._connect_done)
 
-    def _refuse_proxied(self, client: socket.socket, peer: str, reason: str,
+    def _refuse_proxied(self, client: socket.socket, peer: str, port: int, reason: str,
                         detail: str) -> None:
-        self.stats.refuse(f"proxy protocol: {reason}")
-        self._proxy_warn.warning("listener %s: closed a connection from %s: PROXY header %s: "
-                                 "%s", self.name, peer, reason, detail)
+        self._refuse(reason, peer, port)
+        self._proxy_warn.warning("listener %s: closed a connection from %s: %s: %s",
+                                 self.name, peer, reason, detail, listener=self.name,
+                                 client=peer, reason=reason)
         client.close()
 
-    async def _read_header_then_connect(self, client: socket.socket, peer: str) -> None:
+    async def _read_header_then_connect(self, client: socket.socket, peer: str,
+                                        port: int) -> None:
         """Consume exactly the header's bytes, admit by its address, then connect.
 
         Peeking leaves the stream untouched until the header is complete, so whatever
@@ -399,28 +420,32 @@ class Listener:
         try:
             header = await self._read_header(client, config.proxy_protocol)
         except proxy_header.HeaderError as exc:
-            self._refuse_proxied(client, peer, "malformed", str(exc))
+            self._refuse_proxied(client, peer, port, closes.PROXY_MALFORMED, str(exc))
             return
         except TimeoutError:
-            self._refuse_proxied(client, peer, "timeout",
+            self._refuse_proxied(client, peer, port, closes.PROXY_TIMEOUT,
                                  f"none complete within {PROXY_HEADER_TIMEOUT:g}s")
             return
         except (EOFError, OSError) as exc:  # a reset or a close before the whole header
-            self._refuse_proxied(client, peer, "missing", f"connection ended first ({exc})")
+            self._refuse_proxied(client, peer, port, closes.PROXY_MISSING,
+                                 f"connection ended first ({exc})")
             return
         except asyncio.CancelledError:
             client.close()
             raise
-        source = peer if header.source is None else sys.intern(header.source[0])
+        if header.source is not None:
+            source, port = sys.intern(header.source[0]), int(header.source[1])
+        else:
+            source = peer
         # This task is already counted in ``active``; max_connections must not count it.
         refusal = self._admit(source, pending=1)
         if refusal is not None:
-            self.stats.refuse(refusal)
+            self._refuse(refusal, source, port)
             client.close()
             return
         self.stats.accepted += 1
         self._per_client[source] = self._per_client.get(source, 0) + 1
-        await self._connect(client, source)
+        await self._connect(client, source, port)
 
     async def _read_header(self, client: socket.socket,
                            mode: proxy_header.Mode) -> proxy_header.Header:
@@ -470,19 +495,20 @@ class Listener:
             ip = ipaddress.ip_address(source)
             if not any(ip in net for net in config.allow):
                 self._log_not_allowed(source)
-                return "not allowed"
+                return closes.NOT_ALLOWED
         limit = config.max_connections
         if limit is not None and self.active - pending >= limit:
             self._limit_warn.warning(
                 "listener %s: max_connections %d reached; new clients are closed",
-                self.name, limit)
-            return "max connections"
+                self.name, limit, listener=self.name, reason=closes.MAX_CONNECTIONS)
+            return closes.MAX_CONNECTIONS
         limit = config.max_connections_per_client
         if limit is not None and self._per_client.get(source, 0) >= limit:
             self._limit_warn.warning(
                 "listener %s: client %s reached max_connections_per_client %d",
-                self.name, source, limit)
-            return "max connections per client"
+                self.name, source, limit, listener=self.name, client=source,
+                reason=closes.MAX_CONNECTIONS_PER_CLIENT)
+            return closes.MAX_CONNECTIONS_PER_CLIENT
         return None
 
     def _log_not_allowed(self, source: str) -> None:
@@ -495,7 +521,9 @@ class Listener:
             self._not_allowed_seen = {
                 s: t for s, t in self._not_allowed_seen.items() if now - t < 60}
         self._not_allowed_seen[source] = now
-        log.warning("listener %s: refused %s, not in its allow list", self.name, source)
+        log.warning("listener %s: refused %s, not in its allow list", self.name, source,
+                    extra={"listener": self.name, "client": source,
+                           "reason": closes.NOT_ALLOWED})
 
     def top_clients(self, limit: int = 20) -> dict[str, int]:
         """The client addresses with the most live connections (the header's, behind a
@@ -527,7 +555,7 @@ class Listener:
 
     # -- connecting ----------------------------------------------------------
 
-    async def _connect(self, client: socket.socket, source: str) -> None:
+    async def _connect(self, client: socket.socket, source: str, port: int = 0) -> None:
         """Wrap the client (TLS handshake first, if any), dial the upstream, start a relay.
 
         The per-client count goes with the relay once there is one.
@@ -537,11 +565,12 @@ class Listener:
         upstream: socket.socket | None = None
         relay: AnyRelay | None = None
         target = self._choose_upstream(config)
+        began = (time.time(), time.monotonic(), port) if config.log_connections else None
         try:
             if target is None:
                 # Every upstream is DOWN: close now rather than make the client wait out
                 # connect_timeout against a node the checks already know is gone.
-                self.stats.refuse("upstream down")
+                self._refuse(closes.UPSTREAM_DOWN, source, port, None, began)
                 client.close()
                 return
             client.setblocking(False)
@@ -566,13 +595,21 @@ class Listener:
             else:
                 relay = self.relay_factory(self.pool, self._upstream_relay_closed, source)
             self.relays.add(relay)
+            if began is not None:
+                self._began[relay] = began
             self._schedule_idle_sweep()
             if tls.server is not None and isinstance(relay, Relay) and \
                     not await self._client_handshake(relay, client, source, config):
+                self._refuse(closes.TLS_HANDSHAKE_FAILED, source, port, None, began)
                 return
             started = time.perf_counter()  # uvloop's loop.time() has millisecond steps
-            upstream = await self._dial(config, target)
-            if upstream is None or relay.closed:
+            dialled = await self._dial(config, target)
+            if isinstance(dialled, str):
+                self._refuse(dialled, source, port, target, began)
+                self._discard(relay, client, None)
+                return
+            upstream = dialled
+            if relay.closed:
                 self._discard(relay, client, upstream)
                 return
             self.book.opened(relay, target, time.perf_counter() - started)
@@ -586,6 +623,7 @@ class Listener:
                 if tls.client is None:
                     await self.loop.create_connection(lambda: upstream_side, sock=upstream)
                 elif not await self._upstream_handshake(relay, upstream, config, target):
+                    self._refuse(closes.UPSTREAM_TLS_FAILED, source, port, target, began)
                     self._discard(relay, client, upstream)
                     return
         except asyncio.CancelledError:
@@ -594,7 +632,7 @@ class Listener:
         except OSError as exc:
             # The client vanished while we dialled (or the socket options failed).
             log.debug("listener %s: client setup failed: %s", self.name, exc)
-            self.stats.refuse("client error")
+            self._refuse(closes.CLIENT_ERROR, source, port, target, began)
             self._discard(relay, client, upstream)
             return
         finally:
@@ -615,9 +653,9 @@ class Listener:
                 lambda: side, client, ssl=self.tls.server,
                 ssl_handshake_timeout=config.connect_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
-            self.stats.refuse("tls handshake failed")
             self._tls_warn.warning("listener %s: TLS handshake with client %s failed: %s",
-                                   self.name, source, _tls_reason(exc))
+                                   self.name, source, _tls_reason(exc), listener=self.name,
+                                   client=source, reason=closes.TLS_HANDSHAKE_FAILED)
             self._discard(relay, client, None)
             return False
         self.tls.client_seen(transport.get_extra_info("ssl_object"))  # the expiry gauge
@@ -637,10 +675,10 @@ class Listener:
                 server_hostname=name,
                 ssl_handshake_timeout=config.connect_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
-            self.stats.refuse("upstream tls failed")
             self._tls_warn.warning("listener %s: TLS handshake with upstream %s (name %s) "
                                    "failed: %s; client closed", self.name, target,
-                                   name, _tls_reason(exc))
+                                   name, _tls_reason(exc), listener=self.name,
+                                   upstream=str(target), reason=closes.UPSTREAM_TLS_FAILED)
             return False
         self.tls.upstream_seen(transport.get_extra_info("ssl_object"))  # the expiry gauge
         return True
@@ -654,20 +692,20 @@ class Listener:
         if upstream is not None:
             upstream.close()
 
-    async def _dial(self, config: ListenerConfig, target: Address) -> socket.socket | None:
-        """Connect to ``target``, trying each address; ``None`` (logged) when none answers."""
+    async def _dial(self, config: ListenerConfig, target: Address) -> socket.socket | str:
+        """Connect to ``target``, trying each address; the refusal reason (logged) when
+        none answers."""
         deadline = self.loop.time() + config.connect_timeout
         try:
             async with asyncio.timeout(config.connect_timeout):
                 addresses = await self.resolver.resolve(target, config.dns_ttl)
         except (TimeoutError, ResolveError) as exc:
             reason = "DNS lookup timed out" if isinstance(exc, TimeoutError) else str(exc)
-            self.stats.refuse("dns failed")
             self._connect_warn.warning(
                 "listener %s: cannot reach upstream %s: %s; client closed",
-                self.name, target, reason,
-            )
-            return None
+                self.name, target, reason, listener=self.name, upstream=str(target),
+                reason=closes.DNS_FAILED)
+            return closes.DNS_FAILED
         last_error = "no address"
         for family, sockaddr in addresses:
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -689,12 +727,11 @@ class Listener:
             return sock
         if not target.is_ip:
             self.resolver.forget(target)
-        self.stats.refuse("connect failed")
         self._connect_warn.warning(
             "listener %s: cannot connect to upstream %s: %s; client closed",
-            self.name, target, last_error,
-        )
-        return None
+            self.name, target, last_error, listener=self.name, upstream=str(target),
+            reason=closes.UPSTREAM_CONNECT_FAILED)
+        return closes.UPSTREAM_CONNECT_FAILED
 
     # -- upstream choice and health ---------------------------------------------
 
@@ -716,14 +753,36 @@ class Listener:
         return choose_upstream((addr, health(name, addr)) for addr in config.upstreams)
 
     def _upstream_relay_closed(self, relay: AnyRelay) -> None:
+        upstream = self.book.relays.get(relay)
         self._relay_closed(relay)
         self.book.closed(relay)
+        began = self._began.pop(relay, None) if self._began else None
+        if upstream is None:
+            return  # never reached its upstream: counted (and logged) as refused
+        reason = relay.why or closes.UNKNOWN
+        self.stats.close(reason)
+        if began is not None:
+            wall, mono, port = began
+            CONNECTIONS.put(wall, time.monotonic() - mono, self.name,
+                            _client(relay.source, port), str(upstream),
+                            relay.bytes_upstream, relay.bytes_downstream, reason, False)
+
+    def _refuse(self, reason: str, source: str, port: int, upstream: Address | None = None,
+                began: tuple[float, float, int] | None = None) -> None:
+        """Count a connection that never reached an upstream; log it when the listener
+        logs connections."""
+        self.stats.refuse(reason)
+        if self.config.log_connections:
+            wall, mono = (time.time(), time.monotonic()) if began is None else began[:2]
+            CONNECTIONS.put(wall, time.monotonic() - mono, self.name, _client(source, port),
+                            None if upstream is None else str(upstream), 0, 0, reason, True)
 
     def close_upstream_connections(self, upstream: Address) -> int:
         """``on_down: close``: end the live connections to ``upstream`` so clients reconnect."""
         relays = self.book.live(upstream)
         self.book.of(upstream).closed_on_down += len(relays)
         for relay in relays:
+            relay.why = closes.UPSTREAM_DOWN
             relay.close()
         if relays:
             log.info("listener %s: closed %d connection(s) to upstream %s, which is DOWN",
@@ -769,7 +828,7 @@ class Listener:
             if last is None or last[0] != total:
                 seen[relay] = (total, now)
             elif now - last[1] >= idle:
-                self.stats.idle_closed += 1
                 log.debug("listener %s: closing a connection idle for %.1fs", self.name, idle)
+                relay.why = closes.IDLE_TIMEOUT
                 relay.close()
         self._schedule_idle_sweep()

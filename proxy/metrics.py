@@ -35,7 +35,7 @@ from prometheus_client import (
 )
 from prometheus_client.registry import CollectorRegistry
 
-from . import __version__
+from . import __version__, closes
 from .config import Address
 from .health.state import State
 
@@ -157,7 +157,7 @@ class ListenerCounts(Protocol):
     @property
     def refused(self) -> Mapping[str, int]: ...
     @property
-    def idle_closed(self) -> int: ...
+    def closed(self) -> Mapping[str, int]: ...
 
 
 class HasUpstreams(Protocol):
@@ -230,7 +230,10 @@ ACCEPTED = Family("cacheport_connections_accepted_total", "counter",
 REFUSED = Family("cacheport_connections_refused_total", "counter",
                  "Client connections closed before reaching an upstream, by reason")
 CUT = Family("cacheport_connections_closed_total", "counter",
-             "Connections cacheport closed itself (idle timeout, upstream down), by reason")
+             "Relayed connections that ended, by reason: who closed first, or why cacheport "
+             "closed it (proxy/closes.py)")
+# Shown at 0 from the start, so alerts on them have a series to rate().
+_CLOSED_ALWAYS = (closes.IDLE_TIMEOUT, closes.UPSTREAM_DOWN)
 ACTIVE = Family("cacheport_connections_active", "gauge",
                 "Open client connections relayed to the upstream")
 CONNECTIONS = Family("cacheport_upstream_connections_total", "counter",
@@ -420,11 +423,10 @@ class CacheportMetrics:
                 out.append(f'cacheport_connections_refused_total{{{ln},'
                            f'reason="{_label(reason)}"}} {count}\n')
         if (out := lines.get(CUT)) is not None:
-            on_down = sum(c.closed_on_down for c in book.counters.values())
-            out.append(f'cacheport_connections_closed_total{{{ln},reason="idle timeout"}} '
-                       f"{stats.idle_closed}\n")
-            out.append(f'cacheport_connections_closed_total{{{ln},reason="upstream down"}} '
-                       f"{on_down}\n")
+            closed = stats.closed
+            for reason in sorted({*_CLOSED_ALWAYS, *closed}):
+                out.append(f'cacheport_connections_closed_total{{{ln},'
+                           f'reason="{_label(reason)}"}} {closed.get(reason, 0)}\n')
         if (out := lines.get(CERT_EXPIRY)) is not None:
             for leg, when in listener.tls.expiry().items():
                 out.append(f'cacheport_tls_certificate_expiry_timestamp_seconds{{{ln},'

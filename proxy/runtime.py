@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .admin import Handler, Request, Response
 from .config import Config, ConfigError, load_config
+from .logs import CONNECTIONS
 from .process import notify_ready
 from .reload import ReloadPlan
 from .server import ReloadError, Server, StartError
@@ -212,4 +213,5 @@ async def serve(config: Config, options: RunOptions) -> int:
             task.cancel()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        CONNECTIONS.stop()  # the connection log's last lines
     return EXIT_OK

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from . import closes
 from .admin import AdminError, AdminServer
 from .cluster.manager import ClusterManager
 from .cluster.ports import StateFile
@@ -38,6 +39,7 @@ from .config import Address, ClusterConfig, Config, ListenerConfig
 from .health.monitor import HealthMonitor, Target
 from .health.state import State, Transition
 from .listener import BindError, Listener, RelayFactory
+from .logs import LogCollector
 from .relay.buffered import BufferPool
 from .relay.engine import configure_engines
 from .reload import ReloadPlan, plan_reload
@@ -163,6 +165,7 @@ class Server:
             admin = AdminServer(admin_config, lambda: self.listeners.values(),
                                 lambda: self.monitor)
             admin.registry.register(ServerCollector(self))
+            admin.registry.register(LogCollector())
             admin.draining = lambda: self.draining_since is not None
             admin.status_extra = lambda: {"reloads": self.reloads,
                                           "reload_failures": self.reload_failures,
@@ -360,7 +363,7 @@ class Server:
                         async with asyncio.timeout(timeout):
                             await listener.wait_idle()
                 cut = listener.active
-                listener.close_connections()
+                listener.close_connections(closes.DRAINED)
                 if cut:
                     log.info("listener %s removed: %d connection(s) cut after drain_timeout",
                              listener.name, cut)

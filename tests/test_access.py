@@ -36,7 +36,7 @@ def test_client_outside_allow_list_is_closed_before_upstream_is_dialled(
         port = proxy.port("rd")
         assert closed_at_once(port, "127.0.0.1")
         stats = proxy.server.listeners["rd"].stats
-        assert stats.refused == {"not allowed": 1}
+        assert stats.refused == {"not_allowed": 1}
         assert stats.accepted == 0  # never dialled
         allowed = socket.create_connection(("127.0.0.1", port), timeout=5,
                                            source_address=("127.0.0.2", 0))
@@ -54,7 +54,7 @@ def test_max_connections_refuses_new_and_keeps_existing(redis_server: ServerProc
         wait_until(lambda: proxy.server.listeners["rd"].active == 2, 5)
         assert closed_at_once(port)
         assert first.set("still", "working") and second.get("still") == b"working"
-        assert proxy.server.listeners["rd"].stats.refused == {"max connections": 1}
+        assert proxy.server.listeners["rd"].stats.refused == {"max_connections": 1}
         first.close()
         wait_until(lambda: proxy.server.listeners["rd"].active == 1, 5)
         assert not closed_at_once(port)  # room again
@@ -72,4 +72,4 @@ def test_max_connections_per_client_counts_each_source(redis_server: ServerProce
         held.close()
         wait_until(lambda: proxy.server.listeners["rd"].active == 0, 5)
         assert not closed_at_once(port, "127.0.0.1")
-        assert proxy.server.listeners["rd"].stats.refused == {"max connections per client": 1}
+        assert proxy.server.listeners["rd"].stats.refused == {"max_connections_per_client": 1}

@@ -131,7 +131,7 @@ def test_killed_nodes_go_down_refuse_new_clients_at_once_and_come_back(
         for name, server in (("mc", memcached), ("rd", redis_server)):
             labels = {"listener": name, "upstream": server.address}
             assert sample(s, "cacheport_connections_refused_total", listener=name,
-                          reason="upstream down") == 1
+                          reason="upstream_down") == 1
             assert sample(s, "cacheport_upstream_up", **labels) == 0
             assert sample(s, "cacheport_upstream_state_changes_total", **labels) == 1
             assert sample(s, "cacheport_upstream_checks_total", result="failed", **labels) >= 3

@@ -98,7 +98,7 @@ def test_new_connections_use_the_backup_while_the_primary_is_down(
         assert sample(s, "cacheport_upstream_connections_total", listener="node",
                       upstream=primary.address) == 2
         assert sample(s, "cacheport_connections_refused_total", listener="node",
-                      reason="upstream down") == 0
+                      reason="upstream_down") == 0
 
 
 def test_all_upstreams_down_refuses_with_reason(
@@ -118,7 +118,7 @@ def test_all_upstreams_down_refuses_with_reason(
             except ConnectionResetError:
                 pass
         wait_until(lambda: sample(metrics(proxy), "cacheport_connections_refused_total",
-                                  listener="node", reason="upstream down") == 1, 5,
+                                  listener="node", reason="upstream_down") == 1, 5,
                    message="the refusal to be counted")
 
 
@@ -169,7 +169,7 @@ def test_on_down_decides_whether_live_connections_to_a_demoted_primary_survive(
             with pytest.raises(redis.ConnectionError):
                 client.ping()
             assert sample(metrics(proxy), "cacheport_connections_closed_total",
-                          listener="primary", reason="upstream down") == 1
+                          listener="primary", reason="upstream_down") == 1
         else:
             assert client.ping()  # still connected to the (now replica) node
             assert client.execute_command("ROLE")[0] == b"slave"

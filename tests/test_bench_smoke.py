@@ -251,6 +251,19 @@ def test_tls_side_by_side_measures_plain_and_terminating_listeners(tmp_path: Pat
     assert _processes_mentioning(str(tmp_path)) == []
 
 
+@pytest.mark.timeout(90)
+def test_connlog_side_by_side_measures_the_log_on_and_off(tmp_path: Path) -> None:
+    result = _bench(tmp_path, "connlog", "--reps", "2", "--requests", "200", timeout=80)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _table_rows(result.stdout)
+    assert set(rows) == {"direct", "native, log off", "native, log on", "python, log off",
+                         "python, log on"}
+    for name, cells in rows.items():
+        assert float(cells[0].replace(",", "")) > 0, (name, result.stdout)
+    assert "connection log lines written: 0\n" not in result.stdout
+    assert _processes_mentioning(str(tmp_path)) == []
+
+
 def test_protocols_micro_benchmark_reports_every_path(tmp_path: Path) -> None:
     result = _bench(tmp_path, "protocols", "--pairs", "200", "--repeat", "1", timeout=30)
     assert result.returncode == 0, result.stderr[-3000:]

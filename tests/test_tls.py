@@ -128,7 +128,7 @@ def test_tls_listener_refuses_old_protocols_and_plaintext(
                 answer = b""
             assert answer == b""  # closed; nothing reached the upstream
         listener = proxy.server.listeners["tls"]
-        wait_until(lambda: listener.stats.refused.get("tls handshake failed", 0) == 2, 5,
+        wait_until(lambda: listener.stats.refused.get("tls_handshake_failed", 0) == 2, 5,
                    message="both refusals to be counted")
 
 
@@ -145,7 +145,7 @@ def test_mutual_tls_needs_a_client_certificate(pki: Pki, plain_redis: ServerProc
                             ssl_certfile=str(pki.client_cert), socket_timeout=5)
         assert known.ping()
         known.close()
-        assert proxy.server.listeners["tls"].stats.refused["tls handshake failed"] >= 1
+        assert proxy.server.listeners["tls"].stats.refused["tls_handshake_failed"] >= 1
 
 
 def test_cacheport_speaks_tls_to_an_encrypted_redis_node(pki: Pki) -> None:
@@ -212,7 +212,7 @@ def test_untrusted_upstream_certificate_is_refused_cleanly(
                 except ConnectionResetError:
                     pass
             stats = proxy.server.listeners["r"].stats
-            wait_until(lambda: stats.refused.get("upstream tls failed") == 1, 5)
+            wait_until(lambda: stats.refused.get("upstream_tls_failed") == 1, 5)
     finally:
         node.stop()
     lines = [r.getMessage() for r in caplog.records if "TLS handshake with upstream" in

@@ -32,6 +32,7 @@ import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from .. import closes
 from ..protocols.redis_cluster import ASK_REDIRECT, Remapper, rewrite_asked
 from ..relay.buffered import BufferPool, Relay, Side
 
@@ -148,6 +149,8 @@ class RewritingRelay(Relay):
     def protocol_error(self, side: Side, exc: ValueError) -> None:
         """A peer sent bytes the framer cannot parse: close both sides, count it."""
         who = "client" if side is self.client else "upstream"
+        if self.why is None:
+            self.why = closes.PROTOCOL_ERROR
         log.debug("closing a connection: the %s broke the protocol: %s", who, exc)
         if self.on_protocol_error is not None:
             self.on_protocol_error(who)

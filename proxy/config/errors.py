@@ -27,6 +27,7 @@ from .model import (
     DefaultsSection,
     HealthSection,
     ListenerSection,
+    LoggingSection,
     PortMap,
     Section,
     TlsSection,
@@ -41,7 +42,7 @@ from .yamlmap import YamlMap
 _TUNABLES = ("protocol", "connect_timeout", "idle_timeout", "buffer_size", "dns_ttl", "allow",
              "max_connections", "max_connections_per_client", "proxy_protocol",
              "proxy_protocol_from", "tls", "upstream_tls", "on_down",
-             "copy", "relay")
+             "copy", "relay", "log_connections")
 _ORDER: dict[str, tuple[str, ...]] = {
     "listeners": (*_TUNABLES, "listen", "upstream", "backup", "health"),
     "clusters": ("engine", "seed", "announce", "announce_ip", "ports", "seed_port",
@@ -111,7 +112,8 @@ def _model_at(loc: Sequence[Any]) -> type[Section]:
     model: type[Section] = PortMap
     steps: dict[str, type[Section]] = {
         "defaults": DefaultsSection, "admin": AdminSection, "health": HealthSection,
-        "tls": TlsSection, "upstream_tls": UpstreamTlsSection, "aws": AwsSection}
+        "tls": TlsSection, "upstream_tls": UpstreamTlsSection, "aws": AwsSection,
+        "logging": LoggingSection}
     for i, part in enumerate(loc):
         if part in ("listeners", "clusters") and i == 0:
             model = ListenerSection if part == "listeners" else ClusterSection
@@ -162,7 +164,7 @@ def render(exc: ValidationError, data: YamlMap, path: str,
         if len(rest) == 2:
             return located(path, f"expected {_SHAPES[head]}, got {show(entry)}", line, where)
         node, rest = entry, rest[2:]
-    elif head in ("defaults", "admin", "aws") and not (unknown and len(rest) == 1):
+    elif head in ("defaults", "admin", "aws", "logging") and not (unknown and len(rest) == 1):
         line = data.lines.get(head, data.line)
         where = f"{head}: "
         if len(rest) == 1:

@@ -208,7 +208,8 @@ class _Resolver:
     def top(self, key: str) -> Any:
         """A top-level setting, validated alone: its value or the model's default."""
         if key not in self.data:
-            return PortMap.model_fields[PortMap.yaml_keys()[key]].get_default()
+            return PortMap.model_fields[PortMap.yaml_keys()[key]].get_default(
+                call_default_factory=True)
         return self.validate(PortMap, {key: self.data[key]}, ()).get(key)
 
     def admin(self) -> AdminConfig | None:
@@ -438,7 +439,8 @@ def _parse_config(data: Any, path: str) -> Config:
                         "(or a cluster under 'clusters')", line=data.lines.get("listeners"))
     listeners = resolver.listeners(admin)
     top = {key: resolver.top(key) for key in ("drain_timeout", "drain_delay", "workers",
-                                              "engine_threads", "busy_poll", "state_dir")}
+                                              "engine_threads", "busy_poll", "state_dir",
+                                              "logging")}
     if "drain_delay" not in data:
         # Only a load balancer that can reach /readyz benefits from the delay; with the
         # admin endpoint on loopback (or off) nothing outside can see it, so stop at once.
@@ -448,7 +450,8 @@ def _parse_config(data: Any, path: str) -> Config:
                   clusters=resolver.clusters(listeners), drain_timeout=top["drain_timeout"],
                   drain_delay=top["drain_delay"],
                   workers=top["workers"], engine_threads=top["engine_threads"],
-                  busy_poll_us=top["busy_poll"], state_dir=top["state_dir"], aws=aws)
+                  busy_poll_us=top["busy_poll"], state_dir=top["state_dir"], aws=aws,
+                  log_format=top["logging"].log_format)
 
 
 def load_config(path: str | Path, extend: Callable[[str], str] | None = None) -> Config:

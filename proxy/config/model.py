@@ -53,6 +53,7 @@ from .values import (
     DEFAULT_RETIRE_GRACE,
     DEFAULT_RISE,
     ENGINES,
+    LOG_FORMATS,
     ON_DOWN,
     PROTOCOLS,
     PROXY_PROTOCOLS,
@@ -61,6 +62,7 @@ from .values import (
     Address,
     Copy,
     Engine,
+    LogFormat,
     Network,
     OnDown,
     Protocol,
@@ -134,6 +136,8 @@ CheckKind = Annotated[Protocol | None, P(v.one_of(PROTOCOLS)), S(_enum(PROTOCOLS
 OnDownName = Annotated[OnDown, P(v.one_of(ON_DOWN, "keep or close")), S(_enum(ON_DOWN)),
                        Kind("enum")]
 CopyName = Annotated[Copy, P(v.one_of(COPY_MODES)), S(_enum(COPY_MODES)), Kind("enum")]
+LogFormatName = Annotated[LogFormat, P(v.one_of(LOG_FORMATS, "text or json")),
+                          S(_enum(LOG_FORMATS)), Kind("enum")]
 RelayName = Annotated[RelayKind, P(v.one_of(RELAY_KINDS)), S(_enum(RELAY_KINDS)), Kind("enum")]
 RoleName = Annotated[RedisRole, P(v.one_of(REDIS_ROLES, "primary or any")),
                      S(_enum(REDIS_ROLES)), Kind("enum")]
@@ -375,6 +379,10 @@ class Tunables(Section):
         None, json_schema_extra=_plus(*_ON, *_OFF, default="on"),
         description="Health checks: on (the default), off, or a mapping of settings (see "
                     "health).")
+    log_connections: Bool = Field(
+        False, description="Log one line per closed or refused connection: client, "
+                           "upstream, start, duration, bytes each way and why it ended "
+                           "(docs/operating.md, Logs).")
 
 
 class DefaultsSection(Tunables):
@@ -404,6 +412,17 @@ class ListenerSection(Tunables):
     backup: Backups = Field(
         (), description="Nodes used in order while the upstream is DOWN (needs health "
                         "checks).")
+
+
+class LoggingSection(Section):
+    """How cacheport writes its log (to stderr)."""
+
+    model_config = ConfigDict(title="logging")
+
+    log_format: LogFormatName = Field(
+        "text", description="text, or json: one JSON object per line (time, level, logger, "
+                            "message and the event's fields). cacheport run --log-format "
+                            "wins over it.")
 
 
 class AdminSection(Section):
@@ -561,8 +580,12 @@ class PortMap(Section):
         description="Where cluster port assignments persist across restarts.")
     aws: Annotated[AwsSection | None, Kind("aws")] = Field(
         None, description="Clusters read from the ElastiCache API on an interval (see aws).")
+    logging: Annotated[LoggingSection, Kind("logging")] = Field(
+        default_factory=LoggingSection,  # type: ignore[arg-type]
+        description="How the log is written (see logging).")
 
 
 SECTIONS: tuple[type[Section], ...] = (PortMap, ListenerSection, DefaultsSection,
                                        HealthSection, TlsSection, UpstreamTlsSection,
-                                       AdminSection, ClusterSection, AwsSection)
+                                       AdminSection, ClusterSection, AwsSection,
+                                       LoggingSection)

@@ -29,6 +29,7 @@ from .values import (
     Address,
     Copy,
     Engine,
+    LogFormat,
     Network,
     OnDown,
     Protocol,
@@ -97,6 +98,7 @@ class ListenerConfig:
     on_down: OnDown = "keep"  # close: also cut live connections to a node that goes DOWN
     copy: Copy = "auto"  # how bytes move: splice(2) or a buffer
     relay: RelayKind = "auto"  # who moves them: the native engine thread, or Python
+    log_connections: bool = False  # one log line per closed or refused connection
 
     @property
     def may_splice(self) -> bool:
@@ -198,6 +200,7 @@ class Config:
     clusters: tuple[ClusterConfig, ...] = ()
     state_dir: str | None = None  # where cluster port assignments persist (None: in memory)
     aws: AwsConfig | None = None  # clusters read from the ElastiCache API on an interval
+    log_format: LogFormat = "text"  # logging.log_format; --log-format wins
 
     def listener(self, name: str) -> ListenerConfig:
         for lc in self.listeners:

@@ -47,6 +47,8 @@ import termios
 from collections.abc import Callable
 from typing import cast
 
+from .. import closes
+
 _LINGER_RST = struct.pack("ii", 1, 0)
 # After one side fails, how long the bytes it sent before may take to reach the other
 # side before that side is reset anyway: a peer that stops reading must not keep a dead
@@ -162,6 +164,9 @@ class Side(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         self.eof = True
+        relay = self.relay
+        if relay.why is None:
+            relay.why = closes.CLIENT_CLOSED if self is relay.client else closes.UPSTREAM_CLOSED
         # Keep a TCP transport open: the other direction may still be sending. A TLS
         # transport cannot stay half-open (asyncio warns if asked); it closes, and with
         # it the relay, once the other side's pending bytes are flushed.
@@ -171,17 +176,21 @@ class Side(asyncio.BufferedProtocol):
         return keep
 
     def connection_lost(self, exc: Exception | None) -> None:
+        relay = self.relay
         if exc is not None:
-            self.relay.lost(self)
+            relay.lost(self)
         else:
-            self.relay.close()
+            if relay.why is None:  # a TLS peer's FIN without close_notify comes this way
+                relay.why = closes.CLIENT_CLOSED if self is relay.client \
+                    else closes.UPSTREAM_CLOSED
+            relay.close()
 
 
 class Relay:
     """A client connection spliced to its upstream connection; owns both transports."""
 
     __slots__ = ("client", "closed", "drain_sock", "dying", "grace", "half_closed", "on_close",
-                 "settling", "source", "started", "upstream")
+                 "settling", "source", "started", "upstream", "why")
 
     def __init__(
         self, pool: BufferPool, on_close: Callable[[Relay], None], source: str = ""
@@ -199,6 +208,7 @@ class Relay:
         self.drain_sock: socket.socket | None = None  # a duplicate of its socket, to drain
         self.grace: asyncio.TimerHandle | None = None
         self.settling = False
+        self.why: str | None = None  # why it ended (proxy/closes.py): the first to know says
 
     @property
     def bytes_upstream(self) -> int:
@@ -264,6 +274,8 @@ class Relay:
         """
         if self.closed:
             return
+        if self.why is None:
+            self.why = closes.CLIENT_RESET if dead is self.client else closes.UPSTREAM_RESET
         survivor = dead.peer
         st = survivor.transport if survivor is not None else None
         if (self.dying is not None or not self.started or survivor is None or st is None

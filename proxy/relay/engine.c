@@ -115,6 +115,8 @@ typedef struct {
     uint8_t state, mode, reset, claimed;
     uint8_t dead;      /* 0, or 1 + the side that failed: the connection is dying */
     uint8_t broken;    /* the upstream broke the protocol (framed connections) */
+    uint8_t first;     /* who ended first, for the connection log: 1 + side at an EOF,
+                        * 3 + side at a failure, 0 not yet (reap() reports it) */
     nodemap_t *nm;     /* a framed (Redis Cluster) connection's node map; NULL: plain */
     framed_t *fr;      /* its framing state while the conversation is not a fresh one's */
 } conn_t;
@@ -340,6 +342,8 @@ static void release_way(Engine *e, way_t *w, int reset);
 
 static void half_close(Engine *e, conn_t *c, int i) {
     way_t *w = &c->w[i];
+    if (!c->first)
+        c->first = (uint8_t)(1 + i);
     w->eof = 1;
     w->watching = 0;
     if (shutdown(c->fd[1 - i], SHUT_WR) < 0) {
@@ -384,6 +388,8 @@ static void settle(Engine *e, conn_t *c) {
  * if the other peer stops reading. A second failure resets at once. */
 static void lose(Engine *e, conn_t *c, int s) {
     way_t *in = &c->w[1 - s], *out = &c->w[s];
+    if (!c->first)
+        c->first = (uint8_t)(3 + s);
     if (c->dead) {
         finish(e, c, 1);
         return;
@@ -1189,7 +1195,7 @@ static PyObject *Engine_close(Engine *e, PyObject *args) {
     return r;
 }
 
-/* reap() -> [(slot, up, down, reset)] for connections the thread ended. */
+/* reap() -> [(slot, up, down, reset, first)] for connections the thread ended. */
 static PyObject *Engine_reap(Engine *e, PyObject *unused) {
     uint64_t count;
     if (e->notifyfd >= 0) {
@@ -1204,8 +1210,9 @@ static PyObject *Engine_reap(Engine *e, PyObject *unused) {
         uint32_t slot = e->done[k];
         conn_t *c = e->conns[slot];
         if (!c->claimed) {
-            PyObject *t = Py_BuildValue("IKKi", slot, (unsigned long long)c->w[0].nbytes,
-                                        (unsigned long long)c->w[1].nbytes, (int)c->reset);
+            PyObject *t = Py_BuildValue("IKKii", slot, (unsigned long long)c->w[0].nbytes,
+                                        (unsigned long long)c->w[1].nbytes, (int)c->reset,
+                                        (int)c->first);
             if (t == NULL || PyList_Append(out, t) < 0) {
                 Py_XDECREF(t);
                 /* Keep the rest for the next reap. */

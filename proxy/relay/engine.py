@@ -25,6 +25,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from .. import closes
 from ..config import DEFAULT_BUSY_POLL_US, ListenerConfig
 from ..process import worker_count
 from .buffered import _LINGER_RST, DRAIN_GRACE, Relay
@@ -204,10 +205,10 @@ class NativeHub:
         connection needs Python (a frame to rewrite, redirects to count)."""
         for slot, kind, frame, spec in lane.engine.asks():
             self._ask(lane, slot, kind, frame, spec)
-        for slot, up, down, _reset in lane.engine.reap():
+        for slot, up, down, _reset, first in lane.engine.reap():
             relay = lane.relays.pop(slot, None)
             if relay is not None:
-                relay.ended(up, down)
+                relay.ended(up, down, first)
         self._idle()
 
     def _ask(self, lane: _Lane, slot: int, kind: int, frame: Any, spec: Any) -> None:
@@ -217,6 +218,8 @@ class NativeHub:
             if framing is not None:
                 framing.redirects(frame)
         elif kind == _TELL_BROKEN:
+            if relay is not None:
+                relay.why = closes.PROTOCOL_ERROR
             if framing is not None:
                 framing.broken()
         else:
@@ -227,6 +230,7 @@ class NativeHub:
                 if framing is not None:
                     framing.broken()
                 if relay is not None:
+                    relay.why = closes.PROTOCOL_ERROR
                     relay.abort()
                 return
             lane.engine.answer(slot, data)
@@ -296,7 +300,7 @@ class NativeRelay:
     """
 
     __slots__ = ("__weakref__", "bufsize", "client_sock", "closed", "final", "framing", "hub",
-                 "lane", "mode", "on_close", "slot", "source", "upstream_sock")
+                 "lane", "mode", "on_close", "slot", "source", "upstream_sock", "why")
 
     def __init__(self, hub: NativeHub, bufsize: int, on_close: Callable[[NativeRelay], None],
                  source: str = "", copy: str = "auto", framing: Framing | None = None) -> None:
@@ -312,6 +316,7 @@ class NativeRelay:
         self.slot = -1
         self.closed = False
         self.final = (0, 0)
+        self.why: str | None = None  # why it ended (proxy/closes.py), once known
 
     def attach(self, loop: asyncio.AbstractEventLoop, client: socket.socket,
                upstream: socket.socket) -> None:
@@ -398,10 +403,13 @@ class NativeRelay:
                     sock.close()
         self._closed()
 
-    def ended(self, up: int, down: int) -> None:
-        """The engine ended this connection (called by the hub)."""
+    def ended(self, up: int, down: int, first: int = 0) -> None:
+        """The engine ended this connection (called by the hub); ``first`` says who
+        ended first (engine.c)."""
         if not self.closed:
             self.final = (up, down)
+            if self.why is None:
+                self.why = closes.from_engine(first)
             self._closed()
 
     def _closed(self) -> None:

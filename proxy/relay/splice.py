@@ -58,6 +58,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from .. import closes
 from ..config import ListenerConfig
 from .buffered import _LINGER_RST, DRAIN_GRACE, SETTLE_TICK, BufferPool, _unsent
 from .choose import RelayKind, relay_order
@@ -603,7 +604,7 @@ class SpliceRelay:
 
     __slots__ = ("__weakref__", "cfd", "client_sock", "closed", "cmask", "down", "dying", "grace",
                  "hub", "loop", "on_close", "parked", "probed", "source", "started", "ufd",
-                 "umask", "up", "upstream_sock")
+                 "umask", "up", "upstream_sock", "why")
 
     def __init__(self, hub: SpliceHub, bufpool: BufferPool,
                  on_close: Callable[[SpliceRelay], None], source: str = "",
@@ -625,6 +626,7 @@ class SpliceRelay:
         self.probed = 0  # bytes_total when the hub's tick last looked
         self.dying: _Way | None = None  # after a side failed: the way out of it (lost())
         self.grace: asyncio.TimerHandle | None = None
+        self.why: str | None = None  # why it ended (proxy/closes.py): the first to know says
 
     @property
     def fds(self) -> tuple[int, int]:
@@ -762,6 +764,8 @@ class SpliceRelay:
 
     def half_close(self, way: _Way) -> None:
         """``way`` read EOF with nothing pending: pass the FIN on, keep the other way."""
+        if self.why is None:
+            self.why = closes.CLIENT_CLOSED if way is self.up else closes.UPSTREAM_CLOSED
         way.eof = True
         way.watching = False
         self.rewatch()
@@ -785,6 +789,8 @@ class SpliceRelay:
         """
         if self.closed:
             return
+        if self.why is None:
+            self.why = closes.CLIENT_RESET if out is self.up else closes.UPSTREAM_RESET
         if self.dying is not None or self.loop is None:
             if self.dying is not out:  # the same failure seen twice is not a second one
                 self.abort()
