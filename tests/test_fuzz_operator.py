@@ -143,8 +143,15 @@ def test_import_of_rules_with_control_characters_writes_a_loadable_map() -> None
 
 if __name__ == "__main__":
     import importlib
+    import inspect
 
     atheris = importlib.import_module("atheris")  # optional: pip install atheris
     test = globals()[sys.argv[1]]
+    for module in [m for n, m in sys.modules.items() if n.startswith("proxy.")]:
+        for obj in [*vars(module).values(),
+                    *(v for c in vars(module).values() if isinstance(c, type)
+                      for v in vars(c).values())]:
+            if inspect.isfunction(obj) and obj.__module__ == module.__name__:
+                atheris.instrument_func(obj)  # the parsers' coverage guides the fuzzer
     atheris.Setup([sys.argv[0], *sys.argv[2:]], test.hypothesis.fuzz_one_input)
     atheris.Fuzz()
