@@ -27,6 +27,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                                  "a plain tcp listener vs twemproxy vs direct"),
     "scale": ("bench.scale", "1 to 3,000 checked listeners: the listener under test's GET/s and "
                              "latency, idle CPU vs HAProxy's checks, scrape, RSS, start, reload"),
+    "held": ("bench.held", "idle connections held up to the open-files limit (1 process, "
+                           "workers: 2): memory and CPU per connection, accepts/s, latency"),
     "conformance": ("bench.conformance", "Redis's own test suite direct and through each kind of "
                                          "listener, compared test by test"),
     "arrival-order": ("bench.arrival_order", "how often a command sent second on another "
