@@ -41,7 +41,7 @@ def _open(port: int) -> tuple[socket.socket, bytes]:
 
 def _refused(admin: int) -> int:
     text = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5).read()
-    found = re.findall(rb'cacheport_connections_refused_total\{[^}]*reason="fd_limit"\} (\d+)',
+    found = re.findall(rb'cacheport_connections_refused_total\{[^}]*reason="fd_limit"[^}]*\} (\d+)',
                        text)
     return sum(int(n) for n in found)
 
