@@ -31,6 +31,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                                        "at 1,000-3,000 listeners (CPU time, in-process)"),
     "admin-http": ("bench.admin_http", "the admin endpoint's own HTTP/1.1 beside aiohttp's "
                                        "server: req/s, slow and huge requests, RSS"),
+    "held": ("bench.held", "idle connections held up to the open-files limit (1 process, "
+                           "workers: 2): memory and CPU per connection, accepts/s, latency"),
     "conformance": ("bench.conformance", "Redis's own test suite direct and through each kind of "
                                          "listener, compared test by test"),
     "arrival-order": ("bench.arrival_order", "how often a command sent second on another "

@@ -20,6 +20,7 @@ UPSTREAM_TLS_FAILED = "upstream_tls_failed"
 DNS_FAILED = "dns_failed"
 UPSTREAM_CONNECT_FAILED = "upstream_connect_failed"
 CLIENT_ERROR = "client_error"
+FD_LIMIT = "fd_limit"
 PROXY_UNTRUSTED = "proxy_protocol_untrusted"
 PROXY_MALFORMED = "proxy_protocol_malformed"
 PROXY_TIMEOUT = "proxy_protocol_timeout"
@@ -46,6 +47,7 @@ REFUSALS: dict[str, str] = {
     DNS_FAILED: "the upstream's name did not resolve within connect_timeout",
     UPSTREAM_CONNECT_FAILED: "no address of the upstream accepted within connect_timeout",
     CLIENT_ERROR: "the client's socket failed while the upstream was being dialled",
+    FD_LIMIT: "the process was at its open-files limit (RLIMIT_NOFILE): closed at once",
     PROXY_UNTRUSTED: "a connection from outside proxy_protocol_from",
     PROXY_MALFORMED: "the PROXY header did not parse",
     PROXY_TIMEOUT: "no complete PROXY header within 3 s",

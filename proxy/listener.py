@@ -17,6 +17,8 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import os
+import resource
 import socket
 import ssl
 import sys
@@ -55,6 +57,42 @@ PROXY_HEADER_TIMEOUT = 3.0
 # A header split across segments is rare (the spec: it fits one); between peeks of an
 # incomplete one the listener waits this long instead of spinning on a readable socket.
 _PEEK_PAUSE = 0.005
+
+
+class _FdReserve:
+    """One spare descriptor per process, so a listener out of descriptors can still take
+    a client off the backlog and close it (a clean FIN and a count) instead of leaving it
+    to hang there; the pause alone would leave the kernel completing its handshake."""
+
+    fd = -1
+
+    @classmethod
+    def keep(cls) -> None:
+        if cls.fd < 0:
+            try:
+                cls.fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                cls.fd = -1
+
+    @classmethod
+    def spend(cls, sock: socket.socket) -> bool | None:
+        """Free the spare, accept one client and close it: True if one was closed, None if
+        none was waiting (Linux reports EMFILE before it looks at the backlog), False if
+        there is no spare or the accept failed otherwise."""
+        if cls.fd < 0:
+            return False
+        os.close(cls.fd)
+        cls.fd = -1
+        try:
+            client, _peer = sock.accept()
+            client.close()
+            return True
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return False
+        finally:
+            cls.keep()
 
 
 class BindError(Exception):
@@ -292,6 +330,7 @@ class Listener:
     def start(self) -> None:
         assert self.sock is not None, "bind() first"
         self.accepting = True
+        _FdReserve.keep()
         self.loop.add_reader(self.sock.fileno(), self._on_acceptable)
         missing = " (the native engine is not built on this install)" \
             if self.engine_missing else ""
@@ -363,7 +402,14 @@ class Listener:
                 return
             except OSError as exc:
                 if exc.errno in _FD_EXHAUSTED:
-                    self._pause_accepting(exc)
+                    spent = _FdReserve.spend(sock)
+                    if spent is None:
+                        return
+                    self._fd_exhausted(exc)
+                    if spent:
+                        self.stats.refuse(closes.FD_LIMIT)
+                        continue
+                    self._pause_accepting()
                 else:
                     self._accept_warn.warning(
                         "listener %s: accept failed: %s", self.name, exc.strerror or exc
@@ -538,18 +584,21 @@ class Listener:
         else:
             self._per_client.pop(source, None)
 
-    def _pause_accepting(self, exc: OSError) -> None:
-        """Out of file descriptors: stop polling the socket for a while instead of spinning."""
+    def _fd_exhausted(self, exc: OSError) -> None:
+        self._accept_warn.warning(
+            "listener %s: out of file descriptors (%s; RLIMIT_NOFILE %d): new clients are "
+            "closed, live connections go on", self.name, exc.strerror or exc,
+            resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+    def _pause_accepting(self) -> None:
+        """No spare descriptor either: stop polling the socket for a while, not spin."""
         assert self.sock is not None
         self.loop.remove_reader(self.sock.fileno())
-        self._accept_warn.warning(
-            "listener %s: cannot accept: %s; pausing accepts for %.1fs, live connections go on",
-            self.name, exc.strerror or exc, _ACCEPT_BACKOFF,
-        )
         self._resume_handle = self.loop.call_later(_ACCEPT_BACKOFF, self._resume_accepting)
 
     def _resume_accepting(self) -> None:
         self._resume_handle = None
+        _FdReserve.keep()
         if self.sock is not None and self.accepting:
             self.loop.add_reader(self.sock.fileno(), self._on_acceptable)
 
@@ -630,6 +679,11 @@ class Listener:
             self._discard(relay, client, upstream)
             raise
         except OSError as exc:
+            if exc.errno in _FD_EXHAUSTED:  # no descriptor left for the upstream socket
+                self._fd_exhausted(exc)
+                self.stats.refuse(closes.FD_LIMIT)
+                self._discard(relay, client, upstream)
+                return
             # The client vanished while we dialled (or the socket options failed).
             log.debug("listener %s: client setup failed: %s", self.name, exc)
             self._refuse(closes.CLIENT_ERROR, source, port, target, began)

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from proxy.relay.engine import native_available
 from tests.support import ServerProcess, start_server
+
+# Hypothesis profiles: the suite runs "ci" (a few seconds per fuzz test); by hand,
+# ``pytest tests/test_fuzz_*.py --hypothesis-profile long --timeout 0`` (or
+# HYPOTHESIS_PROFILE=long) runs HYPOTHESIS_EXAMPLES per test (default 50,000: minutes each).
+settings.register_profile("ci", max_examples=300, deadline=None)
+settings.register_profile("long", max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES",
+                                                                  50_000)),
+                          deadline=None, suppress_health_check=list(HealthCheck))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture

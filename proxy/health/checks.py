@@ -82,7 +82,12 @@ _ERRNO_REASONS = {
     errno.ENETUNREACH: "network unreachable",
     errno.ETIMEDOUT: "timed out",
     errno.EPIPE: "connection closed by the node",
+    errno.EMFILE: "out of file descriptors here",
+    errno.ENFILE: "out of file descriptors here",
 }
+# A check that could not even open its socket says nothing about the node: at the
+# open-files limit it must not mark every upstream DOWN (and cut them, on_down: close).
+LOCAL_FAILURE = _ERRNO_REASONS[errno.EMFILE]
 
 
 def describe_error(exc: BaseException) -> str:

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator
 from ..config import Address, HealthConfig, ListenerConfig, UpstreamTlsConfig
 from ..metrics import CHECK_DURATION_BUCKETS, Buckets
 from ..tls import client_context
-from .checks import Checker, CheckResult, CheckTls, make_checker
+from .checks import LOCAL_FAILURE, Checker, CheckResult, CheckTls, make_checker
 from .prober import Prober
 from .state import HealthState, State, Transition
 
@@ -330,6 +330,8 @@ class HealthMonitor:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("listener %s upstream %s check failed: %s",
                           _names(probe.targets), probe.upstream, result.reason)
+        if not result.ok and result.reason == LOCAL_FAILURE:
+            return None  # our own shortage, not the node's: the state stands
         transition = probe.health.record(result.ok, result.reason)
         if transition is not None:
             probe.since = time.time()

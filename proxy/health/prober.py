@@ -67,6 +67,10 @@ class Prober:
         self._results: collections.deque[tuple[Job, Outcome, float]] = collections.deque()
         self.outstanding: set[Job] = set()  # submitted, not cancelled, not yet collected
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # Made now, not when the thread starts: at the open-files limit a thread that
+        # could not make its epoll would die, and every later check would time out.
+        self._epoll = select.epoll()
+        self._epoll.register(self._wake, select.EPOLLIN)
         self._thread: threading.Thread | None = None
         self._stop = False
         self.closed = False
@@ -120,12 +124,12 @@ class Prober:
             self._thread.join(timeout)
         if self._thread is None or not self._thread.is_alive():
             os.close(self._wake)
+            self._epoll.close()
 
     # -- the thread ----------------------------------------------------------------------
 
     def _main(self) -> None:
-        epoll = select.epoll()
-        epoll.register(self._wake, select.EPOLLIN)
+        epoll = self._epoll
         inflight: dict[int, Job] = {}
         results = self._results
         try:
@@ -140,7 +144,6 @@ class Prober:
         finally:
             for fd, job in list(inflight.items()):
                 self._close(epoll, fd, job)
-            epoll.close()
 
     def _step(self, epoll: select.epoll, inflight: dict[int, Job],
               results: collections.deque[tuple[Job, Outcome, float]]) -> None:

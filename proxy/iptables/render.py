@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import textwrap
 from collections.abc import Sequence
 
@@ -46,7 +47,7 @@ def render_yaml(
     if interfaces:
         out += [
             "#",
-            f"# The rules matched only packets arriving on {', '.join(interfaces)} (-i).",
+            f"# The rules matched only packets arriving on {_oneline(', '.join(interfaces))} (-i).",
             "# A listener on 0.0.0.0 accepts on every interface; put that interface's",
             "# address in 'listen' to narrow it.",
         ]
@@ -97,9 +98,19 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
+# What YAML may not hold even in a comment (its printable set is tab, LF, CR, 0x20-0x7E,
+# NEL, 0xA0-0xD7FF, 0xE000-0xFFFD and above): shown as escapes instead.
+_UNPRINTABLE = re.compile("[^\t\n\r\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _escaped(text: str) -> str:
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100
+                            else f"\\u{ord(m[0]):04x}", text)
+
+
 def _oneline(text: str) -> str:
     """Text safe inside a one-line YAML comment."""
-    return " ".join(text.split())
+    return " ".join(_escaped(text).split())
 
 
 def _scalar(text: str) -> str:
@@ -110,7 +121,7 @@ def _scalar(text: str) -> str:
         plain = False
     if plain:
         return text
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    escaped = _escaped(text.replace("\\", "\\\\").replace('"', '\\"'))
     return f'"{escaped}"'
 
 

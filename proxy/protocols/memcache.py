@@ -46,6 +46,11 @@ _BINARY_REQUEST: Final = 0x80
 _BINARY_RESPONSE: Final = 0x81
 
 
+# A block length past 10 digits is no length memcached would send or read (it takes an
+# int); and int() of 4,301 digits raises ValueError, not McProtocolError.
+_MAX_DIGITS: Final = 10
+
+
 class McProtocolError(ValueError):
     """Bytes that are not the memcached text protocol (or are the binary one)."""
 
@@ -84,16 +89,22 @@ def parse_config_block(block: Bytes) -> AutoDiscoveryConfig:
         raise AutoDiscoveryError(
             f"expected a version line and a node line, each ended by LF: {bytes(block[:80])!r}")
     version_s = lines[0].rstrip(b"\r")
-    if not version_s.isdigit():
+    # Bounded digit counts: int() of 4,301 digits raises ValueError, not ours.
+    if not version_s.isdigit() or len(version_s) > 20:
         raise AutoDiscoveryError(f"config version {version_s[:20]!r} is not a number")
     nodes = []
     for entry in lines[1].rstrip(b"\r").split(b" "):
         if not entry:
             continue
         parts = entry.split(b"|")
-        if len(parts) != 3 or not parts[2].isdigit() or not parts[0]:
+        if len(parts) != 3 or not parts[2].isdigit() or not parts[0] \
+                or len(parts[2]) > 5 or int(parts[2]) > 65535:
             raise AutoDiscoveryError(f"node entry {entry[:80]!r} is not hostname|ip|port")
-        nodes.append(AutoDiscoveryNode(parts[0].decode(), parts[1].decode(), int(parts[2])))
+        try:  # names and addresses are ASCII; anything else would fail later, less clearly
+            host, ip = parts[0].decode("ascii"), parts[1].decode("ascii")
+        except UnicodeDecodeError:
+            raise AutoDiscoveryError(f"node entry {entry[:80]!r} is not ASCII") from None
+        nodes.append(AutoDiscoveryNode(host, ip, int(parts[2])))
     return AutoDiscoveryConfig(int(version_s), tuple(nodes))
 
 
@@ -121,7 +132,7 @@ def parse_config_reply(raw: Bytes) -> AutoDiscoveryConfig:
     if len(tokens) < 4 or not (
         (tokens[0] == b"CONFIG" and tokens[1] == b"cluster")
         or (tokens[0] == b"VALUE" and tokens[1] == AD_KEY)
-    ) or not tokens[3].isdigit():
+    ) or not tokens[3].isdigit() or len(tokens[3]) > 20:
         raise AutoDiscoveryError(f"unexpected header {header[:80]!r}")
     size = int(tokens[3])
     start = nl + 2
@@ -189,7 +200,7 @@ def _request_data_len(words: list[bytes]) -> int:
         return -1
     # memcached reads a block only after a valid length; otherwise it answers
     # CLIENT_ERROR and reads the next line as a command (proto_text.c).
-    if len(words) > idx and words[idx].isdigit():
+    if len(words) > idx and words[idx].isdigit() and len(words[idx]) <= _MAX_DIGITS:
         return int(words[idx])
     return -1
 
@@ -209,7 +220,7 @@ def _reply_data_len(line: Bytes) -> int:
     else:
         return -1
     words = _words(line.rstrip(b"\r\n"))
-    if len(words) <= idx or not words[idx].isdigit():
+    if len(words) <= idx or not words[idx].isdigit() or len(words[idx]) > _MAX_DIGITS:
         raise McProtocolError(f"bad length in reply line {bytes(line[:80])!r}")
     return int(words[idx])
 

@@ -56,10 +56,13 @@ class ProtocolError(ValueError):
 
 
 def _length(header: Bytes) -> int:
-    try:
-        return int(header[1:])
-    except ValueError:
-        raise ProtocolError(f"bad length in header {bytes(header[:40])!r}") from None
+    """The length after the type byte: ASCII digits with an optional minus, as Redis's
+    string2ll reads it (int() would also take " 1", "+1" and "1_0")."""
+    digits = header[1:]
+    body = digits[1:] if digits[:1] == b"-" else digits
+    if not body.isdigit() or len(body) > 19:
+        raise ProtocolError(f"bad length in header {bytes(header[:40])!r}")
+    return int(digits)
 
 
 class Scanner:

@@ -177,8 +177,8 @@ class RequestParser:
         if nl < 0:
             return None
         try:
-            count = int(data[pos + 1 : nl])
-        except ValueError:
+            count = _length(data[pos:nl])
+        except ProtocolError:
             return None
         if count <= 0 or count > 1048576:
             return None
@@ -194,8 +194,8 @@ class RequestParser:
             if nl < 0:
                 return None
             try:
-                size = int(data[p + 1 : nl])
-            except ValueError:
+                size = _length(data[p:nl])
+            except ProtocolError:
                 return None
             p = nl + 4 + size
             if size < 0 or p > n:
