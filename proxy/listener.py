@@ -30,7 +30,7 @@ from .metrics import UpstreamBook
 from .protocols import proxy_header
 from .relay.buffered import BufferPool, Relay
 from .relay.choose import RelayKind, relay_order, serving_relay
-from .relay.engine import AnyRelay, NativeRelay, choose_native, native_available
+from .relay.engine import AnyRelay, NativeRelay, choose_native, native_available, tls_spec
 from .relay.pipes import splice_supported
 from .relay.splice import SpliceRelay, choose_hub
 from .resolver import ResolveError, Resolver
@@ -558,8 +558,13 @@ class Listener:
                 relay = self.relay_factory.native(  # type: ignore[attr-defined]
                     native, config.buffer_size, self._upstream_relay_closed, source)
             elif native is not None:
-                relay = NativeRelay(native, config.buffer_size, self._upstream_relay_closed,
-                                    source, config.copy)
+                relay = NativeRelay(
+                    native, config.buffer_size, self._upstream_relay_closed, source,
+                    config.copy, tls=tls_spec(tls.server, tls.client,
+                                              self._upstream_name(config, target)),
+                    on_tls_failure=lambda side, why: self._tls_failed(side, why, source,
+                                                                      target, config),
+                    handshake_timeout=config.connect_timeout)
             elif hub is not None:
                 relay = SpliceRelay(hub, self.pool, self._upstream_relay_closed, source,
                                     adaptive=config.copy == "auto")
@@ -622,14 +627,33 @@ class Listener:
             return False
         return True
 
+    def _upstream_name(self, config: ListenerConfig, target: Address | None) -> str | None:
+        """SNI and the name the node's certificate must carry; a backup is another node:
+        without an explicit server_name it is named by its host."""
+        name = self.tls.server_name
+        if target is not None and target != config.upstream and \
+                config.upstream_tls is not None and config.upstream_tls.server_name is None:
+            name = target.host
+        return name
+
+    def _tls_failed(self, side: int, reason: str, source: str, target: Address | None,
+                    config: ListenerConfig) -> None:
+        """A handshake the native engine ran failed: counted and logged as the Python
+        relay's are."""
+        if side == 0:
+            self.stats.refuse("tls handshake failed")
+            self._tls_warn.warning("listener %s: TLS handshake with client %s failed: %s",
+                                   self.name, source, reason)
+        else:
+            self.stats.refuse("upstream tls failed")
+            self._tls_warn.warning("listener %s: TLS handshake with upstream %s (name %s) "
+                                   "failed: %s; client closed", self.name, target,
+                                   self._upstream_name(config, target), reason)
+
     async def _upstream_handshake(self, relay: Relay, upstream: socket.socket,
                                   config: ListenerConfig, target: Address) -> bool:
         side = relay.upstream
-        # A backup is another node: without an explicit server_name it is named by its host.
-        name = self.tls.server_name
-        if target != config.upstream and config.upstream_tls is not None \
-                and config.upstream_tls.server_name is None:
-            name = target.host
+        name = self._upstream_name(config, target)
         try:
             await self.loop.create_connection(
                 lambda: side, sock=upstream, ssl=self.tls.client,
