@@ -35,7 +35,6 @@ from tests.support import (
     wait_until,
 )
 
-
 RELAYS = [pytest.param("python"),
           pytest.param("native", marks=pytest.mark.skipif(
               not native_tls_available(), reason="the engine was not built with libssl"))]
