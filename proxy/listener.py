@@ -30,7 +30,14 @@ from .metrics import UpstreamBook
 from .protocols import proxy_header
 from .relay.buffered import BufferPool, Relay
 from .relay.choose import RelayKind, relay_order, serving_relay
-from .relay.engine import AnyRelay, NativeRelay, choose_native, native_available, tls_spec
+from .relay.engine import (
+    AnyRelay,
+    NativeRelay,
+    choose_native,
+    native_available,
+    native_tls_available,
+    tls_spec,
+)
 from .relay.pipes import splice_supported
 from .relay.splice import SpliceRelay, choose_hub
 from .resolver import ResolveError, Resolver
@@ -59,11 +66,12 @@ class BindError(Exception):
     """A listener could not bind its address."""
 
 
-def relays_here() -> frozenset[RelayKind]:
-    """The relays this install can run: the engine only where it was built, splice only
-    where the kernel has splice(2); buffered everywhere."""
+def relays_here(tls: bool = False) -> frozenset[RelayKind]:
+    """The relays this install can run: the engine only where it was built (for ``tls``
+    listeners, built with libssl), splice only where the kernel has splice(2); buffered
+    everywhere."""
     here = {RelayKind.BUFFERED}
-    if native_available():
+    if native_tls_available() if tls else native_available():
         here.add(RelayKind.ENGINE)
     if splice_supported():
         here.add(RelayKind.SPLICE)
@@ -201,8 +209,8 @@ class Listener:
     @property
     def relay(self) -> RelayKind:
         """Which relay serves this listener's connections on this install (``/status``)."""
-        return serving_relay(self.config, relays_here(), rewriting=self.rewriting,
-                             framed=self.framed)
+        return serving_relay(self.config, relays_here(tls=not self.config.may_splice),
+                             rewriting=self.rewriting, framed=self.framed)
 
     @property
     def engine_missing(self) -> bool:
