@@ -139,7 +139,7 @@ def choose_native(loop: asyncio.AbstractEventLoop, config: ListenerConfig,
     if RelayKind.ENGINE not in (relay_order(config) if order is None else order):
         return None
     if _engine is not None and not config.may_splice and not native_tls_available():
-        if not _tls_unavailable_logged:
+        if config.relay == "native" and not _tls_unavailable_logged:
             _tls_unavailable_logged = True
             log.warning("listener %s: relay: native with TLS needs the engine built with "
                         "libssl (libssl-dev at install time) and the libssl Python's ssl "
