@@ -285,3 +285,17 @@ def test_the_build_shares_python_s_libssl(tmp_path: Path) -> None:
     tls = engine_mod._engine
     assert tls.same_libssl(_ssl.__file__)
     assert tls.OPENSSL_VERSION_NUMBER == ssl.OPENSSL_VERSION_NUMBER
+
+
+@pytest.mark.parametrize(("relay", "order"), [
+    ("native", ("engine", "buffered")),
+    ("auto", ("buffered",)),  # until Redis's test suite passes through it in CI (issue 33)
+    ("python", ("buffered",)),
+])
+def test_which_relay_a_tls_listener_gets(relay: str, order: tuple[str, ...]) -> None:
+    from proxy.relay.choose import relay_order
+
+    for leg in ({"tls": {"cert": __file__, "key": __file__}}, {"upstream_tls": True}):
+        config = make_config([{"name": "x", "listen": f"{HOST}:7000",
+                               "upstream": f"{HOST}:7001", "relay": relay, **leg}])
+        assert tuple(k.value for k in relay_order(config.listeners[0])) == order
