@@ -154,7 +154,7 @@ def test_both_legs_tls_with_verification_toward_the_node(
         r.close()
 
 
-def test_origination_checks_the_name_and_the_node_sees_sni(
+def test_origination_checks_the_name_on_the_node_s_certificate(
         pki: dict[str, str], tls_node: ServerProcess, caplog: pytest.LogCaptureFixture) -> None:
     ok = {"name": "ok", "listen": f"{HOST}:0", "upstream": tls_node.address, "relay": "native",
           "upstream_tls": {"ca": pki["ca"], "server_name": "localhost"}}
@@ -299,3 +299,32 @@ def test_which_relay_a_tls_listener_gets(relay: str, order: tuple[str, ...]) -> 
         config = make_config([{"name": "x", "listen": f"{HOST}:7000",
                                "upstream": f"{HOST}:7001", "relay": relay, **leg}])
         assert tuple(k.value for k in relay_order(config.listeners[0])) == order
+
+
+@pytest.mark.parametrize(("server_name", "sni"), [("localhost", "localhost"),
+                                                  ("127.0.0.1", None)])
+def test_the_node_gets_sni_for_a_name_and_none_for_an_address(
+        pki: dict[str, str], server_name: str, sni: str | None) -> None:
+    """As ``wrap_socket(server_hostname=...)`` does: SNI carries a name, never an address
+    (the certificate is then checked against the address)."""
+    from tests.upstreams import tcp_upstream
+
+    seen: list[str | None] = []
+    node_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    node_ctx.load_cert_chain(pki["cert"], pki["key"])
+    node_ctx.sni_callback = lambda _sock, name, _ctx: seen.append(name)  # type: ignore[func-returns-value,assignment]
+
+    def node(conn: socket.socket) -> None:
+        with node_ctx.wrap_socket(conn, server_side=True) as tls:
+            assert tls.recv(100) == b"PING\r\n"
+            tls.sendall(b"+PONG\r\n")
+            tls.recv(100)
+
+    with tcp_upstream(node) as port, proxy_for(
+            {"name": "o", "listen": f"{HOST}:0", "upstream": f"{HOST}:{port}",
+             "relay": "native",
+             "upstream_tls": {"ca": pki["ca"], "server_name": server_name}}) as proxy, \
+            socket.create_connection((HOST, proxy.port("o")), timeout=10) as sock:
+        sock.sendall(b"PING\r\n")
+        assert sock.recv(100) == b"+PONG\r\n"
+    assert seen == [sni]
