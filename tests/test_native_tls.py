@@ -328,3 +328,18 @@ def test_the_node_gets_sni_for_a_name_and_none_for_an_address(
         sock.sendall(b"PING\r\n")
         assert sock.recv(100) == b"+PONG\r\n"
     assert seen == [sni]
+
+
+def test_reconnects_to_a_tls_node_resume_its_session(
+        pki: dict[str, str], tls_node: ServerProcess) -> None:
+    """Origination keeps the node's last session (per context, name and address), so a
+    reconnect storm does not cost the node full handshakes."""
+    listener = {"name": "o", "listen": f"{HOST}:0", "upstream": tls_node.address,
+                "relay": "native", "upstream_tls": {"ca": pki["ca"], "server_name": "localhost"}}
+    with proxy_for(listener) as proxy:
+        for i in range(4):
+            r = redis.Redis(port=proxy.port("o"), socket_timeout=10)
+            assert r.set(f"k{i}", i)
+            r.close()
+            wait_until(lambda: proxy.server.active == 0, 5, message="the relay to close")
+        assert engine_stats(proxy)["tls_resumed"] >= 3

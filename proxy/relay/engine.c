@@ -821,7 +821,7 @@ static void tls_step(Engine *e, conn_t *c, int s, uint32_t events) {
         finish(e, c, 1);
     } else if (r > 0) {
         e->tls_handshakes++;
-        e->tls_resumed += (uint64_t)tls_resumed(c->tls, 0);
+        e->tls_resumed += (uint64_t)(tls_resumed(c->tls, 0) + tls_resumed(c->tls, 1));
         c->w[0].watching = c->w[1].watching = 1;
         for (int i = 0; i < 2 && c->state == LIVE; i++)
             if (tls_pending(c->tls, i))

@@ -18,6 +18,8 @@
 #include <arpa/inet.h>
 #include <dlfcn.h>
 #include <errno.h>
+#include <netinet/in.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -48,6 +50,8 @@ struct tls_conn {
     int rd_errno[2];
     int fail_side;
     char *reason;           /* the first failure, allocated only then */
+    char *sess_key;         /* the upstream leg: where its session is cached (name, address) */
+    uint8_t sess_saved;
 };
 
 typedef struct {
@@ -60,6 +64,102 @@ struct tls_book {
     uint32_t n, cap;
     tls_failure_t *v;
 };
+
+/* Sessions toward nodes, so a reconnect (a client storm after a failover, a pool
+ * refilling) resumes instead of a full handshake on the node: the last resumable session
+ * per (SSL_CTX, server name, node address), a few dozen entries for the process. An entry
+ * holds its SSL_CTX, so a reload's old context lives until its entries are replaced. */
+#define SESS_MAX 64
+typedef struct {
+    SSL_CTX *ctx;
+    char *key;
+    SSL_SESSION *sess;
+} sess_entry_t;
+
+static sess_entry_t sess_cache[SESS_MAX];
+static unsigned sess_next;
+static pthread_mutex_t sess_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static char *sess_key_of(const char *name, int fd) {
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof(ss);
+    char host[INET6_ADDRSTRLEN] = "?", key[512];
+    int port = 0;
+    if (getpeername(fd, (struct sockaddr *)&ss, &len) == 0) {
+        if (ss.ss_family == AF_INET) {
+            struct sockaddr_in *a = (struct sockaddr_in *)&ss;
+            inet_ntop(AF_INET, &a->sin_addr, host, sizeof(host));
+            port = ntohs(a->sin_port);
+        } else if (ss.ss_family == AF_INET6) {
+            struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
+            inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof(host));
+            port = ntohs(a->sin6_port);
+        }
+    }
+    snprintf(key, sizeof(key), "%s|%s|%d", name != NULL ? name : "", host, port);
+    return strdup(key);
+}
+
+static SSL_SESSION *sess_get(SSL_CTX *ctx, const char *key) {
+    SSL_SESSION *found = NULL;
+    pthread_mutex_lock(&sess_lock);
+    for (unsigned k = 0; k < SESS_MAX; k++) {
+        sess_entry_t *en = &sess_cache[k];
+        if (en->ctx == ctx && en->key != NULL && strcmp(en->key, key) == 0) {
+            if (SSL_SESSION_up_ref(en->sess))
+                found = en->sess;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&sess_lock);
+    return found;
+}
+
+/* Takes ``sess``. */
+static void sess_put(SSL_CTX *ctx, const char *key, SSL_SESSION *sess) {
+    pthread_mutex_lock(&sess_lock);
+    sess_entry_t *en = NULL;
+    for (unsigned k = 0; k < SESS_MAX && en == NULL; k++)
+        if (sess_cache[k].ctx == ctx && sess_cache[k].key != NULL &&
+                strcmp(sess_cache[k].key, key) == 0)
+            en = &sess_cache[k];
+    if (en != NULL) {
+        SSL_SESSION_free(en->sess);
+        en->sess = sess;
+    } else {
+        char *copy = strdup(key);
+        if (copy == NULL || !SSL_CTX_up_ref(ctx)) {
+            free(copy);
+            SSL_SESSION_free(sess);
+        } else {
+            en = &sess_cache[sess_next++ % SESS_MAX];
+            if (en->ctx != NULL) {
+                SSL_SESSION_free(en->sess);
+                SSL_CTX_free(en->ctx);
+                free(en->key);
+            }
+            en->ctx = ctx;
+            en->key = copy;
+            en->sess = sess;
+        }
+    }
+    pthread_mutex_unlock(&sess_lock);
+}
+
+/* After the upstream leg's first read: TLS 1.3 tickets come after the handshake, so the
+ * session is worth keeping only now. */
+static void sess_save(tls_conn_t *t) {
+    SSL *ssl = t->ssl[1];
+    t->sess_saved = 1;
+    SSL_SESSION *live = SSL_get0_session(ssl);
+    if (live == NULL || !SSL_SESSION_is_resumable(live))
+        return;
+    /* A copy: a node that closes without close_notify (redis-server does) makes OpenSSL
+     * mark the connection's own session unresumable when it is freed. */
+    SSL_SESSION *sess = SSL_SESSION_dup(live);
+    if (sess != NULL)
+        sess_put(SSL_get_SSL_CTX(ssl), t->sess_key, sess);
+}
 
 static SSL_CTX *ctx_of(PyObject *o) {
     for (PyTypeObject *t = Py_TYPE(o); t != NULL; t = t->tp_base)
@@ -146,6 +246,14 @@ tls_conn_t *tls_conn_new(PyObject *spec, int cfd, int ufd) {
             if (!ok)
                 goto fail;
         }
+        t->sess_key = sess_key_of(sniname != NULL ? sniname : name, ufd);
+        if (t->sess_key == NULL)
+            goto fail;
+        SSL_SESSION *sess = sess_get(client, t->sess_key);
+        if (sess != NULL) {
+            SSL_set_session(ssl, sess);  /* takes its own reference */
+            SSL_SESSION_free(sess);
+        }
     }
     return t;
 fail:
@@ -162,6 +270,7 @@ void tls_free(tls_conn_t *t) {
         if (t->ssl[s] != NULL)
             SSL_free(t->ssl[s]);
     free(t->reason);
+    free(t->sess_key);
     free(t);
     ERR_clear_error();
 }
@@ -253,6 +362,8 @@ ssize_t tls_recv(tls_conn_t *t, int s, char *buf, size_t len) {
         errno = 0;
         if (SSL_read_ex(ssl, buf + got, len - got, &n)) {
             got += n;
+            if (s == 1 && !t->sess_saved && t->sess_key != NULL)
+                sess_save(t);
             continue;
         }
         int saved = errno, err = SSL_get_error(ssl, 0);
