@@ -289,7 +289,7 @@ def test_the_build_shares_python_s_libssl(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("relay", "order"), [
     ("native", ("engine", "buffered")),
-    ("auto", ("buffered",)),  # until Redis's test suite passes through it in CI (issue 33)
+    ("auto", ("engine", "buffered")),
     ("python", ("buffered",)),
 ])
 def test_which_relay_a_tls_listener_gets(relay: str, order: tuple[str, ...]) -> None:

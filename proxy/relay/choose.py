@@ -6,8 +6,9 @@ listener                               relays tried, best first
 Redis Cluster node, ``relay: native``  engine (framing it), buffered
 cluster, any other                     buffered (its rewriting subclass)
 ``tls`` or ``upstream_tls``,          engine (doing TLS too), buffered
-``relay: native``
-``tls`` or ``upstream_tls``, other     buffered
+``relay: auto``/``native``
+``tls`` or ``upstream_tls``,           buffered
+``relay: python``
 ``relay: python``, ``copy: buffer``    buffered
 ``relay: python``, ``copy: auto``/     splice, buffered
 ``splice``
@@ -19,10 +20,10 @@ cluster, any other                     buffered (its rewriting subclass)
 The engine moves bytes cacheport need not see, and frames Redis Cluster connections
 (proxy/relay/resp_framer.c) when the cluster's listeners ask for ``relay: native``;
 ``auto`` keeps cluster listeners on the buffered relay until Redis's own test suite
-passes through the native framer (issue 33). TLS listeners under ``relay: native`` have
-the engine run the handshake and OpenSSL's record layer (tls_engine.c); ``auto`` keeps
-them on the buffered relay, which does TLS in Python, until Redis's own test suite
-passes through the native TLS path too (issue 33). A relay is
+passes through the native framer (issue 33). TLS listeners have the engine run the
+handshakes and OpenSSL's record layer (tls_engine.c; Redis's own test suite passes
+through it, bench/README.md); ``relay: python`` keeps them on the buffered relay, which
+does TLS in Python. A relay is
 skipped when it cannot serve here: the engine when it was not built (no C compiler
 at install, not Linux), was built without libssl (a TLS listener), or cannot start a
 thread, splice when the kernel lacks splice(2). ``copy`` then still tells the engine how
@@ -53,7 +54,7 @@ def relay_order(config: ListenerConfig, *, rewriting: bool = False,
             return (RelayKind.ENGINE, RelayKind.BUFFERED)
         return (RelayKind.BUFFERED,)
     if not config.may_splice:  # TLS on a leg: records are encrypted in userspace
-        if config.relay == "native":
+        if config.relay != "python":
             return (RelayKind.ENGINE, RelayKind.BUFFERED)
         return (RelayKind.BUFFERED,)
     order: list[RelayKind] = []
