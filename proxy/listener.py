@@ -180,6 +180,9 @@ class Listener:
         self._tls_warn = _RateLimitedLog()
         self._proxy_warn = _RateLimitedLog()
         self.tls = ListenerTls(config)
+        # notAfter of the certificate the peers showed the engine at their last handshake,
+        # per leg ("upstream", "client"): the certificate expiry gauge reads it.
+        self.tls_peer_expiry: dict[str, float] = {}
         self._per_client: dict[str, int] = {}  # live connections per source IP
         self._not_allowed_seen: dict[str, float] = {}
         # Which upstream each relay uses, and per-upstream totals.
@@ -572,6 +575,7 @@ class Listener:
                                               self._upstream_name(config, target)),
                     on_tls_failure=lambda side, why: self._tls_failed(side, why, source,
                                                                       target, config),
+                    on_tls_peer=self._tls_peer,
                     handshake_timeout=config.connect_timeout)
             elif hub is not None:
                 relay = SpliceRelay(hub, self.pool, self._upstream_relay_closed, source,
@@ -657,6 +661,11 @@ class Listener:
             self._tls_warn.warning("listener %s: TLS handshake with upstream %s (name %s) "
                                    "failed: %s; client closed", self.name, target,
                                    self._upstream_name(config, target), reason)
+
+    def _tls_peer(self, side: int, not_after: float) -> None:
+        """The notAfter of the certificate a peer showed the engine at a handshake: the
+        node's (side 1), or a client's under mutual TLS (side 0)."""
+        self.tls_peer_expiry["client" if side == 0 else "upstream"] = not_after
 
     async def _upstream_handshake(self, relay: Relay, upstream: socket.socket,
                                   config: ListenerConfig, target: Address) -> bool:

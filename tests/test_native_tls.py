@@ -343,3 +343,49 @@ def test_reconnects_to_a_tls_node_resume_its_session(
             r.close()
             wait_until(lambda: proxy.server.active == 0, 5, message="the relay to close")
         assert engine_stats(proxy)["tls_resumed"] >= 3
+
+
+def test_the_peers_certificate_expiry_reaches_the_listener(tmp_path: Path) -> None:
+    """The notAfter of what the node and a mutual-TLS client showed at their handshakes
+    (the certificate expiry gauge's peer legs), as the Python relay reads it."""
+    import datetime
+
+    ca = trustme.CA()
+    node_until = datetime.datetime(2034, 4, 4, tzinfo=datetime.UTC)
+    client_until = datetime.datetime(2035, 5, 5, tzinfo=datetime.UTC)
+    paths = {k: str(tmp_path / f"{k}.pem") for k in ("ca", "cert", "key", "node", "nodekey",
+                                                       "client")}
+    ca.cert_pem.write_to_path(paths["ca"])
+    front = ca.issue_cert("localhost", "127.0.0.1")
+    front.cert_chain_pems[0].write_to_path(paths["cert"])
+    front.private_key_pem.write_to_path(paths["key"])
+    node_cert = ca.issue_cert("localhost", "127.0.0.1", not_after=node_until)
+    node_cert.cert_chain_pems[0].write_to_path(paths["node"])
+    node_cert.private_key_pem.write_to_path(paths["nodekey"])
+    ca.issue_cert("client@example.test", not_after=client_until) \
+        .private_key_and_cert_chain_pem.write_to_path(paths["client"])
+    port = free_port()
+    proc = subprocess.Popen(
+        [require_binary("redis-server"), "--port", "0", "--tls-port", str(port), "--bind", HOST,
+         "--tls-cert-file", paths["node"], "--tls-key-file", paths["nodekey"],
+         "--tls-ca-cert-file", paths["ca"], "--tls-auth-clients", "no",
+         "--save", "", "--appendonly", "no", "--logfile", ""],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    node = ServerProcess("redis", proc, port)
+    try:
+        wait_until(lambda: port_open(port), 10, message="redis-server with TLS to listen")
+        listener = {"name": "t", "listen": f"{HOST}:0", "upstream": node.address,
+                    "relay": "native",
+                    "tls": {"cert": paths["cert"], "key": paths["key"], "client_ca": paths["ca"]},
+                    "upstream_tls": {"ca": paths["ca"], "server_name": "localhost"}}
+        with proxy_for(listener) as proxy:
+            r = redis.Redis(port=proxy.port("t"), ssl=True, ssl_ca_certs=paths["ca"],
+                            ssl_certfile=paths["client"], socket_timeout=10)
+            assert r.ping()
+            r.close()
+            seen = proxy.server.listeners["t"].tls_peer_expiry
+            wait_until(lambda: len(seen) == 2, 5, message="both legs' certificates")
+            assert seen == {"upstream": node_until.timestamp(),
+                            "client": client_until.timestamp()}
+    finally:
+        node.stop()

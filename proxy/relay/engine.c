@@ -177,7 +177,7 @@ typedef struct {
     uint64_t protocol_errors;
     framed_t **fpool;     /* parked framing states, for connections that become busy */
     uint32_t nfpool;
-    tls_book_t *tlsbook;  /* handshake failures till Python takes them (tls_failures()) */
+    tls_book_t *tlsbook;  /* handshake outcomes till Python takes them (tls_events()) */
     uint64_t tls_handshakes, tls_resumed, tls_failures;
 } Engine;
 
@@ -822,6 +822,8 @@ static void tls_step(Engine *e, conn_t *c, int s, uint32_t events) {
     } else if (r > 0) {
         e->tls_handshakes++;
         e->tls_resumed += (uint64_t)(tls_resumed(c->tls, 0) + tls_resumed(c->tls, 1));
+        if (tls_note_peers(&e->tlsbook, c->slot, c->tls))
+            notify(e);
         c->w[0].watching = c->w[1].watching = 1;
         for (int i = 0; i < 2 && c->state == LIVE; i++)
             if (tls_pending(c->tls, i))
@@ -1503,9 +1505,10 @@ static PyObject *Engine_stats(Engine *e, PyObject *unused) {
     return d;
 }
 
-/* tls_failures() -> [(slot, side, reason)]: handshakes that failed since the last call;
- * their connections are (or will be) on the done list. */
-static PyObject *Engine_tls_failures(Engine *e, PyObject *unused) {
+/* tls_events() -> [(slot, side, reason, not_after)] since the last call: a handshake that
+ * failed (reason; its connection is, or will be, on the done list), or a leg's peer
+ * certificate (reason None, its notAfter in Unix time). */
+static PyObject *Engine_tls_events(Engine *e, PyObject *unused) {
     pthread_mutex_lock(&e->lock);
     PyObject *out = tls_take(&e->tlsbook);
     pthread_mutex_unlock(&e->lock);
@@ -1585,7 +1588,7 @@ static PyMethodDef Engine_methods[] = {
     {"detail", (PyCFunction)Engine_detail, METH_O, "A connection's state (tests)."},
     {"stats", (PyCFunction)Engine_stats, METH_NOARGS, "Engine-wide counters."},
     {"trim_pipes", (PyCFunction)Engine_trim_pipes, METH_NOARGS, "Close pooled pipes."},
-    {"tls_failures", (PyCFunction)Engine_tls_failures, METH_NOARGS, "Failed handshakes."},
+    {"tls_events", (PyCFunction)Engine_tls_events, METH_NOARGS, "Handshake outcomes."},
     {"handshaking", (PyCFunction)Engine_handshaking, METH_O, "A TLS leg still handshakes."},
     {"stop", (PyCFunction)Engine_stop, METH_NOARGS, "Reset every connection; end the thread."},
     {NULL, NULL, 0, NULL},

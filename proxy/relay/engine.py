@@ -275,10 +275,14 @@ class NativeHub:
                 gone[slot] = relay
         # Taken after reap(): a failure is noted with its connection's end, so one seen
         # here belongs to a relay just reaped or still live, never to a reused slot.
-        for slot, side, reason in lane.engine.tls_failures():
-            failed = gone.get(slot) or lane.relays.get(slot)
-            if failed is not None:
-                failed.tls_failed(side, reason)
+        for slot, side, reason, not_after in lane.engine.tls_events():
+            told = gone.get(slot) or lane.relays.get(slot)
+            if told is None:
+                continue
+            if reason is not None:
+                told.tls_failed(side, reason)
+            elif told.on_tls_peer is not None:
+                told.on_tls_peer(side, not_after)
         for relay, up, down in ended:
             relay.ended(up, down)
         self._idle()
@@ -369,18 +373,21 @@ class NativeRelay:
     """
 
     __slots__ = ("__weakref__", "bufsize", "client_sock", "closed", "final", "framing",
-                 "handshake_timeout", "hub", "lane", "mode", "on_close", "on_tls_failure", "slot",
-                 "source", "tls", "upstream_sock")
+                 "handshake_timeout", "hub", "lane", "mode", "on_close", "on_tls_failure",
+                 "on_tls_peer", "slot", "source", "tls", "upstream_sock")
 
     def __init__(self, hub: NativeHub, bufsize: int, on_close: Callable[[NativeRelay], None],
                  source: str = "", copy: str = "auto", framing: Framing | None = None, *,
                  tls: TlsSpec | None = None,
                  on_tls_failure: Callable[[int, str], None] | None = None,
+                 on_tls_peer: Callable[[int, float], None] | None = None,
                  handshake_timeout: float = 10.0) -> None:
         self.hub = hub
         self.framing = framing  # a Redis Cluster connection: the engine frames it
         self.tls = tls  # TLS on a leg or both: the engine handshakes, then relays
         self.on_tls_failure = on_tls_failure  # (side 0 client / 1 upstream, reason)
+        # (side, notAfter): the certificate a leg's peer showed (the expiry gauge)
+        self.on_tls_peer = on_tls_peer
         self.handshake_timeout = handshake_timeout
         self.bufsize = bufsize
         self.on_close = on_close

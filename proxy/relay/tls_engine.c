@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <time.h>
 
 #include <openssl/err.h>
 #include <openssl/ssl.h>
@@ -57,7 +58,8 @@ struct tls_conn {
 typedef struct {
     uint32_t slot;
     int side;
-    char reason[REASON_MAX];
+    double not_after;        /* a handshake done: the peer certificate's notAfter */
+    char reason[REASON_MAX]; /* a handshake failed: why ("" otherwise) */
 } tls_failure_t;
 
 struct tls_book {
@@ -458,28 +460,58 @@ int tls_resumed(const tls_conn_t *t, int side) {
            SSL_session_reused(t->ssl[side]);
 }
 
-/* -- failures, for Python ------------------------------------------------------ */
+/* -- handshake outcomes, for Python ---------------------------------------------- */
+
+static tls_failure_t *book_add(tls_book_t **book) {
+    tls_book_t *b = *book;
+    if (b == NULL && (b = *book = calloc(1, sizeof(*b))) == NULL)
+        return NULL;
+    if (b->n == b->cap) {
+        if (b->cap >= 4096)
+            return NULL;  /* Python reaps far sooner; a burst past this is not told each */
+        uint32_t cap = b->cap ? b->cap * 2 : 8;
+        tls_failure_t *v = realloc(b->v, cap * sizeof(*v));
+        if (v == NULL)
+            return NULL;
+        b->v = v;
+        b->cap = cap;
+    }
+    return &b->v[b->n++];
+}
 
 void tls_note(tls_book_t **book, uint32_t slot, const tls_conn_t *t) {
     if (t == NULL || t->reason == NULL)
         return;
-    tls_book_t *b = *book;
-    if (b == NULL && (b = *book = calloc(1, sizeof(*b))) == NULL)
+    tls_failure_t *f = book_add(book);
+    if (f == NULL)
         return;
-    if (b->n == b->cap) {
-        if (b->cap >= 4096)
-            return;  /* Python reaps far sooner; a burst past this is not logged each */
-        uint32_t cap = b->cap ? b->cap * 2 : 8;
-        tls_failure_t *v = realloc(b->v, cap * sizeof(*v));
-        if (v == NULL)
-            return;
-        b->v = v;
-        b->cap = cap;
-    }
-    tls_failure_t *f = &b->v[b->n++];
     f->slot = slot;
     f->side = t->fail_side;
+    f->not_after = 0;
     snprintf(f->reason, sizeof(f->reason), "%s", t->reason);
+}
+
+/* The certificate expiry gauge's peer legs (proxy/tls.py): the notAfter of what each
+ * leg's peer showed -- the node's, and a client's under mutual TLS. */
+int tls_note_peers(tls_book_t **book, uint32_t slot, const tls_conn_t *t) {
+    int noted = 0;
+    for (int s = 0; t != NULL && s < 2; s++) {
+        if (t->ssl[s] == NULL || !t->hs_done[s])
+            continue;
+        X509 *peer = SSL_get0_peer_certificate(t->ssl[s]);
+        struct tm tm;
+        if (peer == NULL || !ASN1_TIME_to_tm(X509_get0_notAfter(peer), &tm))
+            continue;
+        tls_failure_t *f = book_add(book);
+        if (f == NULL)
+            break;
+        f->slot = slot;
+        f->side = s;
+        f->not_after = (double)timegm(&tm);
+        f->reason[0] = 0;
+        noted = 1;
+    }
+    return noted;
 }
 
 PyObject *tls_take(tls_book_t **book) {
@@ -488,7 +520,10 @@ PyObject *tls_take(tls_book_t **book) {
     if (out == NULL || b == NULL)
         return out;
     for (uint32_t k = 0; k < b->n; k++) {
-        PyObject *item = Py_BuildValue("(Iis)", b->v[k].slot, b->v[k].side, b->v[k].reason);
+        tls_failure_t *f = &b->v[k];
+        PyObject *item = f->reason[0] ? Py_BuildValue("(Iisd)", f->slot, f->side, f->reason, 0.0)
+                                      : Py_BuildValue("(IiOd)", f->slot, f->side, Py_None,
+                                                      f->not_after);
         if (item == NULL || PyList_Append(out, item) < 0) {
             Py_XDECREF(item);
             Py_DECREF(out);

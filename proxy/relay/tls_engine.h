@@ -45,9 +45,12 @@ void tls_fail(tls_conn_t *t, int side, const char *why);
 const char *tls_failure(const tls_conn_t *t, int *side);
 int tls_resumed(const tls_conn_t *t, int side);
 
-/* Handshake failures for Python (counted and logged there), under the engine's lock. */
+/* Handshake outcomes for Python, under the engine's lock: failures (counted and logged
+ * there), and the notAfter of the peers' certificates (whether any was noted). */
 void tls_note(tls_book_t **book, uint32_t slot, const tls_conn_t *t);
-PyObject *tls_take(tls_book_t **book);  /* [(slot, side, reason)] and empties the book */
+int tls_note_peers(tls_book_t **book, uint32_t slot, const tls_conn_t *t);
+/* [(slot, side, reason | None, peer's notAfter)] and empties the book */
+PyObject *tls_take(tls_book_t **book);
 void tls_book_free(tls_book_t **book);
 
 int tls_module_add(PyObject *m);  /* ctx_probe(), same_libssl(), constants */
@@ -81,6 +84,9 @@ static inline void tls_close_notify(tls_conn_t *t, int side) {}
 static inline void tls_fail(tls_conn_t *t, int side, const char *why) {}
 static inline int tls_resumed(const tls_conn_t *t, int side) { return 0; }
 static inline void tls_note(tls_book_t **book, uint32_t slot, const tls_conn_t *t) {}
+static inline int tls_note_peers(tls_book_t **book, uint32_t slot, const tls_conn_t *t) {
+    return 0;
+}
 static inline PyObject *tls_take(tls_book_t **book) { return PyList_New(0); }
 static inline void tls_book_free(tls_book_t **book) {}
 static inline int tls_module_add(PyObject *m) { return 0; }
