@@ -80,48 +80,77 @@ def cacheport_map(tmp: Path, ports: dict[str, int], node: int, node_tls: int) ->
     return path
 
 
-Target = tuple[int, list[int]]  # port, PIDs whose CPU and memory are the target's
+Target = tuple[int, list[int]]  # port, [PID]: it and its children are the target's
 
 
 def measure(leg: str, targets: dict[str, Target], base: str, ctx: ssl.SSLContext | None,
             args: argparse.Namespace, results: dict[tuple[str, str], list[float]],
             bench_tls: Sequence[str]) -> None:
-    """One rep of every column for every target of a leg, target by target per column."""
+    """One rep of every column for every target of a leg. The client's columns go round
+    the targets in ``--slices`` turns, so a burst of load elsewhere on the machine falls
+    on all of them, not on whichever ran then."""
     def each(column: str, fn: Callable[[int, list[int]], float]) -> None:
-        for name, (port, pids) in targets.items():
+        for name, (port, root) in targets.items():
             try:
-                value = fn(port, pids)
+                value = fn(port, descendants(root[0]))
             except (OSError, ConnectionError, AssertionError) as exc:
                 print(f"  {leg} {name} {column}: failed: {exc}", file=sys.stderr)
                 value = float("nan")
             results.setdefault((name, column), []).append(value)
 
-    lat: dict[str, list[float]] = {}
-    for name, (port, _) in targets.items():
-        lat[name] = sorted(tc.latencies(port, ctx, args.latency))
+    def sliced(columns: tuple[str, ...],
+               fn: Callable[[int, list[int], int], tuple[float, ...]], count: int) -> None:
+        """``fn(port, pids, n) -> (rate, other...)``, n = count / slices per turn: rates
+        combine as total count over total time; other figures by their median."""
+        spent: dict[str, float] = {}
+        others: dict[str, list[list[float]]] = {}
+        per = max(count // args.slices, 1)
+        for _ in range(args.slices):
+            for name, (port, root) in targets.items():
+                if spent.get(name) == float("inf"):
+                    continue
+                try:
+                    figures = fn(port, descendants(root[0]), per)
+                except (OSError, ConnectionError, AssertionError) as exc:
+                    print(f"  {leg} {name} {columns[0]}: failed: {exc}", file=sys.stderr)
+                    spent[name] = float("inf")
+                    continue
+                spent[name] = spent.get(name, 0.0) + (per / figures[0] if figures[0] else
+                                                      float("inf"))
+                others.setdefault(name, []).append(list(figures[1:]))
+        for name in targets:
+            total = spent.get(name, float("inf"))
+            results.setdefault((name, columns[0]), []).append(
+                per * args.slices / total if total not in (0.0, float("inf")) else float("nan"))
+            for k, column in enumerate(columns[1:]):
+                values = [o[k] for o in others.get(name, []) if o[k] == o[k]]
+                results.setdefault((name, column), []).append(
+                    statistics.median(values) if values else float("nan"))
+
+    lat: dict[str, list[float]] = {name: [] for name in targets}
+    for _ in range(args.slices):
+        for name, (port, _) in targets.items():
+            lat[name] += tc.latencies(port, ctx, max(args.latency // args.slices, 1))
+    lat = {name: sorted(samples) for name, samples in lat.items()}
     for name in targets:
         for column, q in (("p50 +µs", 0.5), ("p99 +µs", 0.99)):
             mine = lat[name][int(q * (len(lat[name]) - 1))]
             ref = lat[base][int(q * (len(lat[base]) - 1))]
             results.setdefault((name, column), []).append((mine - ref) * 1e6)
     each("-P16 GET/s", lambda port, _: redis_rps(port, "get", args.requests, 16, 3, bench_tls))
-    each("16 KB GET/s", lambda port, pids: tc.values(port, ctx, b"v16k", 16 << 10,
-                                                    args.small_values, pids)[0])
-    mb: dict[str, float] = {}
-
-    def big(port: int, pids: list[int]) -> float:
-        rate, cpu = tc.values(port, ctx, b"v1m", 1 << 20, args.big_values, pids)
-        mb[str(port)] = cpu
-        return rate
-
-    each("1 MB GET/s", big)
-    each("CPU ms/MB", lambda port, _: mb.get(str(port), float("nan")))
-    each("conn/s full", lambda port, _: tc.connects(port, ctx, args.connects, False)[0])
+    sliced(("16 KB GET/s",),
+           lambda port, pids, n: tc.values(port, ctx, b"v16k", 16 << 10, n, pids)[:1],
+           args.small_values)
+    sliced(("1 MB GET/s", "CPU ms/MB"),
+           lambda port, pids, n: tc.values(port, ctx, b"v1m", 1 << 20, n, pids),
+           args.big_values)
+    sliced(("conn/s full",), lambda port, _, n: tc.connects(port, ctx, n, False)[:1],
+           args.connects)
     if ctx is not None:
-        def resumed(port: int, _: list[int]) -> float:
-            rate, share = tc.connects(port, ctx, args.connects, True)
-            return rate if share > 0.9 else float("nan")  # not resumed: no figure
-        each("conn/s resumed", resumed)
+        def resumed(port: int, _: list[int], n: int) -> tuple[float]:
+            rate, share = tc.connects(port, ctx, n, True)
+            return (rate if share > 0.9 else 0.0,)  # not resumed: no figure
+        sliced(("conn/s resumed",), resumed, args.connects)
 
 
 def render(results: dict[tuple[str, str], list[float]], targets: Sequence[str],
@@ -152,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--big-values", type=int, default=100, help="1 MB GETs per run")
     parser.add_argument("--connects", type=int, default=400, help="connections per run")
     parser.add_argument("--idle", type=int, default=300, help="idle connections held")
+    parser.add_argument("--slices", type=int, default=5,
+                        help="turns round the targets per rep for the client's columns")
     parser.add_argument("--peers", default=",".join(PEERS),
                         help="comma-separated peers (stunnel,haproxy,nginx); empty: none")
     args = parser.parse_args(argv)
@@ -208,9 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tls_peers.start(peer, pki, legs, tmp, procs)
                 wait_port(legs.term, procs)
                 wait_port(legs.orig, procs)
-                pids = descendants(procs[-1].pid)
-                term[peer] = (legs.term, pids)
-                orig[peer] = (legs.orig, pids)
+                term[peer] = (legs.term, [procs[-1].pid])
+                orig[peer] = (legs.orig, [procs[-1].pid])
                 versions.append(tls_peers.version(peer))
             for port in ports.values():
                 wait_port(port, procs)
@@ -228,9 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         results["term"], bench_tls)
                 measure("origination", orig, "direct (plain)", None, args, results["orig"], ())
             for leg, targets, c in (("term", term, ctx), ("orig", orig, None)):
-                for name, (port, pids) in targets.items():
+                for name, (port, root) in targets.items():
                     results[leg][(name, "KB/idle conn")] = [
-                        tc.idle_memory(port, c, args.idle, pids) / 1024]
+                        tc.idle_memory(port, c, args.idle, descendants(root[0])) / 1024]
             print(header("python -m bench tls", args.reps))
             print(f"peers: {'; '.join(versions) or 'none'}; openssl: {ssl.OPENSSL_VERSION}")
             print("\nTermination (TLS client -> target -> plain redis-server); added latency "
