@@ -15,8 +15,9 @@ pipelined GETs/s (redis-benchmark, 50 clients, -P 16), GETs/s of a 16 KB and a 1
 (the bench's own client, bench/tls_client.py: redis-benchmark's TLS client stalls once a
 value spans two records), the target's CPU ms per MB over the 1 MB GETs, new
 connections/s (full handshake; on termination also resumed from a ticket) and the RSS a
-target holds per idle connection. Runs are interleaved, medians of ``--reps``; figures
-are ratios within one run. Certificates are made here with trustme; everything started is
+target holds per idle connection. The client's columns go round the targets in
+``--slices`` turns per rep; medians of ``--reps``; read figures against each other within
+one run. Certificates are made here with trustme; everything started is
 stopped by PID; traffic stays on loopback.
 """
 

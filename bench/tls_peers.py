@@ -109,5 +109,6 @@ def version(name: str) -> str:
     argv = {"stunnel": [shutil.which("stunnel4") or "stunnel", "-version"],
             "haproxy": ["haproxy", "-v"], "nginx": ["nginx", "-v"]}[name]
     out = subprocess.run(argv, capture_output=True, text=True, check=False)
-    text = (out.stdout + out.stderr).strip().splitlines()
-    return text[0] if text else "?"
+    lines = (out.stdout + out.stderr).strip().splitlines()
+    named = [line for line in lines if name in line.lower()]
+    return (named or lines or ["?"])[0].strip()
