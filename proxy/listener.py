@@ -34,11 +34,18 @@ from .metrics import UpstreamBook
 from .protocols import proxy_header
 from .relay.buffered import BufferPool, Relay
 from .relay.choose import RelayKind, relay_order, serving_relay
-from .relay.engine import AnyRelay, NativeRelay, choose_native, native_available
+from .relay.engine import (
+    AnyRelay,
+    NativeRelay,
+    choose_native,
+    native_available,
+    native_tls_available,
+    tls_spec,
+)
 from .relay.pipes import splice_supported
 from .relay.splice import SpliceRelay, choose_hub
 from .resolver import ResolveError, Resolver
-from .tls import ListenerTls
+from .tls import LEG_CLIENT, LEG_UPSTREAM, ListenerTls, record_certificate_expiry
 
 log = logging.getLogger("cacheport.listener")
 
@@ -99,11 +106,12 @@ class BindError(Exception):
     """A listener could not bind its address."""
 
 
-def relays_here() -> frozenset[RelayKind]:
-    """The relays this install can run: the engine only where it was built, splice only
-    where the kernel has splice(2); buffered everywhere."""
+def relays_here(tls: bool = False) -> frozenset[RelayKind]:
+    """The relays this install can run: the engine only where it was built (for ``tls``
+    listeners, built with libssl), splice only where the kernel has splice(2); buffered
+    everywhere."""
     here = {RelayKind.BUFFERED}
-    if native_available():
+    if native_tls_available() if tls else native_available():
         here.add(RelayKind.ENGINE)
     if splice_supported():
         here.add(RelayKind.SPLICE)
@@ -224,6 +232,9 @@ class Listener:
         self._tls_warn = _RateLimitedLog()
         self._proxy_warn = _RateLimitedLog()
         self.tls = ListenerTls(config)
+        # notAfter of the certificate the peers showed the engine at their last handshake,
+        # per leg ("upstream", "client"): the certificate expiry gauge reads it.
+        self.tls_peer_expiry: dict[str, float] = {}
         self._per_client: dict[str, int] = {}  # live connections per source IP
         self._not_allowed_seen: dict[str, float] = {}
         # log_connections: when each relay's connection began (wall, monotonic) and the
@@ -256,8 +267,8 @@ class Listener:
     @property
     def relay(self) -> RelayKind:
         """Which relay serves this listener's connections on this install (``/status``)."""
-        return serving_relay(self.config, relays_here(), rewriting=self.rewriting,
-                             framed=self.framed)
+        return serving_relay(self.config, relays_here(tls=not self.config.may_splice),
+                             rewriting=self.rewriting, framed=self.framed)
 
     @property
     def engine_missing(self) -> bool:
@@ -636,8 +647,14 @@ class Listener:
                 relay = self.relay_factory.native(  # type: ignore[attr-defined]
                     native, config.buffer_size, self._upstream_relay_closed, source)
             elif native is not None:
-                relay = NativeRelay(native, config.buffer_size, self._upstream_relay_closed,
-                                    source, config.copy)
+                relay = NativeRelay(
+                    native, config.buffer_size, self._upstream_relay_closed, source,
+                    config.copy, tls=tls_spec(tls.server, tls.client,
+                                              self._upstream_name(config, target)),
+                    on_tls_failure=lambda side, why: self._tls_failed(side, why, source,
+                                                                      target, config),
+                    on_tls_peer=self._tls_peer,
+                    handshake_timeout=config.connect_timeout)
             elif hub is not None:
                 relay = SpliceRelay(hub, self.pool, self._upstream_relay_closed, source,
                                     adaptive=config.copy == "auto")
@@ -715,14 +732,40 @@ class Listener:
         self.tls.client_seen(transport.get_extra_info("ssl_object"))  # the expiry gauge
         return True
 
+    def _upstream_name(self, config: ListenerConfig, target: Address | None) -> str | None:
+        """SNI and the name the node's certificate must carry; a backup is another node:
+        without an explicit server_name it is named by its host."""
+        name = self.tls.server_name
+        if target is not None and target != config.upstream and \
+                config.upstream_tls is not None and config.upstream_tls.server_name is None:
+            name = target.host
+        return name
+
+    def _tls_failed(self, side: int, reason: str, source: str, target: Address | None,
+                    config: ListenerConfig) -> None:
+        """A handshake the native engine ran failed: counted and logged as the Python
+        relay's are."""
+        if side == 0:
+            self.stats.refuse(closes.TLS_HANDSHAKE_FAILED)
+            self._tls_warn.warning("listener %s: TLS handshake with client %s failed: %s",
+                                   self.name, source, reason)
+        else:
+            self.stats.refuse(closes.UPSTREAM_TLS_FAILED)
+            self._tls_warn.warning("listener %s: TLS handshake with upstream %s (name %s) "
+                                   "failed: %s; client closed", self.name, target,
+                                   self._upstream_name(config, target), reason)
+
+    def _tls_peer(self, side: int, not_after: float) -> None:
+        """The notAfter of the certificate a peer showed the engine at a handshake: the
+        node's (side 1), or a client's under mutual TLS (side 0)."""
+        leg = LEG_CLIENT if side == 0 else LEG_UPSTREAM
+        self.tls_peer_expiry[leg] = not_after
+        record_certificate_expiry(self.name, leg, not_after)
+
     async def _upstream_handshake(self, relay: Relay, upstream: socket.socket,
                                   config: ListenerConfig, target: Address) -> bool:
         side = relay.upstream
-        # A backup is another node: without an explicit server_name it is named by its host.
-        name = self.tls.server_name
-        if target != config.upstream and config.upstream_tls is not None \
-                and config.upstream_tls.server_name is None:
-            name = target.host
+        name = self._upstream_name(config, target)
         try:
             transport, _ = await self.loop.create_connection(
                 lambda: side, sock=upstream, ssl=self.tls.client,
@@ -814,12 +857,16 @@ class Listener:
         if upstream is None:
             return  # never reached its upstream: counted (and logged) as refused
         reason = relay.why or closes.UNKNOWN
-        self.stats.close(reason)
+        # A handshake the engine ran that failed is a refusal (counted by _tls_failed), as
+        # on the Python relay, where no relay starts before both handshakes.
+        refused = reason in (closes.TLS_HANDSHAKE_FAILED, closes.UPSTREAM_TLS_FAILED)
+        if not refused:
+            self.stats.close(reason)
         if began is not None:
             wall, mono, port = began
             CONNECTIONS.put(wall, time.monotonic() - mono, self.name,
                             _client(relay.source, port), str(upstream),
-                            relay.bytes_upstream, relay.bytes_downstream, reason, False)
+                            relay.bytes_upstream, relay.bytes_downstream, reason, refused)
 
     def _refuse(self, reason: str, source: str, port: int, upstream: Address | None = None,
                 began: tuple[float, float, int] | None = None) -> None:

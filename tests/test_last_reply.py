@@ -10,7 +10,8 @@ server fails first (EPIPE/ECONNRESET) while the reply waits on the server's sock
 relay must still read it and deliver it before it passes the reset on (issue 33, defect
 1). The mirror image -- the client's last command before its reset still lands -- and
 half-closes in both orders are checked on the same routes: each plain copy path of the
-engine and of the Python relays, TLS on either leg, and the two cluster listeners.
+engine and of the Python relays, TLS on either leg (Python's and the engine's), and the
+two cluster listeners.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import trustme
 from pymemcache.client.base import Client as MemcacheClient
 
 from proxy.relay.buffered import DRAIN_GRACE
-from proxy.relay.engine import native_available
+from proxy.relay.engine import native_available, native_tls_available
 from tests.cluster_helpers import ConfigEndpoint, free_range
 from tests.support import (
     ProxyThread,
@@ -57,8 +58,10 @@ GARBAGE = b"*\x00" + b"x" * (1 << 20)
 
 _NATIVE = pytest.mark.skipif(not native_available(),
                              reason="the native relay engine was not built here")
+_NATIVE_TLS = pytest.mark.skipif(not native_tls_available(),
+                                 reason="the native relay engine was not built with libssl")
 PLAIN = ["native-buffer", "native-splice", "native-auto", "splice", "auto", "buffer"]
-TLS = ["tls-client", "tls-upstream"]
+TLS = ["tls-client", "tls-upstream", "native-tls-client", "native-tls-upstream"]
 CLUSTER = ["redis-cluster", "native-redis-cluster", "memcached-cluster"]
 
 
@@ -66,7 +69,8 @@ def _routes(kinds: list[str], *, asyncio_too: bool = True) -> list[Any]:
     """(kind, loop) pairs: the engine does not depend on the loop; Python relays do."""
     out = []
     for kind in kinds:
-        marks = [_NATIVE] if kind.startswith("native-") else []
+        marks = [_NATIVE_TLS if "tls" in kind else _NATIVE] if kind.startswith("native-") \
+            else []
         out.append(pytest.param(kind, "uvloop", marks=marks, id=f"{kind}-uvloop"))
         if asyncio_too and not kind.startswith("native-") and kind in ("splice", "buffer",
                                                                       "tls-client",
@@ -170,7 +174,7 @@ def route(kind: str, loop_kind: str, tmp_path: Path, pki: dict[str, str]) -> Ite
     stack = contextlib.ExitStack()
     with stack:
         server_tls = client_tls = None
-        if kind == "tls-upstream":
+        if kind.endswith("tls-upstream"):
             server = _tls_redis(pki)
             server_tls = ssl.create_default_context(cafile=pki["ca"])
         elif kind.endswith("redis-cluster"):
@@ -199,11 +203,13 @@ def route(kind: str, loop_kind: str, tmp_path: Path, pki: dict[str, str]) -> Ite
                                         "upstream": server.address, "protocol": "redis"}
             if kind in PLAIN:
                 listener.update(copy_fields(kind))
-            elif kind == "tls-client":
+            elif kind.endswith("tls-client"):
                 listener["tls"] = {"cert": pki["cert"], "key": pki["key"]}
                 client_tls = ssl.create_default_context(cafile=pki["ca"])
             else:
                 listener["upstream_tls"] = {"ca": pki["ca"], "server_name": "localhost"}
+            if kind in TLS:
+                listener["relay"] = "native" if kind.startswith("native-") else "python"
             config = make_config([listener])
         proxy = ProxyThread(config, loop_kind).start()
         stack.callback(proxy.stop)
@@ -334,11 +340,14 @@ def _half_close_exchange(r: Route) -> tuple[bytes, bytes]:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(("kind", "loop_kind"), _routes(PLAIN + CLUSTER))
+@pytest.mark.parametrize(("kind", "loop_kind"),
+                         _routes([*PLAIN, "native-tls-upstream", *CLUSTER]))
 def test_client_half_close_after_a_request_still_gets_the_reply_then_eof(
         kind: str, loop_kind: str, tmp_path: Path, pki: dict[str, str]) -> None:
-    """Not over TLS on either leg: asyncio's TLS transports have no half-open state, so
-    a client's FIN cannot be passed on over TLS (docs/hot-loop.md)."""
+    """Not over TLS on the Python relay: asyncio's TLS transports have no half-open state,
+    so a client's FIN cannot be passed on over TLS (docs/hot-loop.md); the engine passes
+    it on to a TLS node as close_notify and FIN. (Not with a TLS client here: Python's
+    SSLSocket cannot send close_notify and go on reading.)"""
     with route(kind, loop_kind, tmp_path, pki) as r:
         request, reply = _half_close_exchange(r)
         for _ in range(20):
@@ -385,7 +394,8 @@ def _push_then_reset(conn: socket.socket) -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(("kind", "loop_kind"), _routes([*PLAIN, "tls-client"]))
+@pytest.mark.parametrize(("kind", "loop_kind"),
+                         _routes([*PLAIN, "tls-client", "native-tls-client"]))
 def test_a_drain_toward_a_client_that_stops_reading_ends_within_the_grace(
         kind: str, loop_kind: str, pki: dict[str, str]) -> None:
     """Both ways full, the upstream resets: cacheport's write to it fails, and what the
@@ -394,8 +404,9 @@ def test_a_drain_toward_a_client_that_stops_reading_ends_within_the_grace(
         listener: dict[str, Any] = {"name": "t", "listen": f"{HOST}:0",
                                     "upstream": f"{HOST}:{upstream}", "protocol": "tcp"}
         client_tls = None
-        if kind == "tls-client":
+        if kind.endswith("tls-client"):
             listener["tls"] = {"cert": pki["cert"], "key": pki["key"]}
+            listener["relay"] = "native" if kind.startswith("native-") else "python"
             client_tls = ssl.create_default_context(cafile=pki["ca"])
         else:
             listener.update(copy_fields(kind))

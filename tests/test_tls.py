@@ -1,4 +1,8 @@
-"""TLS on both legs, with certificates made by trustme and real TLS-enabled servers."""
+"""TLS on both legs, with certificates made by trustme and real TLS-enabled servers.
+
+Every test runs on both relays that speak TLS: the Python one (``relay: python``, asyncio's
+TLS) and the native engine (``relay: native``: OpenSSL in the engine thread).
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,9 @@ import trustme
 import yaml
 from pymemcache.client.base import Client
 
+import tests.support
 from proxy.config import load_config
+from proxy.relay.engine import native_tls_available
 from tests.support import (
     ProxyThread,
     ServerProcess,
@@ -28,6 +34,26 @@ from tests.support import (
     running_proxy,
     wait_until,
 )
+
+RELAYS = [pytest.param("python"),
+          pytest.param("native", marks=pytest.mark.skipif(
+              not native_tls_available(), reason="the engine was not built with libssl"))]
+_relay = "python"
+
+
+@pytest.fixture(autouse=True, params=RELAYS)
+def relay(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Each test once per relay: listeners without a ``relay`` get this one."""
+    global _relay
+    _relay = request.param
+    real = tests.support.make_config
+
+    def with_relay(listeners: list[dict[str, object]], **top: object) -> object:
+        return real([{"relay": _relay, **lc} for lc in listeners], **top)
+
+    monkeypatch.setattr(tests.support, "make_config", with_relay)
+    yield _relay
+    _relay = "python"
 
 
 @dataclass
@@ -89,7 +115,7 @@ def plain_redis() -> Iterator[ServerProcess]:
 
 def client_tls_listener(upstream: ServerProcess, pki: Pki, **tls: object) -> dict[str, object]:
     return {"name": "tls", "listen": "127.0.0.1:0", "upstream": upstream.address,
-            "protocol": "redis",
+            "protocol": "redis", "relay": _relay,
             "tls": {"cert": str(pki.server_cert), "key": str(pki.server_key), **tls}}
 
 

@@ -263,13 +263,6 @@ class _Resolver:
                 "upstream_tls -- and TLS is encrypted and decrypted in userspace; use copy: "
                 "auto or buffer for this listener", line=raw.lines.get("copy", raw.line),
                 where=where)
-        if lc.relay == "native" and not lc.may_splice:
-            origin = "" if "relay" in given else " (set in defaults)"
-            raise ctx.error(
-                f"field 'relay': native{origin} relays plain byte streams only -- no tls or "
-                "upstream_tls -- and TLS is encrypted and decrypted in Python; use relay: auto "
-                "or python for this listener", line=raw.lines.get("relay", raw.line),
-                where=where)
         return lc
 
     def listeners(self, admin: AdminConfig | None) -> list[ListenerConfig]:

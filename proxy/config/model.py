@@ -371,8 +371,9 @@ class Tunables(Section):
         "auto", alias="copy", description="How bytes move: splice(2) through a pipe, or a "
                                           "userspace buffer; auto picks (docs/hot-loop.md).")
     relay: RelayName = Field(
-        "auto", description="Who moves them: the native engine's threads or Python; auto "
-                            "picks the engine where it is built and the listener is plain. "
+        "auto", description="Who moves them: the native engine's threads (TLS included, where "
+                            "built with libssl) or Python; auto picks the engine where it is "
+                            "built. "
                             "On a redis-cluster entry, native frames and rewrites replies "
                             "in the engine (auto: Python, for now).")
     health: HealthSwitch = Field(
