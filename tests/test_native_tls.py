@@ -169,7 +169,7 @@ def test_origination_checks_the_name_on_the_node_s_certificate(
             with contextlib.suppress(ConnectionResetError):
                 assert raw.recv(100) == b""
         stats = proxy.server.listeners["wrong"].stats
-        wait_until(lambda: stats.refused.get("upstream tls failed") == 1, 5)
+        wait_until(lambda: stats.refused.get("upstream_tls_failed") == 1, 5)
     lines = [r.getMessage() for r in caplog.records if "TLS handshake with upstream" in
              r.getMessage()]
     assert lines and "certificate verify failed" in lines[0], lines
@@ -204,7 +204,7 @@ def test_a_silent_client_is_cut_at_connect_timeout_and_counted(
             assert raw.recv(100) == b""
         assert time.monotonic() - started < 8
         stats = proxy.server.listeners["t"].stats
-        wait_until(lambda: stats.refused.get("tls handshake failed") == 1, 5)
+        wait_until(lambda: stats.refused.get("tls_handshake_failed") == 1, 5)
     assert any("handshake timed out" in r.getMessage() for r in caplog.records)
 
 
