@@ -28,6 +28,7 @@ from .config import Address, ListenerConfig
 from .health.state import State, choose_upstream
 from .metrics import UpstreamBook
 from .protocols import proxy_header
+from .relay import tls_layer
 from .relay.buffered import BufferPool, Relay
 from .relay.choose import RelayKind, relay_order, serving_relay
 from .relay.engine import AnyRelay, NativeRelay, choose_native, native_available
@@ -611,9 +612,8 @@ class Listener:
                                 config: ListenerConfig) -> bool:
         side = relay.client
         try:
-            await self.loop.connect_accepted_socket(
-                lambda: side, client, ssl=self.tls.server,
-                ssl_handshake_timeout=config.connect_timeout)
+            await tls_layer.wrap(self.loop, side, client, self.tls.server,  # type: ignore[arg-type]
+                                 server_side=True, handshake_timeout=config.connect_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
             self.stats.refuse("tls handshake failed")
             self._tls_warn.warning("listener %s: TLS handshake with client %s failed: %s",
@@ -631,10 +631,9 @@ class Listener:
                 and config.upstream_tls.server_name is None:
             name = target.host
         try:
-            await self.loop.create_connection(
-                lambda: side, sock=upstream, ssl=self.tls.client,
-                server_hostname=name,
-                ssl_handshake_timeout=config.connect_timeout)
+            await tls_layer.wrap(self.loop, side, upstream, self.tls.client,  # type: ignore[arg-type]
+                                 server_side=False, server_hostname=name,
+                                 handshake_timeout=config.connect_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
             self.stats.refuse("upstream tls failed")
             self._tls_warn.warning("listener %s: TLS handshake with upstream %s (name %s) "
