@@ -74,7 +74,7 @@ class TlsLayer(asyncio.BufferedProtocol):
             self._handshake()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        self._buf = memoryview(self.app.get_buffer(sizehint))
+        self._buf = cast(memoryview, self.app.get_buffer(sizehint))
         return self._buf
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -146,11 +146,14 @@ class TlsLayer(asyncio.BufferedProtocol):
 
     def _pump(self) -> None:
         """Decrypt what the incoming BIO holds into the app, while the app reads."""
-        app = self.app
-        while not self.paused and not self.eof and self.error is None:
-            buf = memoryview(app.get_buffer(-1))
+        app, sslobj, incoming = self.app, self.sslobj, self.incoming
+        # Read only while there is something to read: a read that finds nothing raises,
+        # which costs more than the checks (a small request is one record).
+        while (not self.paused and not self.eof and self.error is None
+               and (incoming.pending or sslobj.pending() or incoming.eof)):
+            buf = cast(memoryview, app.get_buffer(-1))
             try:
-                n = _read_into(self.sslobj, buf)
+                n = _read_into(sslobj, buf)
             except ssl.SSLWantReadError:
                 break
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
@@ -162,7 +165,8 @@ class TlsLayer(asyncio.BufferedProtocol):
                 self._app_eof()
                 break
             app.buffer_updated(n)
-        self._flush()  # a key update or an alert the reads produced
+        if self.outgoing.pending:
+            self._flush()  # a key update or an alert the reads produced
 
     def _app_eof(self) -> None:
         self.eof = True
