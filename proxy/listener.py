@@ -17,17 +17,19 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import select
 import socket
 import ssl
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from .config import Address, ListenerConfig
 from .health.state import State, choose_upstream
 from .metrics import UpstreamBook
-from .protocols import proxy_header
+from .protocols import proxy_header, tls_hello
 from .relay import tls_layer
 from .relay.buffered import BufferPool, Relay
 from .relay.choose import RelayKind, relay_order, serving_relay
@@ -38,6 +40,7 @@ from .resolver import ResolveError, Resolver
 from .tls import ListenerTls
 
 log = logging.getLogger("cacheport.listener")
+_P = TypeVar("_P")
 
 RelayFactory = Callable[[BufferPool, Callable[[Relay], None], str], Relay]
 """Builds the relay for each new connection: ``(pool, on_close, source) -> Relay``.
@@ -51,6 +54,8 @@ _ACCEPT_BACKOFF = 0.5
 _WARN_INTERVAL = 10.0
 # The spec asks receivers to wait "at least 3 seconds to cover a TCP retransmit".
 PROXY_HEADER_TIMEOUT = 3.0
+# sni_routes: how long a client may take to send its whole ClientHello.
+CLIENT_HELLO_TIMEOUT = 5.0
 # A header split across segments is rare (the spec: it fits one); between peeks of an
 # incomplete one the listener waits this long instead of spinning on a readable socket.
 _PEEK_PAUSE = 0.005
@@ -113,6 +118,16 @@ def _tls_reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return "handshake timed out"
     return str(exc) or type(exc).__name__
+
+
+def _shut_down(sock: socket.socket) -> bool:
+    """The peer sent its FIN (POLLRDHUP), whatever is still unread before it."""
+    rdhup = getattr(select, "POLLRDHUP", 0)  # Linux only
+    if not rdhup:
+        return False
+    poller = select.poll()
+    poller.register(sock, rdhup)
+    return bool(poller.poll(0))
 
 
 def _tune(sock: socket.socket) -> None:
@@ -426,29 +441,65 @@ class Listener:
     async def _read_header(self, client: socket.socket,
                            mode: proxy_header.Mode) -> proxy_header.Header:
         """Peek until a whole header is there (bounded in time and size), then recv it."""
-        async with asyncio.timeout(PROXY_HEADER_TIMEOUT):
-            seen = -1
-            while True:
-                await self._readable(client)
-                try:
-                    data = client.recv(proxy_header.MAX_HEADER, socket.MSG_PEEK)
-                except (BlockingIOError, InterruptedError):
-                    continue  # a spurious wake-up: nothing to read after all
-                if not data:
-                    raise EOFError("closed")
-                header = proxy_header.parse(data, mode)
-                if header is not None:
-                    break
-                if len(data) == seen:
-                    # Nothing new since the last peek: the socket stays readable (the
-                    # partial header is there), so wait rather than spin.
-                    await asyncio.sleep(_PEEK_PAUSE)
-                seen = len(data)
+        header = await self._peek(client, lambda data: proxy_header.parse(data, mode),
+                                  proxy_header.MAX_HEADER, PROXY_HEADER_TIMEOUT)
         # The bytes are in the kernel's buffer already: one recv takes exactly them.
         taken = client.recv(header.length)
         if len(taken) != header.length:
             raise EOFError("header shrank between peek and read")
         return header
+
+    async def _peek(self, client: socket.socket, parse: Callable[[bytes], _P | None],
+                    size: int, within: float) -> _P:
+        """Peek at up to ``size`` bytes until ``parse`` finds what it wants, within
+        ``within`` seconds; the bytes stay in the stream. EOFError if the client closes first."""
+        async with asyncio.timeout(within):
+            seen = -1
+            while True:
+                await self._readable(client)
+                try:
+                    data = client.recv(size, socket.MSG_PEEK)
+                except (BlockingIOError, InterruptedError):
+                    continue  # a spurious wake-up: nothing to read after all
+                if not data:
+                    raise EOFError("closed")
+                found = parse(data)
+                if found is not None:
+                    return found
+                if len(data) == seen:
+                    # Nothing new since the last peek: the socket stays readable (the
+                    # partial header is there), so wait rather than spin -- unless the
+                    # client has shut its side, which a peek cannot see past the bytes.
+                    if _shut_down(client):
+                        raise EOFError("closed before it was whole")
+                    await asyncio.sleep(_PEEK_PAUSE)
+                seen = len(data)
+
+    async def _route_by_sni(self, client: socket.socket, source: str,
+                            config: ListenerConfig) -> Address | None:
+        """sni_routes: the upstream for the server name in the client's ClientHello, which
+        stays in the stream for it; None (counted, logged) refuses the client."""
+        reason = detail = ""
+        try:
+            hello = await self._peek(client, tls_hello.parse, tls_hello.MAX_HELLO,
+                                     CLIENT_HELLO_TIMEOUT)
+        except tls_hello.HelloError as exc:
+            reason, detail = exc.reason, str(exc)
+        except TimeoutError:
+            reason, detail = "client_hello_timeout", f"none within {CLIENT_HELLO_TIMEOUT:g}s"
+        except (EOFError, OSError) as exc:
+            reason, detail = "client_hello_incomplete", f"connection ended first ({exc})"
+        else:
+            name = hello.server_name
+            target = config.sni_target(name) if name is not None else None
+            if target is not None:
+                return target
+            reason, detail = ("sni_no_match", f"no route for {name!r}") if name is not None \
+                else ("sni_missing", "the ClientHello names no server")
+        self.stats.refuse(reason)
+        self._tls_warn.warning("listener %s: closed a connection from %s: %s", self.name,
+                               source, detail)
+        return None
 
     async def _readable(self, sock: socket.socket) -> None:
         future: asyncio.Future[None] = self.loop.create_future()
@@ -546,6 +597,11 @@ class Listener:
                 client.close()
                 return
             client.setblocking(False)
+            if config.sni_routes:
+                target = await self._route_by_sni(client, source, config)
+                if target is None:
+                    client.close()
+                    return
             _tune(client)
             # Who moves the bytes (relay/choose.py): the native engine or a splice relay
             # takes the raw sockets; the buffered Relay wraps them in transports. Each
