@@ -17,15 +17,14 @@ import asyncio
 import errno
 import ipaddress
 import logging
-import select
 import socket
 import ssl
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
+from . import preread
 from .config import Address, ListenerConfig
 from .health.state import State, choose_upstream
 from .metrics import UpstreamBook
@@ -40,7 +39,6 @@ from .resolver import ResolveError, Resolver
 from .tls import ListenerTls
 
 log = logging.getLogger("cacheport.listener")
-_P = TypeVar("_P")
 
 RelayFactory = Callable[[BufferPool, Callable[[Relay], None], str], Relay]
 """Builds the relay for each new connection: ``(pool, on_close, source) -> Relay``.
@@ -56,9 +54,6 @@ _WARN_INTERVAL = 10.0
 PROXY_HEADER_TIMEOUT = 3.0
 # sni_routes: how long a client may take to send its whole ClientHello.
 CLIENT_HELLO_TIMEOUT = 5.0
-# A header split across segments is rare (the spec: it fits one); between peeks of an
-# incomplete one the listener waits this long instead of spinning on a readable socket.
-_PEEK_PAUSE = 0.005
 
 
 class BindError(Exception):
@@ -118,16 +113,6 @@ def _tls_reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return "handshake timed out"
     return str(exc) or type(exc).__name__
-
-
-def _shut_down(sock: socket.socket) -> bool:
-    """The peer sent its FIN (POLLRDHUP), whatever is still unread before it."""
-    rdhup = getattr(select, "POLLRDHUP", 0)  # Linux only
-    if not rdhup:
-        return False
-    poller = select.poll()
-    poller.register(sock, rdhup)
-    return bool(poller.poll(0))
 
 
 def _tune(sock: socket.socket) -> None:
@@ -441,39 +426,14 @@ class Listener:
     async def _read_header(self, client: socket.socket,
                            mode: proxy_header.Mode) -> proxy_header.Header:
         """Peek until a whole header is there (bounded in time and size), then recv it."""
-        header = await self._peek(client, lambda data: proxy_header.parse(data, mode),
-                                  proxy_header.MAX_HEADER, PROXY_HEADER_TIMEOUT)
+        header = await preread.peek(self.loop, client,
+                                    lambda data: proxy_header.parse(data, mode),
+                                    proxy_header.MAX_HEADER, PROXY_HEADER_TIMEOUT)
         # The bytes are in the kernel's buffer already: one recv takes exactly them.
         taken = client.recv(header.length)
         if len(taken) != header.length:
             raise EOFError("header shrank between peek and read")
         return header
-
-    async def _peek(self, client: socket.socket, parse: Callable[[bytes], _P | None],
-                    size: int, within: float) -> _P:
-        """Peek at up to ``size`` bytes until ``parse`` finds what it wants, within
-        ``within`` seconds; the bytes stay in the stream. EOFError if the client closes first."""
-        async with asyncio.timeout(within):
-            seen = -1
-            while True:
-                await self._readable(client)
-                try:
-                    data = client.recv(size, socket.MSG_PEEK)
-                except (BlockingIOError, InterruptedError):
-                    continue  # a spurious wake-up: nothing to read after all
-                if not data:
-                    raise EOFError("closed")
-                found = parse(data)
-                if found is not None:
-                    return found
-                if len(data) == seen:
-                    # Nothing new since the last peek: the socket stays readable (the
-                    # partial header is there), so wait rather than spin -- unless the
-                    # client has shut its side, which a peek cannot see past the bytes.
-                    if _shut_down(client):
-                        raise EOFError("closed before it was whole")
-                    await asyncio.sleep(_PEEK_PAUSE)
-                seen = len(data)
 
     async def _route_by_sni(self, client: socket.socket, source: str,
                             config: ListenerConfig) -> Address | None:
@@ -481,8 +441,8 @@ class Listener:
         stays in the stream for it; None (counted, logged) refuses the client."""
         reason = detail = ""
         try:
-            hello = await self._peek(client, tls_hello.parse, tls_hello.MAX_HELLO,
-                                     CLIENT_HELLO_TIMEOUT)
+            hello = await preread.peek(self.loop, client, tls_hello.parse,
+                                       tls_hello.MAX_HELLO, CLIENT_HELLO_TIMEOUT)
         except tls_hello.HelloError as exc:
             reason, detail = exc.reason, str(exc)
         except TimeoutError:
@@ -500,20 +460,6 @@ class Listener:
         self._tls_warn.warning("listener %s: closed a connection from %s: %s", self.name,
                                source, detail)
         return None
-
-    async def _readable(self, sock: socket.socket) -> None:
-        future: asyncio.Future[None] = self.loop.create_future()
-        fd = sock.fileno()
-
-        def ready() -> None:
-            if not future.done():
-                future.set_result(None)
-
-        self.loop.add_reader(fd, ready)
-        try:
-            await future
-        finally:
-            self.loop.remove_reader(fd)
 
     def _admit(self, source: str, pending: int = 0) -> str | None:
         """Why a new client from ``source`` is refused at accept, or None to admit it."""
@@ -666,10 +612,11 @@ class Listener:
 
     async def _client_handshake(self, relay: Relay, client: socket.socket, source: str,
                                 config: ListenerConfig) -> bool:
-        side = relay.client
+        side, context = relay.client, self.tls.server
+        assert context is not None
         try:
-            await tls_layer.wrap(self.loop, side, client, self.tls.server,  # type: ignore[arg-type]
-                                 server_side=True, handshake_timeout=config.connect_timeout)
+            await tls_layer.wrap(self.loop, side, client, context, server_side=True,
+                                 handshake_timeout=config.connect_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
             self.stats.refuse("tls handshake failed")
             self._tls_warn.warning("listener %s: TLS handshake with client %s failed: %s",
@@ -686,10 +633,11 @@ class Listener:
         if target != config.upstream and config.upstream_tls is not None \
                 and config.upstream_tls.server_name is None:
             name = target.host
+        context = self.tls.client
+        assert context is not None
         try:
-            await tls_layer.wrap(self.loop, side, upstream, self.tls.client,  # type: ignore[arg-type]
-                                 server_side=False, server_hostname=name,
-                                 handshake_timeout=config.connect_timeout)
+            await tls_layer.wrap(self.loop, side, upstream, context, server_side=False,
+                                 server_hostname=name, handshake_timeout=config.connect_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
             self.stats.refuse("upstream tls failed")
             self._tls_warn.warning("listener %s: TLS handshake with upstream %s (name %s) "
