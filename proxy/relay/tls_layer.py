@@ -211,7 +211,7 @@ class TlsLayer(asyncio.BufferedProtocol):
         if self.sent_eof or self.raw is None or self.raw.is_closing():
             return
         self.sent_eof = True
-        with contextlib.suppress(ssl.SSLError):
+        with contextlib.suppress(ssl.SSLError, ValueError):
             self.sslobj.unwrap()  # writes close_notify; wants the peer's, which may come
         self._flush()
 
