@@ -26,12 +26,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import closes
+from . import closes, preread
 from .config import Address, ListenerConfig
 from .health.state import State, choose_upstream
 from .logs import CONNECTIONS
 from .metrics import UpstreamBook
-from .protocols import proxy_header
+from .protocols import proxy_header, tls_hello
+from .relay import tls_layer
 from .relay.buffered import BufferPool, Relay
 from .relay.choose import RelayKind, relay_order, serving_relay
 from .relay.engine import (
@@ -61,9 +62,8 @@ _ACCEPT_BACKOFF = 0.5
 _WARN_INTERVAL = 10.0
 # The spec asks receivers to wait "at least 3 seconds to cover a TCP retransmit".
 PROXY_HEADER_TIMEOUT = 3.0
-# A header split across segments is rare (the spec: it fits one); between peeks of an
-# incomplete one the listener waits this long instead of spinning on a readable socket.
-_PEEK_PAUSE = 0.005
+# sni_routes: how long a client may take to send its whole ClientHello.
+CLIENT_HELLO_TIMEOUT = 5.0
 
 
 class _FdReserve:
@@ -507,43 +507,40 @@ class Listener:
     async def _read_header(self, client: socket.socket,
                            mode: proxy_header.Mode) -> proxy_header.Header:
         """Peek until a whole header is there (bounded in time and size), then recv it."""
-        async with asyncio.timeout(PROXY_HEADER_TIMEOUT):
-            seen = -1
-            while True:
-                await self._readable(client)
-                try:
-                    data = client.recv(proxy_header.MAX_HEADER, socket.MSG_PEEK)
-                except (BlockingIOError, InterruptedError):
-                    continue  # a spurious wake-up: nothing to read after all
-                if not data:
-                    raise EOFError("closed")
-                header = proxy_header.parse(data, mode)
-                if header is not None:
-                    break
-                if len(data) == seen:
-                    # Nothing new since the last peek: the socket stays readable (the
-                    # partial header is there), so wait rather than spin.
-                    await asyncio.sleep(_PEEK_PAUSE)
-                seen = len(data)
+        header = await preread.peek(self.loop, client,
+                                    lambda data: proxy_header.parse(data, mode),
+                                    proxy_header.MAX_HEADER, PROXY_HEADER_TIMEOUT)
         # The bytes are in the kernel's buffer already: one recv takes exactly them.
         taken = client.recv(header.length)
         if len(taken) != header.length:
             raise EOFError("header shrank between peek and read")
         return header
 
-    async def _readable(self, sock: socket.socket) -> None:
-        future: asyncio.Future[None] = self.loop.create_future()
-        fd = sock.fileno()
-
-        def ready() -> None:
-            if not future.done():
-                future.set_result(None)
-
-        self.loop.add_reader(fd, ready)
+    async def _route_by_sni(self, client: socket.socket, source: str,
+                            config: ListenerConfig) -> Address | None:
+        """sni_routes: the upstream for the server name in the client's ClientHello, which
+        stays in the stream for it; None (counted, logged) refuses the client."""
+        reason = detail = ""
         try:
-            await future
-        finally:
-            self.loop.remove_reader(fd)
+            hello = await preread.peek(self.loop, client, tls_hello.parse,
+                                       tls_hello.MAX_HELLO, CLIENT_HELLO_TIMEOUT)
+        except tls_hello.HelloError as exc:
+            reason, detail = exc.reason, str(exc)
+        except TimeoutError:
+            reason, detail = "client_hello_timeout", f"none within {CLIENT_HELLO_TIMEOUT:g}s"
+        except (EOFError, OSError) as exc:
+            reason, detail = "client_hello_incomplete", f"connection ended first ({exc})"
+        else:
+            name = hello.server_name
+            target = config.sni_target(name) if name is not None else None
+            if target is not None:
+                return target
+            reason, detail = ("sni_no_match", f"no route for {name!r}") if name is not None \
+                else ("sni_missing", "the ClientHello names no server")
+        self.stats.refuse(reason)
+        self._tls_warn.warning("listener %s: closed a connection from %s: %s", self.name,
+                               source, detail)
+        return None
 
     def _admit(self, source: str, pending: int = 0) -> str | None:
         """Why a new client from ``source`` is refused at accept, or None to admit it."""
@@ -634,6 +631,11 @@ class Listener:
                 client.close()
                 return
             client.setblocking(False)
+            if config.sni_routes:
+                target = await self._route_by_sni(client, source, config)
+                if target is None:
+                    client.close()
+                    return
             _tune(client)
             # Who moves the bytes (relay/choose.py): the native engine or a splice relay
             # takes the raw sockets; the buffered Relay wraps them in transports. Each
@@ -718,18 +720,18 @@ class Listener:
 
     async def _client_handshake(self, relay: Relay, client: socket.socket, source: str,
                                 config: ListenerConfig) -> bool:
-        side = relay.client
+        side, context = relay.client, self.tls.server
+        assert context is not None
         try:
-            transport, _ = await self.loop.connect_accepted_socket(
-                lambda: side, client, ssl=self.tls.server,
-                ssl_handshake_timeout=config.connect_timeout)
+            layer = await tls_layer.wrap(self.loop, side, client, context, server_side=True,
+                                         handshake_timeout=config.connect_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
             self._tls_warn.warning("listener %s: TLS handshake with client %s failed: %s",
                                    self.name, source, _tls_reason(exc), listener=self.name,
                                    client=source, reason=closes.TLS_HANDSHAKE_FAILED)
             self._discard(relay, client, None)
             return False
-        self.tls.client_seen(transport.get_extra_info("ssl_object"))  # the expiry gauge
+        self.tls.client_seen(layer.sslobj)  # the expiry gauge
         return True
 
     def _upstream_name(self, config: ListenerConfig, target: Address | None) -> str | None:
@@ -766,18 +768,19 @@ class Listener:
                                   config: ListenerConfig, target: Address) -> bool:
         side = relay.upstream
         name = self._upstream_name(config, target)
+        context = self.tls.client
+        assert context is not None
         try:
-            transport, _ = await self.loop.create_connection(
-                lambda: side, sock=upstream, ssl=self.tls.client,
-                server_hostname=name,
-                ssl_handshake_timeout=config.connect_timeout)
+            layer = await tls_layer.wrap(self.loop, side, upstream, context, server_side=False,
+                                         server_hostname=name,
+                                         handshake_timeout=config.connect_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
             self._tls_warn.warning("listener %s: TLS handshake with upstream %s (name %s) "
                                    "failed: %s; client closed", self.name, target,
                                    name, _tls_reason(exc), listener=self.name,
                                    upstream=str(target), reason=closes.UPSTREAM_TLS_FAILED)
             return False
-        self.tls.upstream_seen(transport.get_extra_info("ssl_object"))  # the expiry gauge
+        self.tls.upstream_seen(layer.sslobj)  # the expiry gauge
         return True
 
     def _discard(self, relay: AnyRelay | None, client: socket.socket,

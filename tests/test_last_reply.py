@@ -298,21 +298,9 @@ REPEAT_A = 60
 REPEAT_B = 12
 
 
-_FAILED_TLS_SIDE = pytest.mark.xfail(
-    reason="the failed side speaks TLS: its last records are in its socket or in asyncio's "
-           "TLS layer, which is gone by connection_lost, so they cannot be decrypted (see "
-           "docs/hot-loop.md, 'When a side fails')", strict=False)
-
-
-def _failing_tls(routes: list[Any], kind: str) -> list[Any]:
-    """``routes`` with the ones whose failing side is TLS (``kind``) marked."""
-    return [pytest.param(*p.values, marks=[*p.marks, _FAILED_TLS_SIDE], id=p.id)
-            if p.values[0] == kind else p for p in routes]
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(("kind", "loop_kind"),
-                         _failing_tls(_routes(PLAIN + TLS + CLUSTER), "tls-upstream"))
+                         _routes(PLAIN + TLS + CLUSTER))
 def test_the_servers_last_reply_before_its_reset_reaches_the_client(
         kind: str, loop_kind: str, tmp_path: Path, pki: dict[str, str]) -> None:
     with route(kind, loop_kind, tmp_path, pki) as r:
@@ -323,7 +311,7 @@ def test_the_servers_last_reply_before_its_reset_reaches_the_client(
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(("kind", "loop_kind"),
-                         _failing_tls(_routes(PLAIN + TLS + CLUSTER), "tls-client"))
+                         _routes(PLAIN + TLS + CLUSTER))
 def test_the_clients_last_command_before_its_reset_reaches_the_server(
         kind: str, loop_kind: str, tmp_path: Path, pki: dict[str, str]) -> None:
     size = (900 << 10) if kind == "memcached-cluster" else (6 << 20)  # memcached: 1 MB items
@@ -339,18 +327,60 @@ def _half_close_exchange(r: Route) -> tuple[bytes, bytes]:
     return b"SET k v\r\nGET k\r\n", b"+OK\r\n$1\r\nv\r\n"
 
 
+def tls_half_close(r: Route, request: bytes) -> bytes:
+    """A TLS client that sends ``request``, then close_notify and a FIN, and reads to the
+    server's close_notify (Python's SSLSocket cannot half-close: it drops TLS)."""
+    assert r.client_tls is not None
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = r.client_tls.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with socket.create_connection((HOST, r.port), timeout=10) as sock:
+        def pump(step: Callable[[], Any]) -> Any:
+            while True:
+                try:
+                    return step()
+                except ssl.SSLWantReadError:
+                    if outgoing.pending:
+                        sock.sendall(outgoing.read())
+                    data = sock.recv(1 << 16)
+                    if data:
+                        incoming.write(data)
+                    else:
+                        incoming.write_eof()
+                finally:
+                    if outgoing.pending:
+                        sock.sendall(outgoing.read())
+
+        pump(tls.do_handshake)
+        tls.write(request)
+        with contextlib.suppress(ssl.SSLWantReadError):
+            tls.unwrap()  # close_notify, without waiting for the server's
+        sock.sendall(outgoing.read())
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while True:
+            try:
+                chunk = pump(lambda: tls.read(1 << 16))
+            except ssl.SSLZeroReturnError:
+                return data
+            if not chunk:
+                return data
+            data += chunk
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("kind", "loop_kind"),
-                         _routes([*PLAIN, "native-tls-upstream", *CLUSTER]))
+                         _routes([*PLAIN, *TLS, "native-tls-upstream", *CLUSTER]))
 def test_client_half_close_after_a_request_still_gets_the_reply_then_eof(
         kind: str, loop_kind: str, tmp_path: Path, pki: dict[str, str]) -> None:
-    """Not over TLS on the Python relay: asyncio's TLS transports have no half-open state,
-    so a client's FIN cannot be passed on over TLS (docs/hot-loop.md); the engine passes
-    it on to a TLS node as close_notify and FIN. (Not with a TLS client here: Python's
-    SSLSocket cannot send close_notify and go on reading.)"""
+    """Over TLS a half-close is close_notify then FIN: the Python relay's own TLS layer and
+    the engine pass either on as the other leg's half-close. (Not with a TLS client on the
+    engine here: Python's SSLSocket cannot send close_notify and go on reading.)"""
     with route(kind, loop_kind, tmp_path, pki) as r:
         request, reply = _half_close_exchange(r)
         for _ in range(20):
+            if r.client_tls is not None:
+                assert tls_half_close(r, request) == reply
+                continue
             sock = r.connect()
             sock.sendall(request)
             sock.shutdown(socket.SHUT_WR)
