@@ -22,7 +22,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "ab": ("bench.ab", "two cacheport configurations side by side (--a KEY=VALUE --b KEY=VALUE), "
                        "paired with direct"),
     "pool": ("bench.pool", "judge several runs' JSON of one topology together (medians)"),
-    "tls": ("bench.tls", "TLS-terminating listener beside a plain one and redis-server's own TLS"),
+    "tls": ("bench.tls", "TLS termination and origination (native, python) vs redis-server's "
+                         "own TLS, stunnel, HAProxy, nginx"),
     "cluster": ("bench.cluster", "redis-cluster listeners (Python relay, native framing) vs "
                                  "a plain tcp listener vs twemproxy vs direct"),
     "scale": ("bench.scale", "1 to 3,000 checked listeners: the listener under test's GET/s and "

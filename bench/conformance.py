@@ -284,6 +284,8 @@ KINDS = (
          ("unit/tls",)),
     Kind("tls", "TLS-terminating listener, plain server", "plain", "tls", "direct-tls",
          ("--tls",), ("unit/tls",)),
+    Kind("tls-native", "TLS-terminating listener, relay: native", "plain", "tls-native",
+         "direct-tls", ("--tls",), ("unit/tls",)),
     Kind("direct-cluster", "single-node cluster, direct", "cluster", None, None,
          ("--cluster-mode",)),
     Kind("cluster", "single-node cluster, clusters: entry", "cluster", "cluster",
@@ -333,9 +335,10 @@ def cacheport_config(k: Kind, upstream: int, listen: int, certs: Path, state: Pa
                                 "upstream": f"{HOST}:{upstream}", "protocol": "redis"}
     if k.listener in ("native", "python"):
         listener["relay"] = k.listener
-    elif k.listener == "tls":
+    elif k.listener in ("tls", "tls-native"):
         listener["tls"] = {"cert": str(certs / "server.crt"), "key": str(certs / "server.key"),
                            "client_ca": str(certs / "ca.crt")}
+        listener["relay"] = "native" if k.listener == "tls-native" else "python"
     top["listeners"] = [listener]
     return top
 
@@ -791,6 +794,12 @@ def _unavailable(k: Kind, certs: Path) -> str:
 
         if not native_available():
             return "the native relay engine is not built here (no C compiler?)"
+    if k.listener == "tls-native":
+        sys.path.insert(0, str(ROOT))
+        from proxy.relay.engine import native_tls_available
+
+        if not native_tls_available():
+            return "the native relay engine was not built with libssl here"
     return ""
 
 

@@ -26,19 +26,27 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import closes
+from . import closes, preread
 from .config import Address, ListenerConfig
 from .health.state import State, choose_upstream
 from .logs import CONNECTIONS
 from .metrics import UpstreamBook
-from .protocols import proxy_header
+from .protocols import proxy_header, tls_hello
+from .relay import tls_layer
 from .relay.buffered import BufferPool, Relay
 from .relay.choose import RelayKind, relay_order, serving_relay
-from .relay.engine import AnyRelay, NativeRelay, choose_native, native_available
+from .relay.engine import (
+    AnyRelay,
+    NativeRelay,
+    choose_native,
+    native_available,
+    native_tls_available,
+    tls_spec,
+)
 from .relay.pipes import splice_supported
 from .relay.splice import SpliceRelay, choose_hub
 from .resolver import ResolveError, Resolver
-from .tls import ListenerTls
+from .tls import LEG_CLIENT, LEG_UPSTREAM, ListenerTls, record_certificate_expiry
 
 log = logging.getLogger("cacheport.listener")
 
@@ -54,9 +62,8 @@ _ACCEPT_BACKOFF = 0.5
 _WARN_INTERVAL = 10.0
 # The spec asks receivers to wait "at least 3 seconds to cover a TCP retransmit".
 PROXY_HEADER_TIMEOUT = 3.0
-# A header split across segments is rare (the spec: it fits one); between peeks of an
-# incomplete one the listener waits this long instead of spinning on a readable socket.
-_PEEK_PAUSE = 0.005
+# sni_routes: how long a client may take to send its whole ClientHello.
+CLIENT_HELLO_TIMEOUT = 5.0
 
 
 class _FdReserve:
@@ -99,11 +106,12 @@ class BindError(Exception):
     """A listener could not bind its address."""
 
 
-def relays_here() -> frozenset[RelayKind]:
-    """The relays this install can run: the engine only where it was built, splice only
-    where the kernel has splice(2); buffered everywhere."""
+def relays_here(tls: bool = False) -> frozenset[RelayKind]:
+    """The relays this install can run: the engine only where it was built (for ``tls``
+    listeners, built with libssl), splice only where the kernel has splice(2); buffered
+    everywhere."""
     here = {RelayKind.BUFFERED}
-    if native_available():
+    if native_tls_available() if tls else native_available():
         here.add(RelayKind.ENGINE)
     if splice_supported():
         here.add(RelayKind.SPLICE)
@@ -224,6 +232,9 @@ class Listener:
         self._tls_warn = _RateLimitedLog()
         self._proxy_warn = _RateLimitedLog()
         self.tls = ListenerTls(config)
+        # notAfter of the certificate the peers showed the engine at their last handshake,
+        # per leg ("upstream", "client"): the certificate expiry gauge reads it.
+        self.tls_peer_expiry: dict[str, float] = {}
         self._per_client: dict[str, int] = {}  # live connections per source IP
         self._not_allowed_seen: dict[str, float] = {}
         # log_connections: when each relay's connection began (wall, monotonic) and the
@@ -256,8 +267,8 @@ class Listener:
     @property
     def relay(self) -> RelayKind:
         """Which relay serves this listener's connections on this install (``/status``)."""
-        return serving_relay(self.config, relays_here(), rewriting=self.rewriting,
-                             framed=self.framed)
+        return serving_relay(self.config, relays_here(tls=not self.config.may_splice),
+                             rewriting=self.rewriting, framed=self.framed)
 
     @property
     def engine_missing(self) -> bool:
@@ -496,43 +507,40 @@ class Listener:
     async def _read_header(self, client: socket.socket,
                            mode: proxy_header.Mode) -> proxy_header.Header:
         """Peek until a whole header is there (bounded in time and size), then recv it."""
-        async with asyncio.timeout(PROXY_HEADER_TIMEOUT):
-            seen = -1
-            while True:
-                await self._readable(client)
-                try:
-                    data = client.recv(proxy_header.MAX_HEADER, socket.MSG_PEEK)
-                except (BlockingIOError, InterruptedError):
-                    continue  # a spurious wake-up: nothing to read after all
-                if not data:
-                    raise EOFError("closed")
-                header = proxy_header.parse(data, mode)
-                if header is not None:
-                    break
-                if len(data) == seen:
-                    # Nothing new since the last peek: the socket stays readable (the
-                    # partial header is there), so wait rather than spin.
-                    await asyncio.sleep(_PEEK_PAUSE)
-                seen = len(data)
+        header = await preread.peek(self.loop, client,
+                                    lambda data: proxy_header.parse(data, mode),
+                                    proxy_header.MAX_HEADER, PROXY_HEADER_TIMEOUT)
         # The bytes are in the kernel's buffer already: one recv takes exactly them.
         taken = client.recv(header.length)
         if len(taken) != header.length:
             raise EOFError("header shrank between peek and read")
         return header
 
-    async def _readable(self, sock: socket.socket) -> None:
-        future: asyncio.Future[None] = self.loop.create_future()
-        fd = sock.fileno()
-
-        def ready() -> None:
-            if not future.done():
-                future.set_result(None)
-
-        self.loop.add_reader(fd, ready)
+    async def _route_by_sni(self, client: socket.socket, source: str,
+                            config: ListenerConfig) -> Address | None:
+        """sni_routes: the upstream for the server name in the client's ClientHello, which
+        stays in the stream for it; None (counted, logged) refuses the client."""
+        reason = detail = ""
         try:
-            await future
-        finally:
-            self.loop.remove_reader(fd)
+            hello = await preread.peek(self.loop, client, tls_hello.parse,
+                                       tls_hello.MAX_HELLO, CLIENT_HELLO_TIMEOUT)
+        except tls_hello.HelloError as exc:
+            reason, detail = exc.reason, str(exc)
+        except TimeoutError:
+            reason, detail = "client_hello_timeout", f"none within {CLIENT_HELLO_TIMEOUT:g}s"
+        except (EOFError, OSError) as exc:
+            reason, detail = "client_hello_incomplete", f"connection ended first ({exc})"
+        else:
+            name = hello.server_name
+            target = config.sni_target(name) if name is not None else None
+            if target is not None:
+                return target
+            reason, detail = ("sni_no_match", f"no route for {name!r}") if name is not None \
+                else ("sni_missing", "the ClientHello names no server")
+        self.stats.refuse(reason)
+        self._tls_warn.warning("listener %s: closed a connection from %s: %s", self.name,
+                               source, detail)
+        return None
 
     def _admit(self, source: str, pending: int = 0) -> str | None:
         """Why a new client from ``source`` is refused at accept, or None to admit it."""
@@ -623,6 +631,11 @@ class Listener:
                 client.close()
                 return
             client.setblocking(False)
+            if config.sni_routes:
+                target = await self._route_by_sni(client, source, config)
+                if target is None:
+                    client.close()
+                    return
             _tune(client)
             # Who moves the bytes (relay/choose.py): the native engine or a splice relay
             # takes the raw sockets; the buffered Relay wraps them in transports. Each
@@ -636,8 +649,14 @@ class Listener:
                 relay = self.relay_factory.native(  # type: ignore[attr-defined]
                     native, config.buffer_size, self._upstream_relay_closed, source)
             elif native is not None:
-                relay = NativeRelay(native, config.buffer_size, self._upstream_relay_closed,
-                                    source, config.copy)
+                relay = NativeRelay(
+                    native, config.buffer_size, self._upstream_relay_closed, source,
+                    config.copy, tls=tls_spec(tls.server, tls.client,
+                                              self._upstream_name(config, target)),
+                    on_tls_failure=lambda side, why: self._tls_failed(side, why, source,
+                                                                      target, config),
+                    on_tls_peer=self._tls_peer,
+                    handshake_timeout=config.connect_timeout)
             elif hub is not None:
                 relay = SpliceRelay(hub, self.pool, self._upstream_relay_closed, source,
                                     adaptive=config.copy == "auto")
@@ -701,40 +720,67 @@ class Listener:
 
     async def _client_handshake(self, relay: Relay, client: socket.socket, source: str,
                                 config: ListenerConfig) -> bool:
-        side = relay.client
+        side, context = relay.client, self.tls.server
+        assert context is not None
         try:
-            transport, _ = await self.loop.connect_accepted_socket(
-                lambda: side, client, ssl=self.tls.server,
-                ssl_handshake_timeout=config.connect_timeout)
+            layer = await tls_layer.wrap(self.loop, side, client, context, server_side=True,
+                                         handshake_timeout=config.connect_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
             self._tls_warn.warning("listener %s: TLS handshake with client %s failed: %s",
                                    self.name, source, _tls_reason(exc), listener=self.name,
                                    client=source, reason=closes.TLS_HANDSHAKE_FAILED)
             self._discard(relay, client, None)
             return False
-        self.tls.client_seen(transport.get_extra_info("ssl_object"))  # the expiry gauge
+        self.tls.client_seen(layer.sslobj)  # the expiry gauge
         return True
+
+    def _upstream_name(self, config: ListenerConfig, target: Address | None) -> str | None:
+        """SNI and the name the node's certificate must carry; a backup is another node:
+        without an explicit server_name it is named by its host."""
+        name = self.tls.server_name
+        if target is not None and target != config.upstream and \
+                config.upstream_tls is not None and config.upstream_tls.server_name is None:
+            name = target.host
+        return name
+
+    def _tls_failed(self, side: int, reason: str, source: str, target: Address | None,
+                    config: ListenerConfig) -> None:
+        """A handshake the native engine ran failed: counted and logged as the Python
+        relay's are."""
+        if side == 0:
+            self.stats.refuse(closes.TLS_HANDSHAKE_FAILED)
+            self._tls_warn.warning("listener %s: TLS handshake with client %s failed: %s",
+                                   self.name, source, reason)
+        else:
+            self.stats.refuse(closes.UPSTREAM_TLS_FAILED)
+            self._tls_warn.warning("listener %s: TLS handshake with upstream %s (name %s) "
+                                   "failed: %s; client closed", self.name, target,
+                                   self._upstream_name(config, target), reason)
+
+    def _tls_peer(self, side: int, not_after: float) -> None:
+        """The notAfter of the certificate a peer showed the engine at a handshake: the
+        node's (side 1), or a client's under mutual TLS (side 0)."""
+        leg = LEG_CLIENT if side == 0 else LEG_UPSTREAM
+        self.tls_peer_expiry[leg] = not_after
+        record_certificate_expiry(self.name, leg, not_after)
 
     async def _upstream_handshake(self, relay: Relay, upstream: socket.socket,
                                   config: ListenerConfig, target: Address) -> bool:
         side = relay.upstream
-        # A backup is another node: without an explicit server_name it is named by its host.
-        name = self.tls.server_name
-        if target != config.upstream and config.upstream_tls is not None \
-                and config.upstream_tls.server_name is None:
-            name = target.host
+        name = self._upstream_name(config, target)
+        context = self.tls.client
+        assert context is not None
         try:
-            transport, _ = await self.loop.create_connection(
-                lambda: side, sock=upstream, ssl=self.tls.client,
-                server_hostname=name,
-                ssl_handshake_timeout=config.connect_timeout)
+            layer = await tls_layer.wrap(self.loop, side, upstream, context, server_side=False,
+                                         server_hostname=name,
+                                         handshake_timeout=config.connect_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
             self._tls_warn.warning("listener %s: TLS handshake with upstream %s (name %s) "
                                    "failed: %s; client closed", self.name, target,
                                    name, _tls_reason(exc), listener=self.name,
                                    upstream=str(target), reason=closes.UPSTREAM_TLS_FAILED)
             return False
-        self.tls.upstream_seen(transport.get_extra_info("ssl_object"))  # the expiry gauge
+        self.tls.upstream_seen(layer.sslobj)  # the expiry gauge
         return True
 
     def _discard(self, relay: AnyRelay | None, client: socket.socket,
@@ -814,12 +860,16 @@ class Listener:
         if upstream is None:
             return  # never reached its upstream: counted (and logged) as refused
         reason = relay.why or closes.UNKNOWN
-        self.stats.close(reason)
+        # A handshake the engine ran that failed is a refusal (counted by _tls_failed), as
+        # on the Python relay, where no relay starts before both handshakes.
+        refused = reason in (closes.TLS_HANDSHAKE_FAILED, closes.UPSTREAM_TLS_FAILED)
+        if not refused:
+            self.stats.close(reason)
         if began is not None:
             wall, mono, port = began
             CONNECTIONS.put(wall, time.monotonic() - mono, self.name,
                             _client(relay.source, port), str(upstream),
-                            relay.bytes_upstream, relay.bytes_downstream, reason, False)
+                            relay.bytes_upstream, relay.bytes_downstream, reason, refused)
 
     def _refuse(self, reason: str, source: str, port: int, upstream: Address | None = None,
                 began: tuple[float, float, int] | None = None) -> None:

@@ -20,8 +20,16 @@ SUFFIX=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"
     -Wall -Wextra -Wno-missing-field-initializers -Wno-unused-parameter -I"$INC" \
     "$ROOT"/proxy/relay/{engine,resp_framer,nodemap,framer_py}.c \
     -o "$WORK/proxy/relay/_engine$SUFFIX" -lpthread
+# The TLS build too, where libssl's headers are installed (tls_engine.c).
+if [ -e /usr/include/openssl/ssl.h ]; then
+    "$CC" -shared -fPIC -g -O1 -fsanitize=address,undefined -fno-omit-frame-pointer \
+        -Wall -Wextra -Wno-missing-field-initializers -Wno-unused-parameter -I"$INC" \
+        -DCACHEPORT_TLS=1 "$ROOT"/proxy/relay/{engine,resp_framer,nodemap,framer_py,tls_engine}.c \
+        -o "$WORK/proxy/relay/_engine_tls$SUFFIX" -lpthread -lssl -lcrypto
+fi
 cd "$WORK"
-[ $# -gt 0 ] || set -- tests/test_native_cluster.py tests/test_framer_fuzz.py tests/test_native.py
+[ $# -gt 0 ] || set -- tests/test_native_cluster.py tests/test_framer_fuzz.py tests/test_native.py \
+    tests/test_native_tls.py
 LD_PRELOAD="$LIBASAN" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
     UBSAN_OPTIONS=${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1} \
     "$PY" -m pytest -q -p no:cacheprovider "$@"

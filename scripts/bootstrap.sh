@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what cacheport's demo and tests need on a Debian/Ubuntu machine:
 # apt packages (memcached, redis-server, redis-tools, python3-venv, iproute2,
-# iptables for the network-namespace tests, gcc and the Python headers for the
-# native relay engine), a
+# iptables for the network-namespace tests, gcc, the Python headers and libssl's
+# headers for the native relay engine and its TLS), a
 # virtualenv in .venv, and cacheport itself with its test extras.
 # Sourced by scripts/demo.sh and scripts/test.sh; safe to run again.
 set -euo pipefail
@@ -10,7 +10,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${CACHEPORT_VENV:-$ROOT/.venv}
 APT_PACKAGES=(memcached redis-server redis-tools python3-venv netcat-openbsd iproute2 iptables
-              gcc libc6-dev python3-dev haproxy)
+              gcc libc6-dev python3-dev libssl-dev haproxy)
 EXTRAS=${CACHEPORT_EXTRAS:-dev}
 
 say() { printf '==> %s\n' "$*" >&2; }
@@ -35,6 +35,8 @@ missing_build_tools() {
     python3 -c 'import os, sysconfig, sys
 sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
         2>/dev/null || missing+=(Python.h)
+    # The engine's TLS (proxy/relay/tls_engine.c); without it TLS stays on the Python relay.
+    [ -e /usr/include/openssl/ssl.h ] || missing+=(openssl/ssl.h)
     printf '%s\n' "${missing[@]}"
 }
 
@@ -73,25 +75,29 @@ Python >= 3.11 with venv -- then run this command again."
     [ -z "$missing" ] || die "still missing after apt-get: ${missing//$'\n'/ }"
 }
 
-# HAProxy, the peer the bench compares against (python -m bench run, and scale's check
-# CPU): only with CACHEPORT_BENCH_PEERS=1, and never required -- the bench skips a peer
-# that is not installed.
+# The bench's peers: HAProxy (python -m bench run, and scale's check CPU), and for
+# python -m bench tls also stunnel and nginx's stream module: only with
+# CACHEPORT_BENCH_PEERS=1, and never required -- the bench skips a peer that is not
+# installed.
 install_bench_peers() {
     [ "${CACHEPORT_BENCH_PEERS:-0}" = 1 ] || return 0
-    if command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ]; then
-        return 0
-    fi
+    local peers=()
+    command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || peers+=(haproxy)
+    command -v stunnel4 >/dev/null 2>&1 || peers+=(stunnel4)
+    command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || peers+=(nginx-light)
+    [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || peers+=(libnginx-mod-stream)
+    [ ${#peers[@]} -gt 0 ] || return 0
     local sudo=()
     [ "$(id -u)" -eq 0 ] || sudo=(sudo)
     if ! command -v apt-get >/dev/null 2>&1 \
             || { [ ${#sudo[@]} -gt 0 ] && ! command -v sudo >/dev/null 2>&1; }; then
-        say "CACHEPORT_BENCH_PEERS=1: cannot apt-get install haproxy here; the bench skips it"
+        say "CACHEPORT_BENCH_PEERS=1: cannot apt-get install ${peers[*]} here; the bench skips them"
         return 0
     fi
-    say "installing haproxy for the bench (CACHEPORT_BENCH_PEERS=1)"
+    say "installing ${peers[*]} for the bench (CACHEPORT_BENCH_PEERS=1)"
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-        --no-install-recommends haproxy >/dev/null \
-        || say "installing haproxy failed; the bench skips it"
+        --no-install-recommends "${peers[@]}" >/dev/null \
+        || say "installing ${peers[*]} failed; the bench skips them"
 }
 
 check_python() {

@@ -239,15 +239,22 @@ def test_cluster_side_by_side_measures_direct_plain_and_rewriting(tmp_path: Path
     assert _processes_mentioning(str(tmp_path)) == []  # TMPDIR: this run's own
 
 
-@pytest.mark.timeout(90)
-def test_tls_side_by_side_measures_plain_and_terminating_listeners(tmp_path: Path) -> None:
+@pytest.mark.timeout(150)
+def test_tls_side_by_side_measures_both_legs_on_every_target(tmp_path: Path) -> None:
     pytest.importorskip("trustme")
-    result = _bench(tmp_path, "tls", "--reps", "1", "--requests", "300", timeout=80)
+    result = _bench(tmp_path, "tls", "--reps", "1", "--requests", "300", "--latency", "50",
+                    "--small-values", "20", "--big-values", "3", "--connects", "10",
+                    "--idle", "5", timeout=140)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = _table_rows(result.stdout)
-    assert set(rows) == {"direct", "direct TLS (redis-server)", "cacheport", "cacheport TLS"}
-    for name, cells in rows.items():
-        assert float(cells[0].replace(",", "")) > 0, (name, result.stdout)
+    term, orig = result.stdout.split("Origination")
+    for table, base in ((term, "redis-server TLS port"), (orig, "direct (plain)")):
+        rows = _table_rows(table)
+        assert {base, "cacheport relay: native", "cacheport relay: python"} <= set(rows), table
+        assert set(rows) <= {base, "cacheport relay: native", "cacheport relay: python",
+                             "stunnel", "haproxy", "nginx"}, table
+        for name, cells in rows.items():
+            # p50, p99 added; then pipelined, 16 KB and 1 MB GET/s: all measured
+            assert all(float(c.replace(",", "")) > 0 for c in cells[2:5]), (name, table)
     assert _processes_mentioning(str(tmp_path)) == []
 
 

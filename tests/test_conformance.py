@@ -26,12 +26,7 @@ PROXIED = [k.name for k in cf.KINDS if k.baseline is not None]
 
 # Failures already filed, by kind and test: they make a kind's test xfail (naming them)
 # instead of failing it; any other difference fails. Remove an entry when its fix lands.
-TLS_DESYNC = ("issue 33 defect 1, TLS-terminating listener only: a client that keeps writing "
-              "after Redis's protocol error and reset does not always read that error reply "
-              "(native, python and clusters: pass); see docs/conformance.md")
-KNOWN: dict[tuple[str, str], str] = {
-    ("tls", f"Protocol desync regression test #{n}"): TLS_DESYNC for n in (1, 2, 3)
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ server fails first (EPIPE/ECONNRESET) while the reply waits on the server's sock
 relay must still read it and deliver it before it passes the reset on (issue 33, defect
 1). The mirror image -- the client's last command before its reset still lands -- and
 half-closes in both orders are checked on the same routes: each plain copy path of the
-engine and of the Python relays, TLS on either leg, and the two cluster listeners.
+engine and of the Python relays, TLS on either leg (Python's and the engine's), and the
+two cluster listeners.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import trustme
 from pymemcache.client.base import Client as MemcacheClient
 
 from proxy.relay.buffered import DRAIN_GRACE
-from proxy.relay.engine import native_available
+from proxy.relay.engine import native_available, native_tls_available
 from tests.cluster_helpers import ConfigEndpoint, free_range
 from tests.support import (
     ProxyThread,
@@ -57,8 +58,10 @@ GARBAGE = b"*\x00" + b"x" * (1 << 20)
 
 _NATIVE = pytest.mark.skipif(not native_available(),
                              reason="the native relay engine was not built here")
+_NATIVE_TLS = pytest.mark.skipif(not native_tls_available(),
+                                 reason="the native relay engine was not built with libssl")
 PLAIN = ["native-buffer", "native-splice", "native-auto", "splice", "auto", "buffer"]
-TLS = ["tls-client", "tls-upstream"]
+TLS = ["tls-client", "tls-upstream", "native-tls-client", "native-tls-upstream"]
 CLUSTER = ["redis-cluster", "native-redis-cluster", "memcached-cluster"]
 
 
@@ -66,7 +69,8 @@ def _routes(kinds: list[str], *, asyncio_too: bool = True) -> list[Any]:
     """(kind, loop) pairs: the engine does not depend on the loop; Python relays do."""
     out = []
     for kind in kinds:
-        marks = [_NATIVE] if kind.startswith("native-") else []
+        marks = [_NATIVE_TLS if "tls" in kind else _NATIVE] if kind.startswith("native-") \
+            else []
         out.append(pytest.param(kind, "uvloop", marks=marks, id=f"{kind}-uvloop"))
         if asyncio_too and not kind.startswith("native-") and kind in ("splice", "buffer",
                                                                       "tls-client",
@@ -170,7 +174,7 @@ def route(kind: str, loop_kind: str, tmp_path: Path, pki: dict[str, str]) -> Ite
     stack = contextlib.ExitStack()
     with stack:
         server_tls = client_tls = None
-        if kind == "tls-upstream":
+        if kind.endswith("tls-upstream"):
             server = _tls_redis(pki)
             server_tls = ssl.create_default_context(cafile=pki["ca"])
         elif kind.endswith("redis-cluster"):
@@ -199,11 +203,13 @@ def route(kind: str, loop_kind: str, tmp_path: Path, pki: dict[str, str]) -> Ite
                                         "upstream": server.address, "protocol": "redis"}
             if kind in PLAIN:
                 listener.update(copy_fields(kind))
-            elif kind == "tls-client":
+            elif kind.endswith("tls-client"):
                 listener["tls"] = {"cert": pki["cert"], "key": pki["key"]}
                 client_tls = ssl.create_default_context(cafile=pki["ca"])
             else:
                 listener["upstream_tls"] = {"ca": pki["ca"], "server_name": "localhost"}
+            if kind in TLS:
+                listener["relay"] = "native" if kind.startswith("native-") else "python"
             config = make_config([listener])
         proxy = ProxyThread(config, loop_kind).start()
         stack.callback(proxy.stop)
@@ -292,21 +298,9 @@ REPEAT_A = 60
 REPEAT_B = 12
 
 
-_FAILED_TLS_SIDE = pytest.mark.xfail(
-    reason="the failed side speaks TLS: its last records are in its socket or in asyncio's "
-           "TLS layer, which is gone by connection_lost, so they cannot be decrypted (see "
-           "docs/hot-loop.md, 'When a side fails')", strict=False)
-
-
-def _failing_tls(routes: list[Any], kind: str) -> list[Any]:
-    """``routes`` with the ones whose failing side is TLS (``kind``) marked."""
-    return [pytest.param(*p.values, marks=[*p.marks, _FAILED_TLS_SIDE], id=p.id)
-            if p.values[0] == kind else p for p in routes]
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(("kind", "loop_kind"),
-                         _failing_tls(_routes(PLAIN + TLS + CLUSTER), "tls-upstream"))
+                         _routes(PLAIN + TLS + CLUSTER))
 def test_the_servers_last_reply_before_its_reset_reaches_the_client(
         kind: str, loop_kind: str, tmp_path: Path, pki: dict[str, str]) -> None:
     with route(kind, loop_kind, tmp_path, pki) as r:
@@ -317,7 +311,7 @@ def test_the_servers_last_reply_before_its_reset_reaches_the_client(
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(("kind", "loop_kind"),
-                         _failing_tls(_routes(PLAIN + TLS + CLUSTER), "tls-client"))
+                         _routes(PLAIN + TLS + CLUSTER))
 def test_the_clients_last_command_before_its_reset_reaches_the_server(
         kind: str, loop_kind: str, tmp_path: Path, pki: dict[str, str]) -> None:
     size = (900 << 10) if kind == "memcached-cluster" else (6 << 20)  # memcached: 1 MB items
@@ -333,15 +327,60 @@ def _half_close_exchange(r: Route) -> tuple[bytes, bytes]:
     return b"SET k v\r\nGET k\r\n", b"+OK\r\n$1\r\nv\r\n"
 
 
+def tls_half_close(r: Route, request: bytes) -> bytes:
+    """A TLS client that sends ``request``, then close_notify and a FIN, and reads to the
+    server's close_notify (Python's SSLSocket cannot half-close: it drops TLS)."""
+    assert r.client_tls is not None
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = r.client_tls.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with socket.create_connection((HOST, r.port), timeout=10) as sock:
+        def pump(step: Callable[[], Any]) -> Any:
+            while True:
+                try:
+                    return step()
+                except ssl.SSLWantReadError:
+                    if outgoing.pending:
+                        sock.sendall(outgoing.read())
+                    data = sock.recv(1 << 16)
+                    if data:
+                        incoming.write(data)
+                    else:
+                        incoming.write_eof()
+                finally:
+                    if outgoing.pending:
+                        sock.sendall(outgoing.read())
+
+        pump(tls.do_handshake)
+        tls.write(request)
+        with contextlib.suppress(ssl.SSLWantReadError):
+            tls.unwrap()  # close_notify, without waiting for the server's
+        sock.sendall(outgoing.read())
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while True:
+            try:
+                chunk = pump(lambda: tls.read(1 << 16))
+            except ssl.SSLZeroReturnError:
+                return data
+            if not chunk:
+                return data
+            data += chunk
+
+
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(("kind", "loop_kind"), _routes(PLAIN + CLUSTER))
+@pytest.mark.parametrize(("kind", "loop_kind"),
+                         _routes([*PLAIN, *TLS, "native-tls-upstream", *CLUSTER]))
 def test_client_half_close_after_a_request_still_gets_the_reply_then_eof(
         kind: str, loop_kind: str, tmp_path: Path, pki: dict[str, str]) -> None:
-    """Not over TLS on either leg: asyncio's TLS transports have no half-open state, so
-    a client's FIN cannot be passed on over TLS (docs/hot-loop.md)."""
+    """Over TLS a half-close is close_notify then FIN: the Python relay's own TLS layer and
+    the engine pass either on as the other leg's half-close. (Not with a TLS client on the
+    engine here: Python's SSLSocket cannot send close_notify and go on reading.)"""
     with route(kind, loop_kind, tmp_path, pki) as r:
         request, reply = _half_close_exchange(r)
         for _ in range(20):
+            if r.client_tls is not None:
+                assert tls_half_close(r, request) == reply
+                continue
             sock = r.connect()
             sock.sendall(request)
             sock.shutdown(socket.SHUT_WR)
@@ -385,7 +424,8 @@ def _push_then_reset(conn: socket.socket) -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(("kind", "loop_kind"), _routes([*PLAIN, "tls-client"]))
+@pytest.mark.parametrize(("kind", "loop_kind"),
+                         _routes([*PLAIN, "tls-client", "native-tls-client"]))
 def test_a_drain_toward_a_client_that_stops_reading_ends_within_the_grace(
         kind: str, loop_kind: str, pki: dict[str, str]) -> None:
     """Both ways full, the upstream resets: cacheport's write to it fails, and what the
@@ -394,8 +434,9 @@ def test_a_drain_toward_a_client_that_stops_reading_ends_within_the_grace(
         listener: dict[str, Any] = {"name": "t", "listen": f"{HOST}:0",
                                     "upstream": f"{HOST}:{upstream}", "protocol": "tcp"}
         client_tls = None
-        if kind == "tls-client":
+        if kind.endswith("tls-client"):
             listener["tls"] = {"cert": pki["cert"], "key": pki["key"]}
+            listener["relay"] = "native" if kind.startswith("native-") else "python"
             client_tls = ssl.create_default_context(cafile=pki["ca"])
         else:
             listener.update(copy_fields(kind))

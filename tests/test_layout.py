@@ -97,6 +97,7 @@ LAYERS: dict[str, int] = {
     "proxy.relay": 0,  # the package's __init__, pipes, buffered
     "proxy.tls": 1,
     "proxy.resolver": 1,
+    "proxy.preread": 1,  # peeks at what a connection starts with (PROXY header, ClientHello)
     "proxy.reload": 1,
     "proxy.metrics": 1,
     "proxy.fleet": 1,

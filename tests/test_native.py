@@ -263,9 +263,6 @@ def test_many_connections_open_and_close_while_others_stream(loop_kind: str) -> 
 
 
 @pytest.mark.parametrize(("extra", "defaults", "expected"), [
-    ({"relay": "native", "upstream_tls": True}, {}, "field 'relay': native relays plain"),
-    ({"protocol": "redis", "upstream_tls": True}, {"relay": "native"},
-     "native (set in defaults) relays plain"),
     ({"relay": "c"}, {}, "field 'relay': expected one of auto, native, python, got 'c'"),
 ])
 def test_relay_setting_is_validated(extra: dict[str, Any],

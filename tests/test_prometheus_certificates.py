@@ -63,6 +63,7 @@ def test_a_bundle_reports_its_earliest_certificate_and_a_changed_file_is_read_ag
 def test_every_leg_has_its_gauge_and_the_peers_ones_come_with_the_first_handshake(
     pki: Pki,  # noqa: F811
 ) -> None:
+    PEERS.forget("tls")  # per process: another test's listener "tls" may have handshaken
     server_until = datetime.datetime(2033, 3, 3, tzinfo=UTC)
     node_until = datetime.datetime(2034, 4, 4, tzinfo=UTC)
     server_cert, server_key = pki.issue("front", not_after=server_until)

@@ -1,25 +1,35 @@
-"""TLS on both legs, with certificates made by trustme and real TLS-enabled servers."""
+"""TLS on both legs, with certificates made by trustme and real TLS-enabled servers.
+
+Every test runs on both relays that speak TLS: the Python one (``relay: python``, asyncio's
+TLS) and the native engine (``relay: native``: OpenSSL in the engine thread).
+"""
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import socket
 import ssl
 import subprocess
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 import redis
 import trustme
 import yaml
 from pymemcache.client.base import Client
 
+import tests.support
 from proxy.config import load_config
+from proxy.relay.engine import native_tls_available
 from tests.support import (
+    CacheportProcess,
     ProxyThread,
     ServerProcess,
     free_port,
@@ -28,6 +38,27 @@ from tests.support import (
     running_proxy,
     wait_until,
 )
+from tests.upstreams import pattern, push, tcp_upstream
+
+RELAYS = [pytest.param("python"),
+          pytest.param("native", marks=pytest.mark.skipif(
+              not native_tls_available(), reason="the engine was not built with libssl"))]
+_relay = "python"
+
+
+@pytest.fixture(autouse=True, params=RELAYS)
+def relay(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Each test once per relay: listeners without a ``relay`` get this one."""
+    global _relay
+    _relay = request.param
+    real = tests.support.make_config
+
+    def with_relay(listeners: list[dict[str, object]], **top: object) -> object:
+        return real([{"relay": _relay, **lc} for lc in listeners], **top)
+
+    monkeypatch.setattr(tests.support, "make_config", with_relay)
+    yield _relay
+    _relay = "python"
 
 
 @dataclass
@@ -89,7 +120,7 @@ def plain_redis() -> Iterator[ServerProcess]:
 
 def client_tls_listener(upstream: ServerProcess, pki: Pki, **tls: object) -> dict[str, object]:
     return {"name": "tls", "listen": "127.0.0.1:0", "upstream": upstream.address,
-            "protocol": "redis",
+            "protocol": "redis", "relay": _relay,
             "tls": {"cert": str(pki.server_cert), "key": str(pki.server_key), **tls}}
 
 
@@ -277,3 +308,41 @@ def test_bad_certificate_files_are_config_errors(tmp_path: Path, pki: Pki) -> No
 
     with pytest.raises(StartError, match="listener 'a': field 'tls': cannot use cert"):
         asyncio.run(Server(config).start())
+
+
+@pytest.mark.timeout(120)
+def test_a_stalled_tls_client_holds_cacheport_to_a_bounded_memory(
+        pki: Pki, tmp_path: Path) -> None:
+    """The relay's own TLS layer keeps the buffered relay's bound: while the TLS client
+    reads nothing, cacheport stops reading the upstream instead of taking its 64 MiB in
+    (ciphertext included), and then delivers every byte intact."""
+    size = 64 << 20
+    expected = hashlib.sha256(pattern(size)).hexdigest()
+    with tcp_upstream(push(size)) as port:
+        proxy_port = free_port()
+        config = tmp_path / "tls-bp.yaml"
+        config.write_text(yaml.safe_dump({"admin": False, "listeners": [{
+            "name": "bp", "listen": f"127.0.0.1:{proxy_port}", "upstream": f"127.0.0.1:{port}",
+            "tls": {"cert": str(pki.server_cert), "key": str(pki.server_key)}}]}))
+        proc = CacheportProcess(config)
+        try:
+            proc.wait_serving()
+            rss_before = psutil.Process(proc.pid).memory_info().rss
+            raw = socket.socket()
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+            raw.settimeout(60)
+            raw.connect(("127.0.0.1", proxy_port))
+            ctx = ssl.create_default_context(cafile=str(pki.ca_file))
+            with ctx.wrap_socket(raw, server_hostname="localhost") as sock:
+                time.sleep(2.0)  # every buffer on the way fills
+                rss_stalled = psutil.Process(proc.pid).memory_info().rss
+                digest, received = hashlib.sha256(), 0
+                while received < size and (chunk := sock.recv(1 << 20)):
+                    digest.update(chunk)
+                    received += len(chunk)
+        finally:
+            proc.stop()
+    assert received == size
+    assert digest.hexdigest() == expected
+    growth = rss_stalled - rss_before
+    assert growth < 8 << 20, f"cacheport grew {growth >> 20} MiB while the TLS client stalled"

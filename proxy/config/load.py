@@ -55,6 +55,7 @@ from .resolved import (
     TlsConfig,
     UpstreamTlsConfig,
 )
+from .sni import SniRoute
 from .values import (
     DEFAULT_CHECK_TIMEOUT,
     DEFAULT_DRAIN_DELAY,
@@ -233,13 +234,20 @@ class _Resolver:
         settings = {key: _setting(key, section, self.defaults) for key in TUNABLE_KEYS}
         protocol: Protocol = settings["protocol"]
         default_port = DEFAULT_PORTS.get(protocol)
-        upstream = ctx.field(raw, "upstream", where, parse_upstream, default_port)
+        routes = self.sni_routes(section, raw, settings, default_port, where)
+        if routes:
+            upstream = routes[0].upstream
+        elif "upstream" not in given:
+            raise ctx.error("missing required field 'upstream' (or sni_routes)", line=raw.line,
+                            where=where)
+        else:
+            upstream = ctx.field(raw, "upstream", where, parse_upstream, default_port)
         backup = (ctx.field(raw, "backup", where, parse_backup, upstream, default_port)
                   if "backup" in given else ())
         own = _health_spec(ctx, section.health, raw.get("health"), where) \
             if "health" in given else None
         health = _merge_health(ctx, self.default_health, own, "health" in given, protocol,
-                               where, raw.line)
+                               where, raw.line) if not routes else None
         if health is None:
             # Without checks nothing ever says the upstream is DOWN, so these would never act.
             for key in ("backup", "on_down"):
@@ -255,7 +263,7 @@ class _Resolver:
                 line=raw.lines.get("listen", raw.line), where=where)
         _check_proxy_protocol(ctx, settings, raw, given, where)
         lc = ListenerConfig(name=section.name, listen=listen, upstream=upstream, backup=backup,
-                            health=health, **settings)
+                            health=health, sni_routes=routes, **settings)
         if lc.copy == "splice" and not lc.may_splice:
             origin = "" if "copy" in given else " (set in defaults)"
             raise ctx.error(
@@ -263,14 +271,50 @@ class _Resolver:
                 "upstream_tls -- and TLS is encrypted and decrypted in userspace; use copy: "
                 "auto or buffer for this listener", line=raw.lines.get("copy", raw.line),
                 where=where)
-        if lc.relay == "native" and not lc.may_splice:
-            origin = "" if "relay" in given else " (set in defaults)"
-            raise ctx.error(
-                f"field 'relay': native{origin} relays plain byte streams only -- no tls or "
-                "upstream_tls -- and TLS is encrypted and decrypted in Python; use relay: auto "
-                "or python for this listener", line=raw.lines.get("relay", raw.line),
-                where=where)
         return lc
+
+    def sni_routes(self, section: ListenerSection, raw: YamlMap, settings: dict[str, Any],
+                   default_port: int | None, where: str) -> tuple[SniRoute, ...]:
+        """The listener's routes by server name; what cannot go with them is an error."""
+        if section.sni_routes is None:
+            return ()
+        ctx, given = self.ctx, section.given()
+        line = raw.lines.get("sni_routes", raw.line)
+        if not section.sni_routes:
+            raise ctx.error("field 'sni_routes': expected at least one route (server_name, "
+                            "upstream)", line=line, where=where)
+        for key, why in (("upstream", "each route names its upstream"),
+                         ("backup", "a route's upstream has no backups"),
+                         ("health", "routes have no fixed upstream to check"),
+                         ("tls", "TLS passes through to the node, which terminates it"),
+                         ("upstream_tls", "TLS passes through untouched")):
+            if key in given:
+                if key == "health" and section.health is None:
+                    continue  # health: off says what sni_routes implies
+                origin = ""
+            elif key in ("tls", "upstream_tls") and settings[key] is not None:
+                origin = " (set in defaults)"
+            else:
+                continue
+            raise ctx.error(f"field {key!r}{origin} cannot go with sni_routes: {why}",
+                            line=raw.lines.get(key, line), where=where)
+        routes: list[SniRoute] = []
+        seen: set[str] = set()
+        raw_routes = raw.get("sni_routes")
+        for index, entry in enumerate(section.sni_routes):
+            at = f"{where}sni_routes[{index}]: "
+            line = getattr(raw_routes[index], "line", line) if isinstance(raw_routes, list) \
+                else line
+            port = entry.upstream.port or default_port
+            if port is None:
+                raise ctx.error("field 'upstream': missing port (protocol tcp has no default "
+                                "port)", line=line, where=at)
+            if entry.server_name in seen:
+                raise ctx.error(f"field 'server_name': {entry.server_name} is routed twice",
+                                line=line, where=at)
+            seen.add(entry.server_name)
+            routes.append(SniRoute(entry.server_name, Address(entry.upstream.host, port)))
+        return tuple(routes)
 
     def listeners(self, admin: AdminConfig | None) -> list[ListenerConfig]:
         ctx = self.ctx

@@ -35,6 +35,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from . import parsers as v
+from .sni import parse_sni_pattern, parse_sni_upstream
 from .values import (
     COPY_MODES,
     DEFAULT_ADMIN_PORT,
@@ -125,6 +126,7 @@ Size = Annotated[int, P(v.parse_size), S(SIZE), Kind("size")]
 Listen = Annotated[Address, P(v.parse_listen), S(BIND), Kind("[host:]port")]
 AdminListen = Annotated[Address, P(v.parse_admin_listen), S(BIND), Kind("[host:]port")]
 Upstream = Annotated[Address, P(v.parse_upstream_form), S(TEXT), Kind("host[:port]")]
+MaybeUpstream = Annotated[Address | None, P(v.parse_upstream_form), S(TEXT), Kind("host[:port]")]
 Backups = Annotated[tuple[Address, ...], P(v.parse_backup_form),
                     S({"type": "array", "items": TEXT, "minItems": 1}), Kind("list of host[:port]")]
 Networks = Annotated[tuple[Network, ...] | None, P(v.parse_networks), S(CIDRS),
@@ -322,6 +324,23 @@ class UpstreamTlsSection(Section):
                                            "only for tests.")
 
 
+SniPattern = Annotated[str, P(parse_sni_pattern), S(TEXT), Kind("server name or *.suffix")]
+SniUpstream = Annotated[Address, P(parse_sni_upstream), S(TEXT), Kind("host[:port]")]
+
+
+class SniRouteSection(Section):
+    """One entry of ``sni_routes``: clients asking for ``server_name`` go to ``upstream``."""
+
+    model_config = ConfigDict(title="sni_route")
+
+    server_name: SniPattern = Field(
+        description="An exact name, or *.suffix for any one label before suffix; an exact "
+                    "name wins over a wildcard.")
+    upstream: SniUpstream = Field(
+        description="host[:port] to pass the connection to; {sni} stands for the name the "
+                    "client asked for. Without a port, the protocol's (6379, 11211).")
+
+
 HealthSwitch = Annotated[HealthSection | None, BeforeValidator(
     _switch(True, "off, on or a mapping of check settings")), Kind("health")]
 
@@ -371,8 +390,9 @@ class Tunables(Section):
         "auto", alias="copy", description="How bytes move: splice(2) through a pipe, or a "
                                           "userspace buffer; auto picks (docs/hot-loop.md).")
     relay: RelayName = Field(
-        "auto", description="Who moves them: the native engine's threads or Python; auto "
-                            "picks the engine where it is built and the listener is plain. "
+        "auto", description="Who moves them: the native engine's threads (TLS included, where "
+                            "built with libssl) or Python; auto picks the engine where it is "
+                            "built. "
                             "On a redis-cluster entry, native frames and rewrites replies "
                             "in the engine (auto: Python, for now).")
     health: HealthSwitch = Field(
@@ -398,20 +418,31 @@ class DefaultsSection(Tunables):
 class ListenerSection(Tunables):
     """One port on the NAT host and the cache node it forwards to."""
 
-    model_config = ConfigDict(title="listener")
+    # ``upstream`` is required unless ``sni_routes`` names the upstreams.
+    model_config = ConfigDict(title="listener", json_schema_extra={
+        "if": {"not": {"required": ["sni_routes"]}}, "then": {"required": ["upstream"]}})
 
     name: Name = Field(description="Unique name: letters, digits, '.', '_', '-' (at most 64); "
                                    "used in logs, metrics and /status.")
     listen: Listen = Field(description="Where to bind: host:port, [v6]:port, or a bare port "
                                        "for every IPv4 address; port 0 takes any free port.")
-    upstream: Upstream = Field(description="The cache node: host:port or [v6]:port; without "
-                                           "a port, the protocol's (none for tcp).")
+    upstream: MaybeUpstream = Field(
+        None, json_schema_extra={"default": "required, unless sni_routes"},
+        description="The cache node: host:port or [v6]:port; without a port, the protocol's "
+                    "(none for tcp).")
     protocol: ProtocolName = Field(
         "tcp", description="What the upstream speaks: tcp, memcached or redis. Chooses the "
                            "health check and the upstream's default port (11211, 6379).")
     backup: Backups = Field(
         (), description="Nodes used in order while the upstream is DOWN (needs health "
                         "checks).")
+    sni_routes: list[SniRouteSection] | None = Field(
+        None, json_schema_extra={"default": "off", "minItems": 1},
+        description="Instead of upstream: read the server name of each client's TLS "
+                    "ClientHello without terminating TLS and pass the encrypted bytes to "
+                    "the matching route's upstream (docs/clusters.md, 'An encrypted "
+                    "Redis Cluster through one port'). No tls, upstream_tls, backup or "
+                    "health on such a listener.")
 
 
 class LoggingSection(Section):
@@ -587,5 +618,6 @@ class PortMap(Section):
 
 SECTIONS: tuple[type[Section], ...] = (PortMap, ListenerSection, DefaultsSection,
                                        HealthSection, TlsSection, UpstreamTlsSection,
+                                       SniRouteSection,
                                        AdminSection, ClusterSection, AwsSection,
                                        LoggingSection)

@@ -27,6 +27,7 @@ from .model import (
     ListenerSection,
     PortMap,
     Section,
+    SniRouteSection,
     TlsSection,
     UpstreamTlsSection,
 )
@@ -45,6 +46,7 @@ _SECTIONS: tuple[tuple[type[Section], str, str], ...] = (
     (TlsSection, "tls", "`tls:` in a listener, a cluster or `defaults`"),
     (UpstreamTlsSection, "upstream_tls", "`upstream_tls:` in a listener, a cluster or "
                                          "`defaults`"),
+    (SniRouteSection, "sni_routes[]", "each entry of `sni_routes` in a listener"),
     (AdminSection, "admin", "`admin:`"),
     (ClusterSection, "clusters[]", "each entry of `clusters`"),
     (AwsSection, "aws", "`aws:` (needs `cacheport[aws]`)"),
@@ -56,6 +58,7 @@ _NESTED = {"listeners": "list of [listeners[]](#listeners)",
            "tls": "off or mapping: [tls](#tls)",
            "upstream_tls": "on, off or mapping: [upstream_tls](#upstream_tls)",
            "admin": "off or mapping: [admin](#admin)",
+           "sni_routes": "list of [sni_routes[]](#sni_routes)",
            "aws": "mapping: [aws](#aws)"}
 
 

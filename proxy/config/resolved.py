@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .sni import SniRoute, route
 from .values import (
     DEFAULT_ADMIN_PORT,
     DEFAULT_BUFFER_SIZE,
@@ -99,6 +100,14 @@ class ListenerConfig:
     copy: Copy = "auto"  # how bytes move: splice(2) or a buffer
     relay: RelayKind = "auto"  # who moves them: the native engine thread, or Python
     log_connections: bool = False  # one log line per closed or refused connection
+    # Routed by the ClientHello's server name, TLS passed through (``upstream`` is then the
+    # first route's, for display only: nothing dials it).
+    sni_routes: tuple[SniRoute, ...] = ()
+
+    def sni_target(self, name: str) -> Address | None:
+        """Where a client asking for ``name`` goes (sni_routes), or None: no route."""
+        found = route(self.sni_routes, name)
+        return found.target(name) if found is not None else None
 
     @property
     def may_splice(self) -> bool:

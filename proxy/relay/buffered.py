@@ -22,17 +22,19 @@ queued before the reset rather than the error, so a plain reader never learns
 of it. Its transports turn every error into ``connection_lost``. (The splice
 path in proxy/splice.py watches raw sockets anyway, with a watchdog for this.)
 
+TLS runs in the relay (relay/tls_layer.py: an ``ssl.SSLObject`` over a plain
+transport), so a TLS side is a ``Side`` on a ``TlsTransport`` like any other.
+
 Half-close: EOF from one side becomes ``write_eof()`` (shutdown after the last
-pending byte) on the other; the relay closes once both directions are done. TLS
-has no half-close here: an upstream's EOF toward a TLS client closes the relay
-once the upstream's last bytes are sent.
+pending byte; over TLS close_notify first) on the other; the relay closes once both
+directions are done.
 
 A reset or error on one side (``connection_lost`` with an exception) cuts the way
-into it; what it sent before is still in its socket, and ``Relay.lost`` reads it
-through a duplicate descriptor (the loop closes the transport's own right after
-``connection_lost``) and delivers it, then resets the other side once its send
-queue is empty -- within ``DRAIN_GRACE``. A failed TLS side cannot be read on:
-its remaining records died with its TLS state.
+into it; what it sent before is still in its socket (and, over TLS, in its TLS
+layer), and ``Relay.lost`` reads it -- through a duplicate descriptor, since the loop
+closes the transport's own right after ``connection_lost``, decrypting on a TLS side
+-- and delivers it, then resets the other side once its send queue is empty, within
+``DRAIN_GRACE``.
 """
 
 from __future__ import annotations
@@ -45,9 +47,10 @@ import socket
 import struct
 import termios
 from collections.abc import Callable
-from typing import cast
+from typing import Protocol, cast
 
 from .. import closes
+from .tls_layer import TlsTransport
 
 _LINGER_RST = struct.pack("ii", 1, 0)
 # After one side fails, how long the bytes it sent before may take to reach the other
@@ -63,6 +66,50 @@ def _unsent(fd: int) -> int:
         return int(struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0])
     except OSError:
         return 0
+
+
+class DrainSource(Protocol):
+    """What a failed side still holds, read after its transport is gone."""
+
+    def drain_into(self, buf: memoryview) -> int:
+        """The next bytes into ``buf``; 0 at the end."""
+
+    def end_drain(self) -> None: ...
+
+
+class _SocketDrain:
+    """A plain socket's final receive queue, through a duplicate descriptor (the loop
+    closes the transport's own right after ``connection_lost``)."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def drain_into(self, buf: memoryview) -> int:
+        try:
+            return self.sock.recv_into(buf)
+        except OSError:  # the reset itself, after the last byte
+            return 0
+
+    def end_drain(self) -> None:
+        self.sock.close()
+
+
+def _drain_source(transport: asyncio.Transport | None) -> DrainSource | None:
+    """How to read what a failed side sent before it failed: its TLS layer (records
+    received but not yet decrypted, then its socket's), or its socket."""
+    if isinstance(transport, TlsTransport):
+        return transport.layer.claim_drain()
+    raw = transport.get_extra_info("socket") if transport is not None else None
+    if raw is None:
+        return None
+    try:
+        sock = socket.socket(fileno=os.dup(raw.fileno()))
+    except (OSError, ValueError):
+        return None
+    sock.setblocking(False)
+    return _SocketDrain(sock)
 
 
 class BufferPool:
@@ -167,13 +214,10 @@ class Side(asyncio.BufferedProtocol):
         relay = self.relay
         if relay.why is None:
             relay.why = closes.CLIENT_CLOSED if self is relay.client else closes.UPSTREAM_CLOSED
-        # Keep a TCP transport open: the other direction may still be sending. A TLS
-        # transport cannot stay half-open (asyncio warns if asked); it closes, and with
-        # it the relay, once the other side's pending bytes are flushed.
-        keep = self.transport.can_write_eof()  # type: ignore[union-attr]
+        # Keep the transport open: the other direction may still be sending.
         if self.relay.started:
             self.relay.half_close(self)
-        return keep
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         relay = self.relay
@@ -189,7 +233,7 @@ class Side(asyncio.BufferedProtocol):
 class Relay:
     """A client connection spliced to its upstream connection; owns both transports."""
 
-    __slots__ = ("client", "closed", "drain_sock", "dying", "grace", "half_closed", "on_close",
+    __slots__ = ("client", "closed", "drain_src", "dying", "grace", "half_closed", "on_close",
                  "settling", "source", "started", "upstream", "why")
 
     def __init__(
@@ -205,7 +249,7 @@ class Relay:
         self.closed = False
         self.started = False
         self.dying: Side | None = None  # the side that failed (lost())
-        self.drain_sock: socket.socket | None = None  # a duplicate of its socket, to drain
+        self.drain_src: DrainSource | None = None  # what is left of it, to drain
         self.grace: asyncio.TimerHandle | None = None
         self.settling = False
         self.why: str | None = None  # why it ended (proxy/closes.py): the first to know says
@@ -253,13 +297,7 @@ class Relay:
         if peer is None or peer.is_closing():
             self.close()
             return
-        if peer.can_write_eof():
-            peer.write_eof()
-        elif side is self.upstream:
-            # TLS toward the client cannot half-close: the server is done, so close once
-            # its last bytes are sent, as its own close would show directly.
-            self.close()
-            return
+        peer.write_eof()
         self.half_closed += 1
         if self.half_closed == 2:
             self.close()
@@ -290,13 +328,7 @@ class Relay:
         except RuntimeError:
             self.abort()
             return
-        dt = dead.transport
-        raw = dt.get_extra_info("socket") if dt is not None else None
-        if raw is not None and dt.get_extra_info("ssl_object") is None:  # type: ignore[union-attr]
-            with contextlib.suppress(OSError, ValueError):
-                sock = socket.socket(fileno=os.dup(raw.fileno()))
-                sock.setblocking(False)
-                self.drain_sock = sock
+        self.drain_src = _drain_source(dead.transport)
         self.drain()
 
     def drain(self) -> None:
@@ -306,17 +338,14 @@ class Relay:
         if self.closed or dead is None:
             return
         st = dead.peer.transport  # type: ignore[union-attr]
-        sock = self.drain_sock
-        while sock is not None and not self.closed:
+        src = self.drain_src
+        while src is not None and not self.closed:
             if st.get_write_buffer_size():  # type: ignore[union-attr]
                 return
-            try:
-                n = sock.recv_into(dead.pool.scratch)
-            except OSError:  # the reset itself, after the last byte
-                n = 0
+            n = src.drain_into(dead.pool.scratch)
             if n == 0:
-                sock.close()
-                sock = self.drain_sock = None
+                src.end_drain()
+                src = self.drain_src = None
                 break
             dead.pass_on(n)
         if not self.settling and not self.closed:
@@ -331,7 +360,7 @@ class Relay:
             return
         st = dead.peer.transport  # type: ignore[union-attr]
         raw = st.get_extra_info("socket")  # type: ignore[union-attr]
-        if (self.drain_sock is None and not st.get_write_buffer_size()  # type: ignore[union-attr]
+        if (self.drain_src is None and not st.get_write_buffer_size()  # type: ignore[union-attr]
                 and (raw is None or _unsent(raw.fileno()) == 0)):
             self.abort()
             return
@@ -380,9 +409,9 @@ class Relay:
         if self.grace is not None:
             self.grace.cancel()
             self.grace = None
-        if self.drain_sock is not None:
-            self.drain_sock.close()
-            self.drain_sock = None
+        if self.drain_src is not None:
+            self.drain_src.end_drain()
+            self.drain_src = None
 
     def _finish(self) -> None:
         for side in (self.client, self.upstream):

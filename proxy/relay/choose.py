@@ -5,7 +5,10 @@ listener                               relays tried, best first
 =====================================  ==================================
 Redis Cluster node, ``relay: native``  engine (framing it), buffered
 cluster, any other                     buffered (its rewriting subclass)
-``tls`` or ``upstream_tls`` set        buffered
+``tls`` or ``upstream_tls``,          engine (doing TLS too), buffered
+``relay: auto``/``native``
+``tls`` or ``upstream_tls``,           buffered
+``relay: python``
 ``relay: python``, ``copy: buffer``    buffered
 ``relay: python``, ``copy: auto``/     splice, buffered
 ``splice``
@@ -17,11 +20,14 @@ cluster, any other                     buffered (its rewriting subclass)
 The engine moves bytes cacheport need not see, and frames Redis Cluster connections
 (proxy/relay/resp_framer.c) when the cluster's listeners ask for ``relay: native``;
 ``auto`` keeps cluster listeners on the buffered relay until Redis's own test suite
-passes through the native framer (issue 33). TLS is encrypted in Python, so it stays
-on the buffered relay. A relay is
+passes through the native framer (issue 33). TLS listeners have the engine run the
+handshakes and OpenSSL's record layer (tls_engine.c; Redis's own test suite passes
+through it, bench/README.md); ``relay: python`` keeps them on the buffered relay, which
+does TLS in Python. A relay is
 skipped when it cannot serve here: the engine when it was not built (no C compiler
-at install, not Linux) or cannot start a thread, splice when the kernel lacks
-splice(2). ``copy`` then still tells the engine how to copy (docs/hot-loop.md).
+at install, not Linux), was built without libssl (a TLS listener), or cannot start a
+thread, splice when the kernel lacks splice(2). ``copy`` then still tells the engine how
+to copy (docs/hot-loop.md).
 """
 
 from __future__ import annotations
@@ -47,7 +53,9 @@ def relay_order(config: ListenerConfig, *, rewriting: bool = False,
         if framed and config.relay == "native" and config.may_splice:
             return (RelayKind.ENGINE, RelayKind.BUFFERED)
         return (RelayKind.BUFFERED,)
-    if not config.may_splice:
+    if not config.may_splice:  # TLS on a leg: records are encrypted in userspace
+        if config.relay != "python":
+            return (RelayKind.ENGINE, RelayKind.BUFFERED)
         return (RelayKind.BUFFERED,)
     order: list[RelayKind] = []
     if config.relay != "python":

@@ -37,6 +37,17 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+/* Built twice (pyproject.toml): proxy.relay._engine, and with -DCACHEPORT_TLS and libssl
+ * proxy.relay._engine_tls, which also relays TLS legs (tls_engine.c). Where libssl's
+ * headers are missing only the first builds, and TLS listeners use the Python relay. */
+#ifdef CACHEPORT_TLS
+#define ENGINE_MODULE "proxy.relay._engine_tls"
+#define ENGINE_INIT PyInit__engine_tls
+#else
+#define ENGINE_MODULE "proxy.relay._engine"
+#define ENGINE_INIT PyInit__engine
+#endif
+
 #ifdef __linux__
 
 #include <errno.h>
@@ -59,6 +70,7 @@
 #include "framer_py.h"
 #include "nodemap.h"
 #include "resp_framer.h"
+#include "tls_engine.h"
 
 #define MODE_AUTO 0
 #define MODE_SPLICE 1
@@ -119,6 +131,7 @@ typedef struct {
                         * 3 + side at a failure, 0 not yet (reap() reports it) */
     nodemap_t *nm;     /* a framed (Redis Cluster) connection's node map; NULL: plain */
     framed_t *fr;      /* its framing state while the conversation is not a fresh one's */
+    tls_conn_t *tls;   /* TLS on either leg (tls_engine.h); NULL: plain */
 } conn_t;
 
 /* What the thread tells Python about framed connections besides their end (asks()). */
@@ -166,6 +179,8 @@ typedef struct {
     uint64_t protocol_errors;
     framed_t **fpool;     /* parked framing states, for connections that become busy */
     uint32_t nfpool;
+    tls_book_t *tlsbook;  /* handshake outcomes till Python takes them (tls_events()) */
+    uint64_t tls_handshakes, tls_resumed, tls_failures;
 } Engine;
 
 static double now_s(void) {
@@ -176,6 +191,16 @@ static double now_s(void) {
 
 static uint64_t tag(uint32_t slot, uint32_t gen, int side) {
     return ((uint64_t)gen << 32) | ((uint64_t)slot << 1) | (uint64_t)side;
+}
+
+/* A side's bytes: through its TLS session where it has one, else the socket's. */
+static ssize_t io_recv(conn_t *c, int s, char *buf, size_t len) {
+    return tls_on(c->tls, s) ? tls_recv(c->tls, s, buf, len) : recv(c->fd[s], buf, len, 0);
+}
+
+static ssize_t io_send(conn_t *c, int s, const char *buf, size_t len) {
+    return tls_on(c->tls, s) ? tls_send(c->tls, s, buf, len)
+                             : send(c->fd[s], buf, len, MSG_NOSIGNAL);
 }
 
 /* -- pipes --------------------------------------------------------------- */
@@ -315,6 +340,8 @@ static void rewatch(Engine *e, conn_t *c, uint32_t slot) {
     uint32_t want[2];
     want[0] = (c->w[0].watching ? EPOLLIN : 0) | (c->w[1].stalled ? EPOLLOUT : 0);
     want[1] = (c->w[1].watching ? EPOLLIN : 0) | (c->w[0].stalled ? EPOLLOUT : 0);
+    want[0] |= tls_want(c->tls, 0);  /* a handshake, or a record layer that needs the other */
+    want[1] |= tls_want(c->tls, 1);
     for (int s = 0; s < 2; s++) {
         int op;
         if (want[s] == 0 && c->deaf[s]) {
@@ -346,6 +373,7 @@ static void half_close(Engine *e, conn_t *c, int i) {
         c->first = (uint8_t)(1 + i);
     w->eof = 1;
     w->watching = 0;
+    tls_close_notify(c->tls, 1 - i);
     if (shutdown(c->fd[1 - i], SHUT_WR) < 0) {
         lose(e, c, 1 - i);  /* ENOTCONN: it was reset */
         return;
@@ -568,7 +596,7 @@ static void pump_reply(Engine *e, conn_t *c, const char *p, size_t n) {
 /* Through the scratch buffer: small reads under auto, copy: buffer, or no pipe. */
 static void copy_buffered(Engine *e, conn_t *c, int i) {
     way_t *w = &c->w[i];
-    ssize_t n = recv(c->fd[i], e->scratch, c->bufsize, 0);
+    ssize_t n = io_recv(c, i, e->scratch, c->bufsize);
     if (n <= 0) {
         if (n == 0 || (errno != EAGAIN && errno != EINTR))
             source_ended(e, c, i, n < 0);
@@ -592,7 +620,7 @@ static void copy_buffered(Engine *e, conn_t *c, int i) {
         w->bulk = 1;  /* a full read: more is waiting, splice it */
         w->small = 0;
     }
-    ssize_t m = send(c->fd[1 - i], e->scratch, (size_t)n, MSG_NOSIGNAL);
+    ssize_t m = io_send(c, 1 - i, e->scratch, (size_t)n);
     if (m < 0) {
         if (errno != EAGAIN && errno != EINTR) {
             lose(e, c, 1 - i);
@@ -617,6 +645,9 @@ static void readable(Engine *e, conn_t *c, int i) {
     way_t *w = &c->w[i];
     if (!w->bulk) {
         copy_buffered(e, c, i);
+        /* Decrypted bytes can wait in the SSL with the socket empty: no event would come. */
+        while (c->state == LIVE && w->watching && tls_pending(c->tls, i))
+            copy_buffered(e, c, i);
         return;
     }
     if (w->pipe_r < 0 && !lease_pipe(e, w)) {
@@ -666,7 +697,7 @@ static void writable(Engine *e, conn_t *c, int i) {
         m = splice(w->pipe_r, NULL, c->fd[1 - i], NULL, w->pending,
                    SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
     } else if (w->held != NULL) {
-        m = send(c->fd[1 - i], w->held + w->held_at, w->pending, MSG_NOSIGNAL);
+        m = io_send(c, 1 - i, w->held + w->held_at, w->pending);
     } else {
         resume(w);  /* nothing to send: a stale wake-up */
         after_drain(e, c, i);
@@ -678,6 +709,8 @@ static void writable(Engine *e, conn_t *c, int i) {
         return;
     }
     w->pending -= (size_t)m;
+    if (w->pipe_r < 0)
+        w->held_at += (size_t)m;  /* a short send: the rest goes next time */
     if (w->pending)
         return;
     if (w->pipe_r >= 0) {
@@ -710,6 +743,8 @@ static void after_drain(Engine *e, conn_t *c, int i) {
     }
     if (c->dead == 1 + i && w->eof)
         settle(e, c);  /* the failed side's last bytes are out */
+    else if (c->state == LIVE && w->watching && tls_pending(c->tls, i))
+        readable(e, c, i);  /* what the SSL decrypted before the stall */
 }
 
 static void release_way(Engine *e, way_t *w, int reset) {
@@ -746,6 +781,8 @@ static void finish(Engine *e, conn_t *c, int reset) {
         return;
     reset = reset || c->dead || c->w[0].pending || c->w[1].pending;
     for (int s = 0; s < 2; s++) {
+        if (!reset)
+            tls_close_notify(c->tls, s);
         if (reset) {
             struct linger lg = {1, 0};
             setsockopt(c->fd[s], SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
@@ -765,14 +802,63 @@ static void finish(Engine *e, conn_t *c, int reset) {
         nm_unref(c->nm);
         c->nm = NULL;
     }
+    tls_free(c->tls);
+    c->tls = NULL;
     c->state = DONE;
     c->reset = (uint8_t)reset;
     e->live--;
 }
 
+/* A TLS leg's handshake, stepped by its socket's events; the relay starts once every
+ * leg is done. A plain side's FIN meanwhile waits (its bytes are relayed after); an
+ * error on it ends the connection. */
+static void tls_step(Engine *e, conn_t *c, int s, uint32_t events) {
+    if (!tls_on(c->tls, s) && (events & (EPOLLERR | EPOLLHUP))) {
+        if (events & EPOLLERR)
+            finish(e, c, 1);
+        else
+            c->deaf[s] = 1;
+        return;
+    }
+    int r = tls_handshake(c->tls);
+    if (r < 0) {
+        e->tls_failures++;
+        tls_note(&e->tlsbook, c->slot, c->tls);
+        finish(e, c, 1);
+    } else if (r > 0) {
+        e->tls_handshakes++;
+        e->tls_resumed += (uint64_t)(tls_resumed(c->tls, 0) + tls_resumed(c->tls, 1));
+        if (tls_note_peers(&e->tlsbook, c->slot, c->tls))
+            notify(e);
+        c->w[0].watching = c->w[1].watching = 1;
+        for (int i = 0; i < 2 && c->state == LIVE; i++)
+            if (tls_pending(c->tls, i))
+                readable(e, c, i);
+    }
+}
+
 static void handle(Engine *e, uint32_t slot, int s, uint32_t events) {
     conn_t *c = e->conns[slot];
     int acted = 0;
+    if (c->tls != NULL && tls_handshaking(c->tls)) {
+        tls_step(e, c, s, events);
+        goto done;
+    }
+    if (c->tls != NULL) {
+        /* A record layer that waits on the socket the other way round (rare: TLS 1.3
+         * key updates, alerts): the same socket's other readiness resumes it. */
+        if ((events & EPOLLOUT) && tls_read_wants_out(c->tls, s) && c->w[s].watching) {
+            readable(e, c, s);
+            acted = 1;
+        }
+        if (c->state == LIVE && (events & EPOLLIN) && tls_write_wants_in(c->tls, s) &&
+                c->w[1 - s].stalled) {
+            writable(e, c, 1 - s);
+            acted = 1;
+        }
+        if (c->state != LIVE)
+            goto done;
+    }
     /* fd[s] is the source of way s and the destination of way 1 - s. */
     if ((events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) && c->w[1 - s].stalled) {
         writable(e, c, 1 - s);
@@ -801,6 +887,7 @@ static void handle(Engine *e, uint32_t slot, int s, uint32_t events) {
                 c->deaf[s] = 1;
         }
     }
+done:
     if (c->state == LIVE)
         rewatch(e, c, slot);
     if (c->state == DONE && !c->claimed)
@@ -1041,6 +1128,7 @@ static void Engine_dealloc(Engine *e) {
     for (uint32_t i = 0; i < e->nfpool; i++)
         free_framed(e->fpool[i]);
     free(e->fpool);
+    tls_book_free(&e->tlsbook);
     free(e->pipes);
     free(e->scratch);
     if (e->inited)
@@ -1073,15 +1161,18 @@ static void refuse_fds(int cfd, int ufd) {
     close(ufd);
 }
 
-/* add(client_fd, upstream_fd, mode, bufsize, bulk_at, nodemap=None) -> slot. The engine
- * owns both descriptors from here on, also when it raises: then it has reset and closed
- * them. With a NodeMap the connection is a Redis Cluster one: its replies are framed
- * (resp_framer.h), and it always copies (a framer must see every byte). */
+/* add(client_fd, upstream_fd, mode, bufsize, bulk_at, nodemap=None, tls=None) -> slot.
+ * The engine owns both descriptors from here on, also when it raises: then it has reset
+ * and closed them. With a NodeMap the connection is a Redis Cluster one: its replies are
+ * framed (resp_framer.h), and it always copies (a framer must see every byte). With tls
+ * (tls_engine.h: the SSL contexts, the name to verify) a leg or both speak TLS: the
+ * thread handshakes first, then copies. */
 static PyObject *Engine_add(Engine *e, PyObject *args) {
     int cfd, ufd, mode;
     unsigned int bufsize, bulk_at;
-    PyObject *map = Py_None;
-    if (!PyArg_ParseTuple(args, "iiiII|O", &cfd, &ufd, &mode, &bufsize, &bulk_at, &map))
+    PyObject *map = Py_None, *tlsspec = Py_None;
+    if (!PyArg_ParseTuple(args, "iiiII|OO", &cfd, &ufd, &mode, &bufsize, &bulk_at, &map,
+                          &tlsspec))
         return NULL;
     if (mode < MODE_AUTO || mode > MODE_BUFFER || bufsize == 0) {
         refuse_fds(cfd, ufd);
@@ -1098,7 +1189,21 @@ static PyObject *Engine_add(Engine *e, PyObject *args) {
         nm_ref(nm);
         mode = MODE_BUFFER;
     }
+    tls_conn_t *tls = NULL;
+    if (tlsspec != Py_None) {
+        if (nm != NULL) {
+            PyErr_SetString(PyExc_ValueError, "a framed connection cannot have TLS here");
+        } else if ((tls = tls_conn_new(tlsspec, cfd, ufd)) != NULL) {
+            mode = MODE_BUFFER;  /* records are encrypted in userspace: nothing to splice */
+        }
+        if (tls == NULL) {
+            nm_unref(nm);
+            refuse_fds(cfd, ufd);
+            return NULL;
+        }
+    }
     if (check_open(e) < 0 || start_thread(e) < 0) {
+        tls_free(tls);
         nm_unref(nm);
         refuse_fds(cfd, ufd);
         return NULL;
@@ -1120,6 +1225,7 @@ static PyObject *Engine_add(Engine *e, PyObject *args) {
             if (fl) e->freelist = fl;
             if (cs == NULL || fl == NULL) {
                 pthread_mutex_unlock(&e->lock);
+                tls_free(tls);
                 nm_unref(nm);
                 refuse_fds(cfd, ufd);
                 return PyErr_NoMemory();
@@ -1129,6 +1235,7 @@ static PyObject *Engine_add(Engine *e, PyObject *args) {
         c = calloc(1, sizeof(*c));
         if (c == NULL) {
             pthread_mutex_unlock(&e->lock);
+            tls_free(tls);
             nm_unref(nm);
             refuse_fds(cfd, ufd);
             return PyErr_NoMemory();
@@ -1146,10 +1253,11 @@ static PyObject *Engine_add(Engine *e, PyObject *args) {
     c->nm = nm;
     c->bufsize = bufsize;
     c->bulk_at = bulk_at < bufsize ? bulk_at : bufsize;
+    c->tls = tls;
     for (int i = 0; i < 2; i++) {
         c->w[i].pipe_r = c->w[i].pipe_w = -1;
         c->w[i].bulk = mode == MODE_SPLICE;
-        c->w[i].watching = 1;
+        c->w[i].watching = tls == NULL;  /* TLS: the handshake first (tls_step()) */
     }
     c->state = LIVE;
     e->live++;
@@ -1387,8 +1495,46 @@ static PyObject *Engine_stats(Engine *e, PyObject *unused) {
         "thread_errors", (unsigned long long)e->thread_errors,
         "pipe_size", (Py_ssize_t)e->pipe_size,
         "protocol_errors", (unsigned long long)e->protocol_errors);
+    if (d != NULL) {
+        const char *keys[] = {"tls_handshakes", "tls_resumed", "tls_failures"};
+        uint64_t vals[] = {e->tls_handshakes, e->tls_resumed, e->tls_failures};
+        for (int k = 0; k < 3; k++) {
+            PyObject *v = PyLong_FromUnsignedLongLong(vals[k]);
+            if (v == NULL || PyDict_SetItemString(d, keys[k], v) < 0) {
+                Py_XDECREF(v);
+                Py_CLEAR(d);
+                break;
+            }
+            Py_DECREF(v);
+        }
+    }
     pthread_mutex_unlock(&e->lock);
     return d;
+}
+
+/* tls_events() -> [(slot, side, reason, not_after)] since the last call: a handshake that
+ * failed (reason; its connection is, or will be, on the done list), or a leg's peer
+ * certificate (reason None, its notAfter in Unix time). */
+static PyObject *Engine_tls_events(Engine *e, PyObject *unused) {
+    pthread_mutex_lock(&e->lock);
+    PyObject *out = tls_take(&e->tlsbook);
+    pthread_mutex_unlock(&e->lock);
+    return out;
+}
+
+/* handshaking(slot) -> bool: a TLS leg of this live connection has not finished its
+ * handshake (Python ends it at connect_timeout). */
+static PyObject *Engine_handshaking(Engine *e, PyObject *arg) {
+    Py_ssize_t slot = PyLong_AsSsize_t(arg);
+    if (slot == -1 && PyErr_Occurred())
+        return NULL;
+    pthread_mutex_lock(&e->lock);
+    conn_t *c = slot_conn(e, slot);
+    int busy = c != NULL && c->state == LIVE && c->tls != NULL && tls_handshaking(c->tls);
+    pthread_mutex_unlock(&e->lock);
+    if (c == NULL)
+        return NULL;
+    return PyBool_FromLong(busy);
 }
 
 /* trim_pipes(): close the pooled (empty) pipes; an idle engine gives back kernel memory. */
@@ -1449,6 +1595,8 @@ static PyMethodDef Engine_methods[] = {
     {"detail", (PyCFunction)Engine_detail, METH_O, "A connection's state (tests)."},
     {"stats", (PyCFunction)Engine_stats, METH_NOARGS, "Engine-wide counters."},
     {"trim_pipes", (PyCFunction)Engine_trim_pipes, METH_NOARGS, "Close pooled pipes."},
+    {"tls_events", (PyCFunction)Engine_tls_events, METH_NOARGS, "Handshake outcomes."},
+    {"handshaking", (PyCFunction)Engine_handshaking, METH_O, "A TLS leg still handshakes."},
     {"stop", (PyCFunction)Engine_stop, METH_NOARGS, "Reset every connection; end the thread."},
     {NULL, NULL, 0, NULL},
 };
@@ -1463,7 +1611,7 @@ static PyGetSetDef Engine_getset[] = {
 
 static PyTypeObject EngineType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "proxy.relay._engine.Engine",
+    .tp_name = ENGINE_MODULE ".Engine",
     .tp_basicsize = sizeof(Engine),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "The native relay engine: an epoll thread that owns the sockets handed to it.",
@@ -1475,11 +1623,11 @@ static PyTypeObject EngineType = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "proxy.relay._engine",
+    PyModuleDef_HEAD_INIT, ENGINE_MODULE,
     "The native relay engine (Linux): see proxy/native.py.", -1, NULL,
 };
 
-PyMODINIT_FUNC PyInit__engine(void) {
+PyMODINIT_FUNC ENGINE_INIT(void) {
     if (PyType_Ready(&EngineType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
@@ -1491,7 +1639,7 @@ PyMODINIT_FUNC PyInit__engine(void) {
         Py_DECREF(m);
         return NULL;
     }
-    if (framer_py_add(m) < 0) {
+    if (framer_py_add(m) < 0 || tls_module_add(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }
@@ -1504,11 +1652,11 @@ PyMODINIT_FUNC PyInit__engine(void) {
 #else  /* not Linux: the module imports and says so; proxy/native.py falls back */
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "proxy.relay._engine", "Not built: needs Linux (epoll, splice).", -1, NULL,
+    PyModuleDef_HEAD_INIT, ENGINE_MODULE, "Not built: needs Linux (epoll, splice).", -1, NULL,
 };
 
-PyMODINIT_FUNC PyInit__engine(void) {
-    PyErr_SetString(PyExc_ImportError, "proxy.relay._engine needs Linux");
+PyMODINIT_FUNC ENGINE_INIT(void) {
+    PyErr_SetString(PyExc_ImportError, ENGINE_MODULE " needs Linux");
     return NULL;
 }
 

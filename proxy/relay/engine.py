@@ -13,14 +13,22 @@ through pooled 1 MiB pipes under ``copy: auto`` -- with no interpreter in the
 loop, which is what the per-request gap to HAProxy and nginx was made of
 (docs/hot-loop.md has the figures). Where the extension was not built (no C
 compiler at install time, not Linux) listeners use the Python relays.
+
+TLS legs (``relay: native`` on a listener with ``tls`` or ``upstream_tls``) are relayed
+by the same thread: it handshakes without blocking and runs OpenSSL's record layer on
+the SSL_CTX of the listener's ``ssl.SSLContext`` (proxy/relay/tls_engine.c). That needs
+the build linked with libssl (``_engine_tls``) and the very libssl CPython's ``_ssl``
+uses; else TLS listeners stay on the Python relay.
 """
 
 from __future__ import annotations
 
+import _ssl
 import asyncio
 import logging
 import os
 import socket
+import ssl
 import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -42,13 +50,60 @@ try:
 except ImportError:  # not built here: the Python relays serve
     _engine = None
 
+
+def _tls_engine() -> Any:
+    """The engine built with TLS, if it was and may share SSL_CTXs with ``ssl``: both
+    resolve libssl to the same library, and a context's settings read back the same."""
+    if _engine is None:
+        return None
+    try:
+        from . import _engine_tls  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    try:
+        if not _engine_tls.same_libssl(_ssl.__file__):
+            return None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        strict = ssl.create_default_context()
+        if _engine_tls.ctx_probe(ctx) != (0, 0x0304) or _engine_tls.ctx_probe(strict)[0] == 0:
+            return None
+    except (AttributeError, TypeError, ValueError, OSError):
+        return None
+    return _engine_tls
+
+
+if (_with_tls := _tls_engine()) is not None:
+    _engine = _with_tls
+
+TlsSpec = tuple[ssl.SSLContext | None, ssl.SSLContext | None, str | None, str | None]
+"""What the engine needs for a TLS connection: the context terminating the client's leg,
+the one originating the upstream's, the name the node's certificate must carry (None:
+unchecked) and the SNI name."""
+
 _MODES = {"auto": 0, "splice": 1, "buffer": 2}
 _unavailable_logged = False
+_tls_unavailable_logged = False
 
 
 def native_available() -> bool:
     """Whether the engine was built and loads here."""
     return _engine is not None
+
+
+def native_tls_available() -> bool:
+    """Whether the engine can relay TLS legs here (tls_engine.c)."""
+    return _engine is not None and getattr(_engine, "TLS", 0) == 1
+
+
+def tls_spec(server: ssl.SSLContext | None, client: ssl.SSLContext | None,
+             name: str | None) -> TlsSpec | None:
+    """The engine's view of a listener's TLS: None for a plain one. ``name``: what the
+    upstream leg sends as SNI and, if its context checks host names, verifies."""
+    if server is None and client is None:
+        return None
+    verify = name if client is not None and client.check_hostname else None
+    return (server, client, verify, name if client is not None else None)
 
 
 def new_node_map() -> Any:
@@ -81,8 +136,15 @@ _TELL_BROKEN = 4
 def choose_native(loop: asyncio.AbstractEventLoop, config: ListenerConfig,
                   order: tuple[RelayKind, ...] | None = None) -> NativeHub | None:
     """The loop's native hub when this listener's connections go to the engine; else None."""
-    global _unavailable_logged
+    global _unavailable_logged, _tls_unavailable_logged
     if RelayKind.ENGINE not in (relay_order(config) if order is None else order):
+        return None
+    if _engine is not None and not config.may_splice and not native_tls_available():
+        if config.relay == "native" and not _tls_unavailable_logged:
+            _tls_unavailable_logged = True
+            log.warning("listener %s: relay: native with TLS needs the engine built with "
+                        "libssl (libssl-dev at install time) and the libssl Python's ssl "
+                        "uses; using the Python relay (logged once)", config.name)
         return None
     if _engine is None:
         if config.relay == "native" and not _unavailable_logged:
@@ -182,10 +244,10 @@ class NativeHub:
         return lane
 
     def add(self, relay: NativeRelay, cfd: int, ufd: int, mode: int,
-            bufsize: int, nodemap: Any = None) -> tuple[_Lane, int]:
+            bufsize: int, nodemap: Any = None, tls: TlsSpec | None = None) -> tuple[_Lane, int]:
         """Hand both descriptors to an engine (it owns them even when this raises)."""
         lane = self.pick()
-        slot: int = lane.engine.add(cfd, ufd, mode, bufsize, BULK_READ, nodemap)
+        slot: int = lane.engine.add(cfd, ufd, mode, bufsize, BULK_READ, nodemap, tls)
         lane.relays[slot] = relay
         return lane, slot
 
@@ -205,10 +267,25 @@ class NativeHub:
         connection needs Python (a frame to rewrite, redirects to count)."""
         for slot, kind, frame, spec in lane.engine.asks():
             self._ask(lane, slot, kind, frame, spec)
+        ended: list[tuple[NativeRelay, int, int, int]] = []
+        gone: dict[int, NativeRelay] = {}
         for slot, up, down, _reset, first in lane.engine.reap():
             relay = lane.relays.pop(slot, None)
             if relay is not None:
-                relay.ended(up, down, first)
+                ended.append((relay, up, down, first))
+                gone[slot] = relay
+        # Taken after reap(): a failure is noted with its connection's end, so one seen
+        # here belongs to a relay just reaped or still live, never to a reused slot.
+        for slot, side, reason, not_after in lane.engine.tls_events():
+            told = gone.get(slot) or lane.relays.get(slot)
+            if told is None:
+                continue
+            if reason is not None:
+                told.tls_failed(side, reason)
+            elif told.on_tls_peer is not None:
+                told.on_tls_peer(side, not_after)
+        for relay, up, down, first in ended:
+            relay.ended(up, down, first)
         self._idle()
 
     def _ask(self, lane: _Lane, slot: int, kind: int, frame: Any, spec: Any) -> None:
@@ -299,13 +376,23 @@ class NativeRelay:
     descriptors and this object keeps the slot and, once ended, the final counts.
     """
 
-    __slots__ = ("__weakref__", "bufsize", "client_sock", "closed", "final", "framing", "hub",
-                 "lane", "mode", "on_close", "slot", "source", "upstream_sock", "why")
+    __slots__ = ("__weakref__", "bufsize", "client_sock", "closed", "final", "framing",
+                 "handshake_timeout", "hub", "lane", "mode", "on_close", "on_tls_failure",
+                 "on_tls_peer", "slot", "source", "tls", "upstream_sock", "why")
 
     def __init__(self, hub: NativeHub, bufsize: int, on_close: Callable[[NativeRelay], None],
-                 source: str = "", copy: str = "auto", framing: Framing | None = None) -> None:
+                 source: str = "", copy: str = "auto", framing: Framing | None = None, *,
+                 tls: TlsSpec | None = None,
+                 on_tls_failure: Callable[[int, str], None] | None = None,
+                 on_tls_peer: Callable[[int, float], None] | None = None,
+                 handshake_timeout: float = 10.0) -> None:
         self.hub = hub
         self.framing = framing  # a Redis Cluster connection: the engine frames it
+        self.tls = tls  # TLS on a leg or both: the engine handshakes, then relays
+        self.on_tls_failure = on_tls_failure  # (side 0 client / 1 upstream, reason)
+        # (side, notAfter): the certificate a leg's peer showed (the expiry gauge)
+        self.on_tls_peer = on_tls_peer
+        self.handshake_timeout = handshake_timeout
         self.bufsize = bufsize
         self.on_close = on_close
         self.source = source
@@ -334,10 +421,35 @@ class NativeRelay:
         try:
             self.lane, self.slot = self.hub.add(
                 self, cfd, ufd, self.mode, self.bufsize,
-                self.framing.nodemap if self.framing is not None else None)
-        except (OSError, RuntimeError, ValueError, MemoryError) as exc:
+                self.framing.nodemap if self.framing is not None else None, self.tls)
+        except (OSError, RuntimeError, ValueError, MemoryError, TypeError) as exc:
             log.debug("native: the engine refused a connection: %s", exc)
             self._closed()
+            return
+        if self.tls is not None:
+            loop = self.hub._loop()
+            if loop is not None and not loop.is_closed():
+                loop.call_later(self.handshake_timeout, self._handshake_deadline)
+
+    def _handshake_deadline(self) -> None:
+        """A handshake gets connect_timeout, as on the Python relay; then the connection
+        is reset and counted as a failed handshake."""
+        if self.closed or self.lane is None:
+            return
+        try:
+            busy = self.lane.engine.handshaking(self.slot)
+        except (KeyError, RuntimeError):
+            return
+        if busy:
+            self.tls_failed(0 if self.tls is not None and self.tls[0] is not None else 1,
+                            "handshake timed out")
+            self.abort()
+
+    def tls_failed(self, side: int, reason: str) -> None:
+        """A TLS leg's handshake failed (the engine ends the connection)."""
+        self.why = closes.TLS_HANDSHAKE_FAILED if side == 0 else closes.UPSTREAM_TLS_FAILED
+        if self.on_tls_failure is not None:
+            self.on_tls_failure(side, reason)
 
     @property
     def started(self) -> bool:
