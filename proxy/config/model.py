@@ -368,9 +368,9 @@ class Tunables(Section):
                                           "userspace buffer; auto picks (docs/hot-loop.md).")
     relay: RelayName = Field(
         "auto", description="Who moves them: the native engine's threads or Python; auto "
-                            "picks the engine where it is built and the listener is plain. "
-                            "On a redis-cluster entry, native frames and rewrites replies "
-                            "in the engine (auto: Python, for now).")
+                            "picks the engine where it is built and neither leg is TLS. "
+                            "On a cluster entry, auto and native frame and rewrite "
+                            "replies in the engine; python keeps the Python rewriters.")
     health: HealthSwitch = Field(
         None, json_schema_extra=_plus(*_ON, *_OFF, default="on"),
         description="Health checks: on (the default), off, or a mapping of settings (see "

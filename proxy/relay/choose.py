@@ -3,7 +3,9 @@
 =====================================  ==================================
 listener                               relays tried, best first
 =====================================  ==================================
-Redis Cluster node, ``relay: native``  engine (framing it), buffered
+cluster node (Redis Cluster or the      engine (framing it), buffered
+Memcached configuration endpoint),
+``relay: auto``/``native``
 cluster, any other                     buffered (its rewriting subclass)
 ``tls`` or ``upstream_tls`` set        buffered
 ``relay: python``, ``copy: buffer``    buffered
@@ -14,10 +16,10 @@ cluster, any other                     buffered (its rewriting subclass)
 ``relay: auto``/``native``, other      engine, splice, buffered
 =====================================  ==================================
 
-The engine moves bytes cacheport need not see, and frames Redis Cluster connections
-(proxy/relay/resp_framer.c) when the cluster's listeners ask for ``relay: native``;
-``auto`` keeps cluster listeners on the buffered relay until Redis's own test suite
-passes through the native framer (issue 33). TLS is encrypted in Python, so it stays
+The engine moves bytes cacheport need not see, and frames cluster connections
+(proxy/relay/resp_framer.c) unless the cluster's listeners ask for ``relay: python``:
+Redis's own test suite passes through the native framer as it does direct
+(bench/conformance.py kind ``native-cluster``). TLS is encrypted in Python, so it stays
 on the buffered relay. A relay is
 skipped when it cannot serve here: the engine when it was not built (no C compiler
 at install, not Linux) or cannot start a thread, splice when the kernel lacks
@@ -41,10 +43,10 @@ def relay_order(config: ListenerConfig, *, rewriting: bool = False,
                 framed: bool = False) -> tuple[RelayKind, ...]:
     """The relays to try for ``config``'s connections, best first; always ends buffered.
 
-    ``framed``: the engine can frame this rewriting listener's protocol (Redis Cluster).
+    ``framed``: the engine can frame this rewriting listener's protocol.
     """
     if rewriting:
-        if framed and config.relay == "native" and config.may_splice:
+        if framed and config.relay != "python" and config.may_splice:
             return (RelayKind.ENGINE, RelayKind.BUFFERED)
         return (RelayKind.BUFFERED,)
     if not config.may_splice:
