@@ -138,8 +138,9 @@ def _three_masters(args: argparse.Namespace, tests: list[str]) -> None:
                     raise SystemExit("3-master cluster did not become ok")
                 time.sleep(0.1)
             entries, seeds = [], {}
-            for name, relay in (("rc", "python"), ("rn", "native")):
-                seed, low = free_port(), free_range(3)
+            block = free_range(8)  # per cluster a seed port and three node ports, distinct
+            for k, (name, relay) in enumerate((("rc", "python"), ("rn", "native"))):
+                seed, low = block + 4 * k, block + 4 * k + 1
                 seeds[name] = seed
                 entries.append(f"  - {{name: {name}, engine: redis-cluster, seed: "
                                f"'{HOST}:{nodes[0]}', announce: {HOST}, listen: {HOST}, "
