@@ -1,22 +1,28 @@
-"""``python -m bench cluster``: redis-cluster listeners (the buffered rewriting relay, and
-framed by the native engine) vs a plain tcp listener vs twemproxy vs direct, through
-redis-benchmark.
+"""``python -m bench cluster``: cluster listeners (the buffered rewriting relay, and framed
+by the native engine) vs a plain tcp listener vs twemproxy vs direct: throughput through
+redis-benchmark, added latency (p50/p99 of one connection's GETs, bench/client.c), and the
+same for a Memcached ``clusters:`` entry's node port (bench/client.c, pipelined and not).
 
 One redis-server in cluster mode that owns every slot (so no request is redirected: this
 measures the cost of framing every reply, the rewriting path's common case), and one
 ``cacheport run`` serving it three times: a plain ``tcp`` listener and two clusters' own
 per-node listeners, ``relay: python`` and ``relay: native``. twemproxy (``nutcracker``,
 which parses every request and reply: the fair peer of a framing proxy) fronts the same
-node when it is installed. The three targets run alternately, ``--reps`` times each, in the same
-run; the table shows medians and the ratio to direct. Everything it starts is stopped by
-PID; traffic stays on loopback.
+node when it is installed. The targets run alternately, ``--reps`` times each, in the same
+run; the tables show medians and the ratio to direct (latency: the microseconds added to
+direct's). The Memcached entry's seed is a memcached holding the auto-discovery key
+(``get AmazonElastiCache:cluster``, the older engines' form). Everything it starts is
+stopped by PID; traffic stays on loopback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,6 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .clients import Client, build_c_client
+from .procs import BenchError
 from .sidebyside import (
     free_port,
     free_range,
@@ -71,16 +79,43 @@ def _wait_clusters(path: Path, names: Sequence[str], timeout: float = 20) -> dic
         time.sleep(0.05)
 
 
-def _start_twemproxy(procs: list[subprocess.Popen[bytes]], work: Path, node: int) -> int:
+def _start_twemproxy(procs: list[subprocess.Popen[bytes]], work: Path, node: int,
+                     redis: bool = True) -> int:
     """nutcracker in front of the node (one server: hashing plays no part)."""
     port = free_port()
     conf = work / "nutcracker.yml"
-    conf.write_text(f"bench:\n  listen: {HOST}:{port}\n  redis: true\n  hash: fnv1a_64\n"
+    conf.write_text(f"bench:\n  listen: {HOST}:{port}\n  redis: {str(redis).lower()}\n"
+                    "  hash: fnv1a_64\n"
                     f"  distribution: ketama\n  servers:\n    - {HOST}:{node}:1\n")
     procs.append(subprocess.Popen(["nutcracker", "-c", str(conf), "-s", str(free_port()),
                                    "-a", HOST, "-o", str(work / "nutcracker.log")]))
     wait_port(port, procs=procs)
     return port
+
+
+def _latency(client: Client, targets: dict[str, int], proto: str, reps: int, n: int,
+             work: Path) -> str:
+    """p50/p99 of ``n`` sequential GETs (100 B) on one connection per target, ``reps``
+    times alternately; the table shows medians and what each adds to direct's."""
+    got: dict[str, list[tuple[float, float]]] = {}
+    for _ in range(reps):
+        for name, port in targets.items():
+            try:
+                _, samples = client.latency(HOST, port, proto, "get", 100, n, 60, 200,
+                                            work / "lat.u32")
+            except BenchError as exc:
+                raise SystemExit(f"latency through {name}: {exc}") from None
+            ordered = sorted(samples)
+            got.setdefault(name, []).append((ordered[len(ordered) // 2] / 1000,
+                                             ordered[int(len(ordered) * 0.99)] / 1000))
+    med = {name: (statistics.median(p for p, _ in v), statistics.median(q for _, q in v))
+           for name, v in got.items()}
+    base = med["direct"]
+    lines = ["| target | p50 us | added p50 | p99 us | added p99 |", "|---|---:|---:|---:|---:|"]
+    for name, (p50, p99) in med.items():
+        lines.append(f"| {name} | {p50:.1f} | {p50 - base[0]:+.1f} | {p99:.1f} | "
+                     f"{p99 - base[1]:+.1f} |")
+    return "\n".join(lines)
 
 
 def _three_masters(args: argparse.Namespace, tests: list[str]) -> None:
@@ -103,8 +138,9 @@ def _three_masters(args: argparse.Namespace, tests: list[str]) -> None:
                     raise SystemExit("3-master cluster did not become ok")
                 time.sleep(0.1)
             entries, seeds = [], {}
-            for name, relay in (("rc", "python"), ("rn", "native")):
-                seed, low = free_port(), free_range(3)
+            block = free_range(8)  # per cluster a seed port and three node ports, distinct
+            for k, (name, relay) in enumerate((("rc", "python"), ("rn", "native"))):
+                seed, low = block + 4 * k, block + 4 * k + 1
                 seeds[name] = seed
                 entries.append(f"  - {{name: {name}, engine: redis-cluster, seed: "
                                f"'{HOST}:{nodes[0]}', announce: {HOST}, listen: {HOST}, "
@@ -154,6 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pipeline", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--tests", default="get,set")
+    parser.add_argument("--latency-requests", type=int, default=5000)
+    parser.add_argument("--engines", nargs="+", choices=("redis", "memcached"),
+                        default=["redis", "memcached"])
     parser.add_argument("--masters", type=int, choices=(1, 3), nargs="+", default=[1],
                         help="1: one node, every column; 3: redis-benchmark --cluster "
                              "through the seed port of a 3-master cluster")
@@ -164,7 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if 3 in args.masters:
         _three_masters(args, [t for t in args.tests.split(",") if t])
-    if 1 not in args.masters:
+    if 1 not in args.masters or "redis" not in args.engines:
+        if "memcached" in args.engines:
+            _memcached(args)
         return 0
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="cacheport-cluster-") as tmpdir:
@@ -179,8 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if time.monotonic() > deadline:
                     raise SystemExit("single-node cluster did not become ok")
                 time.sleep(0.05)
-            plain, seed, low = free_port(), free_port(), free_port()  # one node, one port
-            nseed, nlow = free_port(), free_port()
+            # Five distinct ports (free_port() may hand out one twice): one node, one port.
+            plain, seed, low, nseed, nlow = range(free_range(5), 10**6)[:5]
             config = work / "bench.yaml"
             config.write_text(
                 f"admin: off\nlisteners:\n"
@@ -220,6 +261,92 @@ def main(argv: Sequence[str] | None = None) -> int:
                          args.reps))
             print()
             print(table(results, list(targets), columns))
+            binary, why = build_c_client()
+            if binary is None:
+                print(f"\n(no latency table: {why})")
+            else:
+                print()
+                print(header(f"latency, one connection, {args.latency_requests} GETs of 100 B",
+                             args.reps))
+                print()
+                print(_latency(Client(binary), targets, "redis", args.reps,
+                               args.latency_requests, work))
         finally:
             stop_all(procs)
+    if "memcached" in args.engines:
+        _memcached(args)
     return 0
+
+
+def _memcached(args: argparse.Namespace) -> None:
+    """A Memcached ``clusters:`` entry's node port on each relay vs a plain tcp listener vs
+    twemproxy vs direct: bench/client.c GETs (100 B), pipelined and one at a time."""
+    binary, why = build_c_client()
+    if binary is None or not shutil.which("memcached"):
+        print(f"\n(no Memcached table: {why or 'memcached is not installed'})")
+        return
+    client = Client(binary)
+    procs: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory(prefix="cacheport-mccluster-") as tmpdir:
+        work = Path(tmpdir)
+        try:
+            node = free_port()
+            root = ["-u", "root"] if os.geteuid() == 0 else []  # it refuses root otherwise
+            procs.append(subprocess.Popen(["memcached", "-l", HOST, "-p", str(node), "-U", "0",
+                                           "-t", "2", "-m", "256", *root]))
+            wait_port(node, procs=procs)
+            block = f"1\nnode1|{HOST}|{node}\n".encode()
+            with socket.create_connection((HOST, node), timeout=5) as s:
+                s.sendall(b"set AmazonElastiCache:cluster 0 0 %d\r\n%s\r\n" % (len(block),
+                                                                                  block))
+                if not s.recv(64).startswith(b"STORED"):
+                    raise SystemExit("memcached did not store the auto-discovery key")
+            plain, *lows = range(free_range(3), 10**6)[:3]
+            entries = []
+            for (name, relay), low in zip((("mc", "python"), ("mn", "native")), lows,
+                                          strict=True):
+                entries.append(f"  - {{name: {name}, engine: memcached, seed: '{HOST}:{node}', "
+                               f"announce: {HOST}, listen: {HOST}, ports: {low}-{low}, "
+                               f"relay: {relay}}}\n")
+            config = work / "bench.yaml"
+            config.write_text(
+                f"admin: off\nlisteners:\n  - {{name: plain, listen: '{HOST}:{plain}', "
+                f"upstream: '{HOST}:{node}', protocol: memcached}}\n"
+                "clusters:\n" + "".join(entries))
+            start_cacheport(procs, config)
+            wait_port(plain, procs=procs)
+            clusters = _wait_clusters(work / "bench.state.json", ("mc", "mn"))
+            ports = {n: int(next(iter(clusters[n]["ports"]["assigned"].values())))
+                     for n in ("mc", "mn")}
+            for port in ports.values():
+                wait_port(port, procs=procs)
+            targets = {"direct": node, "plain tcp": plain,
+                       "cluster, relay: python": ports["mc"],
+                       "cluster, relay: native": ports["mn"]}
+            if shutil.which("nutcracker"):
+                targets["twemproxy"] = _start_twemproxy(procs, work, node, redis=False)
+            columns = [f"GET -P {p}" for p in args.pipeline]
+            results: dict[tuple[str, str], list[float]] = {}
+            for _ in range(args.reps):
+                for depth in args.pipeline:
+                    for name, port in targets.items():
+                        try:
+                            run = client.pipelined(HOST, port, "memcached", "get", 100,
+                                                   args.clients, depth, args.requests, 60)
+                        except BenchError as exc:
+                            raise SystemExit(f"memcached through {name}: {exc}") from None
+                        results.setdefault((name, f"GET -P {depth}"), []).append(
+                            run.requests / run.elapsed_s if run.elapsed_s else 0.0)
+            print()
+            print(header(f"Memcached, bench/client.c -c {args.clients} -s 100 "
+                         f"-n {args.requests}", args.reps))
+            print()
+            print(table(results, list(targets), columns))
+            print()
+            print(header(f"Memcached latency, one connection, {args.latency_requests} GETs "
+                         "of 100 B", args.reps))
+            print()
+            print(_latency(client, targets, "memcached", args.reps, args.latency_requests,
+                           work))
+        finally:
+            stop_all(procs)

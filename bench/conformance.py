@@ -1,6 +1,6 @@
 """Redis's own test suite, direct and through every kind of cacheport listener.
 
-    python -m bench.conformance                  # every unit (about 4 min a run, 7 runs)
+    python -m bench.conformance                  # every unit (about 4 min a run, 8 runs)
     python -m bench.conformance --subset         # the protocol-edge units CI runs
     python -m bench.conformance --units unit/protocol unit/multi --kinds native
 
@@ -270,7 +270,7 @@ class Kind:
     name: str
     label: str
     server: str  # plain, tls or cluster
-    listener: str | None  # None: direct; else native, python, tls or cluster
+    listener: str | None  # None: direct; else native, python, tls, cluster, native-cluster
     baseline: str | None
     suite_flags: tuple[str, ...] = ()
     without: tuple[str, ...] = ()  # units left out of this kind's runs (WITHOUT says why)
@@ -288,8 +288,10 @@ KINDS = (
          "direct-tls", ("--tls",), ("unit/tls",)),
     Kind("direct-cluster", "single-node cluster, direct", "cluster", None, None,
          ("--cluster-mode",)),
-    Kind("cluster", "single-node cluster, clusters: entry", "cluster", "cluster",
-         "direct-cluster", ("--cluster-mode",)),
+    Kind("cluster", "single-node cluster, clusters: entry, relay: python", "cluster",
+         "cluster", "direct-cluster", ("--cluster-mode",)),
+    Kind("native-cluster", "single-node cluster, clusters: entry, relay: native", "cluster",
+         "native-cluster", "direct-cluster", ("--cluster-mode",)),
 )
 KIND_NAMES = tuple(k.name for k in KINDS)
 WITHOUT = {
@@ -324,12 +326,14 @@ def cacheport_config(k: Kind, upstream: int, listen: int, certs: Path, state: Pa
     top: dict[str, Any] = {"defaults": {"health": False}, "admin": False}
     if engine_threads is not None:
         top["engine_threads"] = engine_threads
-    if k.listener == "cluster":
+    if k.listener in ("cluster", "native-cluster"):
+        # Each names its relay: the comparison holds whichever one is the default.
         top["state_dir"] = str(state)
         top["clusters"] = [{
             "name": "conformance", "engine": "redis-cluster", "seed": f"{HOST}:{upstream}",
             "announce": HOST, "listen": HOST, "seed_port": listen,
-            "ports": f"{listen + 1}-{listen + CLUSTER_PORTS}"}]
+            "ports": f"{listen + 1}-{listen + CLUSTER_PORTS}",
+            "relay": "native" if k.listener == "native-cluster" else "python"}]
         return top
     listener: dict[str, Any] = {"name": "conformance", "listen": f"{HOST}:{listen}",
                                 "upstream": f"{HOST}:{upstream}", "protocol": "redis"}
@@ -788,7 +792,7 @@ def _unavailable(k: Kind, certs: Path) -> str:
             return "no test certificates (utils/gen-test-certs.sh failed when fetched)"
         if not _tcl_tls():
             return f"Tcl has no tls package (apt-get install tcl-tls): {SETUP_HINT}"
-    if k.listener == "native":
+    if k.listener in ("native", "native-cluster"):
         sys.path.insert(0, str(ROOT))
         from proxy.relay.engine import native_available
 
@@ -809,7 +813,7 @@ def _one_kind(k: Kind, work: Path, certs: Path, tmp: Path, units: Sequence[str],
     with redis_server(k.server, tmp / "redis", certs) as upstream:
         if k.listener is None:
             return run_suite(work, k.name, upstream, units, k.suite_flags, limits, log, skip)
-        listen = free_range(CLUSTER_PORTS + 1) if k.listener == "cluster" else free_port()
+        listen = free_range(CLUSTER_PORTS + 1) if k.server == "cluster" else free_port()
         config = cacheport_config(k, upstream, listen, certs, tmp / "state", engine_threads)
         with cacheport(config, tmp / "cacheport"):
             wait_until(lambda: port_open(listen), 20, f"cacheport listening on {listen}")

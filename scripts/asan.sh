@@ -18,7 +18,7 @@ INC=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 SUFFIX=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 "$CC" -shared -fPIC -g -O1 -fsanitize=address,undefined -fno-omit-frame-pointer \
     -Wall -Wextra -Wno-missing-field-initializers -Wno-unused-parameter -I"$INC" \
-    "$ROOT"/proxy/relay/{engine,resp_framer,nodemap,framer_py}.c \
+    "$ROOT"/proxy/relay/{engine,resp_framer,nodemap,framer_py,mc_framer}.c \
     -o "$WORK/proxy/relay/_engine$SUFFIX" -lpthread
 # The TLS build too, where libssl's headers are installed (tls_engine.c).
 if [ -e /usr/include/openssl/ssl.h ]; then

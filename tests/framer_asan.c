@@ -1,7 +1,7 @@
 /* The RESP framer alone, for an AddressSanitizer build (tests/test_framer_fuzz.py).
  * Each file: records of 'Q'|'R', a 4-byte little-endian length, the bytes. Prints per
  * file the bytes the framer forwards (asks passed through unchanged, "!" at an error)
- * in hex, one line per file. */
+ * in hex, one line per file. A first argument --mc frames Memcached (mc_framer.h). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,12 +14,14 @@ static void hex(const char *p, size_t n) {
 }
 
 int main(int argc, char **argv) {
-    for (int a = 1; a < argc; a++) {
+    int mc = argc > 1 && strcmp(argv[1], "--mc") == 0;
+    for (int a = 1 + mc; a < argc; a++) {
         FILE *fp = fopen(argv[a], "rb");
         if (fp == NULL)
             return 2;
         rf_t f;
         rf_init(&f, NULL, NULL);
+        rf_protocol(&f, mc);
         int failed = 0;
         for (;;) {
             int kind = fgetc(fp);

@@ -7,7 +7,9 @@ auto-discovery client (emcache, ``autodiscovery=True``).
             --get/set------------> cacheport <cluster>:<port> --------------------> memcached x3
 
 The configuration endpoint lists the nodes as ``mc-000N.test.cache.internal|127.0.0.1|<real
-port>``; the client must only ever see ``127.0.0.1|127.0.0.1|<cacheport port>``.
+port>``; the client must only ever see ``127.0.0.1|127.0.0.1|<cacheport port>``. Every test
+runs on both relays: the engine framing Memcached (``relay: native``, the default) and the
+buffered rewriting relay (``relay: python``).
 """
 
 from __future__ import annotations
@@ -26,10 +28,21 @@ from pymemcache.client.base import Client as MemcacheClient
 
 from proxy.cluster.manager import ClusterManager
 from proxy.protocols.memcache import parse_config_reply
+from proxy.relay.engine import native_available
 from tests.cluster_helpers import ConfigEndpoint, ad_reply, async_wait, free_range
 from tests.support import ProxyThread, ServerProcess, make_config, start_server, wait_until
 
 HOST = "127.0.0.1"
+RELAY = "python"  # set per test by the relay fixture
+
+
+@pytest.fixture(autouse=True, params=["python", "native"])
+def relay(request: pytest.FixtureRequest) -> Iterator[str]:
+    if request.param == "native" and not native_available():
+        pytest.skip("the native engine is not built here")
+    globals()["RELAY"] = request.param
+    yield str(request.param)
+    globals()["RELAY"] = "python"
 
 
 def hostname(i: int) -> str:
@@ -65,7 +78,8 @@ def cluster_proxy(seed: int, tmp_path: Path, ports: int = 8, **extra: Any) -> Pr
     base = free_range(ports + 1)
     cluster = {"name": "mc", "engine": "memcached", "seed": f"{HOST}:{seed}",
                "announce": HOST, "listen": HOST, "ports": f"{base + 1}-{base + ports}",
-               "seed_port": base, "refresh": "300ms", "retire_grace": "1m", **extra}
+               "seed_port": base, "refresh": "300ms", "retire_grace": "1m", "relay": RELAY,
+               **extra}
     config = make_config([], clusters=[cluster], state_dir=str(tmp_path / "state"),
                          drain_timeout="30s")
     return ProxyThread(config).start()
@@ -293,3 +307,46 @@ def test_a_reply_naming_an_unknown_node_reserves_a_port_and_discovery_confirms_i
         assert {n.port for n in announced.nodes} == set(node_ports(proxy).values())
     finally:
         proxy.stop()
+
+
+def test_each_relay_serves_the_listeners_and_a_broken_reply_is_a_clean_close(
+        nodes: list[ServerProcess], tmp_path: Path, relay: str) -> None:
+    """The engine frames Memcached node listeners unless ``relay: python``; a node that
+    sends a value line without a length gets both sides closed and a counter, on both."""
+    from proxy.relay.choose import RelayKind
+    from proxy.relay.engine import NativeRelay
+
+    liar = socket.create_server((HOST, 0))
+    endpoint = ConfigEndpoint(nodes[0].port, [*entries(nodes, [0]),
+                                              ("liar.test", HOST, liar.getsockname()[1])])
+    proxy = cluster_proxy(endpoint.port, tmp_path)
+    try:
+        ports = node_ports(proxy)
+        listener = proxy.server.listeners[f"mc:{ports[hostname(0)]}"]
+        with socket.create_connection((HOST, ports[hostname(0)]), timeout=5) as s:
+            s.sendall(b"version\r\n")
+            assert s.recv(64).startswith(b"VERSION ")
+            kinds = proxy.call(lambda: [type(r).__name__ for r in listener.relays])
+        native = relay == "native"
+        assert listener.relay == (RelayKind.ENGINE if native else RelayKind.BUFFERED)
+        assert kinds == [NativeRelay.__name__ if native else "RewritingRelay"]
+        before = manager(proxy).stats.protocol_errors
+        with socket.create_connection((HOST, ports["liar.test"]), timeout=5) as c:
+            c.sendall(b"get k\r\n")
+            liar.settimeout(5)
+            conn, _ = liar.accept()
+            with conn:
+                conn.settimeout(5)
+                assert conn.recv(64) == b"get k\r\n"
+                conn.sendall(b"VALUE k 0 x\r\nEND\r\n")
+                try:
+                    got = c.recv(64)
+                except ConnectionResetError:
+                    got = b""
+                assert got == b""  # nothing of the broken reply, then the close
+        wait_until(lambda: manager(proxy).stats.protocol_errors == before + 1, 5,
+                   message="the protocol error counted")
+    finally:
+        proxy.stop()
+        endpoint.close()
+        liar.close()

@@ -499,7 +499,7 @@ def test_redis_cli_follows_redirects_to_cacheport_ports(
 def test_each_relay_serves_the_node_listeners_it_is_named_for(
         masters: list[ServerProcess], tmp_path: Path, relay: str) -> None:
     """``relay: native`` frames cluster connections in the engine; ``python`` keeps the
-    buffered rewriting relay (and ``auto`` too, till the conformance run passes)."""
+    buffered rewriting relay. (``auto`` is native: test_native_cluster.py's relay_order.)"""
     from proxy.relay.choose import RelayKind
     from proxy.relay.engine import NativeRelay
 

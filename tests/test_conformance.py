@@ -2,10 +2,10 @@
 
 The suite runs once per module (about three minutes on 2 cores): direct, through a native
 and a python plain listener, a TLS-terminating listener (against redis-server's own TLS)
-and a clusters: entry (against the direct single-node cluster). Each cacheport kind must
-pass every test its baseline passes. Where the suite cannot be had (not Debian, no deb-src
-entry, no tcl) the tests skip and say what is missing; under CI=true they fail instead,
-since CI's scripts/bootstrap.sh installs it.
+and a clusters: entry on each relay, python and native (against the direct single-node
+cluster). Each cacheport kind must pass every test its baseline passes. Where the suite
+cannot be had (not Debian, no deb-src entry, no tcl) the tests skip and say what is
+missing; under CI=true they fail instead, since CI's scripts/bootstrap.sh installs it.
 
 The parser, the comparison and the generated port maps are tested without the suite.
 """
@@ -147,6 +147,8 @@ def test_every_kind_asks_for_its_baseline() -> None:
     assert [k.name for k in cf.with_baselines(["tls", "cluster"])] == [
         "direct-tls", "tls", "direct-cluster", "cluster"]
     assert [k.name for k in cf.with_baselines(["native"])] == ["direct", "native"]
+    assert [k.name for k in cf.with_baselines(["native-cluster"])] == [
+        "direct-cluster", "native-cluster"]
 
 
 @pytest.mark.parametrize("kind", PROXIED)
@@ -159,9 +161,10 @@ def test_each_kind_port_map_is_valid_and_has_no_health_checks_or_admin(
     assert config.admin is None and config.engine_threads == 1
     listeners = [*config.listeners, *(c.template for c in config.clusters)]
     assert len(listeners) == 1 and listeners[0].health is None
-    if kind == "cluster":
+    if kind in ("cluster", "native-cluster"):
         (cluster,) = config.clusters
         assert cluster.seed_port == 7000 and cluster.announce == "127.0.0.1"
+        assert cluster.template.relay == ("native" if kind == "native-cluster" else "python")
     else:
         (lc,) = config.listeners
         assert lc.listen.port == 7000 and lc.upstream.port == 6379

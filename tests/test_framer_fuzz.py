@@ -253,7 +253,7 @@ def _asan_binary(tmp: Path) -> Path:
         pytest.skip("no C compiler")
     out = tmp / "framer_asan"
     src = [str(HARNESS), str(ROOT / "proxy/relay/resp_framer.c"),
-           str(ROOT / "proxy/relay/nodemap.c")]
+           str(ROOT / "proxy/relay/mc_framer.c"), str(ROOT / "proxy/relay/nodemap.c")]
     r = subprocess.run([cc, "-g", "-O1", "-fsanitize=address,undefined", "-fno-omit-frame-pointer",
                         "-Wall", "-Wextra", "-Werror", "-I", str(ROOT / "proxy/relay"), *src,
                         "-o", str(out), "-lpthread"], capture_output=True, text=True)

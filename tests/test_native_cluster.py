@@ -88,6 +88,25 @@ def nodemap() -> Any:
     return nm
 
 
+@pytest.mark.parametrize(("relay", "tls", "want"), [
+    ("auto", False, ("engine", "buffered")), ("native", False, ("engine", "buffered")),
+    ("python", False, ("buffered",)), ("auto", True, ("buffered",))])
+def test_cluster_listeners_are_framed_in_the_engine_unless_relay_python(
+        relay: str, tls: bool, want: tuple[str, ...]) -> None:
+    """The default (auto) is the engine since Redis's suite passes through it
+    (bench/conformance.py native-cluster); python stays selectable; TLS stays Python's."""
+    from proxy.relay.choose import relay_order
+    from tests.support import make_config
+
+    listener: dict[str, Any] = {"name": "n", "listen": "127.0.0.1:1",
+                                "upstream": "127.0.0.1:2", "relay": relay}
+    if tls:
+        listener["upstream_tls"] = True
+    (lc,) = make_config([listener]).listeners
+    assert [k.value for k in relay_order(lc, rewriting=True, framed=True)] == list(want)
+    assert [k.value for k in relay_order(lc, rewriting=True, framed=False)] == ["buffered"]
+
+
 def asks(engine: Any, want: int = 1, timeout: float = 5) -> list[tuple[Any, ...]]:
     got: list[tuple[Any, ...]] = []
     deadline = time.monotonic() + timeout
@@ -233,6 +252,79 @@ def test_an_idle_framed_connection_holds_no_framing_state(engine: Any, nodemap: 
         assert time.monotonic() < deadline
         time.sleep(0.01)
     p.close()
+
+
+def test_a_memcached_connection_hands_python_only_the_auto_discovery_unit(
+        engine: Any) -> None:
+    """NodeMap(memcache=True): values (one holding a lookalike) pass in the thread, the
+    ``CONFIG cluster`` unit waits for Python while the rest of the chunk keeps its place,
+    a value line without a length closes both sides, and between requests the connection
+    holds no framing state."""
+    p = Pair(engine, _engine.NodeMap(memcache=True))
+    fake = b"CONFIG cluster 0 4\r\n1\nx\n\r\nEND\r\n"
+    value = b"VALUE k 0 %d\r\n%s\r\nEND\r\n" % (len(fake), fake)
+    p.client.sendall(b"get k\r\n")
+    p.read(p.node, 7)
+    p.node.sendall(value)
+    assert p.read(p.client, len(value)) == value
+    deadline = time.monotonic() + 5
+    while engine.detail(p.slot)["framing_held"]:  # between requests: parked
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    p.client.sendall(b"config get cluster\r\nget k\r\n")
+    p.read(p.node, 27)
+    unit = b"CONFIG cluster 0 30\r\n3\nn1|10.0.0.1|11211 n2||11211\n\r\n"
+    p.node.sendall(unit + b"END\r\n" + value)
+    [(slot, kind, frame, spec)] = asks(engine)
+    assert (slot, kind, frame, spec) == (p.slot, 5, unit, b"")
+    assert engine.answer(slot, b"CONFIG cluster 0 7\r\n3\nnew\n\r\n")
+    want = b"CONFIG cluster 0 7\r\n3\nnew\n\r\nEND\r\n" + value
+    assert p.read(p.client, len(want)) == want
+    p.client.sendall(b"get k\r\n")
+    p.read(p.node, 7)
+    p.node.sendall(b"VALUE k 0 five\r\n")
+    assert asks(engine) == [(p.slot, 4, None, None)]  # broken: told, and closed
+    p.client.settimeout(5)
+    with contextlib.suppress(ConnectionResetError):
+        assert p.client.recv(100) == b""
+    assert engine.stats()["protocol_errors"] == 1
+    p.close()
+
+
+@pytest.mark.parametrize("framed", ["plain", "memcache"])
+def test_a_slow_client_gets_every_byte_in_order_through_short_sends(
+        engine: Any, framed: str) -> None:
+    """A copying connection whose client reads slowly: what a short send left behind goes
+    out from where the send stopped (the engine once resent it from its start)."""
+    import os
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(server.getsockname())
+        c_engine, _ = server.accept()
+    node, n_engine = tcp_pair()
+    c_engine.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    c_engine.setblocking(False)
+    n_engine.setblocking(False)
+    nodemap = _engine.NodeMap(memcache=True) if framed == "memcache" else None
+    engine.add(c_engine.detach(), n_engine.detach(), 2, 65536, 65536, nodemap)
+    value = os.urandom(2 << 20)
+    data = b"VALUE k 0 %d\r\n%s\r\nEND\r\n" % (len(value), value)
+    client.sendall(b"get k\r\n")
+    node.settimeout(5)
+    assert node.recv(16) == b"get k\r\n"
+    sender = threading.Thread(target=lambda: (node.sendall(data), node.shutdown(socket.SHUT_WR)))
+    sender.start()
+    got = bytearray()
+    client.settimeout(10)
+    while chunk := client.recv(3000):
+        got += chunk
+        time.sleep(0.0002)
+    sender.join(10)
+    assert len(got) == len(data) and got == data
+    client.close()
+    node.close()
 
 
 def _through_engine(engine: Any, ops: list[tuple[str, bytes]]) -> tuple[bytes, bool]:

@@ -37,14 +37,19 @@ from typing import Any, Protocol
 
 from ..config import Address, ClusterConfig, ListenerConfig, UpstreamTlsConfig
 from ..listener import BindError, Listener, RelayFactory
-from ..protocols.memcache import AutoDiscoveryNode, AutoDiscoveryRewriter, announce_mapper
+from ..protocols.memcache import (
+    AutoDiscoveryNode,
+    AutoDiscoveryRewriter,
+    NodeMapper,
+    announce_mapper,
+)
 from ..protocols.redis_cluster import ClusterRewriter
 from ..relay.buffered import BufferPool, Relay
 from ..relay.engine import NativeHub, NativeRelay, new_node_map
 from ..tls import TlsError
 from .discovery import Discovery, DiscoveryError, Node, discover
 from .ports import PortBook, PortChanges, StateError, StateFile
-from .relay import Feed, NativeFraming, RewritingRelay
+from .relay import Feed, NativeFraming, NativeMcFraming, RewritingRelay
 from .replication import choose_reader, failed_over
 
 log = logging.getLogger("cacheport.cluster")
@@ -520,14 +525,8 @@ class ClusterManager:
         if self.config.engine == "memcached":
             mapper = announce_mapper(self.config.announce, self.config.announce_ip,
                                      self._mc_port)
-
-            def make_mc(pool: BufferPool, on_close: Callable[[Relay], None],
-                        source: str) -> Relay:
-                rw = AutoDiscoveryRewriter(mapper, on_unmapped=self._on_unmapped)
-                return RewritingRelay(pool, on_close, source, rw,
-                                      on_protocol_error=self._on_protocol_error)
-
-            return make_mc
+            return _McRelays(mapper, new_node_map(memcache=True), self._on_unmapped,
+                             self._on_protocol_error)
         return _RedisRelays(self, (lc.upstream.host, lc.upstream.port))
 
     def _redirects_seen(self, count: int) -> None:
@@ -649,3 +648,39 @@ class _RedisRelays:
                 m._nodemap, self._rewriter().remap, tryagain=True,
                 on_redirects=m._redirects_seen, on_protocol_error=m._on_protocol_error)
         return NativeRelay(hub, bufsize, on_close, source, "buffer", framing)
+
+
+
+class _McRelays:
+    """A Memcached cluster node listener's relays: called, the buffered rewriting relay;
+    ``native``, a connection the engine frames (proxy/relay/mc_framer.c), Python seeing
+    only the auto-discovery replies."""
+
+    __slots__ = ("_framing", "mapper", "nodemap", "on_protocol_error", "on_unmapped")
+
+    def __init__(self, mapper: NodeMapper, nodemap: Any,
+                 on_unmapped: Callable[[AutoDiscoveryNode], None],
+                 on_protocol_error: Callable[[str], None]) -> None:
+        self.mapper = mapper
+        self.nodemap = nodemap  # NodeMap(memcache=True); None: the engine is not built
+        self.on_unmapped = on_unmapped
+        self.on_protocol_error = on_protocol_error
+        self._framing: NativeMcFraming | None = None
+
+    def __call__(self, pool: BufferPool, on_close: Callable[[Relay], None],
+                 source: str) -> Relay:
+        rw = AutoDiscoveryRewriter(self.mapper, on_unmapped=self.on_unmapped)
+        return RewritingRelay(pool, on_close, source, rw,
+                              on_protocol_error=self.on_protocol_error)
+
+    @property
+    def native(self) -> Callable[..., NativeRelay] | None:
+        return self._native if self.nodemap is not None else None
+
+    def _native(self, hub: NativeHub, bufsize: int, on_close: Callable[[NativeRelay], None],
+                source: str) -> NativeRelay:
+        if self._framing is None:  # one serves the listener: per-connection state is C's
+            self._framing = NativeMcFraming(self.nodemap, self.mapper,
+                                            on_unmapped=self.on_unmapped,
+                                            on_protocol_error=self.on_protocol_error)
+        return NativeRelay(hub, bufsize, on_close, source, "buffer", self._framing)

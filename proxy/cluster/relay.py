@@ -21,7 +21,9 @@ both sides and a counter, never a traceback.
 
 ``NativeFraming`` is the other way to serve a Redis Cluster node: the native engine
 frames the connection in C (proxy/relay/resp_framer.c) and hands Python only the rare
-frames that list nodes and the redirects its node map cannot answer.
+frames that list nodes and the redirects its node map cannot answer. ``NativeMcFraming``
+does the same for a Memcached cluster's listeners (proxy/relay/mc_framer.c): Python sees
+only the auto-discovery replies.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from .. import closes
+from ..protocols.memcache import AutoDiscoveryNode, AutoDiscoveryRewriter, NodeMapper
 from ..protocols.redis_cluster import ASK_REDIRECT, Remapper, rewrite_asked
 from ..relay.buffered import BufferPool, Relay, Side
 
@@ -206,3 +209,41 @@ class NativeFraming:
     def broken(self) -> None:
         log.debug("closing a connection: the upstream broke the protocol")
         self.on_protocol_error("upstream")
+
+
+class NativeMcFraming:
+    """A Memcached cluster connection on the native engine (``Framing`` for
+    proxy/relay/engine.py): the framer hands over whole ``CONFIG cluster`` / ``VALUE
+    AmazonElastiCache:cluster`` units, rewritten here as ``AutoDiscoveryRewriter`` writes
+    them. ``nodemap`` is an empty ``NodeMap(memcache=True)``: it tells the engine which
+    framer to run. One serves every connection of a listener.
+    """
+
+    __slots__ = ("_nodemap", "mapper", "on_protocol_error", "on_unmapped")
+
+    def __init__(self, nodemap: Any, mapper: NodeMapper, *,
+                 on_unmapped: Callable[[AutoDiscoveryNode], None],
+                 on_protocol_error: Callable[[str], None]) -> None:
+        self._nodemap = nodemap
+        self.mapper = mapper
+        self.on_unmapped = on_unmapped
+        self.on_protocol_error = on_protocol_error
+
+    @property
+    def nodemap(self) -> Any:
+        return self._nodemap
+
+    def attached(self, upstream: socket.socket) -> None:
+        """Nothing to note: auto-discovery entries name their hosts."""
+
+    def answer(self, kind: int, frame: bytes, spec: bytes) -> bytes:
+        """The unit rewritten (raises McProtocolError, a ValueError, when it is not one)."""
+        return bytes(AutoDiscoveryRewriter(self.mapper, self.on_unmapped).feed_reply(frame))
+
+    def redirects(self, count: int) -> None:
+        """Memcached has none."""
+
+    def broken(self) -> None:
+        log.debug("closing a connection: the upstream broke the protocol")
+        self.on_protocol_error("upstream")
+

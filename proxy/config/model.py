@@ -392,9 +392,8 @@ class Tunables(Section):
     relay: RelayName = Field(
         "auto", description="Who moves them: the native engine's threads (TLS included, where "
                             "built with libssl) or Python; auto picks the engine where it is "
-                            "built. "
-                            "On a redis-cluster entry, native frames and rewrites replies "
-                            "in the engine (auto: Python, for now).")
+                            "built. On a cluster entry, auto and native frame and rewrite "
+                            "replies in the engine; python keeps the Python rewriters.")
     health: HealthSwitch = Field(
         None, json_schema_extra=_plus(*_ON, *_OFF, default="on"),
         description="Health checks: on (the default), off, or a mapping of settings (see "

@@ -3,7 +3,9 @@
 =====================================  ==================================
 listener                               relays tried, best first
 =====================================  ==================================
-Redis Cluster node, ``relay: native``  engine (framing it), buffered
+cluster node (Redis Cluster or the      engine (framing it), buffered
+Memcached configuration endpoint),
+``relay: auto``/``native``
 cluster, any other                     buffered (its rewriting subclass)
 ``tls`` or ``upstream_tls``,          engine (doing TLS too), buffered
 ``relay: auto``/``native``
@@ -17,13 +19,13 @@ cluster, any other                     buffered (its rewriting subclass)
 ``relay: auto``/``native``, other      engine, splice, buffered
 =====================================  ==================================
 
-The engine moves bytes cacheport need not see, and frames Redis Cluster connections
-(proxy/relay/resp_framer.c) when the cluster's listeners ask for ``relay: native``;
-``auto`` keeps cluster listeners on the buffered relay until Redis's own test suite
-passes through the native framer (issue 33). TLS listeners have the engine run the
-handshakes and OpenSSL's record layer (tls_engine.c; Redis's own test suite passes
-through it, bench/README.md); ``relay: python`` keeps them on the buffered relay, which
-does TLS in Python. A relay is
+The engine moves bytes cacheport need not see, and frames cluster connections
+(proxy/relay/resp_framer.c, mc_framer.c) unless the cluster's listeners ask for
+``relay: python``: Redis's own test suite passes through the native framer as it does
+direct (bench/conformance.py kind ``native-cluster``). TLS listeners have the engine run
+the handshakes and OpenSSL's record layer (tls_engine.c; Redis's own test suite passes
+through it, kind ``tls-native``); ``relay: python`` keeps them on the buffered relay,
+which does TLS in Python. A relay is
 skipped when it cannot serve here: the engine when it was not built (no C compiler
 at install, not Linux), was built without libssl (a TLS listener), or cannot start a
 thread, splice when the kernel lacks splice(2). ``copy`` then still tells the engine how
@@ -47,10 +49,10 @@ def relay_order(config: ListenerConfig, *, rewriting: bool = False,
                 framed: bool = False) -> tuple[RelayKind, ...]:
     """The relays to try for ``config``'s connections, best first; always ends buffered.
 
-    ``framed``: the engine can frame this rewriting listener's protocol (Redis Cluster).
+    ``framed``: the engine can frame this rewriting listener's protocol.
     """
     if rewriting:
-        if framed and config.relay == "native" and config.may_splice:
+        if framed and config.relay != "python" and config.may_splice:
             return (RelayKind.ENGINE, RelayKind.BUFFERED)
         return (RelayKind.BUFFERED,)
     if not config.may_splice:  # TLS on a leg: records are encrypted in userspace

@@ -109,6 +109,8 @@ typedef struct {
     uint8_t *spec;
     size_t speclen;
     uint8_t askkind, waiting;  /* waiting: the way down waits for answer() */
+    char *pre;          /* Python's answer, sent in one write with what follows it */
+    size_t prelen;
 } framed_t;
 
 #define FPOOL_MAX 64     /* parked framing states kept per thread */
@@ -269,6 +271,7 @@ static void free_framed(framed_t *fr) {
     free(fr->backlog);
     free(fr->ask);
     free(fr->spec);
+    free(fr->pre);
     free(fr);
 }
 
@@ -286,6 +289,7 @@ static framed_t *take_framing(Engine *e, conn_t *c) {
         rf_init(&fr->rf, NULL, NULL);
     }
     rf_rebind(&fr->rf, nm_lookup, c->nm);
+    rf_protocol(&fr->rf, c->nm->mc);  /* Memcached or RESP (mc_framer.h) */
     c->fr = fr;
     return fr;
 }
@@ -295,7 +299,7 @@ static framed_t *take_framing(Engine *e, conn_t *c) {
 static void park_framing(Engine *e, conn_t *c) {
     framed_t *fr = c->fr;
     if (fr == NULL || fr->waiting || fr->bat < fr->bend || fr->ask != NULL ||
-            c->w[1].pending || !rf_idle(&fr->rf))
+            fr->pre != NULL || c->w[1].pending || !rf_idle(&fr->rf))
         return;
     c->fr = NULL;
     rf_release(&fr->rf);
@@ -313,7 +317,8 @@ static void park_framing(Engine *e, conn_t *c) {
 /* Way 1 of a framed connection has work besides its socket: a frame with Python, or
  * bytes read and not framed yet. */
 static int framing_busy(conn_t *c, int i) {
-    return i == 1 && c->fr != NULL && (c->fr->waiting || c->fr->bat < c->fr->bend);
+    return i == 1 && c->fr != NULL &&
+           (c->fr->waiting || c->fr->bat < c->fr->bend || c->fr->pre != NULL);
 }
 
 static void tell(Engine *e, conn_t *c, uint8_t kind) {
@@ -501,10 +506,15 @@ static void pump_reply(Engine *e, conn_t *c, const char *p, size_t n) {
     framed_t *fr = c->fr;
     way_t *w = &c->w[1];
     size_t off = 0;
-    while (off < n) {
+    for (;;) {
         rf_out_t o;
-        int act;
-        size_t used = rf_reply(&fr->rf, p + off, n - off, &o, &act);
+        int act = RF_DONE;
+        size_t used = 0;
+        memset(&o, 0, sizeof(o));
+        if (off < n)
+            used = rf_reply(&fr->rf, p + off, n - off, &o, &act);
+        else if (fr->pre == NULL)
+            break;
         if (act == RF_ERROR) {
             /* Like the Python relay: a node that breaks the protocol gets a clean close
              * of both sides (a reset, the stream being cut) and a counter. */
@@ -514,9 +524,14 @@ static void pump_reply(Engine *e, conn_t *c, const char *p, size_t n) {
             finish(e, c, 1);
             return;
         }
-        struct iovec iov[2];
+        struct iovec iov[3];
         int cnt = 0;
         size_t total = 0;
+        if (fr->pre != NULL) {  /* an answer goes out with what follows, as one write */
+            iov[cnt].iov_base = fr->pre;
+            iov[cnt++].iov_len = fr->prelen;
+            total += fr->prelen;
+        }
         if (o.fwd) {
             iov[cnt].iov_base = (void *)(p + off);
             iov[cnt++].iov_len = o.fwd;
@@ -579,6 +594,8 @@ static void pump_reply(Engine *e, conn_t *c, const char *p, size_t n) {
             w->pending = left;
             stall(w);
         }
+        free(fr->pre);
+        fr->pre = NULL;
         rf_release(&fr->rf);
         if (w->pending || fr->waiting) {
             if (keep_backlog(fr, p + off, n - off) < 0) {
@@ -733,8 +750,9 @@ static void after_drain(Engine *e, conn_t *c, int i) {
             w->watching = 0;
             return;
         }
-        if (c->fr->bat < c->fr->bend) {
-            pump_reply(e, c, c->fr->backlog + c->fr->bat, c->fr->bend - c->fr->bat);
+        if (c->fr->bat < c->fr->bend || c->fr->pre != NULL) {
+            framed_t *fr = c->fr;
+            pump_reply(e, c, fr->backlog ? fr->backlog + fr->bat : "", fr->bend - fr->bat);
             if (c->state != LIVE || w->pending || (c->fr != NULL && c->fr->waiting))
                 return;
         } else {
@@ -1422,6 +1440,14 @@ static PyObject *Engine_answer(Engine *e, PyObject *args) {
     char *held = malloc(w->pending + len + 1);
     if (held == NULL) {
         finish(e, c, 1);
+    } else if (!w->pending) {
+        /* Nothing queued: the thread sends it with the next bytes it frames (a client
+         * may expect the answer and the END after it in one read). */
+        memcpy(held, b.buf, len);
+        fr->pre = held;
+        fr->prelen = len;
+        stall(w);
+        rewatch(e, c, (uint32_t)slot);
     } else {
         if (w->pending)
             memcpy(held, w->held + w->held_at, w->pending);

@@ -106,16 +106,17 @@ def tls_spec(server: ssl.SSLContext | None, client: ssl.SSLContext | None,
     return (server, client, verify, name if client is not None else None)
 
 
-def new_node_map() -> Any:
+def new_node_map(memcache: bool = False) -> Any:
     """A node map for framed (cluster) connections (swap() it after each refresh), or None
-    where the engine is not built."""
-    return None if _engine is None else _engine.NodeMap()
+    where the engine is not built. ``memcache``: a Memcached cluster's, which stays empty
+    and makes the engine frame Memcached (proxy/relay/mc_framer.c)."""
+    return None if _engine is None else _engine.NodeMap(memcache=memcache)
 
 
 class Framing(Protocol):
-    """What a framed connection (a Redis Cluster node's) needs from Python: the node map
-    its redirects are rewritten from, and answers to what the framer hands over
-    (proxy/cluster/relay.py NativeFraming)."""
+    """What a framed connection (a cluster node's) needs from Python: the node map its
+    redirects are rewritten from, and answers to what the framer hands over
+    (proxy/cluster/relay.py NativeFraming, NativeMcFraming)."""
 
     @property
     def nodemap(self) -> Any: ...

@@ -8,7 +8,12 @@ typedef struct {
     nodemap_t *m;
 } NodeMapObject;
 
+/* NodeMap(memcache=False): memcache, the connections it is given frame Memcached. */
 static PyObject *NodeMap_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    static char *names[] = {"memcache", NULL};
+    int mc = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|p", names, &mc))
+        return NULL;
     NodeMapObject *o = (NodeMapObject *)type->tp_alloc(type, 0);
     if (o == NULL)
         return NULL;
@@ -17,6 +22,7 @@ static PyObject *NodeMap_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
         Py_DECREF(o);
         return PyErr_NoMemory();
     }
+    o->m->mc = (uint8_t)mc;
     return (PyObject *)o;
 }
 
@@ -94,7 +100,8 @@ static PyTypeObject NodeMapType = {
     .tp_name = "proxy.relay._engine.NodeMap",
     .tp_basicsize = sizeof(NodeMapObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "A cluster's node map: internal (host, port) -> b'announce:port'.",
+    .tp_doc = "A cluster's node map: internal (host, port) -> b'announce:port' "
+              "(NodeMap(memcache=True): a Memcached cluster's, empty).",
     .tp_new = NodeMap_new,
     .tp_dealloc = (destructor)NodeMap_dealloc,
     .tp_methods = NodeMap_methods,
@@ -117,10 +124,12 @@ typedef struct {
     nodemap_t *m;
 } FramerObject;
 
+/* Framer(nodemap=None, memcache=False) */
 static int Framer_init(FramerObject *o, PyObject *args, PyObject *kw) {
-    static char *names[] = {"nodemap", NULL};
+    static char *names[] = {"nodemap", "memcache", NULL};
     PyObject *map = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O", names, &map))
+    int mc = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|Op", names, &map, &mc))
         return -1;
     rf_free(&o->f);
     nm_unref(o->m);
@@ -132,6 +141,7 @@ static int Framer_init(FramerObject *o, PyObject *args, PyObject *kw) {
         nm_ref(o->m);
     }
     rf_init(&o->f, o->m ? nm_lookup : NULL, o->m);
+    rf_protocol(&o->f, mc);
     return 0;
 }
 

@@ -1,5 +1,6 @@
 /* The node map of one cluster: internal host:port -> "announce:port", as the last
- * topology refresh left it. Python swaps the whole table (nm_swap); the engine thread
+ * topology refresh left it (a Memcached cluster's stays empty: it only says the
+ * protocol, since its one rewrite, the auto-discovery reply, is Python's). Python swaps the whole table (nm_swap); the engine thread
  * looks a redirect's target up (nm_lookup, an rf_lookup_fn) under the map's own lock,
  * which only a redirect and a swap ever take. Connections hold a reference. */
 #ifndef CACHEPORT_NODEMAP_H
@@ -20,6 +21,7 @@ typedef struct {
     nm_entry_t *e;
     size_t n;
     char *text;
+    uint8_t mc;                      /* a Memcached cluster's: its connections frame that */
 } nodemap_t;
 
 nodemap_t *nm_new(void);

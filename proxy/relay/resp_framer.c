@@ -11,6 +11,8 @@
  * header line cut by a chunk, a frame that must be seen whole, nesting, pub/sub. */
 #include "resp_framer.h"
 
+#include "mc_framer.h"
+
 #include <stdlib.h>
 #include <string.h>
 
@@ -1181,6 +1183,10 @@ static int rq_feed(rf_t *f, const char *d, size_t n) {
 }
 
 void rf_request(rf_t *f, const char *p, size_t n) {
+    if (f->mc) {
+        mc_request(f, p, n);
+        return;
+    }
     if (f->request_error || f->opaque)
         return;
     if (rq_feed(f, p, n) < 0) {
@@ -1220,6 +1226,8 @@ void rf_free(rf_t *f) {
 size_t rf_held(const rf_t *f) { return f->holdlen; }
 
 int rf_idle(const rf_t *f) {
+    if (f->mc)
+        return mc_idle(f);
     return !f->pending.len && !f->queued.len && scan_idle(&f->sc) && !f->rq_left &&
            !f->rq_skip && !f->rq_linelen && !f->rq_capping && f->protocol == 2 &&
            !f->in_multi && !f->req_multi && !f->reply_off && !f->skip_next && !f->opaque &&
@@ -1231,7 +1239,10 @@ void rf_rebind(rf_t *f, rf_lookup_fn lookup, void *ctx) {
     f->lookup = lookup;
     f->lookup_ctx = ctx;
     f->redirects = 0;
+    f->mc = f->mc_started = f->mc_cont = 0;
 }
+
+void rf_protocol(rf_t *f, int mc) { f->mc = mc != 0; }
 
 uint64_t rf_pending(const rf_t *f) { return q_total(&f->pending); }
 
@@ -1388,6 +1399,8 @@ static int hold_add(rf_t *f, const char *p, size_t n) {
     return 0;
 }
 
+int rf_hold(rf_t *f, const char *p, size_t n) { return hold_add(f, p, n); }
+
 static void hold_drop(rf_t *f) {
     free(f->hold);
     f->hold = NULL;
@@ -1401,6 +1414,8 @@ size_t rf_reply(rf_t *f, const char *p, size_t n, rf_out_t *o, int *action) {
         hold_drop(f);  /* emitted by the last call */
     free(f->out);
     f->out = NULL;
+    if (f->mc)
+        return mc_reply(f, p, n, o, action);
     if (f->opaque) {
         o->fwd = n;
         return n;

@@ -26,8 +26,9 @@
 #define RF_MAX_HOLD ((512LL << 20) + (1 << 20))  /* a held frame: proto-max-bulk-len + 1 MiB */
 #define RF_ARG 16                      /* bytes of a captured name/argument kept */
 
-/* What Python applies to a whole frame (RF_ASK). */
-enum { RF_ASK_CLUSTER = 1, RF_ASK_EXEC = 2, RF_ASK_REDIRECT = 3 };
+/* What Python applies to a whole frame (RF_ASK). 4 is the engine's (a broken stream);
+ * RF_ASK_MC: a Memcached auto-discovery unit (mc_framer.h). */
+enum { RF_ASK_CLUSTER = 1, RF_ASK_EXEC = 2, RF_ASK_REDIRECT = 3, RF_ASK_MC = 5 };
 /* Which CLUSTER subcommand's rewriter (proxy/protocols/redis_cluster REWRITERS). */
 enum { RW_NONE = 0, RW_SLOTS = 1, RW_SHARDS = 2, RW_NODES = 3, RW_REPLICAS = 4 };
 
@@ -92,6 +93,9 @@ typedef struct rf {
     rf_lookup_fn lookup;
     void *lookup_ctx;
     uint64_t redirects; /* rewritten here */
+    /* a Memcached connection instead (mc_framer.h): the RESP state above stays unused */
+    int64_t mc_block, mc_need;
+    uint8_t mc, mc_started, mc_cont;
 } rf_t;
 
 typedef struct {
@@ -116,6 +120,10 @@ void rf_release(rf_t *f);
  * no MULTI, ...): then it may serve another connection (rf_rebind). */
 int rf_idle(const rf_t *f);
 void rf_rebind(rf_t *f, rf_lookup_fn lookup, void *ctx);
+/* Which protocol the state frames: 0 RESP, 1 Memcached text (set after rf_init/rebind). */
+void rf_protocol(rf_t *f, int mc);
+/* Append p[0:n] to the held bytes (mc_framer.c); -1 past RF_MAX_HOLD or out of memory. */
+int rf_hold(rf_t *f, const char *p, size_t n);
 /* Bytes held for an incomplete frame (tests). */
 size_t rf_held(const rf_t *f);
 /* Commands whose replies are due (tests). */
