@@ -168,5 +168,6 @@ def test_each_kind_port_map_is_valid_and_has_no_health_checks_or_admin(
     else:
         (lc,) = config.listeners
         assert lc.listen.port == 7000 and lc.upstream.port == 6379
-        assert (lc.tls is not None) == (kind == "tls")
-        assert lc.relay == {"native": "native", "python": "python"}.get(kind, "auto")
+        assert (lc.tls is not None) == kind.startswith("tls")
+        assert lc.relay == {"native": "native", "python": "python", "tls": "python",
+                            "tls-native": "native"}[kind]
