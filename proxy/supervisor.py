@@ -65,6 +65,8 @@ class Supervisor:
         self.options = options
         self.worker_args = worker_args
         self.workers = [Worker(i) for i in range(count)]
+        # Reloads refused here, before any worker saw the map (the workers count their own).
+        self.reload_failures = 0
         self.stopping = False
         self._stop_requests = 0
         self._changed = asyncio.Event()
@@ -190,7 +192,11 @@ def fleet_admin(supervisor: Supervisor, config: AdminConfig) -> AdminServer:
                                        "Workers restarted after they exited", labels=["worker"])
         for w in supervisor.workers:
             restarts.add_metric([str(w.index)], w.restarts)
-        return [running, restarts]
+        refused = CounterMetricFamily(
+            "cacheport_supervisor_reload_failures",
+            "Reloads the supervisor refused before any worker saw the map (invalid file)")
+        refused.add_metric([], supervisor.reload_failures)
+        return [running, restarts, refused]
 
     async def metrics(request: Request) -> Response:
         texts = await fleet.gather_metrics(addresses, request.query)
@@ -208,6 +214,8 @@ def fleet_admin(supervisor: Supervisor, config: AdminConfig) -> AdminServer:
         try:
             load_config(supervisor.options.config_path)
         except ConfigError as exc:
+            supervisor.reload_failures += 1
+            log.error("reload refused, the workers keep the running port map: %s", exc)
             return Response.text(400, f"reload failed, nothing changed: {exc}")
         results = []
         ok = True
@@ -260,6 +268,7 @@ async def supervise(options: RunOptions, worker_args: list[str], count: int) -> 
             try:
                 load_config(options.config_path)
             except ConfigError as exc:
+                supervisor.reload_failures += 1
                 log.error("reload refused, the workers keep the running port map: %s", exc)
                 return
             log.info("reload: signalling %d workers", len(supervisor.workers))

@@ -110,6 +110,7 @@ def test_supervisor_admin_reports_every_worker_together(
     tmp_path: Path, redis_server: ServerProcess
 ) -> None:
     import json
+    import urllib.error
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -163,6 +164,16 @@ def test_supervisor_admin_reports_every_worker_together(
         reload = run_cli("reload", "-c", str(path))
         assert reload.returncode == 0, reload.stderr
         assert reload.stdout.count("reloaded") == 2  # both workers answered
+        good = path.read_text()
+        path.write_text(good + "  - {name: broken\n")  # refused by the supervisor itself
+        with pytest.raises(urllib.error.HTTPError) as refused:  # the CLI would check first
+            urllib.request.urlopen(urllib.request.Request(f"{base}/-/reload", method="POST"),
+                                   timeout=10)
+        assert refused.value.code == 400
+        refused.value.close()
+        text = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
+        assert "cacheport_supervisor_reload_failures_total 1.0" in text
+        path.write_text(good)
     finally:
         proc.stop()
     assert "Traceback" not in proc.log()
