@@ -24,7 +24,7 @@ SUFFIX=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"
 if [ -e /usr/include/openssl/ssl.h ]; then
     "$CC" -shared -fPIC -g -O1 -fsanitize=address,undefined -fno-omit-frame-pointer \
         -Wall -Wextra -Wno-missing-field-initializers -Wno-unused-parameter -I"$INC" \
-        -DCACHEPORT_TLS=1 "$ROOT"/proxy/relay/{engine,resp_framer,nodemap,framer_py,tls_engine}.c \
+        -DCACHEPORT_TLS=1 "$ROOT"/proxy/relay/{engine,resp_framer,nodemap,framer_py,mc_framer,tls_engine}.c \
         -o "$WORK/proxy/relay/_engine_tls$SUFFIX" -lpthread -lssl -lcrypto
 fi
 cd "$WORK"

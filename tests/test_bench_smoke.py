@@ -218,10 +218,25 @@ def test_ab_rejects_a_setting_without_a_value(tmp_path: Path) -> None:
 
 
 def _table_rows(stdout: str) -> dict[str, list[str]]:
-    """A side-by-side's markdown table: target -> its cells."""
-    return {cells[0]: cells[1:] for line in stdout.splitlines()
-            if line.startswith("| ") and not line.startswith("| target")
-            for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+    """A side-by-side's (first) markdown table: target -> its cells."""
+    return _tables(stdout)[0]
+
+
+def _tables(stdout: str) -> list[dict[str, list[str]]]:
+    """Every markdown table in ``stdout``, in order: target -> its cells."""
+    tables: list[dict[str, list[str]]] = []
+    inside = False
+    for line in stdout.splitlines():
+        if not line.startswith("|"):
+            inside = False
+            continue
+        if not inside:
+            tables.append({})
+            inside = True
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] != "target" and not cells[0].startswith("---"):
+            tables[-1][cells[0]] = cells[1:]
+    return tables or [{}]
 
 
 @pytest.mark.timeout(90)
@@ -236,6 +251,8 @@ def test_cluster_side_by_side_measures_direct_plain_and_rewriting(tmp_path: Path
         assert len(cells) == 4
         assert float(cells[0].replace(",", "")) > 0 and cells[1].endswith("x")
     assert rows["direct"][1] == "1.00x"
+    latency = _tables(result.stdout)[1]  # one connection: p50, added p50, p99, added p99
+    assert set(latency) - {"twemproxy"} == want and latency["direct"][1] == "+0.0"
     assert _processes_mentioning(str(tmp_path)) == []  # TMPDIR: this run's own
 
 

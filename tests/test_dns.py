@@ -111,7 +111,10 @@ def test_unresolvable_name_closes_the_client_with_a_reason(tmp_path: Path) -> No
     port = free_port()
     path = tmp_path / "nx.yaml"
     path.write_text(f"listeners:\n  - {{name: rd, listen: '127.0.0.1:{port}', "
-                    f"upstream: 'missing.cacheport.test:6379', connect_timeout: 2s}}\n")
+                    f"upstream: 'missing.cacheport.test:6379', connect_timeout: 2s, "
+                    # No checks: one that failed first would mark it DOWN, and a client
+                    # would then be refused as upstream_down without a dial to log.
+                    f"health: off}}\n")
     proc = CacheportProcess(path, prefix=mount)
     try:
         proc.wait_serving()

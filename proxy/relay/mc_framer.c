@@ -60,7 +60,7 @@ static int64_t data_len(const char *line, size_t n, int *ad) {
     }
     word_t w[4];
     int k = words4(line, n, w);
-    if (k <= idx || w[idx].n == 0)
+    if (k <= idx || w[idx].n == 0 || w[idx].n > 10)  /* memcache._MAX_DIGITS */
         return -2;
     int64_t v = 0;
     for (size_t i = 0; i < w[idx].n; i++) {
