@@ -31,6 +31,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                                          "listener, compared test by test"),
     "arrival-order": ("bench.arrival_order", "how often a command sent second on another "
                                              "connection reaches Redis first"),
+    "soak": ("bench.soak.run", "many faults at once under mixed load; checks writes, errors per "
+                               "fault, descriptors, RSS, log, /metrics"),
     "protocols": ("bench.protocols", "CPU cost of the sans-IO framers and rewriters (no sockets)"),
 }
 DEFAULT = "run"
