@@ -7,6 +7,7 @@ accepted) go to ``Faults.problems``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
@@ -132,6 +133,12 @@ class Faults:
                 raise BenchError(f"add-node: {out.stdout[-500:]}")
             rig.nodes.append((port, proc))
             ids = self._ids()
+            deadline = time.monotonic() + 30
+            while not all(ids[port] in rig.redis_cli(HOST, "CLUSTER", "NODES", port=p)
+                          for p in ids):
+                if time.monotonic() > deadline:
+                    raise BenchError(f"node {port} not known to every node within 30s")
+                time.sleep(0.2)
             donor = self.rng.choice([p for p in ids if p != port and self._slots(p) >= 20])
             self._reshard(ids[donor], ids[port], 20)
             time.sleep(3.0)  # clients use it through its new listener
@@ -148,21 +155,22 @@ class Faults:
     # -- cacheport -----------------------------------------------------------------------
 
     def worker_kill(self) -> str:
+        """SIGKILL a worker and wait until the supervisor's replacement is ready. Reloads
+        wait meanwhile: the supervisor answers one with 400 "worker N: not ready" while a
+        worker restarts (the new worker then starts from the map on disk)."""
         rig = self.rig
-        before = rig.workers()
-        victim = self.rng.choice(before)
-        os.kill(victim, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while True:
-            now = rig.workers()
-            if len(now) == 2 and victim not in now:
-                break
-            if time.monotonic() > deadline:
-                raise BenchError(f"worker {victim} was not replaced within 30s")
-            time.sleep(0.1)
-        # Ready means its admin endpoint answers: /metrics gathers from both again.
-        while "worker" not in rig.http("GET", "/status")[1]:
-            time.sleep(0.1)
+        with rig.reload_lock:
+            before = rig.workers()
+            victim = self.rng.choice(before)
+            os.kill(victim, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while True:
+                now = rig.workers()
+                if len(now) == 2 and victim not in now and _all_ready(rig):
+                    break
+                if time.monotonic() > deadline:
+                    raise BenchError(f"worker {victim} was not replaced within 30s")
+                time.sleep(0.1)
         return f"worker pid {victim} killed, replaced by {sorted(set(now) - set(before))}"
 
     def client_reset(self) -> str:
@@ -228,8 +236,12 @@ class Faults:
                 for _ in range(limit // 10):
                     if min(rig.worker_fds().values(), default=0) >= limit - 10:
                         break
-                    batch = [socket.create_connection((HOST, rig.listen["mc"]), 3)
-                             for _ in range(10)]
+                    batch = []
+                    for _ in range(10):
+                        try:
+                            batch.append(socket.create_connection((HOST, rig.listen["mc"]), 3))
+                        except OSError:  # not accepted: the worker pauses accepts at EMFILE
+                            refused += 1
                     for s in batch:
                         s.settimeout(5)
                         with contextlib.suppress(OSError):
@@ -251,19 +263,26 @@ class Faults:
     def _at_limit(self, held: list[socket.socket], refused: int) -> str:
         rig = self.rig
         peak = min(rig.worker_fds().values(), default=0)
-        closed = answered = hung = 0
+        closed = answered = unaccepted = hung = 0
         for _ in range(30):
             try:
-                with socket.create_connection((HOST, rig.listen["mc"]), 3) as s:
+                s = socket.create_connection((HOST, rig.listen["mc"]), 3)
+            except OSError:
+                # Left in the kernel's queue: a worker at EMFILE pauses its accepts (and
+                # says so in the log) rather than take what it cannot serve.
+                unaccepted += 1
+                continue
+            with s:
+                try:
                     s.settimeout(5)
                     s.sendall(b"version\r\n")
                     got = s.recv(64)
                     answered += got.startswith(b"VERSION ")
                     closed += got == b""
-            except (ConnectionResetError, BrokenPipeError, ConnectionRefusedError):
-                closed += 1
-            except OSError:
-                hung += 1
+                except (ConnectionResetError, BrokenPipeError):
+                    closed += 1
+                except OSError:
+                    hung += 1  # accepted, then neither answered nor closed
         old_failed = 0
         for s in held:
             try:
@@ -273,13 +292,23 @@ class Faults:
             except OSError:
                 old_failed += 1
         if hung:
-            self.problems.append(f"fd limit: {hung} of 30 new connections hung")
+            self.problems.append(f"fd limit: {hung} of 30 new connections accepted, then "
+                                 "neither answered nor closed within 5 s")
         if old_failed:
             self.problems.append(f"fd limit: {old_failed} of {len(held)} held connections "
                                  "stopped answering")
         return (f"{len(held)} held, {refused} closed on the way (both workers at {peak}+ "
                 f"of {rig.nofile} fds); 30 new: {answered} answered, {closed} closed, "
-                f"{hung} hung; {old_failed} held ones failed")
+                f"{unaccepted} left unaccepted, {hung} hung; {old_failed} held ones failed")
+
+
+def _all_ready(rig: Rig) -> bool:
+    code, body = rig.http("GET", "/status")
+    try:
+        workers = json.loads(body).get("workers", [])
+    except ValueError:
+        return False
+    return code == 200 and len(workers) == 2 and all(w.get("ready") for w in workers)
 
 
 def _with(state: MapState, **changes: object) -> MapState:

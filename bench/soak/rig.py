@@ -36,36 +36,31 @@ FAST = ["--repl-diskless-sync-delay", "0", "--shutdown-timeout", "0", "--save", 
 
 
 class Ports:
-    """Free loopback ports, never the same one twice in a run."""
+    """Free loopback ports below the ephemeral range, never the same one twice in a run.
+
+    Below it, because some are bound late (the listener a reload adds, a restarted
+    memcached): an ephemeral port may meanwhile be the local end of one of the many
+    client connections, and the bind would fail with EADDRINUSE.
+    """
 
     def __init__(self) -> None:
         self.used: set[int] = set()
+        self.next = 21000 + os.getpid() % 5000
 
     def one(self, *hosts: str) -> int:
-        for _ in range(200):
-            with socket.socket() as s:
-                s.bind((hosts[0] if hosts else HOST, 0))
-                port = int(s.getsockname()[1])
-            if port in self.used:
-                continue
-            try:
-                for host in hosts[1:]:
-                    with socket.socket() as s:
-                        s.bind((host, port))
-            except OSError:
-                continue
-            self.used.add(port)
-            return port
-        raise BenchError("no free port in 200 tries")
+        return self.span(1, *hosts)
 
-    def span(self, count: int) -> int:
-        for base in range(21000 + os.getpid() % 7000, 32000, 11):
+    def span(self, count: int, *hosts: str) -> int:
+        while self.next + count < 32700:
+            base = self.next
+            self.next += count
             socks: list[socket.socket] = []
             try:
                 for port in range(base, base + count):
-                    s = socket.socket()
-                    socks.append(s)
-                    s.bind((HOST, port))
+                    for host in hosts or (HOST,):
+                        s = socket.socket()
+                        socks.append(s)
+                        s.bind((host, port))
                 self.used.update(range(base, base + count))
                 return base
             except OSError:
@@ -73,7 +68,7 @@ class Ports:
             finally:
                 for s in socks:
                     s.close()
-        raise BenchError(f"no {count} consecutive free ports")
+        raise BenchError(f"no {count} consecutive free ports below 32700")
 
 
 class BlackHole:
@@ -204,6 +199,14 @@ class Rig:
         self.wait_cluster_settled(30)
 
     def cluster_settled(self) -> bool:
+        """Every node says ok and knows every other, and redis-cli's check finds no open
+        slot: what ``--cluster reshard`` needs (a node just added says CLUSTERDOWN until
+        gossip has told it who owns every slot)."""
+        for port, proc in self.nodes:
+            info = self.redis_cli(HOST, "CLUSTER", "INFO", port=port)
+            if proc.alive() and ("cluster_state:ok" not in info
+                                 or f"cluster_known_nodes:{len(self.nodes)}" not in info):
+                return False
         out = subprocess.run(["redis-cli", "--cluster", "check", f"{HOST}:{self.nodes[0][0]}"],
                              capture_output=True, text=True, timeout=30)
         text = out.stdout + out.stderr
