@@ -12,6 +12,7 @@ tolerances). ``pytest -m "not soak"`` skips it; the long form is run by hand
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -81,18 +82,19 @@ _MISSING = prerequisites()
 
 
 @pytest.mark.soak
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(240)
 @pytest.mark.skipif(bool(_MISSING), reason=f"the soak needs {', '.join(_MISSING)}")
 def test_short_soak_loses_no_acknowledged_write_and_leaks_nothing(tmp_path: Path) -> None:
     report = tmp_path / "soak.md"
     out = subprocess.run(
         [sys.executable, "-m", "bench", "soak", "--duration", "70", "--seed", str(SEED),
          "--report", str(report), "--workdir", str(tmp_path / "work")],
-        capture_output=True, text=True, timeout=280, cwd=ROOT, env=cacheport_env())
+        capture_output=True, text=True, timeout=220, cwd=ROOT, env=cacheport_env())
     text = report.read_text() if report.exists() else out.stdout
     assert f"soak schedule: seed {SEED}" in out.stdout
     assert out.returncode == 0, f"{text}\n{out.stderr[-3000:]}"
     assert "Verdict: **PASS**" in text
     for kind in SHORT:
         assert re.search(rf"^\| {kind} \| 1 \|", text, re.M), (kind, text)
-    assert (tmp_path / "soak.png").stat().st_size > 10_000
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "soak.png").stat().st_size > 10_000

@@ -118,5 +118,11 @@ def plot(result: Result, path: Path) -> None:
 
 def write(result: Result, path: Path) -> None:
     png = path.with_suffix(".png")
-    plot(result, png)
+    try:
+        plot(result, png)
+    except ImportError:
+        print("bench soak: matplotlib is not installed (pip install 'cacheport[bench]'): "
+              "no plot")
+        path.write_text(markdown(result))
+        return
     path.write_text(markdown(result, png.name))
