@@ -1,7 +1,8 @@
 """The soak's short form: ~70 s of mixed load through cacheport (``workers: 2``) while a
 seeded schedule kills a memcached node, fails a Redis primary over behind its DNS name,
-reshards the cluster, SIGKILLs a worker, resets and half-closes clients, black-holes an
-upstream, fills the open-files limit, and reloads every few seconds (some maps invalid).
+reshards the cluster, adds and removes a cluster node, SIGKILLs a worker, resets and
+half-closes clients, black-holes an upstream, fills the open-files limit, and reloads
+every few seconds (some maps invalid).
 
 It passes only if every acknowledged write reads back, client errors fall inside fault
 windows, descriptors and RSS are back to baseline, the log holds no unexplained warning
@@ -47,7 +48,7 @@ def test_every_round_holds_each_kind_once_in_order_of_time() -> None:
 def test_a_short_schedule_still_injects_every_short_kind_once() -> None:
     s = make_schedule(1, 70)
     assert sorted(f.kind for f in s.faults) == sorted(SHORT)
-    assert s.lines()[0].startswith("soak schedule: seed 1, 70 s, 7 faults")
+    assert s.lines()[0].startswith("soak schedule: seed 1, 70 s, 8 faults")
 
 
 def test_a_write_that_failed_may_have_landed_but_nothing_else() -> None:

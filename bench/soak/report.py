@@ -29,7 +29,7 @@ def markdown(result: Result, plot: str | None = None) -> str:
     lines = [f"# Soak: seed {s.seed}, {result.elapsed:.0f} s of load",
              "",
              f"Commit {_commit()}; `python -m bench soak --duration {s.duration:.0f} "
-             f"--seed {s.seed}{' --long' if 'node_add_remove' in kinds else ''}`. "
+             f"--seed {s.seed}`. "
              f"Verdict: **{'PASS' if not result.failures else 'FAIL'}**.",
              "",
              "## Faults and client errors",
