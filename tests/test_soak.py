@@ -57,9 +57,11 @@ def test_a_write_that_failed_may_have_landed_but_nothing_else() -> None:
     ledger.failed_write("redis", "a", b"2")
     ledger.acked_write("redis", "b", b"1")
     ledger.acked_write("redis", "c", b"1")
-    store = {"a": b"2", "b": b"1", "c": b"other"}
+    ledger.failed_write("redis", "d", b"late")  # timed out, delivered after the next ack
+    ledger.acked_write("redis", "d", b"1")
+    store = {"a": b"2", "b": b"1", "c": b"other", "d": b"late"}
     v = verify(ledger.to_verify("redis"), lambda keys: [store.get(k) for k in keys])
-    assert (v.checked, v.ok, v.landed_unacked, len(v.bad)) == (3, 1, 1, 1)
+    assert (v.checked, v.ok, v.landed_unacked, v.landed_late, len(v.bad)) == (4, 1, 1, 1, 1)
     assert v.bad[0].startswith("c: read ")
 
 

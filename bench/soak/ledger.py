@@ -2,8 +2,11 @@
 
 A write acknowledged by the server and not overwritten later by an acknowledged write
 must read back with its hash. A write that failed client-side may or may not have
-landed, so the value read may also be one of the failed writes that came after the
-last acknowledged one (never anything else). Errors carry their time, so they can be
+landed, and may land late: a request that timed out in a connection still waiting in
+a worker's accept queue (at the descriptor limit) is delivered when the worker accepts
+it, after the client's next write was acknowledged. So the value read may also be one
+of the key's failed writes, counted apart when it failed before the acknowledged one
+(never anything else). Errors carry their time, so they can be
 matched to the fault windows they fell in.
 """
 
@@ -27,6 +30,7 @@ class KeyState:
     acked: str | None = None  # hash of the last acknowledged write
     acked_at: float = 0.0
     maybe: list[str] = field(default_factory=list)  # failed writes after it
+    earlier: list[str] = field(default_factory=list)  # failed writes before it
 
 
 class Ledger:
@@ -41,6 +45,7 @@ class Ledger:
     def acked_write(self, store: str, key: str, value: bytes) -> None:
         with self._lock:
             state = self.keys.setdefault((store, key), KeyState())
+            state.earlier += state.maybe
             state.acked, state.acked_at, state.maybe = digest(value), time.monotonic(), []
             self.acked[store] += 1
 
@@ -68,6 +73,7 @@ class Verdict:
     checked: int = 0
     ok: int = 0
     landed_unacked: int = 0  # read back a failed write's value: allowed
+    landed_late: int = 0  # ... of one that failed before the acknowledged write
     bad: list[str] = field(default_factory=list)
 
 
@@ -85,6 +91,8 @@ def verify(pairs: Sequence[tuple[str, KeyState]],
                 out.ok += 1
             elif got is not None and got in state.maybe:
                 out.landed_unacked += 1
+            elif got is not None and got in state.earlier:
+                out.landed_late += 1
             else:
                 out.bad.append(f"{key}: read {got or 'nothing'}, acknowledged {state.acked}")
     return out

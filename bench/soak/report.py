@@ -52,11 +52,12 @@ def markdown(result: Result, plot: str | None = None) -> str:
     lines += [f"| total | {sum(result.requests.values()):,} |", "",
               f"Pub/sub: {result.pubsub[0]:,} published, {result.pubsub[1]:,} received.", "",
               "## Acknowledged writes read back", "",
-              "| store | keys checked | latest acknowledged value | an unacknowledged later "
-              "write landed | wrong or missing |", "|---|---:|---:|---:|---:|"]
+              "| store | keys checked | latest acknowledged value | a later failed write "
+              "landed | an earlier failed write landed late | wrong or missing |",
+              "|---|---:|---:|---:|---:|---:|"]
     for store, v in result.verdicts.items():
         lines.append(f"| {store} | {v.checked:,} | {v.ok:,} | {v.landed_unacked:,} | "
-                     f"{len(v.bad)} |")
+                     f"{v.landed_late:,} | {len(v.bad)} |")
     if result.forgotten:
         lines += ["", "Not checked: " + ", ".join(
             f"{n:,} {store} keys written before a kill of their node (memcached keeps nothing)"
