@@ -40,6 +40,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                                              "connection reaches Redis first"),
     "connlog": ("bench.connlog", "log_connections on vs off: new connections/s and p50, "
                                  "native engine and Python relay"),
+    "soak": ("bench.soak.run", "many faults at once under mixed load; checks writes, errors per "
+                               "fault, descriptors, RSS, log, /metrics"),
     "protocols": ("bench.protocols", "CPU cost of the sans-IO framers and rewriters (no sockets)"),
 }
 DEFAULT = "run"

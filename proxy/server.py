@@ -142,6 +142,9 @@ class Server:
         self.draining_since: float | None = None  # monotonic time a stop began (/readyz 503)
         self.monitor: HealthMonitor | None = None
         self.admin: AdminServer | None = None
+        # The admin block as the port map gave it: a worker serves a private copy on
+        # another port, so a reload compares the map's block, not the one served.
+        self.admin_configured = config.admin
         self.clusters: dict[str, ClusterManager] = {}
 
     # -- start -----------------------------------------------------------------
@@ -345,7 +348,7 @@ class Server:
         if self.monitor is not None:
             # Unchanged (listener, upstream, check) targets keep their state and counts.
             self.monitor.sync(config.listeners)
-        if self.admin is not None and config.admin != self.admin.config:
+        if self.admin is not None and config.admin != self.admin_configured:
             log.warning("reload: the admin block changed; it takes effect at the next restart")
         await self._apply_clusters(config)
         self.reloads += 1

@@ -263,8 +263,11 @@ class ClusterManager:
         self._note_off_canonical()
         self._reconcile()
         new_primary = self.primary
-        if old_primary is not None and new_primary is not None and \
-                failed_over(old_primary.address, new_primary.address):
+        # Only a replication group has one primary: in a cluster, "the first master"
+        # changes whenever a node joins, which is no failover.
+        if self.config.engine == "redis-replication" and old_primary is not None and \
+                new_primary is not None and failed_over(old_primary.address,
+                                                        new_primary.address):
             self.stats.failovers += 1
             log.warning("cluster %s: the primary is now %s (was %s)", self.name,
                         new_primary.address, old_primary.address)
