@@ -1376,10 +1376,12 @@ static PyObject *Engine_asks(Engine *e, PyObject *unused) {
         int kind = e->tells[k].kind;
         if (kind == TELL_BROKEN) {
             item = Py_BuildValue("(IiOO)", slot, kind, Py_None, Py_None);
+        } else if (kind == TELL_REDIRECTS) {
+            /* Counted even when the connection has ended since: a client that closes
+             * right after its MOVED is the common case (reap() comes after this). */
+            item = Py_BuildValue("(IiiO)", slot, kind, 1, Py_None);
         } else if (c->state != LIVE || c->nm == NULL) {
             continue;
-        } else if (kind == TELL_REDIRECTS) {
-            item = Py_BuildValue("(IiiO)", slot, kind, 1, Py_None);
         } else {
             framed_t *fr = c->fr;
             if (fr == NULL || !fr->waiting || fr->ask == NULL)
