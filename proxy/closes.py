@@ -21,6 +21,14 @@ DNS_FAILED = "dns_failed"
 UPSTREAM_CONNECT_FAILED = "upstream_connect_failed"
 CLIENT_ERROR = "client_error"
 FD_LIMIT = "fd_limit"
+# sni_routes: what the ClientHello (proxy/protocols/tls_hello.py) did not give
+NOT_TLS = "not_tls"
+CLIENT_HELLO_MALFORMED = "client_hello_malformed"
+CLIENT_HELLO_TOO_LARGE = "client_hello_too_large"
+CLIENT_HELLO_TIMEOUT = "client_hello_timeout"
+CLIENT_HELLO_INCOMPLETE = "client_hello_incomplete"
+SNI_MISSING = "sni_missing"
+SNI_NO_MATCH = "sni_no_match"
 PROXY_UNTRUSTED = "proxy_protocol_untrusted"
 PROXY_MALFORMED = "proxy_protocol_malformed"
 PROXY_TIMEOUT = "proxy_protocol_timeout"
@@ -48,6 +56,13 @@ REFUSALS: dict[str, str] = {
     UPSTREAM_CONNECT_FAILED: "no address of the upstream accepted within connect_timeout",
     CLIENT_ERROR: "the client's socket failed while the upstream was being dialled",
     FD_LIMIT: "the process was at its open-files limit (RLIMIT_NOFILE): closed at once",
+    NOT_TLS: "sni_routes: the first bytes were not a TLS handshake record",
+    CLIENT_HELLO_MALFORMED: "sni_routes: the ClientHello did not parse",
+    CLIENT_HELLO_TOO_LARGE: "sni_routes: the ClientHello passed 16 KiB",
+    CLIENT_HELLO_TIMEOUT: "sni_routes: no whole ClientHello within 5 s",
+    CLIENT_HELLO_INCOMPLETE: "sni_routes: the connection ended before its ClientHello did",
+    SNI_MISSING: "sni_routes: the ClientHello names no server",
+    SNI_NO_MATCH: "sni_routes: no route matches the name the client asked for",
     PROXY_UNTRUSTED: "a connection from outside proxy_protocol_from",
     PROXY_MALFORMED: "the PROXY header did not parse",
     PROXY_TIMEOUT: "no complete PROXY header within 3 s",

@@ -527,16 +527,16 @@ class Listener:
         except tls_hello.HelloError as exc:
             reason, detail = exc.reason, str(exc)
         except TimeoutError:
-            reason, detail = "client_hello_timeout", f"none within {CLIENT_HELLO_TIMEOUT:g}s"
+            reason, detail = closes.CLIENT_HELLO_TIMEOUT, f"none within {CLIENT_HELLO_TIMEOUT:g}s"
         except (EOFError, OSError) as exc:
-            reason, detail = "client_hello_incomplete", f"connection ended first ({exc})"
+            reason, detail = closes.CLIENT_HELLO_INCOMPLETE, f"connection ended first ({exc})"
         else:
             name = hello.server_name
             target = config.sni_target(name) if name is not None else None
             if target is not None:
                 return target
-            reason, detail = ("sni_no_match", f"no route for {name!r}") if name is not None \
-                else ("sni_missing", "the ClientHello names no server")
+            reason, detail = (closes.SNI_NO_MATCH, f"no route for {name!r}") if name is not None \
+                else (closes.SNI_MISSING, "the ClientHello names no server")
         self.stats.refuse(reason)
         self._tls_warn.warning("listener %s: closed a connection from %s: %s", self.name,
                                source, detail)
