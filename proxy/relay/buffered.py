@@ -211,9 +211,7 @@ class Side(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        relay = self.relay
-        if relay.why is None:
-            relay.why = closes.CLIENT_CLOSED if self is relay.client else closes.UPSTREAM_CLOSED
+        self._closed_first()
         # Keep the transport open: the other direction may still be sending.
         if self.relay.started:
             self.relay.half_close(self)
@@ -224,10 +222,14 @@ class Side(asyncio.BufferedProtocol):
         if exc is not None:
             relay.lost(self)
         else:
-            if relay.why is None:  # a TLS peer's FIN without close_notify comes this way
-                relay.why = closes.CLIENT_CLOSED if self is relay.client \
-                    else closes.UPSTREAM_CLOSED
+            self._closed_first()  # a TLS peer's FIN without close_notify comes this way
             relay.close()
+
+    def _closed_first(self) -> None:
+        """This side's peer closed: the relay's reason, unless another came first."""
+        relay = self.relay
+        if relay.why is None:
+            relay.why = closes.CLIENT_CLOSED if self is relay.client else closes.UPSTREAM_CLOSED
 
 
 class Relay:
