@@ -94,7 +94,7 @@ LAYERS: dict[str, int] = {
     "proxy.health.wire": 0,
     "proxy.cluster.ports": 0,
     "proxy.cluster.replication": 0,
-    "proxy.relay": 0,  # the package's __init__, pipes, buffered
+    "proxy.relay": 0,  # the package's __init__, pipes, buffered, hubs, splice_way
     "proxy.tls": 1,
     "proxy.resolver": 1,
     "proxy.preread": 1,  # peeks at what a connection starts with (PROXY header, ClientHello)
@@ -106,6 +106,7 @@ LAYERS: dict[str, int] = {
     "proxy.health.checks": 1,
     "proxy.health.prober": 1,
     "proxy.relay.choose": 1,
+    "proxy.relay.splice_hub": 1,
     "proxy.relay.splice": 2,
     "proxy.relay.engine": 3,
     "proxy.health": 3,  # __init__ and monitor

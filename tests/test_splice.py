@@ -31,10 +31,13 @@ from typing import Any
 import pytest
 
 import proxy.relay.splice as splice_mod
+import proxy.relay.splice_hub as hub_mod
+import proxy.relay.splice_way as way_mod
 from proxy.config import ConfigError
 from proxy.relay.buffered import BufferPool, Relay
-from proxy.relay.pipes import PipePool, open_pipe
-from proxy.relay.splice import SpliceHub, SpliceRelay, hub_for
+from proxy.relay.pipes import SMALL_READS, PipePool, open_pipe
+from proxy.relay.splice import SpliceRelay
+from proxy.relay.splice_hub import SpliceHub, hub_for
 from tests.support import (
     ROOT,
     ServerProcess,
@@ -196,7 +199,7 @@ def test_loop_report_of_a_closed_watcher_probes_every_relay(
         loop_kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """uvloop versions that report the poll error to the loop's exception handler
     (a bare ``{'exception': OSError(EBADF)}``) get every relay probed at once."""
-    monkeypatch.setattr(splice_mod, "PARK_TICK", 60.0)  # only the report may act
+    monkeypatch.setattr(hub_mod, "PARK_TICK", 60.0)  # only the report may act
     forwarded: list[dict[str, Any]] = []
 
     async def main() -> tuple[bool, int]:
@@ -293,9 +296,9 @@ def test_a_burst_of_parked_relays_hands_the_heap_back(
         loop_kind: str, memcached: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
     """Many relays parking in one tick trim the C heap (their watchers' memory), and
     every connection still works afterwards."""
-    if splice_mod._MALLOC_TRIM is None:
+    if hub_mod._MALLOC_TRIM is None:
         pytest.skip("this C library has no malloc_trim")
-    monkeypatch.setattr(splice_mod, "TRIM_PARKS", 8)  # 40 relays park in a tick or three
+    monkeypatch.setattr(hub_mod, "TRIM_PARKS", 8)  # 40 relays park in a tick or three
     count = 40
     with running_proxy([{"name": "m", "listen": "127.0.0.1:0", "upstream": memcached.address,
                          "protocol": "memcached", "relay": "python"}], loop_kind) as proxy:
@@ -404,13 +407,13 @@ def test_auto_copies_small_reads_and_splices_bulk(
     """The default for a tcp listener: request/response bytes go through the buffer,
     a bulk transfer through pipes (counted through the ``_splice`` seam)."""
     calls = [0]
-    real = splice_mod._splice
+    real = way_mod._splice
 
     def counting(*args: Any) -> int:
         calls[0] += 1
         return real(*args)
 
-    monkeypatch.setattr(splice_mod, "_splice", counting)
+    monkeypatch.setattr(way_mod, "_splice", counting)
     payload = pattern(4 << 20)
     with tcp_upstream(echo) as port, running_proxy(tcp_listener(port), loop_kind) as proxy:
         with socket.create_connection(("127.0.0.1", proxy.port("t")), timeout=15) as sock:
@@ -449,7 +452,7 @@ def test_auto_goes_back_to_copying_when_the_bulk_is_over(loop_kind: str) -> None
     assert before < len(payload) // 2
     # The first SMALL_READS small reads of each direction may still splice (a lone small
     # read is usually the tail of a large reply); every one after them is copied.
-    spliced = 2 * splice_mod.SMALL_READS * 7
+    spliced = 2 * SMALL_READS * 7
     assert before + 140 - spliced <= after[0] <= before + 140
     assert after[1:] == (False, False)
 
@@ -540,7 +543,7 @@ def test_refused_pipes_fall_back_to_the_buffer_logged_once(
 _UNPRIVILEGED = r"""
 import json, os, socket, sys, threading
 sys.path.insert(0, sys.argv[1])
-from proxy.relay.splice import hub_for
+from proxy.relay.splice_hub import hub_for
 from tests.support import drop_to_uid_without_pipe_budget, running_proxy
 from tests.test_splice import exchange, tcp_listener
 from tests.upstreams import echo, pattern, tcp_upstream

@@ -38,6 +38,7 @@ from ..config import DEFAULT_BUSY_POLL_US, ListenerConfig
 from ..process import worker_count
 from .buffered import _LINGER_RST, DRAIN_GRACE, Relay
 from .choose import RelayKind, relay_order
+from .hubs import per_loop
 
 # The engine applies the splice relay's copy rules, with its measured constants.
 from .pipes import BULK_READ, IDLE_TRIM, MAX_PIPES, PIPE_SIZE, REFUSED_RETRY, SMALL_READS
@@ -189,7 +190,7 @@ class NativeHub:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, threads: int = 1) -> None:
         assert _engine is not None
-        self._loop = weakref.ref(loop)  # loops are weakly keyed in _HUBS: never hold them
+        self._loop = weakref.ref(loop)  # hub_for keys loops weakly: never hold them
         self.threads = threads  # how many engines new connections may use (reload: any)
         self._busy_poll_us = DEFAULT_BUSY_POLL_US
         self.lanes: list[_Lane] = []
@@ -336,16 +337,7 @@ class NativeHub:
                 lane.engine.trim_pipes()
 
 
-_HUBS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, NativeHub] = (
-    weakref.WeakKeyDictionary())
-
-
-def hub_for(loop: asyncio.AbstractEventLoop) -> NativeHub:
-    """The loop's hub, made on first use."""
-    hub = _HUBS.get(loop)
-    if hub is None:
-        hub = _HUBS[loop] = NativeHub(loop)
-    return hub
+hub_for = per_loop(NativeHub)  # the loop's hub, made on first use
 
 
 def engine_threads(configured: int | None) -> int:
