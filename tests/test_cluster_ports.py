@@ -110,6 +110,22 @@ def test_the_book_survives_a_round_trip_through_json_and_drops_junk() -> None:
     assert not again.assigned
 
 
+
+def test_reservations_made_since_the_file_was_read_survive_where_their_port_is_free() -> None:
+    book = PortBook(6380, 6389, grace=60)
+    mine = book.reserve("new")
+    assert mine is not None
+    # Another worker wrote the file meanwhile: "other" took a port, "gone" retired one.
+    others = {"assigned": {"other": 6389 if mine != 6389 else 6388},
+              "retired": {str(6388 if mine != 6388 else 6387): {"id": "gone", "until": 9}}}
+    book.load_json(others)
+    book.keep_reserved({"new": mine})
+    assert book.port_of("new") == mine
+    # A reservation whose port the file gave away meanwhile is not put back.
+    book.load_json({"assigned": {"other": mine}})
+    book.keep_reserved({"new": mine})
+    assert book.port_of("new") is None and book.port_of("other") == mine
+
 def _assign_in_process(path: str, identities: list[str], out: multiprocessing.Queue[str]) -> None:
     state = StateFile(path)
     book = PortBook(7000, 7099, grace=60)

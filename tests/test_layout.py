@@ -112,6 +112,8 @@ LAYERS: dict[str, int] = {
     "proxy.health": 3,  # __init__ and monitor
     "proxy.cluster.discovery": 2,
     "proxy.cluster.relay": 2,
+    "proxy.cluster.topology": 2,  # pure: which listeners, which node maps
+    "proxy.cluster.node_relays": 3,  # a node listener's relay factories (uses the engine)
     "proxy.listener": 4,
     "proxy.admin": 5,  # __init__ and server
     "proxy.admin.http": 1,

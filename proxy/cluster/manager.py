@@ -19,9 +19,11 @@ role listeners whose upstream follows the topology (``replication.py`` decides):
     client --> <cluster>:primary --> the current master (retargeted on failover)
     client --> <cluster>:reader  --> least-connections healthy replica, else the master
 
-The manager does no socket work itself beyond discovery: the listener host (the
-``Server``) binds, starts and drains listeners. Mappers read plain dicts that a refresh
-replaces whole, so relays never see a half-updated table.
+The manager does the I/O -- the refresh task, discovery, the state file -- and asks the
+listener host (the ``Server``) to bind, start and drain listeners. What it decides is
+pure: ``ports.py`` (which port), ``topology.py`` (which listeners, which node maps);
+``node_relays.py`` makes a node listener's relays. Mappers read plain dicts that a
+refresh replaces whole, so relays never see a half-updated table.
 """
 
 from __future__ import annotations
@@ -35,21 +37,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..config import Address, ClusterConfig, ListenerConfig, UpstreamTlsConfig
+from ..config import Address, ClusterConfig, ListenerConfig
 from ..listener import BindError, Listener, RelayFactory
-from ..protocols.memcache import (
-    AutoDiscoveryNode,
-    AutoDiscoveryRewriter,
-    NodeMapper,
-    announce_mapper,
-)
-from ..protocols.redis_cluster import ClusterRewriter
-from ..relay.buffered import BufferPool, Relay
-from ..relay.engine import NativeHub, NativeRelay, new_node_map
+from ..protocols.memcache import AutoDiscoveryNode, announce_mapper
+from ..relay.engine import new_node_map
 from ..tls import TlsError
+from . import topology
 from .discovery import Discovery, DiscoveryError, Node, discover
+from .node_relays import McRelays, RedisRelays
 from .ports import PortBook, PortChanges, StateError, StateFile
-from .relay import Feed, NativeFraming, NativeMcFraming, RewritingRelay
 from .replication import choose_reader, failed_over
 
 log = logging.getLogger("cacheport.cluster")
@@ -122,27 +118,21 @@ class ClusterManager:
         return self.config.name
 
     def listener_name(self, port: int | None) -> str:
-        """``<cluster>:<port>`` for a node, ``<cluster>:seed`` for the seed listener.
-
-        Config names never contain ':', so these never clash with the port map's own.
-        """
-        return f"{self.name}:{port}" if port is not None else f"{self.name}:seed"
+        """``<cluster>:<port>`` for a node, ``<cluster>:seed`` for the seed listener."""
+        return topology.listener_name(self.name, port)
 
     def role_listener_name(self, role: str) -> str:
         """``<cluster>:primary`` / ``<cluster>:reader``: a replication group's role ports."""
-        return f"{self.name}:{role}"
+        return topology.role_listener_name(self.name, role)
 
     @property
     def primary(self) -> Node | None:
         """redis-replication: the node discovery last found to be master."""
-        return next((n for n in self.nodes.values() if n.role == "master"), None)
+        return topology.primary_of(self.nodes.values())
 
     def healthy_replicas(self) -> list[Address]:
         """redis-replication: replicas in sync with the master, in port order."""
-        found = [(self.book.port_of(i) or 0, n.address) for i, n in self.nodes.items()
-                 if n.role == "replica" and n.health == "online"]
-        # Two replicas with no port yet (both 0) must not fall back to comparing Addresses.
-        return [address for _, address in sorted(found, key=lambda pa: (pa[0], str(pa[1])))]
+        return topology.healthy_replicas(self.nodes, self.book)
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -300,10 +290,7 @@ class ClusterManager:
 
             def change(entry: dict[str, Any]) -> dict[str, Any]:
                 self.book.load_json(entry.get("ports"))
-                taken = set(self.book.assigned.values()) | set(self.book.retired)
-                for identity, port in self._reserved.items():
-                    if identity not in self.book.assigned and port not in taken:
-                        self.book.assigned[identity] = port
+                self.book.keep_reserved(self._reserved)
                 result.append(self.book.assign(identities, now))
                 self.book.release(release)
                 return {**entry, "ports": self.book.to_json()}
@@ -323,10 +310,7 @@ class ClusterManager:
         """Remember the nodes' addresses, so a restart can serve them before discovery."""
         if self.state is None:
             return
-        nodes = {n.identity: {"host": n.address.host, "port": n.address.port,
-                              "hostname": n.hostname, "role": n.role,
-                              "endpoints": [list(e) for e in n.endpoints]}
-                 for n in self.nodes.values()}
+        nodes = topology.nodes_to_json(self.nodes.values())
 
         def change(entry: dict[str, Any]) -> dict[str, Any]:
             return {**entry, "ports": self.book.to_json(), "nodes": nodes,
@@ -346,19 +330,7 @@ class ClusterManager:
             self._warn_state(exc)
             return []
         self.book.load_json(entry.get("ports"))
-        remembered: list[Node] = []
-        raw_nodes = entry.get("nodes")
-        for identity, raw in (raw_nodes.items() if isinstance(raw_nodes, dict) else ()):
-            try:
-                endpoints = tuple((str(h), int(p)) for h, p in raw.get("endpoints", ()))
-                remembered.append(Node(identity=identity,
-                                       address=Address(str(raw["host"]), int(raw["port"])),
-                                       hostname=str(raw.get("hostname", "")),
-                                       role=str(raw.get("role", "master")),
-                                       health="unknown", endpoints=endpoints))
-            except (KeyError, TypeError, ValueError, AttributeError):
-                continue
-        return remembered
+        return topology.nodes_from_json(entry.get("nodes"))
 
     def _warn_state(self, exc: StateError) -> None:
         if not self._state_warned:
@@ -368,48 +340,8 @@ class ClusterManager:
 
     # -- listeners --------------------------------------------------------------------
 
-    def _desired(self) -> dict[str, tuple[ListenerConfig, str | None]]:
-        """Listener name -> (config, identity of its node; None for the seed)."""
-        template = self.config.template
-        host = self.config.listen_host
-        out: dict[str, tuple[ListenerConfig, str | None]] = {}
-        if self.config.seed_port is not None:
-            name = self.listener_name(None)
-            out[name] = (dataclasses.replace(template, name=name,
-                                             listen=Address(host, self.config.seed_port)), None)
-        primary = self.primary
-        for role, port in (("primary", self.config.primary_port),
-                           ("reader", self.config.reader_port)):
-            if port is None or primary is None:
-                continue  # no master known yet: nothing to forward to
-            name = self.role_listener_name(role)
-            out[name] = (dataclasses.replace(
-                template, name=name, listen=Address(host, port), upstream=primary.address,
-                upstream_tls=self._node_tls(primary)), None)
-        for identity, node in self.nodes.items():
-            port = self.book.port_of(identity)
-            if port is None:
-                continue
-            name = self.listener_name(port)
-            out[name] = (dataclasses.replace(template, name=name, listen=Address(host, port),
-                                             upstream=node.address,
-                                             upstream_tls=self._node_tls(node)), identity)
-        return out
-
-    def _node_tls(self, node: Node) -> UpstreamTlsConfig | None:
-        """The node's name to verify: its hostname; a replication group's nodes are known
-        by IP only, so there the seed's DNS name (ElastiCache certificates are wildcards
-        over the group's names)."""
-        upstream_tls = self.config.template.upstream_tls
-        if upstream_tls is None or upstream_tls.server_name is not None:
-            return upstream_tls
-        name = node.hostname
-        if not name and self.config.engine == "redis-replication" and not self.config.seed.is_ip:
-            name = self.config.seed.host
-        return dataclasses.replace(upstream_tls, server_name=name) if name else upstream_tls
-
     def _reconcile(self) -> None:
-        desired = self._desired()
+        desired = topology.desired_listeners(self.config, self.nodes, self.book)
         for name in [n for n in self._owned if n not in desired]:
             self._remove(name)
         for name, (lc, _identity) in desired.items():
@@ -442,27 +374,14 @@ class ClusterManager:
             self.host.remove_listener(name)
             self.stats.listeners_removed += 1
 
-    def _rebuild_maps(self, desired: dict[str, tuple[ListenerConfig, str | None]]) -> None:
+    def _rebuild_maps(self, desired: topology.Desired) -> None:
         """Only nodes whose listener is up are mapped; the rest count as unmapped."""
-        announce = self.config.announce
-        redis_map: dict[tuple[str, int], tuple[str, int]] = {}
-        redis_ids: dict[str, tuple[str, int]] = {}
-        mc_ports: dict[str, int] = {}
-        for name, (lc, identity) in desired.items():
-            if identity is None or name not in self._owned:
-                continue
-            node = self.nodes[identity]
-            target = (announce, lc.listen.port)
-            for endpoint in (*node.endpoints, (node.address.host, node.address.port)):
-                redis_map[endpoint] = target
-            redis_ids[identity] = target
-            mc_ports[identity] = lc.listen.port
-        self._redis_map = redis_map
-        self._redis_ids = redis_ids
+        maps = topology.node_maps(self.config.announce, desired, self._owned, self.nodes)
+        self._redis_map = maps.redis
+        self._redis_ids = maps.redis_ids
         if self._nodemap is not None:
-            self._nodemap.swap([(_utf8(h), p, b"%s:%d" % (_utf8(a), ap))
-                                for (h, p), (a, ap) in redis_map.items()])
-        self._mc_ports = mc_ports
+            self._nodemap.swap(maps.engine_entries())
+        self._mc_ports = maps.mc_ports
 
     # -- relays -----------------------------------------------------------------------
 
@@ -528,34 +447,16 @@ class ClusterManager:
         if self.config.engine == "memcached":
             mapper = announce_mapper(self.config.announce, self.config.announce_ip,
                                      self._mc_port)
-            return _McRelays(mapper, new_node_map(memcache=True), self._on_unmapped,
-                             self._on_protocol_error)
-        return _RedisRelays(self, (lc.upstream.host, lc.upstream.port))
+            return McRelays(mapper, new_node_map(memcache=True), self._on_unmapped,
+                            self._on_protocol_error)
+        return RedisRelays((lc.upstream.host, lc.upstream.port), map_redis=self.map_redis,
+                           by_id=self.map_redis_id, nodemap=self._nodemap,
+                           on_unmapped=self._on_unmapped, on_redirects=self._redirects_seen,
+                           on_protocol_error=self._on_protocol_error)
 
     def _redirects_seen(self, count: int) -> None:
         self.stats.redirects += count
         self.request_refresh()
-
-    def _watch_redirects(self, rw: ClusterRewriter) -> Feed:
-        """feed_reply, plus a refresh request when a MOVED/ASK went by (slots moved)."""
-        feed = rw.feed_reply
-
-        def feed_reply(data: bytes) -> bytes | bytearray:
-            before = rw.redirects_rewritten
-            out = feed(data)
-            if rw.redirects_rewritten != before:
-                self.stats.redirects += rw.redirects_rewritten - before
-                self.request_refresh()
-            return out
-
-        return feed_reply
-
-    @staticmethod
-    def _upstream_setter(rw: ClusterRewriter) -> Callable[[str, int], None]:
-        """The address really reached: what an empty-host ``-MOVED 1 :6380`` refers to."""
-        def set_upstream(host: str, port: int) -> None:
-            rw.remap.upstream = (host, port)
-        return set_upstream
 
     # -- status -----------------------------------------------------------------------
 
@@ -605,85 +506,3 @@ class ClusterManager:
                         for p, r in sorted(self.book.retired.items())],
             "stats": dataclasses.asdict(self.stats),
         }
-
-
-def _utf8(s: str) -> bytes:
-    return s.encode("utf-8", "surrogateescape")
-
-
-class _RedisRelays:
-    """A Redis Cluster node listener's relays: called, the buffered rewriting relay;
-    ``native``, a connection the engine frames (``relay: native``; relay/choose.py)."""
-
-    __slots__ = ("_framing", "manager", "upstream")
-
-    def __init__(self, manager: ClusterManager, upstream: tuple[str, int]) -> None:
-        self.manager = manager
-        self.upstream = upstream
-        self._framing: NativeFraming | None = None
-
-    def _rewriter(self) -> ClusterRewriter:
-        m = self.manager
-        return ClusterRewriter(m.map_redis, self.upstream, on_unmapped=m._on_unmapped,
-                               unmapped_redirect="tryagain", by_id=m.map_redis_id)
-
-    def __call__(self, pool: BufferPool, on_close: Callable[[Relay], None],
-                 source: str) -> Relay:
-        m = self.manager
-        rw = self._rewriter()
-        return RewritingRelay(pool, on_close, source, rw,
-                              feed_reply=m._watch_redirects(rw),
-                              on_upstream=m._upstream_setter(rw),
-                              on_protocol_error=m._on_protocol_error)
-
-    @property
-    def native(self) -> Callable[..., NativeRelay] | None:
-        return self._native if self.manager._nodemap is not None else None
-
-    def _native(self, hub: NativeHub, bufsize: int, on_close: Callable[[NativeRelay], None],
-                source: str) -> NativeRelay:
-        # One NativeFraming serves the listener's connections: the per-connection state
-        # is the engine's, so an idle framed connection costs Python no more than a plain.
-        framing = self._framing
-        if framing is None:
-            m = self.manager
-            framing = self._framing = NativeFraming(
-                m._nodemap, self._rewriter().remap, tryagain=True,
-                on_redirects=m._redirects_seen, on_protocol_error=m._on_protocol_error)
-        return NativeRelay(hub, bufsize, on_close, source, "buffer", framing)
-
-
-
-class _McRelays:
-    """A Memcached cluster node listener's relays: called, the buffered rewriting relay;
-    ``native``, a connection the engine frames (proxy/relay/mc_framer.c), Python seeing
-    only the auto-discovery replies."""
-
-    __slots__ = ("_framing", "mapper", "nodemap", "on_protocol_error", "on_unmapped")
-
-    def __init__(self, mapper: NodeMapper, nodemap: Any,
-                 on_unmapped: Callable[[AutoDiscoveryNode], None],
-                 on_protocol_error: Callable[[str], None]) -> None:
-        self.mapper = mapper
-        self.nodemap = nodemap  # NodeMap(memcache=True); None: the engine is not built
-        self.on_unmapped = on_unmapped
-        self.on_protocol_error = on_protocol_error
-        self._framing: NativeMcFraming | None = None
-
-    def __call__(self, pool: BufferPool, on_close: Callable[[Relay], None],
-                 source: str) -> Relay:
-        rw = AutoDiscoveryRewriter(self.mapper, on_unmapped=self.on_unmapped)
-        return RewritingRelay(pool, on_close, source, rw,
-                              on_protocol_error=self.on_protocol_error)
-
-    @property
-    def native(self) -> Callable[..., NativeRelay] | None:
-        return self._native if self.nodemap is not None else None
-
-    def _native(self, hub: NativeHub, bufsize: int, on_close: Callable[[NativeRelay], None],
-                source: str) -> NativeRelay:
-        if self._framing is None:  # one serves the listener: per-connection state is C's
-            self._framing = NativeMcFraming(self.nodemap, self.mapper,
-                                            on_unmapped=self.on_unmapped,
-                                            on_protocol_error=self.on_protocol_error)
-        return NativeRelay(hub, bufsize, on_close, source, "buffer", self._framing)

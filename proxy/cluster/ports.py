@@ -166,6 +166,14 @@ class PortBook:
             self.assigned[identity] = port
         return port
 
+    def keep_reserved(self, reserved: dict[str, int]) -> None:
+        """After ``load_json``: put back this host's reservations whose port is still free
+        (the file may have been written since they were made)."""
+        taken = set(self.assigned.values()) | set(self.retired)
+        for identity, port in reserved.items():
+            if identity not in self.assigned and port not in taken:
+                self.assigned[identity] = port
+
     def release(self, identities: set[str]) -> None:
         """Forget identities' ports without a grace period (reservations never confirmed)."""
         for identity in identities:
