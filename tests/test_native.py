@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -346,27 +347,29 @@ def test_one_engine_thread_holds_every_connection_when_so_configured() -> None:
 def test_a_reload_to_fewer_engine_threads_keeps_live_connections_and_stops_the_extra_one(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(native_mod, "IDLE_TRIM", 0.05)
-    with tcp_upstream(echo) as port, \
+    with tcp_upstream(echo) as port, ExitStack() as open_socks, \
             running_proxy(tcp_listener(port), engine_threads=2) as proxy:
+        def connect() -> socket.socket:
+            return open_socks.enter_context(
+                socket.create_connection(("127.0.0.1", proxy.port("t")), timeout=15))
+
         # One at a time: two connections opened together reach the engines in the
         # order their upstream connects finish, which need not be the order opened.
         socks = []
         for lanes in ([1], [1, 1]):
-            socks.append(socket.create_connection(("127.0.0.1", proxy.port("t")), timeout=15))
+            socks.append(connect())
             assert _echoes(socks[-1:], b"x" * 1000)
             assert _lanes(proxy) == lanes
         second = proxy.call(lambda: hub_for(proxy.loop).engines[1])  # type: ignore[arg-type]
         proxy.call(lambda: proxy.server.reload(
             make_config(tcp_listener(port), engine_threads=1)))
-        socks.append(socket.create_connection(("127.0.0.1", proxy.port("t")), timeout=15))
+        socks.append(connect())
         assert _echoes(socks, b"y" * 1000)  # the connection on engine 2 still relays
         assert _lanes(proxy) == [2, 1]
         socks.pop(1).close()  # the one on the second engine
         wait_until(lambda: second.closed, 5, message="the unused engine to stop")
         assert _lanes(proxy) == [2]
         assert _echoes(socks, b"z" * 1000)
-        for sock in socks:
-            sock.close()
 
 
 def test_engine_threads_auto_shares_the_cpus_among_the_workers(
