@@ -43,23 +43,15 @@ def _failure(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def upstream_name(tls: ListenerTls, config: ListenerConfig, target: Address | None) -> str | None:
-    """SNI and the name the node's certificate must carry; a backup is another node:
-    without an explicit server_name it is named by its host."""
-    name = tls.server_name
-    if target is not None and target != config.upstream and \
-            config.upstream_tls is not None and config.upstream_tls.server_name is None:
-        name = target.host
-    return name
-
-
 class Handshakes:
-    """One listener's TLS legs where Python sees them; owns their rate-limited warning."""
+    """One listener's TLS: the contexts its connections use (``tls``, replaced on every
+    reload), the handshakes Python runs with them, their rate-limited warning."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, listener: str,
+    def __init__(self, loop: asyncio.AbstractEventLoop, listener: str, tls: ListenerTls,
                  refuse: Callable[[str], None]) -> None:
         self.loop = loop
         self.listener = listener  # its name: a reload matches listeners by name
+        self.tls = tls
         self.refuse = refuse  # counts a refusal on the listener
         self.warn = RateLimitedLog(log)
         # notAfter of the certificate the peers showed the engine at their last handshake,
@@ -92,43 +84,56 @@ class Handshakes:
                           source, detail)
         return None
 
+    def upstream_name(self, config: ListenerConfig, target: Address | None) -> str | None:
+        """SNI and the name the node's certificate must carry; a backup is another node:
+        without an explicit server_name it is named by its host."""
+        name = self.tls.server_name
+        if target is not None and target != config.upstream and \
+                config.upstream_tls is not None and config.upstream_tls.server_name is None:
+            name = target.host
+        return name
+
     async def with_client(self, side: asyncio.BufferedProtocol, client: socket.socket,
-                          context: ssl.SSLContext | None, source: str,
-                          config: ListenerConfig) -> tls_layer.TlsLayer | None:
-        """The client's handshake on the buffered relay's ``side``; None (logged) if it
-        failed, the socket then closed."""
+                          source: str, config: ListenerConfig) -> bool:
+        """The client's handshake on the buffered relay's ``side``; False (logged) if it
+        failed."""
+        context = self.tls.server
         assert context is not None
         try:
-            return await tls_layer.wrap(self.loop, side, client, context, server_side=True,
-                                        handshake_timeout=config.connect_timeout)
+            layer = await tls_layer.wrap(self.loop, side, client, context, server_side=True,
+                                         handshake_timeout=config.connect_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
             self.warn.warning("listener %s: TLS handshake with client %s failed: %s",
                               self.listener, source, _failure(exc), listener=self.listener,
                               client=source, reason=closes.TLS_HANDSHAKE_FAILED)
-            return None
+            return False
+        self.tls.client_seen(layer.sslobj)  # the expiry gauge
+        return True
 
     async def with_upstream(self, side: asyncio.BufferedProtocol, upstream: socket.socket,
-                            context: ssl.SSLContext | None, name: str | None,
-                            config: ListenerConfig,
-                            target: Address) -> tls_layer.TlsLayer | None:
-        """The handshake with the node (certificate ``name``) on the buffered relay's
-        ``side``; None (logged) if it failed."""
+                            config: ListenerConfig, target: Address) -> bool:
+        """The handshake with the node on the buffered relay's ``side``; False (logged) if
+        it failed."""
+        name = self.upstream_name(config, target)
+        context = self.tls.client
         assert context is not None
         try:
-            return await tls_layer.wrap(self.loop, side, upstream, context, server_side=False,
-                                        server_hostname=name,
-                                        handshake_timeout=config.connect_timeout)
+            layer = await tls_layer.wrap(self.loop, side, upstream, context, server_side=False,
+                                         server_hostname=name,
+                                         handshake_timeout=config.connect_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
             self.warn.warning("listener %s: TLS handshake with upstream %s (name %s) "
                               "failed: %s; client closed", self.listener, target,
                               name, _failure(exc), listener=self.listener,
                               upstream=str(target), reason=closes.UPSTREAM_TLS_FAILED)
-            return None
+            return False
+        self.tls.upstream_seen(layer.sslobj)  # the expiry gauge
+        return True
 
     def engine_failed(self, side: int, reason: str, source: str, target: Address | None,
-                      name: str | None) -> None:
+                      config: ListenerConfig) -> None:
         """A handshake the native engine ran failed (``side`` 0: the client's, 1: the
-        node's, named ``name``): counted and logged as the Python relay's are."""
+        node's): counted and logged as the Python relay's are."""
         if side == 0:
             self.refuse(closes.TLS_HANDSHAKE_FAILED)
             self.warn.warning("listener %s: TLS handshake with client %s failed: %s",
@@ -136,7 +141,8 @@ class Handshakes:
         else:
             self.refuse(closes.UPSTREAM_TLS_FAILED)
             self.warn.warning("listener %s: TLS handshake with upstream %s (name %s) "
-                              "failed: %s; client closed", self.listener, target, name, reason)
+                              "failed: %s; client closed", self.listener, target,
+                              self.upstream_name(config, target), reason)
 
     def engine_peer(self, side: int, not_after: float) -> None:
         """The notAfter of the certificate a peer showed the engine at a handshake: the

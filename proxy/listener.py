@@ -1,10 +1,12 @@
-"""One bound port: accept a client, dial its upstream, hand both to a Relay.
+"""One bound port: accept a client, admit it, dial its upstream, hand both to a relay.
 
 ::
 
-    client --accept--> Listener --connect (connect_timeout)--> upstream
-                           |
-                           +--> Relay(client, upstream)   tracked until it closes
+    client --accept--> Listener --admit--> connect: [sni route] --dial--> upstream
+                 (port.py)      (admission.py)       (handshake.py)  (dial.py)
+                                              |
+                                              +--> relay(client, upstream)  tracked until
+                                                   (relaypick.py)           it closes (idle.py)
 
 The listener owns its listening socket, the connections it started and the
 counters that later become metrics. It reads ``self.config`` for every new
@@ -25,50 +27,26 @@ from . import admission, closes
 from .admission import AdmissionLog
 from .config import Address, ListenerConfig
 from .dial import Dialer
-from .handshake import Handshakes, upstream_name
+from .handshake import Handshakes
 from .health.state import State, choose_upstream
 from .idle import IdleSweep
 from .logs import CONNECTIONS
 from .metrics import UpstreamBook
 from .port import ACCEPT_BATCH, FD_EXHAUSTED, FdReserve, Port, bind_failure
 from .relay.buffered import BufferPool, Relay
-from .relay.choose import RelayKind, relay_order, serving_relay
-from .relay.engine import (
-    AnyRelay,
-    NativeRelay,
-    choose_native,
-    native_available,
-    native_tls_available,
-    tls_spec,
-)
-from .relay.pipes import splice_supported
-from .relay.splice import SpliceRelay, choose_hub
+from .relay.choose import RelayKind
+from .relay.engine import AnyRelay, NativeRelay
+from .relay.splice import SpliceRelay
+from .relaypick import RelayFactory as RelayFactory  # cluster/manager.py imports it here
+from .relaypick import engine_missing, new_relay, serving
 from .resolver import Resolver
 from .tls import ListenerTls
 
 log = logging.getLogger("cacheport.listener")
 
-RelayFactory = Callable[[BufferPool, Callable[[Relay], None], str], Relay]
-"""Builds the relay for each new connection: ``(pool, on_close, source) -> Relay``.
-
-A cluster's factory may also have ``native(hub, bufsize, on_close, source) ->
-NativeRelay``: the engine can frame its protocol (``relay: native``; relay/choose.py)."""
-
 
 class BindError(Exception):
     """A listener could not bind its address."""
-
-
-def relays_here(tls: bool = False) -> frozenset[RelayKind]:
-    """The relays this install can run: the engine only where it was built (for ``tls``
-    listeners, built with libssl), splice only where the kernel has splice(2); buffered
-    everywhere."""
-    here = {RelayKind.BUFFERED}
-    if native_tls_available() if tls else native_available():
-        here.add(RelayKind.ENGINE)
-    if splice_supported():
-        here.add(RelayKind.SPLICE)
-    return frozenset(here)
 
 
 @dataclass
@@ -121,11 +99,10 @@ class Listener(Port):
         self.connecting: set[asyncio.Task[None]] = set()
         self.stats = ListenerStats()
         self._idle = IdleSweep(loop, self.relays, config.name, config.idle_timeout)
-        self.tls = ListenerTls(config)
         # The parts a new connection goes through (a reload keeps the name they hold).
+        self.handshakes = Handshakes(loop, config.name, ListenerTls(config), self.stats.refuse)
         self._admission = AdmissionLog(config.name)
         self._dialer = Dialer(loop, resolver, config.name)
-        self.handshakes = Handshakes(loop, config.name, self.stats.refuse)
         self._per_client: dict[str, int] = {}  # live connections per source IP
         # log_connections: when each relay's connection began (wall, monotonic) and the
         # client's port; only while its listener logs connections.
@@ -141,33 +118,29 @@ class Listener(Port):
         return len(self.relays) + len(self.connecting)
 
     @property
+    def tls(self) -> ListenerTls:
+        """The TLS contexts new connections use (rebuilt on every start and reload)."""
+        return self.handshakes.tls
+
+    @tls.setter
+    def tls(self, tls: ListenerTls) -> None:
+        self.handshakes.tls = tls
+
+    @property
     def tls_peer_expiry(self) -> dict[str, float]:
         """notAfter of the certificate each peer showed the engine at its last handshake,
         per leg ("upstream", "client")."""
         return self.handshakes.peer_expiry
 
     @property
-    def rewriting(self) -> bool:
-        """A cluster listener: its relay factory rewrites replies, so it never splices."""
-        return self.relay_factory is not Relay
-
-    @property
-    def framed(self) -> bool:
-        """A cluster listener whose protocol the engine can frame (Redis Cluster)."""
-        return getattr(self.relay_factory, "native", None) is not None
-
-    @property
     def relay(self) -> RelayKind:
         """Which relay serves this listener's connections on this install (``/status``)."""
-        return serving_relay(self.config, relays_here(tls=not self.config.may_splice),
-                             rewriting=self.rewriting, framed=self.framed)
+        return serving(self.config, self.relay_factory)
 
     @property
     def engine_missing(self) -> bool:
         """The native engine would serve this listener, but it was not built here."""
-        return (RelayKind.ENGINE in relay_order(self.config, rewriting=self.rewriting,
-                                                framed=self.framed)
-                and not native_available())
+        return engine_missing(self.config, self.relay_factory)
 
     def bind(self) -> None:
         try:
@@ -346,7 +319,7 @@ class Listener(Port):
         The per-client count goes with the relay once there is one.
         """
         config = self.config
-        tls = self.tls
+        tls = self.handshakes.tls
         upstream: socket.socket | None = None
         relay: AnyRelay | None = None
         target = self._choose_upstream(config)
@@ -365,37 +338,15 @@ class Listener(Port):
                     client.close()
                     return
             _tune(client)
-            # Who moves the bytes (relay/choose.py): the native engine or a splice relay
-            # takes the raw sockets; the buffered Relay wraps them in transports. Each
-            # choose_* says whether its relay can serve here and now.
-            order = relay_order(config, rewriting=self.rewriting, framed=self.framed)
-            native = choose_native(self.loop, config, order) if RelayKind.ENGINE in order \
-                else None
-            hub = (choose_hub(self.loop, config)
-                   if native is None and RelayKind.SPLICE in order else None)
-            if native is not None and self.rewriting:
-                relay = self.relay_factory.native(  # type: ignore[attr-defined]
-                    native, config.buffer_size, self._upstream_relay_closed, source)
-            elif native is not None:
-                relay = NativeRelay(
-                    native, config.buffer_size, self._upstream_relay_closed, source,
-                    config.copy, tls=tls_spec(tls.server, tls.client,
-                                              upstream_name(self.tls, config, target)),
-                    on_tls_failure=lambda side, why: self._tls_failed(side, why, source,
-                                                                      target, config),
-                    on_tls_peer=self.handshakes.engine_peer,
-                    handshake_timeout=config.connect_timeout)
-            elif hub is not None:
-                relay = SpliceRelay(hub, self.pool, self._upstream_relay_closed, source,
-                                    adaptive=config.copy == "auto")
-            else:
-                relay = self.relay_factory(self.pool, self._upstream_relay_closed, source)
+            relay = new_relay(self.loop, config, self.pool, self.relay_factory,
+                              self._upstream_relay_closed, source, target, tls, self.handshakes)
             self.relays.add(relay)
             if began is not None:
                 self._began[relay] = began
             self._idle.schedule()
             if tls.server is not None and isinstance(relay, Relay) and \
-                    not await self._client_handshake(relay, client, source, config):
+                    not await self.handshakes.with_client(relay.client, client, source, config):
+                self._discard(relay, client, None)
                 self._refuse(closes.TLS_HANDSHAKE_FAILED, source, port, None, began)
                 return
             started = time.perf_counter()  # uvloop's loop.time() has millisecond steps
@@ -418,7 +369,8 @@ class Listener(Port):
                     await self.loop.connect_accepted_socket(lambda: client_side, client)
                 if tls.client is None:
                     await self.loop.create_connection(lambda: upstream_side, sock=upstream)
-                elif not await self._upstream_handshake(relay, upstream, config, target):
+                elif not await self.handshakes.with_upstream(relay.upstream, upstream, config,
+                                                             target):
                     self._refuse(closes.UPSTREAM_TLS_FAILED, source, port, target, began)
                     self._discard(relay, client, upstream)
                     return
@@ -445,31 +397,6 @@ class Listener(Port):
             relay.abort()
             return
         relay.start()
-
-    async def _client_handshake(self, relay: Relay, client: socket.socket, source: str,
-                                config: ListenerConfig) -> bool:
-        layer = await self.handshakes.with_client(relay.client, client, self.tls.server,
-                                                  source, config)
-        if layer is None:
-            self._discard(relay, client, None)
-            return False
-        self.tls.client_seen(layer.sslobj)  # the expiry gauge
-        return True
-
-    async def _upstream_handshake(self, relay: Relay, upstream: socket.socket,
-                                  config: ListenerConfig, target: Address) -> bool:
-        layer = await self.handshakes.with_upstream(
-            relay.upstream, upstream, self.tls.client, upstream_name(self.tls, config, target),
-            config, target)
-        if layer is None:
-            return False
-        self.tls.upstream_seen(layer.sslobj)  # the expiry gauge
-        return True
-
-    def _tls_failed(self, side: int, reason: str, source: str, target: Address | None,
-                    config: ListenerConfig) -> None:
-        self.handshakes.engine_failed(side, reason, source, target,
-                                      upstream_name(self.tls, config, target))
 
     def _discard(self, relay: AnyRelay | None, client: socket.socket,
                  upstream: socket.socket | None) -> None:
@@ -507,7 +434,7 @@ class Listener(Port):
         if upstream is None:
             return  # never reached its upstream: counted (and logged) as refused
         reason = relay.why or closes.UNKNOWN
-        # A handshake the engine ran that failed is a refusal (counted by _tls_failed), as
+        # A handshake the engine ran that failed is a refusal (counted by engine_failed), as
         # on the Python relay, where no relay starts before both handshakes.
         refused = reason in (closes.TLS_HANDSHAKE_FAILED, closes.UPSTREAM_TLS_FAILED)
         if not refused:

@@ -116,6 +116,7 @@ LAYERS: dict[str, int] = {
     "proxy.cluster.discovery": 2,
     "proxy.cluster.relay": 2,
     "proxy.idle": 4,  # idle_timeout over a listener's relays
+    "proxy.relaypick": 4,  # which relay takes a listener's connection, and building it
     "proxy.listener": 4,
     "proxy.admin": 5,  # __init__ and server
     "proxy.admin.http": 1,
