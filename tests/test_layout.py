@@ -115,9 +115,9 @@ LAYERS: dict[str, int] = {
     "proxy.health": 3,  # __init__ and monitor
     "proxy.cluster.discovery": 2,
     "proxy.cluster.relay": 2,
+    "proxy.listener": 4,
     "proxy.idle": 4,  # idle_timeout over a listener's relays
     "proxy.relaypick": 4,  # which relay takes a listener's connection, and building it
-    "proxy.listener": 4,
     "proxy.admin": 5,  # __init__ and server
     "proxy.admin.http": 1,
     "proxy.admin.auth": 1,
