@@ -64,6 +64,8 @@ def trusted_sender(config: ListenerConfig, peer: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Refused:
+    """Why a PROXY header would not do: a proxy/closes.py reason, and words for the log."""
+
     reason: str
     detail: str
 
