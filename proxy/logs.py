@@ -124,6 +124,29 @@ def setup(level: str, fmt: LogFormat = "text") -> None:
     logging.getLogger(CONNECTIONS_LOGGER).setLevel(logging.INFO)
 
 
+class RateLimitedLog:
+    """Warnings about an event that can repeat per connection (a refusal, a failed dial):
+    the first is logged at once, then at most one summary per ``interval`` seconds."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.last = -interval
+        self.suppressed = 0
+
+    def warning(self, message: str, *args: object, **fields: object) -> None:
+        """``fields`` (listener, client, reason...) go on the record: JSON lines carry them."""
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.suppressed += 1
+            return
+        if self.suppressed:
+            message += f" (and {self.suppressed} more since the last report)"
+        self.suppressed = 0
+        self.last = now
+        self.logger.warning(message, *args, extra=fields)
+
+
 # One closed (or refused) connection, as the loop hands it over: cheap to build.
 Line = tuple[float, float, str, str, str | None, int, int, str, bool]
 

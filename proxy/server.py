@@ -38,10 +38,11 @@ from .cluster.ports import StateFile
 from .config import Address, ClusterConfig, Config, ListenerConfig
 from .health.monitor import HealthMonitor, Target
 from .health.state import State, Transition
-from .listener import BindError, Listener, RelayFactory
+from .listener import BindError, Listener
 from .logs import LogCollector
 from .relay.buffered import BufferPool
 from .relay.engine import configure_engines
+from .relaypick import RelayFactory
 from .reload import ReloadPlan, plan_reload
 from .resolver import Resolver
 from .tls import ListenerTls, TlsError

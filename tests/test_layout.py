@@ -98,6 +98,10 @@ LAYERS: dict[str, int] = {
     "proxy.tls": 1,
     "proxy.resolver": 1,
     "proxy.preread": 1,  # peeks at what a connection starts with (PROXY header, ClientHello)
+    "proxy.admission": 1,  # may a client enter, as which address (allow, limits, PROXY header)
+    "proxy.port": 1,  # a listener's listening socket, the descriptor reserve
+    "proxy.dial": 2,  # a listener's upstream connect (over the resolver)
+    "proxy.handshake": 2,  # a listener's TLS in Python: SNI route, handshakes, engine reports
     "proxy.reload": 1,
     "proxy.metrics": 1,
     "proxy.fleet": 1,
@@ -115,6 +119,8 @@ LAYERS: dict[str, int] = {
     "proxy.cluster.topology": 2,  # pure: which listeners, which node maps
     "proxy.cluster.node_relays": 3,  # a node listener's relay factories (uses the engine)
     "proxy.listener": 4,
+    "proxy.idle": 4,  # idle_timeout over a listener's relays
+    "proxy.relaypick": 4,  # which relay takes a listener's connection, and building it
     "proxy.admin": 5,  # __init__ and server
     "proxy.admin.http": 1,
     "proxy.admin.auth": 1,

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from proxy import listener as listener_module
+from proxy import admission as listener_module
 from proxy.admin import listener_status
 from tests.conftest import _NATIVE
 from tests.lbkit import Backend, haproxy, resp_ping

@@ -25,7 +25,7 @@ import pytest
 import redis
 import trustme
 
-from proxy import listener as listener_module
+from proxy import handshake as listener_module
 from tests.support import (
     CacheportProcess,
     ProxyThread,

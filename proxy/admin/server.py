@@ -31,8 +31,9 @@ from .. import __version__
 from ..config import Address, AdminConfig
 from ..config.parsers import is_loopback
 from ..health.monitor import HealthMonitor
-from ..listener import Listener, bind_socket
+from ..listener import Listener
 from ..metrics import CONTENT_TYPE_LATEST, CacheportMetrics, Selection, make_registry, render
+from ..port import bind_socket
 from ..process import worker_id
 from . import http, page
 from .auth import NOT_ALLOWED, READ_METHODS, Refusal, check_write, source_allowed, writes_open
