@@ -37,8 +37,7 @@ from .relay.buffered import BufferPool, Relay
 from .relay.choose import RelayKind
 from .relay.engine import AnyRelay, NativeRelay
 from .relay.splice import SpliceRelay
-from .relaypick import RelayFactory as RelayFactory  # cluster/manager.py imports it here
-from .relaypick import engine_missing, new_relay, serving
+from .relaypick import RelayFactory, engine_missing, new_relay, serving
 from .resolver import Resolver
 from .tls import ListenerTls
 

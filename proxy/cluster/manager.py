@@ -38,9 +38,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..config import Address, ClusterConfig, ListenerConfig
-from ..listener import BindError, Listener, RelayFactory
+from ..listener import BindError, Listener
 from ..protocols.memcache import AutoDiscoveryNode, announce_mapper
 from ..relay.engine import new_node_map
+from ..relaypick import RelayFactory
 from ..tls import TlsError
 from . import topology
 from .discovery import Discovery, DiscoveryError, Node, discover
