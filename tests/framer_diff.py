@@ -21,6 +21,7 @@ import shutil
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 import pytest
 from hypothesis import strategies as st
@@ -41,10 +42,16 @@ Ops = list[tuple[str, bytes]]
 Run = Callable[[Ops], tuple[list[bytes], int | None]]
 
 
-def python_run(ops: Ops) -> tuple[list[bytes], int | None]:
-    """Per reply chunk, what the Python rewriter forwards; the index of the failing op."""
-    rw = ClusterRewriter(lambda h, p: MAP.get((h, p)), UPSTREAM,
-                         unmapped_redirect="tryagain", by_id=IDS.get)
+class Rewriter(Protocol):
+    """What the Python relay calls: ClusterRewriter, AutoDiscoveryRewriter."""
+
+    def feed_request(self, data: bytes) -> bytes | bytearray: ...
+
+    def feed_reply(self, data: bytes) -> bytes | bytearray: ...
+
+
+def rewriter_run(rw: Rewriter, ops: Ops) -> tuple[list[bytes], int | None]:
+    """Per reply chunk, what a Python rewriter forwards; the index of the failing op."""
     out: list[bytes] = []
     for i, (kind, chunk) in enumerate(ops):
         if kind == "req":
@@ -57,17 +64,10 @@ def python_run(ops: Ops) -> tuple[list[bytes], int | None]:
     return out, None
 
 
-def node_map() -> object:
-    nm = _engine.NodeMap()
-    nm.swap([(h.encode(), p, b"%s:%d" % (a.encode(), ap)) for (h, p), (a, ap) in MAP.items()])
-    return nm
-
-
-def c_run(ops: Ops) -> tuple[list[bytes], int | None]:
-    """The same through the C framer; asks answered by the Python rewriters."""
-    fr = _engine.Framer(node_map())
-    rw = ClusterRewriter(lambda h, p: MAP.get((h, p)), UPSTREAM,
-                         unmapped_redirect="tryagain", by_id=IDS.get)
+def framer_run(fr: Any, answer: Callable[[tuple[Any, ...]], bytes],
+               ops: Ops) -> tuple[list[bytes], int | None]:
+    """The same through a C framer, each ask answered by ``answer`` (whose ValueError is a
+    protocol error, as the framer's own error events are)."""
     out: list[bytes] = []
     for i, (kind, chunk) in enumerate(ops):
         if kind == "req":
@@ -75,17 +75,44 @@ def c_run(ops: Ops) -> tuple[list[bytes], int | None]:
             continue
         parts: list[bytes] = []
         for ev in fr.feed_reply(chunk):
-            if ev[0] == "fwd":
-                parts.append(ev[1])
-            elif ev[0] == "emit":
+            if ev[0] in ("fwd", "emit"):
                 parts.append(ev[1])
             elif ev[0] == "ask":
-                new = rewrite_asked(ev[2], ev[1], ev[3], rw.remap, tryagain=True)
-                parts.append(ev[2] if new is None else new)
+                try:
+                    parts.append(answer(ev))
+                except ValueError:
+                    return out, i
             else:
                 return out, i
         out.append(b"".join(parts))
     return out, None
+
+
+def cluster_rewriter() -> ClusterRewriter:
+    return ClusterRewriter(lambda h, p: MAP.get((h, p)), UPSTREAM,
+                           unmapped_redirect="tryagain", by_id=IDS.get)
+
+
+def python_run(ops: Ops) -> tuple[list[bytes], int | None]:
+    """The Redis Cluster rewriter's run."""
+    return rewriter_run(cluster_rewriter(), ops)
+
+
+def node_map() -> object:
+    nm = _engine.NodeMap()
+    nm.swap([(h.encode(), p, b"%s:%d" % (a.encode(), ap)) for (h, p), (a, ap) in MAP.items()])
+    return nm
+
+
+def c_run(ops: Ops) -> tuple[list[bytes], int | None]:
+    """The RESP framer's run; asks answered by the Python rewriters."""
+    rw = cluster_rewriter()
+
+    def answer(ev: tuple[Any, ...]) -> bytes:
+        new = rewrite_asked(ev[2], ev[1], ev[3], rw.remap, tryagain=True)
+        return bytes(ev[2] if new is None else new)
+
+    return framer_run(_engine.Framer(node_map()), answer, ops)
 
 
 def compare(python: Run, c: Run, ops: Ops) -> tuple[bool, str]:
@@ -133,6 +160,21 @@ def interleave(draw: st.DrawFn, req_stream: bytes, rep_stream: bytes, max_chunk:
             ops.append(("rep", rep_stream[ri:ri + size]))
             ri += size
     return ops
+
+
+def conversation(draw: st.DrawFn, requests: Sequence[bytes], replies: Sequence[bytes], *,
+                 max_requests: int, max_replies: int, max_chunk: int,
+                 corrupt_requests: bool = False, opening: int = 0) -> Ops:
+    """Frames picked from ``requests`` and ``replies`` (not matched to each other), a reply
+    byte changed half the time and, with ``corrupt_requests``, a request byte one time in
+    ten; then ``interleave``d."""
+    req_stream = b"".join(draw(st.lists(st.sampled_from(requests), max_size=max_requests)))
+    rep_stream = b"".join(draw(st.lists(st.sampled_from(replies), max_size=max_replies)))
+    if draw(st.booleans()) and rep_stream:
+        rep_stream = corrupt(draw, rep_stream)
+    if corrupt_requests and draw(st.integers(0, 9)) == 0 and req_stream:
+        req_stream = corrupt(draw, req_stream)
+    return interleave(draw, req_stream, rep_stream, max_chunk, opening)
 
 
 def noise(chunks: st.SearchStrategy[bytes] | None = None,

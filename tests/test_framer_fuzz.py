@@ -24,8 +24,7 @@ from tests.framer_diff import (
     asan_cases,
     c_run,
     check_under_address_sanitizer,
-    corrupt,
-    interleave,
+    conversation,
     noise,
     same_output,
 )
@@ -81,14 +80,9 @@ REPLIES = [
 
 @st.composite
 def conversations(draw: st.DrawFn) -> Ops:
-    reqs = draw(st.lists(st.sampled_from(COMMANDS), max_size=12))
-    reps = draw(st.lists(st.sampled_from(REPLIES), max_size=14))
-    req_stream, rep_stream = b"".join(reqs), b"".join(reps)
-    if draw(st.booleans()) and rep_stream:
-        rep_stream = corrupt(draw, rep_stream)
-    if draw(st.integers(0, 9)) == 0 and req_stream:
-        req_stream = corrupt(draw, req_stream)
-    return interleave(draw, req_stream, rep_stream, 700)
+    return conversation(draw, COMMANDS, REPLIES, max_requests=12, max_replies=14,
+                        max_chunk=700, corrupt_requests=True)
+
 
 def _reply_to(name: bytes, args: tuple[bytes, ...], st_: dict[str, object],
               draw: st.DrawFn) -> bytes:

@@ -30,9 +30,10 @@ from tests.framer_diff import (
     asan_cases,
     check_under_address_sanitizer,
     compare,
-    corrupt,
-    interleave,
+    conversation,
+    framer_run,
     noise,
+    rewriter_run,
 )
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="the engine is not built here")
@@ -46,44 +47,16 @@ def mapper(node: AutoDiscoveryNode) -> AutoDiscoveryNode | None:
 
 
 def python_run(ops: Ops) -> tuple[list[bytes], int | None]:
-    """Per reply chunk, what the Python rewriter forwards; the index of the failing op."""
-    rw = AutoDiscoveryRewriter(mapper)
-    out: list[bytes] = []
-    for i, (kind, chunk) in enumerate(ops):
-        if kind == "req":
-            rw.feed_request(chunk)
-            continue
-        try:
-            out.append(bytes(rw.feed_reply(chunk)))
-        except ValueError:
-            return out, i
-    return out, None
+    return rewriter_run(AutoDiscoveryRewriter(mapper), ops)
 
 
 def c_run(ops: Ops) -> tuple[list[bytes], int | None]:
-    """The same through the C framer; asks answered as the engine's hub answers them."""
-    fr = _engine.Framer(memcache=True)
+    """Asks answered as the engine's hub answers them."""
     framing = NativeMcFraming(_engine.NodeMap(memcache=True), mapper,
                               on_unmapped=lambda node: None,
                               on_protocol_error=lambda who: None)
-    out: list[bytes] = []
-    for i, (kind, chunk) in enumerate(ops):
-        if kind == "req":
-            fr.feed_request(chunk)
-            continue
-        parts: list[bytes] = []
-        for ev in fr.feed_reply(chunk):
-            if ev[0] in ("fwd", "emit"):
-                parts.append(ev[1])
-            elif ev[0] == "ask":
-                try:
-                    parts.append(framing.answer(ev[1], ev[2], b""))
-                except ValueError:
-                    return out, i
-            else:
-                return out, i
-        out.append(b"".join(parts))
-    return out, None
+    return framer_run(_engine.Framer(memcache=True),
+                      lambda ev: framing.answer(ev[1], ev[2], b""), ops)
 
 
 def same_output(ops: Ops) -> tuple[bool, str]:
@@ -115,13 +88,9 @@ REPLIES = [
 
 @st.composite
 def conversations(draw: st.DrawFn) -> Ops:
-    reqs = draw(st.lists(st.sampled_from(REQUESTS), max_size=8))
-    reps = draw(st.lists(st.sampled_from(REPLIES), max_size=12))
-    req_stream, rep_stream = b"".join(reqs), b"".join(reps)
-    if draw(st.booleans()) and rep_stream:
-        rep_stream = corrupt(draw, rep_stream)
     # the usual start: the client speaks first
-    return interleave(draw, req_stream, rep_stream, 400, opening=64)
+    return conversation(draw, REQUESTS, REPLIES, max_requests=8, max_replies=12,
+                        max_chunk=400, opening=64)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
