@@ -26,20 +26,14 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture
 def memcached() -> Iterator[ServerProcess]:
     """memcached with 2 MB items, so 1 MB values fit."""
-    server = start_server("memcached", ["-I", "2m"])
-    try:
+    with start_server("memcached", ["-I", "2m"]) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
 def redis_server() -> Iterator[ServerProcess]:
-    server = start_server("redis")
-    try:
+    with start_server("redis") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

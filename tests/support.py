@@ -86,7 +86,8 @@ def require_binary(name: str) -> str:
 
 @dataclass
 class ServerProcess:
-    """A real cache server started for a test; ``stop()`` ends it by PID."""
+    """A real cache server started for a test; ``stop()`` (or leaving a ``with`` block)
+    ends it by PID."""
 
     kind: str
     proc: subprocess.Popen[bytes]
@@ -101,6 +102,12 @@ class ServerProcess:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def stop(self) -> None:
         if self.proc.poll() is None:

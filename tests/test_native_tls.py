@@ -41,16 +41,14 @@ HOST = "127.0.0.1"
 
 @pytest.fixture
 def node() -> Iterator[ServerProcess]:
-    server = start_server("redis")
-    yield server
-    server.stop()
+    with start_server("redis") as server:
+        yield server
 
 
 @pytest.fixture
 def tls_node(pki: Pki) -> Iterator[ServerProcess]:
-    server = tls_redis(pki)
-    yield server
-    server.stop()
+    with tls_redis(pki) as server:
+        yield server
 
 
 def terminating(upstream: ServerProcess, pki: Pki, **extra: Any) -> dict[str, Any]:

@@ -62,9 +62,8 @@ def relay(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> It
 def plain_redis() -> Iterator[ServerProcess]:
     from tests.support import start_server
 
-    server = start_server("redis")
-    yield server
-    server.stop()
+    with start_server("redis") as server:
+        yield server
 
 
 def client_tls_listener(upstream: ServerProcess, pki: Pki, **tls: object) -> dict[str, object]:
