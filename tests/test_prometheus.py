@@ -40,6 +40,7 @@ from tests.support import (
     ServerProcess,
     port_open,
     start_server,
+    stop_process,
     wait_until,
 )
 from tests.test_alert_rules import RULES, prometheus_binary
@@ -208,13 +209,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             pass  # the tests below name what is missing
         yield s
     finally:
-        if prom is not None and prom.poll() is None:
-            prom.terminate()
-            try:
-                prom.wait(10)
-            except subprocess.TimeoutExpired:
-                prom.kill()
-                prom.wait(5)
+        if prom is not None:
+            stop_process(prom, 10)
         prom_log.close()
         if cacheport is not None:
             cacheport.stop()
