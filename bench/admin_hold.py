@@ -20,12 +20,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from .scale import RESULTS, export
-from .sidebyside import ROOT, header
+from .scale import export
+from .sidebyside import ROOT, header, save_results
 
 CHILD = r"""
 import asyncio, gc, json, sys, time
@@ -125,9 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if not args.no_save:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"{time.strftime('%Y%m%d-%H%M%S')}-admin-hold.md").write_text(
-            "\n".join(lines) + "\n")
+        save_results("admin-hold", "\n".join(lines))
     return 0
 
 

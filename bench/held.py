@@ -43,9 +43,8 @@ from typing import Any
 
 from .clients import Client, Held, build_c_client
 from .procs import BenchError, Reaper, cpu_seconds, host_cpu, memory, raise_nofile, wait_port
-from .sidebyside import ROOT, free_port, header
+from .sidebyside import ROOT, free_port, header, save_results
 
-RESULTS = ROOT / "bench" / "results"
 PER_CLIENT = 4000  # connections per hold client process (each has its own fd cap)
 HOLD_SECONDS = 3600.0
 
@@ -349,10 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = header(what, args.reps) + "\n\n" + table(rows)
     print(text)
     if not args.no_save:
-        RESULTS.mkdir(exist_ok=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        (RESULTS / f"{stamp}-held.md").write_text(text + "\n")
-        (RESULTS / f"{stamp}-held.json").write_text(json.dumps(rows, indent=1) + "\n")
+        save_results("held", text, rows)
     return 0
 
 

@@ -178,6 +178,26 @@ def summary_table(s: Summary) -> list[str]:
     return table(header, rows)
 
 
+def _rate_table(s: Summary, kind: str, title: str, rate: tuple[str, str],
+                cpu: tuple[str, str, int]) -> list[str]:
+    """A section with, per backend, a rate, its ratio to direct and the proxy's CPU per unit."""
+    backends = s.backends(kind)
+    if not backends:
+        return []
+    (rate_key, rate_unit), (cpu_key, cpu_unit, cpu_digits) = rate, cpu
+    header = ["target"]
+    for b in backends:
+        header += [f"{b} {rate_unit}", f"{b} x direct", f"{b} proxy CPU {cpu_unit}"]
+    rows = []
+    for t in s.targets:
+        row = [t]
+        for b in backends:
+            row += [_f(s.value(kind, b, t, rate_key), 0), _x(s.ratio(kind, b, t, rate_key)),
+                    _f(s.value(kind, b, t, cpu_key), cpu_digits)]
+        rows.append(row)
+    return ["", title, "", *table(header, rows)]
+
+
 def detail_tables(s: Summary, plan: dict[str, Any]) -> list[str]:
     out: list[str] = []
     lat = s.backends("latency")
@@ -197,37 +217,12 @@ def detail_tables(s: Summary, plan: dict[str, Any]) -> list[str]:
                 row.append(_f(s.value("latency", b, t, "rps"), 0))
             rows.append(row)
         out += table(header, rows)
-    tp = s.backends("throughput")
-    if tp:
-        out += ["", f"### Throughput — {plan['tp_conns']} connections, pipelined "
-                f"{plan['tp_depth']} deep, GET of {plan['tp_size']} B values", ""]
-        header = ["target"]
-        for b in tp:
-            header += [f"{b} req/s", f"{b} x direct", f"{b} proxy CPU µs/req"]
-        rows = []
-        for t in s.targets:
-            row = [t]
-            for b in tp:
-                row += [_f(s.value("throughput", b, t, "rps"), 0),
-                        _x(s.ratio("throughput", b, t, "rps")),
-                        _f(s.value("throughput", b, t, "cpu_us_per_req"), 2)]
-            rows.append(row)
-        out += table(header, rows)
-    bulk = s.backends("bulk")
-    if bulk:
-        out += ["", f"### Bulk — GET of large values, {plan['bulk_conns']} connections, "
-                "one request in flight each", ""]
-        header = ["target"]
-        for b in bulk:
-            header += [f"{b} MB/s", f"{b} x direct", f"{b} proxy CPU µs/MB"]
-        rows = []
-        for t in s.targets:
-            row = [t]
-            for b in bulk:
-                row += [_f(s.value("bulk", b, t, "mb_s"), 0), _x(s.ratio("bulk", b, t, "mb_s")),
-                        _f(s.value("bulk", b, t, "cpu_us_per_mb"), 0)]
-            rows.append(row)
-        out += table(header, rows)
+    out += _rate_table(s, "throughput", f"### Throughput — {plan['tp_conns']} connections, "
+                       f"pipelined {plan['tp_depth']} deep, GET of {plan['tp_size']} B values",
+                       ("rps", "req/s"), ("cpu_us_per_req", "µs/req", 2))
+    out += _rate_table(s, "bulk", f"### Bulk — GET of large values, {plan['bulk_conns']} "
+                       "connections, one request in flight each",
+                       ("mb_s", "MB/s"), ("cpu_us_per_mb", "µs/MB", 0))
     conn = s.backends("connections")
     if conn:
         out += ["", "### Idle connections — held open through a fresh proxy process "

@@ -42,9 +42,7 @@ from typing import Any
 import yaml
 
 from .procs import cpu_seconds, host_cpu, memory
-from .sidebyside import ROOT, header, start_redis, stop_all, wait_port
-
-RESULTS = ROOT / "bench" / "results"
+from .sidebyside import ROOT, header, save_results, start_redis, stop_all, wait_port
 
 
 def _get(url: str, method: str = "GET", timeout: float = 30.0) -> tuple[int, bytes, float]:
@@ -418,11 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = header(what, args.reps) + "\n\n" + table(rows)
     print(text)
     if not args.no_save:
-        RESULTS.mkdir(exist_ok=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        (RESULTS / f"{stamp}-scale.md").write_text(text + "\n")
-        (RESULTS / f"{stamp}-scale.json").write_text(json.dumps(
-            [{"build": b, "listeners": n, **f} for b, n, f in rows], indent=1) + "\n")
+        save_results("scale", text, [{"build": b, "listeners": n, **f} for b, n, f in rows])
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

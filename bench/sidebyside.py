@@ -4,6 +4,7 @@ medians as a markdown table, stopping everything by PID."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
 
 
 def free_port() -> int:
@@ -109,6 +111,15 @@ def header(what: str, reps: int) -> str:
                             capture_output=True, text=True, check=False).stdout.strip()
     return (f"{what}; {time.strftime('%Y-%m-%d')}, commit {commit or '?'}, "
             f"{os.cpu_count()} CPUs, median of {reps}")
+
+
+def save_results(kind: str, text: str, rows: object = None) -> None:
+    """bench/results/STAMP-KIND.md (and .json with ``rows``): the run as printed."""
+    RESULTS.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (RESULTS / f"{stamp}-{kind}.md").write_text(text + "\n")
+    if rows is not None:
+        (RESULTS / f"{stamp}-{kind}.json").write_text(json.dumps(rows, indent=1) + "\n")
 
 
 def stop_all(procs: Sequence[subprocess.Popen[bytes]]) -> None:

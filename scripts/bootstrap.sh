@@ -133,55 +133,47 @@ install_venv
     || say "no valkey-server to be had here: the Valkey runs of the engine tests are skipped"
 export PATH="$VENV/bin:$PATH"
 
-# --- Container engine for tests/test_container.py -------------------------------------
-# podman (rootful, daemonless), runc, mmdebstrap (the tests' base image, from the Debian
-# mirror apt uses) and docker-compose (validates deploy/compose.yaml; needs no daemon).
-# Asked of apt-get only when one is missing. Where they cannot be installed (no apt-get,
-# not root) the container tests are skipped with that reason -- except under CI=true,
-# where they fail.
-CONTAINER_TOOLS=(podman runc mmdebstrap docker-compose)  # command = Debian package here
-
-install_container_tools() {
-    local missing=() tool
-    for tool in "${CONTAINER_TOOLS[@]}"; do
-        command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+# --- Optional tools for some tests ---------------------------------------------------
+# install_optional FOR "COMMANDS" PACKAGES...: apt-get install PACKAGES when one of
+# COMMANDS is missing. Never fatal: where they cannot be installed (no apt-get, not root)
+# or apt-get fails, the tests FOR names are skipped with that reason -- except under
+# CI=true, where they fail.
+install_optional() {
+    local why=$1 cmds missing=() cmd
+    read -ra cmds <<<"$2"
+    shift 2
+    for cmd in "${cmds[@]}"; do
+        command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
     done
     [ "${#missing[@]}" -eq 0 ] && return 0
     if ! command -v apt-get >/dev/null 2>&1 || [ "$(id -u)" -ne 0 ]; then
-        say "not installed: ${missing[*]} (installing them needs root and apt-get):" \
-            "tests/test_container.py will be skipped"
+        say "not installed: ${missing[*]} (installing them needs root and apt-get): $why" \
+            "will be skipped"
         return 0
     fi
-    say "installing ${missing[*]} with apt-get (for tests/test_container.py)"
+    say "installing $* with apt-get (for $why)"
     DEBIAN_FRONTEND=noninteractive apt-get update -qq || say "apt-get update failed; trying anyway"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        "${missing[@]}" >/dev/null \
-        || say "apt-get could not install ${missing[*]}: tests/test_container.py will be skipped"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" \
+        >/dev/null || say "apt-get could not install $*: $why will be skipped"
 }
 
-install_container_tools
-# --- end of the container engine block ------------------------------------------------
+# The container engine for tests/test_container.py: podman (rootful, daemonless), runc,
+# mmdebstrap (the tests' base image, from the Debian mirror apt uses) and docker-compose
+# (validates deploy/compose.yaml; needs no daemon). Command = Debian package here.
+install_optional tests/test_container.py "podman runc mmdebstrap docker-compose" \
+    podman runc mmdebstrap docker-compose
 
 # Prometheus and promtool (Debian package prometheus) for tests/test_alert_rules.py and
 # tests/test_prometheus.py: the rules in deploy/prometheus and the dashboard in
-# deploy/grafana are checked against a real Prometheus. Without them those tests skip
-# (and fail under CI=true). The package's own service, where systemd starts it, listens on
-# :9090; the tests start their own on a free port.
-install_prometheus() {
-    command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 && return 0
-    if ! command -v apt-get >/dev/null 2>&1 || [ "$(id -u)" -ne 0 ]; then
-        say "prometheus is not installed (needs root and apt-get): the alert rule and" \
-            "dashboard tests will be skipped"
-        return 0
-    fi
-    say "installing prometheus with apt-get (for the alert rule and dashboard tests)"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq || say "apt-get update failed; trying anyway"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        prometheus >/dev/null \
-        || say "apt-get could not install prometheus: the alert rule and dashboard tests skip"
-}
+# deploy/grafana are checked against a real Prometheus. The package's own service, where
+# systemd starts it, listens on :9090; the tests start their own on a free port.
+install_optional "the alert rule and dashboard tests" "promtool prometheus" prometheus
 
-install_prometheus
+# A browser for tests/test_status_page.py: Debian's chromium and chromium-driver (selenium
+# drives it from the dev extra; it never downloads a browser or driver of its own).
+install_optional "the status page's browser test" "chromium chromedriver" \
+    chromium chromium-driver fonts-dejavu-core
+# --- end of the optional tools block --------------------------------------------------
 
 # ---------------------------------------------------------------------------
 # Redis's own Tcl test suite, for the conformance run (docs/conformance.md): it comes from
@@ -277,24 +269,3 @@ install_redis_suite_deps() {
 }
 
 install_redis_suite_deps
-
-# --- A browser for tests/test_status_page.py ------------------------------------------
-# Debian's chromium and chromium-driver (selenium drives it from the dev extra; it never
-# downloads a browser or driver of its own). Never fatal here: without them the browser
-# test is skipped with that reason -- except under CI=true, where it fails.
-install_browser() {
-    command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 && return 0
-    if ! command -v apt-get >/dev/null 2>&1 || [ "$(id -u)" -ne 0 ]; then
-        say "no chromium/chromedriver (installing them needs root and apt-get):" \
-            "the status page's browser test will be skipped"
-        return 0
-    fi
-    say "installing chromium and chromium-driver with apt-get (for tests/test_status_page.py)"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq || say "apt-get update failed; trying anyway"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        chromium chromium-driver fonts-dejavu-core >/dev/null \
-        || say "apt-get could not install chromium: the status page's browser test will be skipped"
-}
-
-install_browser
-# --- end of the browser block ---------------------------------------------------------

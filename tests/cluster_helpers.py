@@ -11,7 +11,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +112,21 @@ def start_lone_node(workdir: Path) -> ServerProcess:
         node.stop()
         raise
     return node
+
+
+@contextlib.contextmanager
+def preferred_endpoint(ports: Sequence[int], endpoint_type: str) -> Iterator[list[redis.Redis]]:
+    """cluster-preferred-endpoint-type set on these nodes for the block, and "ip" (the
+    default the other tests expect) again after it; yields a client of each node."""
+    admins = [redis.Redis(host=HOST, port=port, socket_timeout=5) for port in ports]
+    try:
+        for admin in admins:
+            admin.config_set("cluster-preferred-endpoint-type", endpoint_type)
+        yield admins
+    finally:
+        for admin in admins:
+            admin.config_set("cluster-preferred-endpoint-type", "ip")
+            admin.close()
 
 
 def ad_reply(version: int, nodes: list[tuple[str, str, int]], form: str = "config") -> bytes:

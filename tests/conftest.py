@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
 
 from proxy.relay.engine import native_available
+from tests.certs import Pki, make_pki
 from tests.support import ServerProcess, start_server
 
 # Hypothesis profiles: the suite runs "ci" (a few seconds per fuzz test); by hand,
@@ -24,20 +26,21 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture
 def memcached() -> Iterator[ServerProcess]:
     """memcached with 2 MB items, so 1 MB values fit."""
-    server = start_server("memcached", ["-I", "2m"])
-    try:
+    with start_server("memcached", ["-I", "2m"]) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
 def redis_server() -> Iterator[ServerProcess]:
-    server = start_server("redis")
-    try:
+    with start_server("redis") as server:
         yield server
-    finally:
-        server.stop()
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    """A test CA, a server certificate for localhost, a client certificate and a CA that
+    signed nothing, as files in the test's tmp_path (tests/certs.py)."""
+    return make_pki(tmp_path)
 
 
 @pytest.fixture(params=["uvloop", "asyncio"])

@@ -12,7 +12,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import Address
-from tests.support import ProxyThread, running_proxy, wait_until
+from tests.support import ProxyThread, ServerProcess, running_proxy, start_server, wait_until
 
 # Short timings so a DOWN/UP cycle takes about a second.
 INTERVAL = 0.2
@@ -24,6 +24,15 @@ FAST: dict[str, Any] = {"interval": "200ms", "timeout": "200ms", "rise": RISE, "
 DOWN_WITHIN = INTERVAL * 1.1 * FALL + TIMEOUT + 1.5
 UP_WITHIN = INTERVAL * 1.1 * RISE + TIMEOUT + 1.5
 ADMIN = {"listen": "127.0.0.1:0"}
+
+
+def secured_redis_server(password: str, acl_password: str | None = None) -> ServerProcess:
+    """redis-server with ``requirepass`` and an ACL user ``checker`` (password
+    ``acl_password``, else the same) that may only PING and ROLE."""
+    return start_server("redis", [
+        "--requirepass", password,
+        "--user", "checker", "on", f">{acl_password or password}", "+@connection", "+role",
+    ])
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.cluster_helpers import free_range
-from tests.support import require_binary, wait_until
+from tests.support import require_binary, stop_process, wait_until
 
 
 def quiet_port(host: str = "127.0.0.1") -> int:
@@ -85,12 +85,7 @@ def haproxy(tmp_path: Path, backends: Sequence[Backend], send: str = "send-proxy
         assert proc.poll() is None, (tmp_path / f"haproxy-{port}.log").read_text()
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
         log.close()
 
 

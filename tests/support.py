@@ -60,6 +60,19 @@ def wait_until(predicate: Callable[[], object], timeout: float, interval: float 
         time.sleep(interval)
 
 
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 5, *, kill: bool = False) -> None:
+    """End a process we started, by PID: SIGTERM (SIGKILL with ``kill``), and SIGKILL if it
+    has not exited within ``timeout``."""
+    if proc.poll() is not None:
+        return
+    proc.kill() if kill else proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.2):
@@ -86,7 +99,8 @@ def require_binary(name: str) -> str:
 
 @dataclass
 class ServerProcess:
-    """A real cache server started for a test; ``stop()`` ends it by PID."""
+    """A real cache server started for a test; ``stop()`` (or leaving a ``with`` block)
+    ends it by PID."""
 
     kind: str
     proc: subprocess.Popen[bytes]
@@ -102,16 +116,16 @@ class ServerProcess:
     def pid(self) -> int:
         return self.proc.pid
 
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            # memcached takes ~1 s to finish on SIGTERM and keeps nothing worth a clean
-            # shutdown here; redis-server stops at once.
-            self.proc.kill() if self.kind == "memcached" else self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        # memcached takes ~1 s to finish on SIGTERM and keeps nothing worth a clean
+        # shutdown here; redis-server stops at once.
+        stop_process(self.proc, kill=self.kind == "memcached")
 
     def kill(self) -> None:
         """SIGKILL, as a crashed node."""
@@ -324,13 +338,7 @@ class CacheportProcess:
         return self.proc.wait(timeout)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, 10)
         self._log.close()
 
 

@@ -45,9 +45,8 @@ def test_a_later_read_keeps_every_block_and_adds_above() -> None:
 
 @pytest.fixture
 def node() -> Iterator[ServerProcess]:
-    server = start_server("redis")
-    yield server
-    server.stop()
+    with start_server("redis") as server:
+        yield server
 
 
 def test_caches_that_appear_and_disappear_are_reloaded_and_bad_answers_change_nothing(

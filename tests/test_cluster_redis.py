@@ -22,7 +22,7 @@ from proxy.cluster.discovery import discover_redis_at
 from proxy.cluster.manager import ClusterManager
 from proxy.config import Address
 from proxy.relay.engine import native_available
-from tests.cluster_helpers import free_range, start_lone_node, three_masters
+from tests.cluster_helpers import free_range, preferred_endpoint, start_lone_node, three_masters
 from tests.support import (
     ProxyThread,
     ServerProcess,
@@ -259,26 +259,21 @@ def _key_in_slot_of(node: dict[str, Any]) -> tuple[int, str]:
 def test_empty_host_redirects_name_the_node_the_connection_reached(
         masters: list[ServerProcess], tmp_path: Path) -> None:
     """``-MOVED 1 :6380`` means "the host you are on, that port": cacheport knows which."""
-    admins = [redis.Redis(port=m.port, socket_timeout=5) for m in masters]
     proxy = proxy_for(masters, tmp_path)
     try:
-        for a in admins:
-            a.config_set("cluster-preferred-endpoint-type", "unknown-endpoint")
-        # The seed listener goes to masters[0]; ask it (and its own port) for another's key.
-        nodes = status(proxy)["nodes"]
-        seed_node = next(n for n in nodes if n["address"] == f"{HOST}:{masters[0].port}")
-        owner = next(n for n in nodes if n is not seed_node)
-        slot, key = _key_in_slot_of(owner)
-        direct = raw(masters[0].port, get(key))
-        assert direct.startswith(b"-MOVED %d :" % slot)  # what the node really says
-        for port in (seed_node["port"], status(proxy)["seed_port"]):
-            assert raw(port, get(key)) == b"-MOVED %d %s:%d\r\n" % (
-                slot, HOST.encode(), owner["port"])
+        with preferred_endpoint([m.port for m in masters], "unknown-endpoint"):
+            # The seed listener goes to masters[0]; ask it (and its own port) for another's key.
+            nodes = status(proxy)["nodes"]
+            seed_node = next(n for n in nodes if n["address"] == f"{HOST}:{masters[0].port}")
+            owner = next(n for n in nodes if n is not seed_node)
+            slot, key = _key_in_slot_of(owner)
+            direct = raw(masters[0].port, get(key))
+            assert direct.startswith(b"-MOVED %d :" % slot)  # what the node really says
+            for port in (seed_node["port"], status(proxy)["seed_port"]):
+                assert raw(port, get(key)) == b"-MOVED %d %s:%d\r\n" % (
+                    slot, HOST.encode(), owner["port"])
     finally:
         proxy.stop()
-        for a in admins:
-            a.config_set("cluster-preferred-endpoint-type", "ip")
-            a.close()
 
 
 def test_sharded_pubsub_is_redirected_and_then_delivered(
@@ -411,20 +406,17 @@ def test_redis_py_reaches_a_node_without_an_address_only_through_cacheport(
         lone: ServerProcess, tmp_path: Path, endpoint_type: str) -> None:
     """The lone node says "" (or NULL, or "?") with its own port in CLUSTER SLOTS; redis-py
     would read that as "the seed's host, this port" and dial the node around cacheport."""
-    admin = redis.Redis(port=lone.port, socket_timeout=5)
-    admin.config_set("cluster-preferred-endpoint-type", endpoint_type)
-    proxy = proxy_for([lone], tmp_path)
-    try:
-        (node,) = status(proxy)["nodes"]
-        assert node["address"] == f"{HOST}:{lone.port}" and node["listening"]
-        slots = redis.Redis(port=node["port"], socket_timeout=5).execute_command(
-            "CLUSTER", "SLOTS")
-        assert slots[0][2][:2] == [HOST.encode(), node["port"]]
-        check_redis_py_only_dials(proxy, [lone])
-    finally:
-        proxy.stop()
-        admin.config_set("cluster-preferred-endpoint-type", "ip")
-        admin.close()
+    with preferred_endpoint([lone.port], endpoint_type):
+        proxy = proxy_for([lone], tmp_path)
+        try:
+            (node,) = status(proxy)["nodes"]
+            assert node["address"] == f"{HOST}:{lone.port}" and node["listening"]
+            slots = redis.Redis(port=node["port"], socket_timeout=5).execute_command(
+                "CLUSTER", "SLOTS")
+            assert slots[0][2][:2] == [HOST.encode(), node["port"]]
+            check_redis_py_only_dials(proxy, [lone])
+        finally:
+            proxy.stop()
 
 
 def redis_cli(port: int, *args: str) -> str:
@@ -454,46 +446,36 @@ def test_redis_cli_sees_a_node_without_an_address_at_its_cacheport_port(
 def test_redis_py_through_a_three_node_cluster_dials_only_cacheport(
         masters: list[ServerProcess], tmp_path: Path, endpoint_type: str) -> None:
     """NULL and "?" entries of every node (unknown-endpoint, hostname without hostnames)."""
-    admins = [redis.Redis(port=m.port, socket_timeout=5) for m in masters]
     proxy = proxy_for(masters, tmp_path)
     try:
-        for a in admins:
-            a.config_set("cluster-preferred-endpoint-type", endpoint_type)
-        check_redis_py_only_dials(proxy, masters)
+        with preferred_endpoint([m.port for m in masters], endpoint_type):
+            check_redis_py_only_dials(proxy, masters)
     finally:
         proxy.stop()
-        for a in admins:
-            a.config_set("cluster-preferred-endpoint-type", "ip")
-            a.close()
 
 
 @pytest.mark.parametrize("endpoint_type", ["ip", "unknown-endpoint"])
 def test_redis_cli_follows_redirects_to_cacheport_ports(
         masters: list[ServerProcess], tmp_path: Path, endpoint_type: str) -> None:
-    admins = [redis.Redis(port=m.port, socket_timeout=5) for m in masters]
     proxy = proxy_for(masters, tmp_path)
     try:
-        for a in admins:
-            a.config_set("cluster-preferred-endpoint-type", endpoint_type)
-        st = status(proxy)
-        seed_node = f"{HOST}:{masters[0].port}"
-        for owner in st["nodes"]:
-            _, key = _key_in_slot_of(owner)
-            listener = proxy.server.listeners[f"rc:{owner['port']}"]
-            before = proxy.call(lambda listener=listener: listener.stats.accepted)
-            # redis-cli prints no "-> Redirected" line when not interactive: the owner's
-            # listener counts the connection it followed the redirect with.
-            assert redis_cli(st["seed_port"], "SET", key, "via-cli").strip() == "OK"
-            after = proxy.call(lambda listener=listener: listener.stats.accepted)
-            assert after == before + (owner["address"] != seed_node)
-            direct = next(a for a, m in zip(admins, masters, strict=True)
-                          if owner["address"] == f"{HOST}:{m.port}")
-            assert direct.get(key) == b"via-cli"
+        with preferred_endpoint([m.port for m in masters], endpoint_type) as admins:
+            st = status(proxy)
+            seed_node = f"{HOST}:{masters[0].port}"
+            for owner in st["nodes"]:
+                _, key = _key_in_slot_of(owner)
+                listener = proxy.server.listeners[f"rc:{owner['port']}"]
+                before = proxy.call(lambda listener=listener: listener.stats.accepted)
+                # redis-cli prints no "-> Redirected" line when not interactive: the owner's
+                # listener counts the connection it followed the redirect with.
+                assert redis_cli(st["seed_port"], "SET", key, "via-cli").strip() == "OK"
+                after = proxy.call(lambda listener=listener: listener.stats.accepted)
+                assert after == before + (owner["address"] != seed_node)
+                direct = next(a for a, m in zip(admins, masters, strict=True)
+                              if owner["address"] == f"{HOST}:{m.port}")
+                assert direct.get(key) == b"via-cli"
     finally:
         proxy.stop()
-        for a in admins:
-            a.config_set("cluster-preferred-endpoint-type", "ip")
-            a.close()
 
 
 def test_each_relay_serves_the_node_listeners_it_is_named_for(

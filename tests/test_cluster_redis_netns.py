@@ -31,7 +31,7 @@ from redis.cluster import RedisCluster
 
 from proxy.relay.engine import native_available
 from tests.netns_lab import CLIENT_IP, NAT_IP, NamespaceUnavailable, NetnsLab, NsThread
-from tests.support import CacheportProcess, require_binary, wait_until
+from tests.support import CacheportProcess, require_binary, stop_process, wait_until
 
 SEED_PORT = 7000
 PORTS = (7001, 7016)
@@ -46,13 +46,7 @@ class Node:
     node_id: str = ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
 
 @dataclass

@@ -8,24 +8,21 @@ slot replies to ``announce``.
 
 from __future__ import annotations
 
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
-import trustme
 from redis.cluster import RedisCluster
 
+from tests.certs import make_pki, tls_redis
 from tests.cluster_helpers import free_range
 from tests.support import (
     ProxyThread,
     ServerProcess,
     free_port,
     make_config,
-    port_open,
-    require_binary,
     valkey_server,
     wait_until,
 )
@@ -41,25 +38,16 @@ def serverless(request: pytest.FixtureRequest, tmp_path: Path
     """(the TLS-only node, the CA file that signed its certificate for NAME)."""
     if request.param == "valkey-server" and valkey_server() is None:
         pytest.skip("no valkey-server (scripts/valkey.sh found none to install)")
-    ca = trustme.CA()
-    ca_file = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    cert = ca.issue_cert(NAME)
-    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "node.pem"))
-    cert.private_key_pem.write_to_path(str(tmp_path / "node.key"))
-    port = free_port()
-    proc = subprocess.Popen(
-        [require_binary(request.param), "--port", "0", "--tls-port", str(port),
-         "--bind", "127.0.0.1 -::1", "--tls-cert-file", str(tmp_path / "node.pem"),
-         "--tls-key-file", str(tmp_path / "node.key"), "--tls-ca-cert-file", str(ca_file),
-         "--tls-auth-clients", "no", "--tls-cluster", "yes", "--cluster-enabled", "yes",
-         "--cluster-config-file", f"nodes-{uuid.uuid4().hex}.conf", "--dir", str(tmp_path),
-         "--cluster-port", str(free_port()), "--cluster-announce-hostname", NAME,
-         "--cluster-preferred-endpoint-type", "hostname", "--save", "", "--appendonly", "no",
-         "--logfile", ""], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    node = ServerProcess("redis", proc, port)
+    pki = make_pki(tmp_path)
+    node = tls_redis(pki, *pki.issue("node", NAME), kind=request.param.removesuffix("-server"),
+                     extra=["--bind", "127.0.0.1 -::1", "--tls-cluster", "yes",
+                            "--cluster-enabled", "yes",
+                            "--cluster-config-file", f"nodes-{uuid.uuid4().hex}.conf",
+                            "--dir", str(tmp_path), "--cluster-port", str(free_port()),
+                            "--cluster-announce-hostname", NAME,
+                            "--cluster-preferred-endpoint-type", "hostname"])
+    port, ca_file = node.port, pki.ca_file
     try:
-        wait_until(lambda: port_open(port), 10, message="the TLS node to listen")
         with redis.Redis(port=port, ssl=True, ssl_ca_certs=str(ca_file),
                          ssl_check_hostname=False, socket_timeout=5) as r:
             r.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)

@@ -85,20 +85,14 @@ def image(podman: Podman, base: str) -> str:
 
 @pytest.fixture(scope="module")
 def redis_node() -> Iterator[ServerProcess]:
-    server = start_server("redis")
-    try:
+    with start_server("redis") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
 def memcached_node() -> Iterator[ServerProcess]:
-    server = start_server("memcached")
-    try:
+    with start_server("memcached") as server:
         yield server
-    finally:
-        server.stop()
 
 
 class Container:

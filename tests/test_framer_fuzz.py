@@ -11,10 +11,7 @@ An AddressSanitizer build of the framer runs a corpus of the same streams
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
+import random
 from pathlib import Path
 
 import pytest
@@ -22,11 +19,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.relay.engine import native_available
-from tests.framer_diff import Ops, c_run, same_output
+from tests.framer_diff import (
+    Ops,
+    asan_cases,
+    c_run,
+    check_under_address_sanitizer,
+    conversation,
+    noise,
+    same_output,
+)
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="the engine is not built here")
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def cmd(*args: bytes) -> bytes:
@@ -77,26 +80,8 @@ REPLIES = [
 
 @st.composite
 def conversations(draw: st.DrawFn) -> Ops:
-    reqs = draw(st.lists(st.sampled_from(COMMANDS), max_size=12))
-    reps = draw(st.lists(st.sampled_from(REPLIES), max_size=14))
-    req_stream, rep_stream = b"".join(reqs), b"".join(reps)
-    if draw(st.booleans()) and rep_stream:  # corrupt a byte
-        i = draw(st.integers(0, len(rep_stream) - 1))
-        rep_stream = rep_stream[:i] + bytes([draw(st.integers(0, 255))]) + rep_stream[i + 1:]
-    if draw(st.integers(0, 9)) == 0 and req_stream:
-        i = draw(st.integers(0, len(req_stream) - 1))
-        req_stream = req_stream[:i] + bytes([draw(st.integers(0, 255))]) + req_stream[i + 1:]
-    ops: Ops = []
-    qi = ri = 0
-    while qi < len(req_stream) or ri < len(rep_stream):
-        size = draw(st.integers(1, 700))
-        if qi < len(req_stream) and (ri >= len(rep_stream) or draw(st.booleans())):
-            ops.append(("req", req_stream[qi:qi + size]))
-            qi += size
-        else:
-            ops.append(("rep", rep_stream[ri:ri + size]))
-            ri += size
-    return ops
+    return conversation(draw, COMMANDS, REPLIES, max_requests=12, max_replies=14,
+                        max_chunk=700, corrupt_requests=True)
 
 
 def _reply_to(name: bytes, args: tuple[bytes, ...], st_: dict[str, object],
@@ -213,17 +198,15 @@ def test_c_framer_forwards_what_the_python_rewriter_forwards(ops: Ops) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["req", "rep"]), st.binary(min_size=1, max_size=200)),
-                max_size=10))
+@given(noise())
 def test_c_framer_matches_python_on_random_bytes(ops: Ops) -> None:
     ok, why = same_output(ops)
     assert ok, why
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["req", "rep"]),
-                          st.text(alphabet="*$+-:_,#(!=%~>|;.?\r\n0123456789abc ", min_size=1,
-                                  max_size=80).map(str.encode)), max_size=12))
+@given(noise(st.text(alphabet="*$+-:_,#(!=%~>|;.?\r\n0123456789abc ", min_size=1,
+                     max_size=80).map(str.encode), max_size=12))
 def test_c_framer_matches_python_on_resp_shaped_noise(ops: Ops) -> None:
     ok, why = same_output(ops)
     assert ok, why
@@ -246,76 +229,8 @@ def test_a_stored_value_that_looks_like_a_redirect_comes_back_byte_for_byte() ->
 
 # -- AddressSanitizer --------------------------------------------------------------
 
-HARNESS = ROOT / "tests" / "framer_asan.c"
-
-
-def _asan_binary(tmp: Path) -> Path:
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler")
-    out = tmp / "framer_asan"
-    src = [str(HARNESS), str(ROOT / "proxy/relay/resp_framer.c"),
-           str(ROOT / "proxy/relay/mc_framer.c"), str(ROOT / "proxy/relay/nodemap.c")]
-    r = subprocess.run([cc, "-g", "-O1", "-fsanitize=address,undefined", "-fno-omit-frame-pointer",
-                        "-Wall", "-Wextra", "-Werror", "-I", str(ROOT / "proxy/relay"), *src,
-                        "-o", str(out), "-lpthread"], capture_output=True, text=True)
-    if r.returncode != 0:
-        if "asan" in r.stderr.lower() or "sanitize" in r.stderr.lower():
-            pytest.skip(f"AddressSanitizer is not installed here: {r.stderr.strip()[-200:]}")
-        pytest.fail(r.stderr)
-    return out
-
-
 def test_framer_under_address_sanitizer(tmp_path: Path) -> None:
     """Random and structured streams through an ASan/UBSan build: no error, and the same
     output as the framer in the extension."""
-    import random
-
-    binary = _asan_binary(tmp_path)
-    rng = random.Random(25)
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    cases: list[Ops] = []
-    for n in range(300):
-        ops: Ops = []
-        for _ in range(rng.randint(1, 12)):
-            kind = rng.choice(["req", "rep"])
-            if rng.random() < 0.5:
-                data = rng.choice(COMMANDS if kind == "req" else REPLIES)
-                if rng.random() < 0.3:
-                    i = rng.randrange(len(data))
-                    data = data[:i] + bytes([rng.randrange(256)]) + data[i + 1:]
-                cut = rng.randint(1, len(data))
-                ops += [(kind, data[:cut]), (kind, data[cut:])]
-            else:
-                ops.append((kind, rng.randbytes(rng.randint(1, 300))))
-        ops = [(k, d) for k, d in ops if d]
-        cases.append(ops)
-        with open(corpus / f"{n}.bin", "wb") as f:
-            for kind, data in ops:
-                f.write(b"Q" if kind == "req" else b"R")
-                f.write(len(data).to_bytes(4, "little") + data)
-    env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=99",
-           "UBSAN_OPTIONS": "halt_on_error=1:exitcode=98"}
-    r = subprocess.run([str(binary), *sorted(map(str, corpus.iterdir()),
-                                              key=lambda p: int(Path(p).stem))],
-                       capture_output=True, env=env, timeout=60)
-    assert r.returncode == 0, r.stderr.decode(errors="replace")[-3000:]
-    # The harness prints each case's forwarded bytes (asks passed through unchanged) as hex.
-    lines = r.stdout.decode().splitlines()
-    assert len(lines) == len(cases)
-    from proxy.relay.engine import _engine
-    for line, ops in zip(lines, cases, strict=True):
-        fr = _engine.Framer()
-        out = []
-        for kind, data in ops:
-            if kind == "req":
-                fr.feed_request(data)
-                continue
-            evs = fr.feed_reply(data)
-            out += [e[1] if e[0] in ("fwd", "emit") else e[2] for e in evs if e[0] != "error"]
-            if any(e[0] == "error" for e in evs):
-                out.append(b"!")
-                break
-        assert bytes.fromhex(line.strip()) == b"".join(out)
-    assert sys.platform.startswith("linux")
+    cases = asan_cases(random.Random(25), COMMANDS, REPLIES, sampled=0.5, opening=False)
+    check_under_address_sanitizer(tmp_path, cases, memcache=False)

@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import io
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from proxy.iptables.command import cmd_import
 from proxy.iptables.parse import parse_rules
 from proxy.iptables.render import render_yaml
 from tests.support import ROOT, cacheport_cmd, cacheport_env
-from tests.test_fuzz_wire import mutated
+from tests.test_fuzz_wire import mutated, run_under_atheris
 
 MAP = b"""\
 defaults:
@@ -142,16 +141,4 @@ def test_import_of_rules_with_control_characters_writes_a_loadable_map() -> None
 
 
 if __name__ == "__main__":
-    import importlib
-    import inspect
-
-    atheris = importlib.import_module("atheris")  # optional: pip install atheris
-    test = globals()[sys.argv[1]]
-    for module in [m for n, m in sys.modules.items() if n.startswith("proxy.")]:
-        for obj in [*vars(module).values(),
-                    *(v for c in vars(module).values() if isinstance(c, type)
-                      for v in vars(c).values())]:
-            if inspect.isfunction(obj) and obj.__module__ == module.__name__:
-                atheris.instrument_func(obj)  # the parsers' coverage guides the fuzzer
-    atheris.Setup([sys.argv[0], *sys.argv[2:]], test.hypothesis.fuzz_one_input)
-    atheris.Fuzz()
+    run_under_atheris(globals())  # python -m tests.test_fuzz_operator NAME [atheris args]

@@ -339,13 +339,15 @@ def test_resp_lengths_are_digits_as_redis_reads_them() -> None:
 
 # -- atheris --------------------------------------------------------------------------
 
-if __name__ == "__main__":
+def run_under_atheris(tests: dict[str, Any]) -> None:
+    """``python -m tests.MODULE NAME [atheris args]``: the Hypothesis test NAME of that
+    module's ``globals()`` under libFuzzer, guided by the coverage of every proxy.* function
+    imported by then (the parsers)."""
     import importlib
     import inspect
 
     atheris = importlib.import_module("atheris")  # optional: pip install atheris
-
-    test = globals()[sys.argv[1]]
+    test = tests[sys.argv[1]]
     for module in [m for n, m in sys.modules.items() if n.startswith("proxy.")]:
         for obj in [*vars(module).values(),
                     *(v for c in vars(module).values() if isinstance(c, type)
@@ -354,3 +356,7 @@ if __name__ == "__main__":
                 atheris.instrument_func(obj)  # the parsers' coverage guides the fuzzer
     atheris.Setup([sys.argv[0], *sys.argv[2:]], test.hypothesis.fuzz_one_input)
     atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    run_under_atheris(globals())

@@ -15,6 +15,7 @@ from tests.healthkit import (
     UP_WITHIN,
     http_get,
     proxy_with_admin,
+    secured_redis_server,
     status,
     upstream_status,
     wait_health,
@@ -24,7 +25,6 @@ from tests.support import (
     ServerProcess,
     free_port,
     run_cli,
-    start_server,
     wait_until,
 )
 
@@ -35,14 +35,8 @@ ACL_PASSWORD = "acl-Heron-Basalt-66"
 
 @pytest.fixture
 def secured_redis() -> Iterator[ServerProcess]:
-    server = start_server("redis", [
-        "--requirepass", PASSWORD,
-        "--user", "checker", "on", f">{ACL_PASSWORD}", "+@connection", "+role",
-    ])
-    try:
+    with secured_redis_server(PASSWORD, ACL_PASSWORD) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_checks_authenticate_and_a_wrong_password_never_shows_anywhere(

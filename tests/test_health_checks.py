@@ -22,7 +22,7 @@ from proxy.health.checks import (
 )
 from proxy.health.monitor import HealthMonitor, Target
 from proxy.health.state import State
-from tests.healthkit import DOWN_WITHIN, UP_WITHIN, closed_port, silent_server
+from tests.healthkit import DOWN_WITHIN, UP_WITHIN, closed_port, secured_redis_server, silent_server
 from tests.support import ServerProcess, start_server
 
 PASSWORD = "c0rrect-h0rse-battery"
@@ -52,14 +52,8 @@ def pool() -> Iterator[concurrent.futures.ThreadPoolExecutor]:
 @pytest.fixture
 def secured_redis() -> Iterator[ServerProcess]:
     """redis-server with ``requirepass`` and an ACL user that may only PING and ROLE."""
-    server = start_server("redis", [
-        "--requirepass", PASSWORD,
-        "--user", "checker", "on", f">{PASSWORD}", "+@connection", "+role",
-    ])
-    try:
+    with secured_redis_server(PASSWORD) as server:
         yield server
-    finally:
-        server.stop()
 
 
 async def run(checker: Checker, limit: float = 5.0) -> CheckResult:

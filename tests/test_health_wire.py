@@ -14,8 +14,8 @@ from proxy.config import Address, HealthConfig, Secret
 from proxy.health.checks import CheckResult, MemcachedChecker, RedisChecker, WireChecker
 from proxy.health.prober import Prober
 from proxy.health.wire import Judge, request
-from tests.healthkit import closed_port
-from tests.support import ServerProcess, start_server
+from tests.healthkit import closed_port, secured_redis_server
+from tests.support import ServerProcess
 
 PASSWORD = "c0rrect-h0rse-battery"
 WRONG = "wr0ng-passw0rd-staple"
@@ -91,14 +91,8 @@ def test_a_node_echoing_the_password_never_puts_it_in_a_reason() -> None:
 
 @pytest.fixture
 def secured_redis() -> Iterator[ServerProcess]:
-    server = start_server("redis", [
-        "--requirepass", PASSWORD,
-        "--user", "checker", "on", f">{PASSWORD}", "+@connection", "+role",
-    ])
-    try:
+    with secured_redis_server(PASSWORD) as server:
         yield server
-    finally:
-        server.stop()
 
 
 async def on_prober(checker_of: type[WireChecker], address: Address,

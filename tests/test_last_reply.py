@@ -32,11 +32,11 @@ from typing import Any
 
 import pytest
 import redis
-import trustme
 from pymemcache.client.base import Client as MemcacheClient
 
 from proxy.relay.buffered import DRAIN_GRACE
 from proxy.relay.engine import native_available, native_tls_available
+from tests.certs import Pki, tls_redis
 from tests.cluster_helpers import ConfigEndpoint, free_range
 from tests.support import (
     ProxyThread,
@@ -44,7 +44,6 @@ from tests.support import (
     copy_fields,
     free_port,
     make_config,
-    port_open,
     require_binary,
     start_server,
     wait_until,
@@ -118,31 +117,6 @@ class Route:
                                                self.proxy.server.listeners.values())))
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    ca = trustme.CA()
-    where = tmp_path_factory.mktemp("pki")
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    paths = {"ca": where / "ca.pem", "cert": where / "server.pem", "key": where / "server.key"}
-    ca.cert_pem.write_to_path(str(paths["ca"]))
-    cert.cert_chain_pems[0].write_to_path(str(paths["cert"]))
-    cert.private_key_pem.write_to_path(str(paths["key"]))
-    return {k: str(v) for k, v in paths.items()}
-
-
-def _tls_redis(pki: dict[str, str]) -> ServerProcess:
-    port = free_port()
-    proc = subprocess.Popen(
-        [require_binary("redis-server"), "--port", "0", "--tls-port", str(port), "--bind", HOST,
-         "--tls-cert-file", pki["cert"], "--tls-key-file", pki["key"],
-         "--tls-ca-cert-file", pki["ca"], "--tls-auth-clients", "no",
-         "--save", "", "--appendonly", "no", "--logfile", ""],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = ServerProcess("redis", proc, port)
-    wait_until(lambda: port_open(port), 10, message="redis-server with TLS to listen")
-    return server
-
-
 def _cluster_redis(tmp_path: Path) -> ServerProcess:
     """One redis-server in cluster mode holding every slot (a single-node cluster)."""
     node = start_server("redis", ["--cluster-enabled", "yes", "--dir", str(tmp_path),
@@ -169,14 +143,14 @@ def _node_port(proxy: ProxyThread) -> int:
 
 
 @contextlib.contextmanager
-def route(kind: str, loop_kind: str, tmp_path: Path, pki: dict[str, str]) -> Iterator[Route]:
+def route(kind: str, loop_kind: str, tmp_path: Path, pki: Pki) -> Iterator[Route]:
     """cacheport with one listener of ``kind`` in front of a fresh server."""
     stack = contextlib.ExitStack()
     with stack:
         server_tls = client_tls = None
         if kind.endswith("tls-upstream"):
-            server = _tls_redis(pki)
-            server_tls = ssl.create_default_context(cafile=pki["ca"])
+            server = tls_redis(pki)
+            server_tls = pki.client_context()
         elif kind.endswith("redis-cluster"):
             server = _cluster_redis(tmp_path)
         elif kind == "memcached-cluster":
@@ -204,10 +178,10 @@ def route(kind: str, loop_kind: str, tmp_path: Path, pki: dict[str, str]) -> Ite
             if kind in PLAIN:
                 listener.update(copy_fields(kind))
             elif kind.endswith("tls-client"):
-                listener["tls"] = {"cert": pki["cert"], "key": pki["key"]}
-                client_tls = ssl.create_default_context(cafile=pki["ca"])
+                listener["tls"] = {"cert": str(pki.server_cert), "key": str(pki.server_key)}
+                client_tls = pki.client_context()
             else:
-                listener["upstream_tls"] = {"ca": pki["ca"], "server_name": "localhost"}
+                listener["upstream_tls"] = {"ca": str(pki.ca_file), "server_name": "localhost"}
             if kind in TLS:
                 listener["relay"] = "native" if kind.startswith("native-") else "python"
             config = make_config([listener])
@@ -302,7 +276,7 @@ REPEAT_B = 12
 @pytest.mark.parametrize(("kind", "loop_kind"),
                          _routes(PLAIN + TLS + CLUSTER))
 def test_the_servers_last_reply_before_its_reset_reaches_the_client(
-        kind: str, loop_kind: str, tmp_path: Path, pki: dict[str, str]) -> None:
+        kind: str, loop_kind: str, tmp_path: Path, pki: Pki) -> None:
     with route(kind, loop_kind, tmp_path, pki) as r:
         lost = [why for _ in range(REPEAT_A) if (why := last_reply_lost(r)) is not None]
         assert not lost, f"{len(lost)}/{REPEAT_A} lost the last reply, e.g. {lost[0]}"
@@ -313,7 +287,7 @@ def test_the_servers_last_reply_before_its_reset_reaches_the_client(
 @pytest.mark.parametrize(("kind", "loop_kind"),
                          _routes(PLAIN + TLS + CLUSTER))
 def test_the_clients_last_command_before_its_reset_reaches_the_server(
-        kind: str, loop_kind: str, tmp_path: Path, pki: dict[str, str]) -> None:
+        kind: str, loop_kind: str, tmp_path: Path, pki: Pki) -> None:
     size = (900 << 10) if kind == "memcached-cluster" else (6 << 20)  # memcached: 1 MB items
     with route(kind, loop_kind, tmp_path, pki) as r:
         lost = [why for i in range(REPEAT_B)
@@ -371,7 +345,7 @@ def tls_half_close(r: Route, request: bytes) -> bytes:
 @pytest.mark.parametrize(("kind", "loop_kind"),
                          _routes([*PLAIN, *TLS, "native-tls-upstream", *CLUSTER]))
 def test_client_half_close_after_a_request_still_gets_the_reply_then_eof(
-        kind: str, loop_kind: str, tmp_path: Path, pki: dict[str, str]) -> None:
+        kind: str, loop_kind: str, tmp_path: Path, pki: Pki) -> None:
     """Over TLS a half-close is close_notify then FIN: the Python relay's own TLS layer and
     the engine pass either on as the other leg's half-close. (Not with a TLS client on the
     engine here: Python's SSLSocket cannot send close_notify and go on reading.)"""
@@ -392,7 +366,7 @@ def test_client_half_close_after_a_request_still_gets_the_reply_then_eof(
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("kind", "loop_kind"), _routes(PLAIN + TLS + CLUSTER))
 def test_server_close_after_its_reply_shows_the_reply_then_eof(
-        kind: str, loop_kind: str, tmp_path: Path, pki: dict[str, str]) -> None:
+        kind: str, loop_kind: str, tmp_path: Path, pki: Pki) -> None:
     with route(kind, loop_kind, tmp_path, pki) as r:
         if r.memcached:
             request, reply = b"version\r\nquit\r\n", None
@@ -427,7 +401,7 @@ def _push_then_reset(conn: socket.socket) -> None:
 @pytest.mark.parametrize(("kind", "loop_kind"),
                          _routes([*PLAIN, "tls-client", "native-tls-client"]))
 def test_a_drain_toward_a_client_that_stops_reading_ends_within_the_grace(
-        kind: str, loop_kind: str, pki: dict[str, str]) -> None:
+        kind: str, loop_kind: str, pki: Pki) -> None:
     """Both ways full, the upstream resets: cacheport's write to it fails, and what the
     upstream sent before waits for a client that never reads -- for the grace, no more."""
     with tcp_upstream(_push_then_reset) as upstream:
@@ -435,9 +409,9 @@ def test_a_drain_toward_a_client_that_stops_reading_ends_within_the_grace(
                                     "upstream": f"{HOST}:{upstream}", "protocol": "tcp"}
         client_tls = None
         if kind.endswith("tls-client"):
-            listener["tls"] = {"cert": pki["cert"], "key": pki["key"]}
+            listener["tls"] = {"cert": str(pki.server_cert), "key": str(pki.server_key)}
             listener["relay"] = "native" if kind.startswith("native-") else "python"
-            client_tls = ssl.create_default_context(cafile=pki["ca"])
+            client_tls = pki.client_context()
         else:
             listener.update(copy_fields(kind))
         proxy = ProxyThread(make_config([listener]), loop_kind).start()

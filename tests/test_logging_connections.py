@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trustme
 
 from proxy import closes
 from proxy.logs import CONNECTIONS_LOGGER
 from proxy.relay.engine import native_available
+from tests.certs import Pki
 from tests.cluster_helpers import free_range, start_lone_node
 from tests.healthkit import metrics, sample
 from tests.support import (
@@ -178,17 +178,11 @@ def test_refusals_are_logged_with_their_reason(redis_server: ServerProcess,
 
 
 def test_a_tls_listener_logs_plaintext_bytes_and_failed_handshakes(
-        tmp_path: Path, redis_server: ServerProcess, lines: Lines) -> None:
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    cert_path, key_path = tmp_path / "server.pem", tmp_path / "server.key"
-    cert.cert_chain_pems[0].write_to_path(str(cert_path))
-    cert.private_key_pem.write_to_path(str(key_path))
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
+        pki: Pki, redis_server: ServerProcess, lines: Lines) -> None:
+    client = pki.client_context()
     listener = {"name": "tls", "listen": "127.0.0.1:0", "upstream": redis_server.address,
                 "log_connections": True,
-                "tls": {"cert": str(cert_path), "key": str(key_path)}}
+                "tls": {"cert": str(pki.server_cert), "key": str(pki.server_key)}}
     with running_proxy([listener]) as proxy:
         port = proxy.port("tls")
         me = _talk(port, PING, 7, wrap=client)

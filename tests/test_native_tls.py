@@ -20,16 +20,14 @@ from typing import Any
 
 import pytest
 import redis
-import trustme
 
 from proxy.relay import engine as engine_mod
 from proxy.relay.engine import NativeRelay, hub_for, native_tls_available
+from tests.certs import Pki, tls_redis
 from tests.support import (
     ProxyThread,
     ServerProcess,
-    free_port,
     make_config,
-    port_open,
     require_binary,
     start_server,
     wait_until,
@@ -41,44 +39,22 @@ pytestmark = pytest.mark.skipif(not native_tls_available(),
 HOST = "127.0.0.1"
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    ca = trustme.CA()
-    where = tmp_path_factory.mktemp("pki")
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    paths = {"ca": where / "ca.pem", "cert": where / "server.pem", "key": where / "server.key"}
-    ca.cert_pem.write_to_path(str(paths["ca"]))
-    cert.cert_chain_pems[0].write_to_path(str(paths["cert"]))
-    cert.private_key_pem.write_to_path(str(paths["key"]))
-    return {k: str(v) for k, v in paths.items()}
-
-
 @pytest.fixture
 def node() -> Iterator[ServerProcess]:
-    server = start_server("redis")
-    yield server
-    server.stop()
+    with start_server("redis") as server:
+        yield server
 
 
 @pytest.fixture
-def tls_node(pki: dict[str, str]) -> Iterator[ServerProcess]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [require_binary("redis-server"), "--port", "0", "--tls-port", str(port), "--bind", HOST,
-         "--tls-cert-file", pki["cert"], "--tls-key-file", pki["key"],
-         "--tls-ca-cert-file", pki["ca"], "--tls-auth-clients", "no",
-         "--save", "", "--appendonly", "no", "--logfile", ""],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = ServerProcess("redis", proc, port)
-    wait_until(lambda: port_open(port), 10, message="redis-server with TLS to listen")
-    yield server
-    server.stop()
+def tls_node(pki: Pki) -> Iterator[ServerProcess]:
+    with tls_redis(pki) as server:
+        yield server
 
 
-def terminating(upstream: ServerProcess, pki: dict[str, str], **extra: Any) -> dict[str, Any]:
+def terminating(upstream: ServerProcess, pki: Pki, **extra: Any) -> dict[str, Any]:
     return {"name": "t", "listen": f"{HOST}:0", "upstream": upstream.address,
             "protocol": "redis", "relay": "native",
-            "tls": {"cert": pki["cert"], "key": pki["key"]}, **extra}
+            "tls": {"cert": str(pki.server_cert), "key": str(pki.server_key)}, **extra}
 
 
 @contextlib.contextmanager
@@ -94,14 +70,10 @@ def engine_stats(proxy: ProxyThread) -> dict[str, int]:
     return proxy.call(lambda: hub_for(proxy.loop).stats())  # type: ignore[no-any-return,arg-type]
 
 
-def client_ctx(pki: dict[str, str]) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=pki["ca"])
-
-
 def test_redis_py_through_termination_is_relayed_by_the_engine(
-        pki: dict[str, str], node: ServerProcess) -> None:
+        pki: Pki, node: ServerProcess) -> None:
     with proxy_for(terminating(node, pki)) as proxy:
-        r = redis.Redis(port=proxy.port("t"), ssl=True, ssl_ca_certs=pki["ca"],
+        r = redis.Redis(port=proxy.port("t"), ssl=True, ssl_ca_certs=str(pki.ca_file),
                         socket_timeout=10)
         value = os.urandom(1 << 20)  # many records each way
         assert r.set("k", value)
@@ -113,10 +85,10 @@ def test_redis_py_through_termination_is_relayed_by_the_engine(
 
 
 def test_redis_cli_tls_and_openssl_s_client_against_termination(
-        pki: dict[str, str], node: ServerProcess) -> None:
+        pki: Pki, node: ServerProcess) -> None:
     with proxy_for(terminating(node, pki)) as proxy:
         port = str(proxy.port("t"))
-        cli = [require_binary("redis-cli"), "--tls", "--cacert", pki["ca"], "-h", HOST,
+        cli = [require_binary("redis-cli"), "--tls", "--cacert", str(pki.ca_file), "-h", HOST,
                "-p", port]
         assert subprocess.run([*cli, "SET", "cli", "over tls"], capture_output=True,
                               timeout=20, check=True).stdout.strip() == b"OK"
@@ -125,7 +97,7 @@ def test_redis_cli_tls_and_openssl_s_client_against_termination(
         # s_client ends the session at EOF on its input: keep it open till the reply.
         proc = subprocess.Popen(
             [require_binary("openssl"), "s_client", "-connect", f"{HOST}:{port}", "-CAfile",
-             pki["ca"], "-verify_return_error", "-quiet", "-servername", "localhost"],
+             str(pki.ca_file), "-verify_return_error", "-quiet", "-servername", "localhost"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         try:
             assert proc.stdin is not None and proc.stdout is not None
@@ -141,11 +113,11 @@ def test_redis_cli_tls_and_openssl_s_client_against_termination(
 
 
 def test_both_legs_tls_with_verification_toward_the_node(
-        pki: dict[str, str], tls_node: ServerProcess) -> None:
+        pki: Pki, tls_node: ServerProcess) -> None:
     listener = terminating(tls_node, pki,
-                           upstream_tls={"ca": pki["ca"], "server_name": "localhost"})
+                           upstream_tls={"ca": str(pki.ca_file), "server_name": "localhost"})
     with proxy_for(listener) as proxy:
-        r = redis.Redis(port=proxy.port("t"), ssl=True, ssl_ca_certs=pki["ca"],
+        r = redis.Redis(port=proxy.port("t"), ssl=True, ssl_ca_certs=str(pki.ca_file),
                         socket_timeout=10)
         value = os.urandom(3 << 20)
         assert r.set("both", value)
@@ -155,11 +127,11 @@ def test_both_legs_tls_with_verification_toward_the_node(
 
 
 def test_origination_checks_the_name_on_the_node_s_certificate(
-        pki: dict[str, str], tls_node: ServerProcess, caplog: pytest.LogCaptureFixture) -> None:
+        pki: Pki, tls_node: ServerProcess, caplog: pytest.LogCaptureFixture) -> None:
     ok = {"name": "ok", "listen": f"{HOST}:0", "upstream": tls_node.address, "relay": "native",
-          "upstream_tls": {"ca": pki["ca"], "server_name": "localhost"}}
+          "upstream_tls": {"ca": str(pki.ca_file), "server_name": "localhost"}}
     wrong = {**ok, "name": "wrong",
-             "upstream_tls": {"ca": pki["ca"], "server_name": "cache.example.test"}}
+             "upstream_tls": {"ca": str(pki.ca_file), "server_name": "cache.example.test"}}
     with proxy_for(ok, wrong) as proxy:
         r = redis.Redis(port=proxy.port("ok"), socket_timeout=10)
         assert r.ping()
@@ -175,10 +147,10 @@ def test_origination_checks_the_name_on_the_node_s_certificate(
     assert lines and "certificate verify failed" in lines[0], lines
 
 
-def test_sessions_resume_on_reconnect(pki: dict[str, str], node: ServerProcess) -> None:
+def test_sessions_resume_on_reconnect(pki: Pki, node: ServerProcess) -> None:
     """Tickets on the termination side: a client that reconnects with its session skips
     the full handshake (a reconnect storm after a failover stays cheap)."""
-    ctx = client_ctx(pki)
+    ctx = pki.client_context()
     with proxy_for(terminating(node, pki)) as proxy:
         port = proxy.port("t")
         session = None
@@ -196,7 +168,7 @@ def test_sessions_resume_on_reconnect(pki: dict[str, str], node: ServerProcess) 
 
 
 def test_a_silent_client_is_cut_at_connect_timeout_and_counted(
-        pki: dict[str, str], node: ServerProcess, caplog: pytest.LogCaptureFixture) -> None:
+        pki: Pki, node: ServerProcess, caplog: pytest.LogCaptureFixture) -> None:
     with proxy_for(terminating(node, pki, connect_timeout=1)) as proxy, \
             socket.create_connection((HOST, proxy.port("t")), timeout=10) as raw:
         started = time.monotonic()
@@ -209,13 +181,13 @@ def test_a_silent_client_is_cut_at_connect_timeout_and_counted(
 
 
 def test_a_stalled_handshake_does_not_stall_other_connections(
-        pki: dict[str, str], node: ServerProcess) -> None:
+        pki: Pki, node: ServerProcess) -> None:
     with proxy_for(terminating(node, pki)) as proxy:
         port = proxy.port("t")
         stalled = [socket.create_connection((HOST, port), timeout=5) for _ in range(5)]
         for sock in stalled:  # a ClientHello's record header and a few bytes, no more
             sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
-        r = redis.Redis(port=port, ssl=True, ssl_ca_certs=pki["ca"], socket_timeout=5)
+        r = redis.Redis(port=port, ssl=True, ssl_ca_certs=str(pki.ca_file), socket_timeout=5)
         started = time.monotonic()
         for i in range(200):
             assert r.set(f"k{i}", i)
@@ -228,7 +200,7 @@ def test_a_stalled_handshake_does_not_stall_other_connections(
 
 @pytest.mark.parametrize("bad", ["garbage record", "half a record then close",
                                  "plaintext", "huge record length"])
-def test_bad_input_ends_in_a_clean_close(pki: dict[str, str], node: ServerProcess,
+def test_bad_input_ends_in_a_clean_close(pki: Pki, node: ServerProcess,
                                          bad: str) -> None:
     with proxy_for(terminating(node, pki)) as proxy:
         port = proxy.port("t")
@@ -239,7 +211,7 @@ def test_bad_input_ends_in_a_clean_close(pki: dict[str, str], node: ServerProces
             elif bad == "huge record length":
                 sock.sendall(b"\x16\x03\x03\xff\xff" + b"\x00" * 4096)
             else:
-                sock = client_ctx(pki).wrap_socket(sock, server_hostname="localhost")
+                sock = pki.client_context().wrap_socket(sock, server_hostname="localhost")
                 sock.sendall(b"PING\r\n")
                 assert sock.recv(100) == b"+PONG\r\n"
                 # Below the TLS layer: bytes that are no valid record.
@@ -254,13 +226,13 @@ def test_bad_input_ends_in_a_clean_close(pki: dict[str, str], node: ServerProces
         finally:
             sock.close()
         wait_until(lambda: proxy.server.active == 0, 10, message="the relay to close")
-        r = redis.Redis(port=port, ssl=True, ssl_ca_certs=pki["ca"], socket_timeout=5)
+        r = redis.Redis(port=port, ssl=True, ssl_ca_certs=str(pki.ca_file), socket_timeout=5)
         assert r.ping()  # the engine thread lives on
         r.close()
 
 
 def test_without_the_tls_engine_a_native_tls_listener_uses_python_once_warned(
-        pki: dict[str, str], node: ServerProcess, monkeypatch: pytest.MonkeyPatch,
+        pki: Pki, node: ServerProcess, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     from proxy.relay import _engine as plain  # type: ignore[attr-defined]
 
@@ -268,7 +240,7 @@ def test_without_the_tls_engine_a_native_tls_listener_uses_python_once_warned(
     monkeypatch.setattr(engine_mod, "_tls_unavailable_logged", False)
     with proxy_for(terminating(node, pki)) as proxy:
         for _ in range(2):
-            r = redis.Redis(port=proxy.port("t"), ssl=True, ssl_ca_certs=pki["ca"],
+            r = redis.Redis(port=proxy.port("t"), ssl=True, ssl_ca_certs=str(pki.ca_file),
                             socket_timeout=5)
             assert r.ping()
             relays = proxy.call(lambda: list(proxy.server.listeners["t"].relays))
@@ -304,14 +276,14 @@ def test_which_relay_a_tls_listener_gets(relay: str, order: tuple[str, ...]) -> 
 @pytest.mark.parametrize(("server_name", "sni"), [("localhost", "localhost"),
                                                   ("127.0.0.1", None)])
 def test_the_node_gets_sni_for_a_name_and_none_for_an_address(
-        pki: dict[str, str], server_name: str, sni: str | None) -> None:
+        pki: Pki, server_name: str, sni: str | None) -> None:
     """As ``wrap_socket(server_hostname=...)`` does: SNI carries a name, never an address
     (the certificate is then checked against the address)."""
     from tests.upstreams import tcp_upstream
 
     seen: list[str | None] = []
     node_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    node_ctx.load_cert_chain(pki["cert"], pki["key"])
+    node_ctx.load_cert_chain(str(pki.server_cert), str(pki.server_key))
     node_ctx.sni_callback = lambda _sock, name, _ctx: seen.append(name)  # type: ignore[func-returns-value,assignment]
 
     def node(conn: socket.socket) -> None:
@@ -323,7 +295,7 @@ def test_the_node_gets_sni_for_a_name_and_none_for_an_address(
     with tcp_upstream(node) as port, proxy_for(
             {"name": "o", "listen": f"{HOST}:0", "upstream": f"{HOST}:{port}",
              "relay": "native",
-             "upstream_tls": {"ca": pki["ca"], "server_name": server_name}}) as proxy, \
+             "upstream_tls": {"ca": str(pki.ca_file), "server_name": server_name}}) as proxy, \
             socket.create_connection((HOST, proxy.port("o")), timeout=10) as sock:
         sock.sendall(b"PING\r\n")
         assert sock.recv(100) == b"+PONG\r\n"
@@ -331,11 +303,12 @@ def test_the_node_gets_sni_for_a_name_and_none_for_an_address(
 
 
 def test_reconnects_to_a_tls_node_resume_its_session(
-        pki: dict[str, str], tls_node: ServerProcess) -> None:
+        pki: Pki, tls_node: ServerProcess) -> None:
     """Origination keeps the node's last session (per context, name and address), so a
     reconnect storm does not cost the node full handshakes."""
     listener = {"name": "o", "listen": f"{HOST}:0", "upstream": tls_node.address,
-                "relay": "native", "upstream_tls": {"ca": pki["ca"], "server_name": "localhost"}}
+                "relay": "native",
+                "upstream_tls": {"ca": str(pki.ca_file), "server_name": "localhost"}}
     with proxy_for(listener) as proxy:
         for i in range(4):
             r = redis.Redis(port=proxy.port("o"), socket_timeout=10)
@@ -345,42 +318,25 @@ def test_reconnects_to_a_tls_node_resume_its_session(
         assert engine_stats(proxy)["tls_resumed"] >= 3
 
 
-def test_the_peers_certificate_expiry_reaches_the_listener(tmp_path: Path) -> None:
+def test_the_peers_certificate_expiry_reaches_the_listener(pki: Pki) -> None:
     """The notAfter of what the node and a mutual-TLS client showed at their handshakes
     (the certificate expiry gauge's peer legs), as the Python relay reads it."""
     import datetime
 
-    ca = trustme.CA()
     node_until = datetime.datetime(2034, 4, 4, tzinfo=datetime.UTC)
     client_until = datetime.datetime(2035, 5, 5, tzinfo=datetime.UTC)
-    paths = {k: str(tmp_path / f"{k}.pem") for k in ("ca", "cert", "key", "node", "nodekey",
-                                                       "client")}
-    ca.cert_pem.write_to_path(paths["ca"])
-    front = ca.issue_cert("localhost", "127.0.0.1")
-    front.cert_chain_pems[0].write_to_path(paths["cert"])
-    front.private_key_pem.write_to_path(paths["key"])
-    node_cert = ca.issue_cert("localhost", "127.0.0.1", not_after=node_until)
-    node_cert.cert_chain_pems[0].write_to_path(paths["node"])
-    node_cert.private_key_pem.write_to_path(paths["nodekey"])
-    ca.issue_cert("client@example.test", not_after=client_until) \
-        .private_key_and_cert_chain_pem.write_to_path(paths["client"])
-    port = free_port()
-    proc = subprocess.Popen(
-        [require_binary("redis-server"), "--port", "0", "--tls-port", str(port), "--bind", HOST,
-         "--tls-cert-file", paths["node"], "--tls-key-file", paths["nodekey"],
-         "--tls-ca-cert-file", paths["ca"], "--tls-auth-clients", "no",
-         "--save", "", "--appendonly", "no", "--logfile", ""],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    node = ServerProcess("redis", proc, port)
+    node_cert, node_key = pki.issue("node", not_after=node_until)
+    client_cert = pki.issue_client("client-2035", not_after=client_until)
+    node = tls_redis(pki, node_cert, node_key)
     try:
-        wait_until(lambda: port_open(port), 10, message="redis-server with TLS to listen")
         listener = {"name": "t", "listen": f"{HOST}:0", "upstream": node.address,
                     "relay": "native",
-                    "tls": {"cert": paths["cert"], "key": paths["key"], "client_ca": paths["ca"]},
-                    "upstream_tls": {"ca": paths["ca"], "server_name": "localhost"}}
+                    "tls": {"cert": str(pki.server_cert), "key": str(pki.server_key),
+                            "client_ca": str(pki.ca_file)},
+                    "upstream_tls": {"ca": str(pki.ca_file), "server_name": "localhost"}}
         with proxy_for(listener) as proxy:
-            r = redis.Redis(port=proxy.port("t"), ssl=True, ssl_ca_certs=paths["ca"],
-                            ssl_certfile=paths["client"], socket_timeout=10)
+            r = redis.Redis(port=proxy.port("t"), ssl=True, ssl_ca_certs=str(pki.ca_file),
+                            ssl_certfile=str(client_cert), socket_timeout=10)
             assert r.ping()
             r.close()
             seen = proxy.server.listeners["t"].tls_peer_expiry

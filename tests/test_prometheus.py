@@ -30,20 +30,20 @@ from typing import Any
 
 import pytest
 import redis
-import trustme
 import yaml
 from pymemcache.client.base import Client
 
+from tests.certs import Pki, make_pki, tls_redis
 from tests.cluster_helpers import ConfigEndpoint, free_range
 from tests.support import (
     CacheportProcess,
     ServerProcess,
     port_open,
     start_server,
+    stop_process,
     wait_until,
 )
 from tests.test_alert_rules import RULES, prometheus_binary
-from tests.test_tls import Pki, tls_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "cacheport.json"
@@ -90,17 +90,6 @@ class Stack:
         with urllib.request.urlopen(f"{self.prometheus}/api/v1/rules", timeout=10) as reply:
             return [rule for group in json.load(reply)["data"]["groups"]
                     for rule in group["rules"]]
-
-
-def make_pki(folder: Path) -> Pki:
-    ca = trustme.CA()
-    ca_file = folder / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    pki = Pki(folder, ca, ca_file, folder / "x", folder / "x", folder / "client.pem", ca_file)
-    pki.server_cert, pki.server_key = pki.issue("server")
-    ca.issue_cert("client@example.test").private_key_and_cert_chain_pem.write_to_path(
-        str(pki.client_cert))
-    return pki
 
 
 def traffic(pki: Pki, mc_port: int, tls_port: int, seed_port: int) -> None:
@@ -220,13 +209,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             pass  # the tests below name what is missing
         yield s
     finally:
-        if prom is not None and prom.poll() is None:
-            prom.terminate()
-            try:
-                prom.wait(10)
-            except subprocess.TimeoutExpired:
-                prom.kill()
-                prom.wait(5)
+        if prom is not None:
+            stop_process(prom, 10)
         prom_log.close()
         if cacheport is not None:
             cacheport.stop()

@@ -12,8 +12,8 @@ import redis
 import trustme
 
 from proxy.tls import PEERS, file_expiry, not_after, record_certificate_expiry
+from tests.certs import Pki, tls_redis
 from tests.healthkit import metrics, proxy_with_admin, sample
-from tests.test_tls import Pki, pki, tls_redis  # noqa: F401  (pki is a fixture)
 
 GAUGE = "cacheport_tls_certificate_expiry_timestamp_seconds"
 UTC = datetime.UTC
@@ -61,7 +61,7 @@ def test_a_bundle_reports_its_earliest_certificate_and_a_changed_file_is_read_ag
 
 
 def test_every_leg_has_its_gauge_and_the_peers_ones_come_with_the_first_handshake(
-    pki: Pki,  # noqa: F811
+    pki: Pki,
 ) -> None:
     PEERS.forget("tls")  # per process: another test's listener "tls" may have handshaken
     server_until = datetime.datetime(2033, 3, 3, tzinfo=UTC)
@@ -70,9 +70,7 @@ def test_every_leg_has_its_gauge_and_the_peers_ones_come_with_the_first_handshak
     node_cert, node_key = pki.issue("node", not_after=node_until)
     ca_until = not_after(der_of(pki.ca))
     client_until = datetime.datetime(2035, 5, 5, tzinfo=UTC)
-    client_cert = pki.dir / "client-2035.pem"
-    pki.ca.issue_cert("client@example.test", not_after=client_until) \
-        .private_key_and_cert_chain_pem.write_to_path(str(client_cert))
+    client_cert = pki.issue_client("client-2035", not_after=client_until)
     node = tls_redis(pki, node_cert, node_key)
     try:
         listener = {"name": "tls", "listen": "127.0.0.1:0", "upstream": node.address,

@@ -41,7 +41,7 @@ from proxy.protocols.redis_cluster import (
 )
 from proxy.protocols.resp import Framer, Reader, parse_one
 from proxy.relay.engine import native_available
-from tests.cluster_helpers import start_lone_node
+from tests.cluster_helpers import preferred_endpoint, start_lone_node
 from tests.support import ServerProcess, free_port, require_binary, start_server, wait_until
 from tests.test_protocols_helpers import RawConnection, command, splits
 
@@ -362,13 +362,10 @@ def test_real_empty_host_redirect_means_this_upstream(cluster: Cluster) -> None:
     """cluster-preferred-endpoint-type unknown-endpoint: -MOVED <slot> :<port>, NULL in SLOTS."""
     master = cluster.masters()[0]
     foreign = next(k for k in (f"key{i}" for i in range(100)) if cluster.owner_port(k) != master)
-    cluster.client(master).config_set("cluster-preferred-endpoint-type", "unknown-endpoint")
-    try:
+    with preferred_endpoint([master], "unknown-endpoint"):
         sent, received = _record(master, (command("GET", foreign), 1),
                                  (command("CLUSTER", "SLOTS"), 1), (command("HELLO", 3), 1),
                                  (command("CLUSTER", "SLOTS"), 1))
-    finally:
-        cluster.client(master).config_set("cluster-preferred-endpoint-type", "ip")
     frames = _frames(received)
     assert frames[0].startswith(b"-MOVED ") and b" :" in frames[0]
     assert b"$-1\r\n" in frames[1] and b"*4\r\n_\r\n" in frames[3]
@@ -520,16 +517,11 @@ _BLANK = {"ip": (b"", b"", b""), "unknown-endpoint": (None, None, b""),
 
 
 def _record_lone(lone: ServerProcess, endpoint_type: str, resp3: bool) -> tuple[bytes, bytes]:
-    admin = redis.Redis(host=HOST, port=lone.port, socket_timeout=5)
-    admin.config_set("cluster-preferred-endpoint-type", endpoint_type)
-    try:
+    with preferred_endpoint([lone.port], endpoint_type):
         hello = [(command("HELLO", 3), 1)] if resp3 else []
         return _record(lone.port, *hello, (
             command("CLUSTER", "SHARDS") + command("CLUSTER", "SLOTS")
             + command("CLUSTER", "NODES") + command("CLUSTER", "MYID"), 4))
-    finally:
-        admin.config_set("cluster-preferred-endpoint-type", "ip")
-        admin.close()
 
 
 @pytest.mark.parametrize("endpoint_type", list(_BLANK))

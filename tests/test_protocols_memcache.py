@@ -284,11 +284,8 @@ def test_binary_protocol_is_refused_by_the_framers() -> None:
 @pytest.fixture(scope="module")
 def memcached() -> Iterator[ServerProcess]:
     """One memcached for the module (it takes a second to stop)."""
-    server = start_server("memcached")
-    try:
+    with start_server("memcached") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _session(port: int, steps: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes]:

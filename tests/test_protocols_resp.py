@@ -368,11 +368,8 @@ def test_monitor_makes_the_rest_of_the_stream_opaque() -> None:
 
 @pytest.fixture(scope="module")
 def redis_node() -> Iterator[ServerProcess]:
-    server = start_server("redis")
-    try:
+    with start_server("redis") as server:
         yield server
-    finally:
-        server.stop()
 
 
 class Session:

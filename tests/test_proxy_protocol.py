@@ -16,6 +16,7 @@ import redis
 
 from proxy import admission as listener_module
 from proxy.admin import listener_status
+from tests.certs import Pki
 from tests.conftest import _NATIVE
 from tests.lbkit import Backend, haproxy, resp_ping
 from tests.support import ProxyThread, ServerProcess, make_config, wait_until
@@ -147,17 +148,14 @@ def test_proxy_protocol_needs_its_trusted_sources() -> None:
 
 
 def test_tls_listener_reads_the_header_then_terminates_tls(
-        tmp_path: Path, redis_server: ServerProcess) -> None:
+        tmp_path: Path, redis_server: ServerProcess, pki: Pki) -> None:
     """HAProxy passes the TLS bytes through (mode tcp) after its header; cacheport reads
     the header, then does the handshake on the same socket (the buffered relay)."""
-    from tests.test_tls import pki as make_pki
-
-    pki = make_pki.__wrapped__(tmp_path)  # type: ignore[attr-defined]
     proxy = pp_proxy(redis_server, "v2", allow=["127.0.0.5/32"],
                      tls={"cert": str(pki.server_cert), "key": str(pki.server_key)})
     try:
         with haproxy(tmp_path, [Backend("127.0.0.1", proxy.port("r"))]) as lb:
-            context = ssl.create_default_context(cafile=str(pki.ca_file))
+            context = pki.client_context()
             for source, expected in (("127.0.0.5", PONG), ("127.0.0.6", b"")):
                 raw = socket.create_connection(("127.0.0.1", lb), timeout=3,
                                                source_address=(source, 0))

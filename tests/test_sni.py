@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 import redis
-import trustme
 
 from proxy import handshake as listener_module
+from tests.certs import Pki, make_pki, tls_redis
 from tests.support import (
     CacheportProcess,
     ProxyThread,
@@ -33,7 +33,6 @@ from tests.support import (
     free_port,
     make_config,
     require_binary,
-    start_server,
     wait_until,
 )
 from tests.test_dns import can_unshare, private_resolver
@@ -48,41 +47,16 @@ class Node:
     server: ServerProcess
 
 
-@dataclass
-class Pki:
-    ca: trustme.CA
-    ca_file: Path
-    dir: Path
-
-    def files(self, name: str) -> tuple[str, str]:
-        cert = self.ca.issue_cert(name)
-        cert_path, key_path = self.dir / f"{name}.pem", self.dir / f"{name}.key"
-        cert.cert_chain_pems[0].write_to_path(str(cert_path))
-        cert.private_key_pem.write_to_path(str(key_path))
-        return str(cert_path), str(key_path)
-
-    def client(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=str(self.ca_file))
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    where = tmp_path_factory.mktemp("sni-pki")
-    ca = trustme.CA()
-    ca.cert_pem.write_to_path(str(where / "ca.pem"))
-    return Pki(ca, where / "ca.pem", where)
+    return make_pki(tmp_path_factory.mktemp("sni-pki"))
 
 
 def tls_node(pki: Pki, name: str, host: str = HOST, port: int | None = None) -> Node:
     """A redis-server speaking only TLS with a certificate for ``name``; its ``node`` key
     holds ``name``, so a reply says which node answered."""
-    cert, key = pki.files(name)
-    port = port or free_port(host)
-    server = start_server("redis", ["--port", "0", "--tls-port", str(port),
-                                    "--tls-cert-file", cert, "--tls-key-file", key,
-                                    "--tls-ca-cert-file", str(pki.ca_file),
-                                    "--tls-auth-clients", "no"], host=host, port=port)
-    r = redis.Redis(host=host, port=port, ssl=True, ssl_ca_certs=str(pki.ca_file),
+    server = tls_redis(pki, *pki.issue(name, name), host=host, port=port)
+    r = redis.Redis(host=host, port=server.port, ssl=True, ssl_ca_certs=str(pki.ca_file),
                     ssl_check_hostname=False, socket_timeout=5)
     r.set("node", name)
     r.close()
@@ -155,11 +129,11 @@ def test_each_name_reaches_its_node_which_the_client_verifies(
         port = proxy.port("sni")
         for _ in range(3):
             for name in NAMES:  # the exact route beats the wildcard that also matches
-                assert ask(port, pki.client(), name) == value(name)
+                assert ask(port, pki.client_context(), name) == value(name)
         # Another name under the wildcard goes to node-b, whose certificate does not
         # carry it: the client, not cacheport, refuses -- TLS is end to end.
         with pytest.raises(ssl.SSLCertVerificationError, match="mismatch"):
-            ask(port, pki.client(), "node-c.sni.test")
+            ask(port, pki.client_context(), "node-c.sni.test")
         stats = proxy.server.listeners["sni"].stats
         assert stats.refused == {} and stats.accepted == 7
 
@@ -209,8 +183,8 @@ def test_bad_first_bytes_are_closed_and_counted_by_reason(
             assert _closed(sock)
         # A real hello with no matching route, and one with no name at all.
         with pytest.raises((ssl.SSLError, ConnectionResetError)):
-            ask(port, pki.client(), "other.example.com")
-        anonymous = pki.client()
+            ask(port, pki.client_context(), "other.example.com")
+        anonymous = pki.client_context()
         anonymous.check_hostname = False
         with pytest.raises((ssl.SSLError, ConnectionResetError)):
             ask(port, anonymous, None)
@@ -222,7 +196,7 @@ def test_bad_first_bytes_are_closed_and_counted_by_reason(
         # Counted as the hello is judged; the connection is let go a moment after.
         wait_until(lambda: listener.active == 0, 5, message="every refused client let go")
         # ... and the listener still routes.
-        assert ask(port, pki.client(), NAMES[1]) == value(NAMES[1])
+        assert ask(port, pki.client_context(), NAMES[1]) == value(NAMES[1])
 
 
 @pytest.mark.timeout(60)
@@ -248,9 +222,9 @@ def test_sni_names_the_upstream_host_through_dns(pki: Pki, tmp_path: Path) -> No
         try:
             proc.wait_serving()
             for name in NAMES:
-                assert ask(listen, pki.client(), name) == value(name)
+                assert ask(listen, pki.client_context(), name) == value(name)
             with pytest.raises((ssl.SSLError, ConnectionResetError)):
-                ask(listen, pki.client(), "unknown.sni.test")  # no such host: closed
+                ask(listen, pki.client_context(), "unknown.sni.test")  # no such host: closed
             wait_until(lambda: "cannot resolve 'unknown.sni.test'" in proc.log(), 5,
                        message="the failed lookup to be logged")
         finally:

@@ -11,30 +11,27 @@ import hashlib
 import os
 import socket
 import ssl
-import subprocess
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
 import redis
-import trustme
 import yaml
 from pymemcache.client.base import Client
 
 import tests.support
 from proxy.config import load_config
 from proxy.relay.engine import native_tls_available
+from tests.certs import Pki, tls_memcached, tls_redis
 from tests.support import (
     CacheportProcess,
     ProxyThread,
     ServerProcess,
     free_port,
     make_config,
-    port_open,
     running_proxy,
     wait_until,
 )
@@ -61,61 +58,12 @@ def relay(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> It
     _relay = "python"
 
 
-@dataclass
-class Pki:
-    dir: Path
-    ca: trustme.CA
-    ca_file: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path  # cert and key in one PEM
-    other_ca_file: Path  # a CA that signed nothing here
-
-    def issue(self, name: str, **kwargs: object) -> tuple[Path, Path]:
-        cert = self.ca.issue_cert("localhost", "127.0.0.1", **kwargs)  # type: ignore[arg-type]
-        cert_path, key_path = self.dir / f"{name}.pem", self.dir / f"{name}.key"
-        cert.cert_chain_pems[0].write_to_path(str(cert_path))
-        cert.private_key_pem.write_to_path(str(key_path))
-        return cert_path, key_path
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> Pki:
-    ca = trustme.CA()
-    ca_file = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    other = tmp_path / "other-ca.pem"
-    trustme.CA().cert_pem.write_to_path(str(other))
-    pki = Pki(tmp_path, ca, ca_file, tmp_path / "x", tmp_path / "x", tmp_path / "client.pem",
-              other)
-    pki.server_cert, pki.server_key = pki.issue("server")
-    client = ca.issue_cert("client@example.test")
-    client.private_key_and_cert_chain_pem.write_to_path(str(pki.client_cert))
-    return pki
-
-
-def tls_redis(pki: Pki, cert: Path | None = None, key: Path | None = None) -> ServerProcess:
-    """A redis-server speaking only TLS (in-transit encryption on), on a free port."""
-    port = free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-         "--tls-cert-file", str(cert or pki.server_cert),
-         "--tls-key-file", str(key or pki.server_key),
-         "--tls-ca-cert-file", str(pki.ca_file), "--tls-auth-clients", "no",
-         "--save", "", "--appendonly", "no", "--logfile", ""],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = ServerProcess("redis", proc, port)
-    wait_until(lambda: port_open(port), 10, message="redis-server with TLS to listen")
-    return server
-
-
 @pytest.fixture
 def plain_redis() -> Iterator[ServerProcess]:
     from tests.support import start_server
 
-    server = start_server("redis")
-    yield server
-    server.stop()
+    with start_server("redis") as server:
+        yield server
 
 
 def client_tls_listener(upstream: ServerProcess, pki: Pki, **tls: object) -> dict[str, object]:
@@ -196,15 +144,8 @@ def test_cacheport_speaks_tls_to_an_encrypted_redis_node(pki: Pki) -> None:
 
 
 def test_cacheport_speaks_tls_to_an_encrypted_memcached_node(pki: Pki) -> None:
-    port = free_port()
-    user = ["-u", "root"] if os.geteuid() == 0 else []
-    proc = subprocess.Popen(
-        ["memcached", *user, "-l", "127.0.0.1", "-p", str(port), "-Z", "-o",
-         f"ssl_chain_cert={pki.server_cert},ssl_key={pki.server_key}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    node = ServerProcess("memcached", proc, port)
+    node = tls_memcached(pki)
     try:
-        wait_until(lambda: port_open(port), 10)
         listener = {"name": "m", "listen": "127.0.0.1:0", "upstream": node.address,
                     "protocol": "memcached", "upstream_tls": {"ca": str(pki.ca_file)}}
         with running_proxy([listener]) as proxy:
@@ -274,7 +215,7 @@ def test_certificates_are_reread_on_reload(pki: Pki, plain_redis: ServerProcess)
         port = proxy.port("tls")
 
         def serial() -> int:
-            ctx = ssl.create_default_context(cafile=str(pki.ca_file))
+            ctx = pki.client_context()
             with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
                     ctx.wrap_socket(raw, server_hostname="localhost") as conn:
                 der = conn.getpeercert(binary_form=True)
@@ -332,7 +273,7 @@ def test_a_stalled_tls_client_holds_cacheport_to_a_bounded_memory(
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
             raw.settimeout(60)
             raw.connect(("127.0.0.1", proxy_port))
-            ctx = ssl.create_default_context(cafile=str(pki.ca_file))
+            ctx = pki.client_context()
             with ctx.wrap_socket(raw, server_hostname="localhost") as sock:
                 time.sleep(2.0)  # every buffer on the way fills
                 rss_stalled = psutil.Process(proc.pid).memory_info().rss
