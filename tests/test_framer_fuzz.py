@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from proxy.relay.engine import native_available
 from tests.framer_diff import Ops, c_run, same_output
+from tests.support import FRAMER_SOURCES
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="the engine is not built here")
 
@@ -252,8 +253,7 @@ def _asan_binary(tmp: Path) -> Path:
     if cc is None:
         pytest.skip("no C compiler")
     out = tmp / "framer_asan"
-    src = [str(HARNESS), str(ROOT / "proxy/relay/resp_framer.c"),
-           str(ROOT / "proxy/relay/mc_framer.c"), str(ROOT / "proxy/relay/nodemap.c")]
+    src = [str(HARNESS), *(str(ROOT / "proxy/relay" / f) for f in FRAMER_SOURCES)]
     r = subprocess.run([cc, "-g", "-O1", "-fsanitize=address,undefined", "-fno-omit-frame-pointer",
                         "-Wall", "-Wextra", "-Werror", "-I", str(ROOT / "proxy/relay"), *src,
                         "-o", str(out), "-lpthread"], capture_output=True, text=True)

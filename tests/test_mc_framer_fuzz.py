@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from proxy.cluster.relay import NativeMcFraming
 from proxy.protocols.memcache import AutoDiscoveryNode, AutoDiscoveryRewriter
 from proxy.relay.engine import _engine, native_available
+from tests.support import FRAMER_SOURCES
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="the engine is not built here")
 
@@ -196,8 +197,7 @@ def test_mc_framer_under_address_sanitizer(tmp_path: Path) -> None:
     if cc is None:
         pytest.skip("no C compiler")
     binary = tmp_path / "framer_asan"
-    src = [str(HARNESS), *(str(ROOT / "proxy/relay" / f) for f in
-                           ("resp_framer.c", "mc_framer.c", "nodemap.c"))]
+    src = [str(HARNESS), *(str(ROOT / "proxy/relay" / f) for f in FRAMER_SOURCES)]
     r = subprocess.run([cc, "-g", "-O1", "-fsanitize=address,undefined", "-fno-omit-frame-pointer",
                         "-Wall", "-Wextra", "-Werror", "-I", str(ROOT / "proxy/relay"), *src,
                         "-o", str(binary), "-lpthread"], capture_output=True, text=True)
