@@ -5,12 +5,13 @@
  * output for any byte stream (tests/test_framer_fuzz.py): the scanner (resp_scan.c) is
  * proxy/protocols/resp/framing.py's Scanner, the request side (resp_request.c)
  * requests.py's RequestParser (both its whole-command fast path and its byte-by-byte
- * path, with their length parsing, which is Python's int()), the matching
- * (resp_match.c) matching.py's Conversation, and rf_reply here the driver of
- * redis_cluster/rewrite.py's ClusterRewriter.feed_reply, with parse_redirect's -MOVED/-ASK
- * rewrite. Pending commands are kept as runs, so a long pipeline of plain commands takes
- * one entry. Allocation happens only for what is rare: a header line cut by a chunk, a
- * frame that must be seen whole, nesting, pub/sub. */
+ * path, with their length parsing, which is Python's int()) and Conversation.request,
+ * the reply side (resp_match.c) Conversation.reply and ClusterRewriter._on_frame with
+ * parse_redirect's -MOVED/-ASK rewrite, and rf_reply here the driver of
+ * redis_cluster/rewrite.py's ClusterRewriter.feed_reply. Pending commands are kept as
+ * runs, so a long pipeline of plain commands takes one entry. Allocation happens only
+ * for what is rare: a header line cut by a chunk, a frame that must be seen whole,
+ * nesting, pub/sub. */
 #include "resp_internal.h"
 
 #include "mc_framer.h"
@@ -74,134 +75,6 @@ void rf_release(rf_t *f) {
     f->out = NULL;
 }
 
-static int all_digits(const char *p, size_t n) {
-    if (!n)
-        return 0;
-    for (size_t i = 0; i < n; i++)
-        if (p[i] < '0' || p[i] > '9')
-            return 0;
-    return 1;
-}
-
-/* parse_redirect + a lookup in the node map: 1 rewritten into f->out (*len), 0 not a
- * redirect, 2 a redirect Python must map (empty host, '?', not in the map). */
-static int redirect(rf_t *f, const char *raw, size_t n, size_t *len) {
-    size_t k;
-    if (n >= 7 && memcmp(raw, "-MOVED ", 7) == 0)
-        k = 5;
-    else if (n >= 5 && memcmp(raw, "-ASK ", 5) == 0)
-        k = 3;
-    else
-        return 0;
-    if (raw[n - 2] != '\r' || raw[n - 1] != '\n')
-        return 0;
-    const char *body = raw + 1, *end = raw + n - 2;
-    const char *sp1 = body + k;                      /* the space after the kind */
-    const char *slot = sp1 + 1;
-    const char *sp2 = memchr(slot, ' ', (size_t)(end - slot));
-    if (sp2 == NULL)
-        return 0;
-    const char *addr = sp2 + 1;
-    if (memchr(addr, ' ', (size_t)(end - addr)) != NULL)
-        return 0;
-    if (!all_digits(slot, (size_t)(sp2 - slot)))
-        return 0;
-    const char *colon = NULL;
-    for (const char *q = end; q > addr; q--)
-        if (q[-1] == ':') {
-            colon = q - 1;
-            break;
-        }
-    if (colon == NULL || !all_digits(colon + 1, (size_t)(end - colon - 1)))
-        return 0;
-    size_t hlen = (size_t)(colon - addr);
-    if (hlen == 0 || (hlen == 1 && addr[0] == '?') || f->lookup == NULL)
-        return 2;
-    const char *pd = colon + 1;
-    size_t pl = (size_t)(end - pd);
-    while (pl > 1 && *pd == '0') {
-        pd++;
-        pl--;
-    }
-    if (pl > 5)
-        return 2;
-    unsigned port = 0;
-    for (size_t i = 0; i < pl; i++)
-        port = port * 10 + (unsigned)(pd[i] - '0');
-    /* slot, as Python prints int(slot): no leading zeros */
-    const char *sd = slot;
-    size_t sl = (size_t)(sp2 - slot);
-    while (sl > 1 && *sd == '0') {
-        sd++;
-        sl--;
-    }
-    size_t need = 1 + k + 1 + sl + 1 + 300 + 2;
-    free(f->out);
-    f->out = malloc(need);
-    if (f->out == NULL)
-        return 2;
-    char *o = f->out;
-    memcpy(o, raw, 1 + k + 1);
-    o += 1 + k + 1;
-    memcpy(o, sd, sl);
-    o += sl;
-    *o++ = ' ';
-    int m = f->lookup(f->lookup_ctx, addr, hlen, port, o, 300);
-    if (m < 0)
-        return 2;
-    o += m;
-    *o++ = '\r';
-    *o++ = '\n';
-    *len = (size_t)(o - f->out);
-    return 1;
-}
-
-/* _on_frame: a whole frame at raw[0:n]. RF_DONE (unchanged), RF_EMIT (f->out),
- * RF_ASK (Python), RF_ERROR. */
-static int on_frame(rf_t *f, const char *raw, size_t n, rf_out_t *o) {
-    int rw, exec;
-    size_t nspec = 0;
-    if (rf_conv_reply(f, raw, n, &rw, &exec, &nspec) < 0)
-        return RF_ERROR;
-    if (raw[0] == '-') {
-        size_t len = 0;
-        int r = redirect(f, raw, n, &len);
-        if (r == 1) {
-            f->redirects++;
-            o->data = f->out;
-            o->len = len;
-            o->redirect = 1;
-            return RF_EMIT;
-        }
-        if (r == 2) {
-            o->ask = RF_ASK_REDIRECT;
-            return RF_ASK;
-        }
-        return RF_DONE;
-    }
-    if (rw != RW_NONE) {
-        o->ask = RF_ASK_CLUSTER;
-        if (f->speccap < 1) {
-            uint8_t *s = realloc(f->spec, 1);
-            if (s == NULL)
-                return RF_ERROR;
-            f->spec = s;
-            f->speccap = 1;
-        }
-        f->spec[0] = (uint8_t)rw;
-        o->spec = f->spec;
-        o->speclen = 1;
-        return RF_ASK;
-    }
-    if (exec) {
-        o->ask = RF_ASK_EXEC;
-        o->spec = f->spec;
-        o->speclen = nspec;
-        return RF_ASK;
-    }
-    return RF_DONE;
-}
-
 static int hold_add(rf_t *f, const char *p, size_t n) {
     if ((int64_t)(f->holdlen + n) > RF_MAX_HOLD)
         return -1;
@@ -257,7 +130,7 @@ size_t rf_reply(rf_t *f, const char *p, size_t n, rf_out_t *o, int *action) {
             *action = RF_ERROR;
             return n;
         }
-        int r = on_frame(f, f->hold, f->holdlen, o);
+        int r = rf_on_frame(f, f->hold, f->holdlen, o);
         if (r == RF_ERROR) {
             *action = RF_ERROR;
             return n;
@@ -295,8 +168,8 @@ size_t rf_reply(rf_t *f, const char *p, size_t n, rf_out_t *o, int *action) {
             f->opaque = 1;
             o->fwd = n;
             return n;
-        } else if (!rf_needs_whole(f, t)) {
-            rf_consume(f);
+        } else if (!needs_whole(f, t)) {
+            consume(f);
         } else {
             size_t start = pos;
             ssize_t end = rf_scan(&f->sc, p, n, pos);
@@ -312,7 +185,7 @@ size_t rf_reply(rf_t *f, const char *p, size_t n, rf_out_t *o, int *action) {
                 o->fwd = start;
                 return n;
             }
-            int r = on_frame(f, p + start, (size_t)end - start, o);
+            int r = rf_on_frame(f, p + start, (size_t)end - start, o);
             if (r == RF_ERROR) {
                 *action = RF_ERROR;
                 return n;

@@ -2,14 +2,18 @@
  *
  *   resp_scan.c     framing: the Scanner (where a frame ends) and the reading of a
  *                   whole frame's elements, as far as matching needs them
- *   resp_match.c    matching: the Conversation (which command a reply answers), its
- *                   queues of command runs and pub/sub channel sets
- *   resp_request.c  the client side: the RequestParser, which notes each command
- *   resp_framer.c   the reply driver (rf_reply): what goes on as read, what is held
- *                   whole, the -MOVED/-ASK rewrite, what Python is asked about
+ *   resp_match.c    a whole reply: the Conversation's reply side (which command it
+ *                   answers; queues of command runs, pub/sub channel sets) and what
+ *                   becomes of it: the -MOVED/-ASK rewrite, or Python asked
+ *   resp_request.c  the client side: the RequestParser, and the Conversation's request
+ *                   side, which notes each command in the pending queue
+ *   resp_framer.c   the reply driver (rf_reply): the node's stream in chunks, what goes
+ *                   on as read, what is held till it is whole
  *
- * The helpers the per-reply path runs (q_head, q_pop, scan_idle) are static inline
- * here, so that path keeps them inlined across the files. Not for the engine. */
+ * What runs per command or per reply and is needed by more than one file (pyint,
+ * q_head, q_push, q_pop, needs_whole, consume, scan_idle) is static inline here: the
+ * split costs those paths no calls they did not make in one file (measured with
+ * _engine.Framer on pipelined chunks). Not for the engine. */
 #ifndef CACHEPORT_RESP_INTERNAL_H
 #define CACHEPORT_RESP_INTERNAL_H
 
@@ -39,10 +43,55 @@ static inline int ieq(const char *a, size_t n, const char *lit) {
     return 1;
 }
 
+/* -- lengths, on both sides ---------------------------------------------------------- */
+
+#define SAT (1LL << 60)
+
+static inline int py_space(int c) { return c == ' ' || (c >= 9 && c <= 13); }
+
+/* int(bytes) as Python reads it (whitespace around it, a sign, '_' between digits);
+ * saturates far beyond any length that matters. 0, or -1 for a ValueError. */
+static inline int pyint(const char *s, size_t n, int64_t *out) {
+    size_t i = 0;
+    while (i < n && py_space((unsigned char)s[i]))
+        i++;
+    while (n > i && py_space((unsigned char)s[n - 1]))
+        n--;
+    if (i >= n)
+        return -1;
+    int neg = 0;
+    if (s[i] == '+' || s[i] == '-') {
+        neg = s[i] == '-';
+        i++;
+    }
+    if (i >= n || s[i] < '0' || s[i] > '9')
+        return -1;
+    int64_t v = 0;
+    int us = 0;
+    for (; i < n; i++) {
+        char c = s[i];
+        if (c == '_') {
+            if (us)
+                return -1;
+            us = 1;
+            continue;
+        }
+        if (c < '0' || c > '9')
+            return -1;
+        us = 0;
+        if (v < SAT)
+            v = v * 10 + (c - '0');
+        if (v > SAT)
+            v = SAT;
+    }
+    if (us)
+        return -1;
+    *out = neg ? -v : v;
+    return 0;
+}
+
 /* -- resp_scan.c ------------------------------------------------------------------- */
 
-/* int(bytes) as Python reads it; 0, or -1 for a ValueError. */
-int rf_pyint(const char *s, size_t n, int64_t *out);
 /* Make *buf hold need bytes (doubling from 64); -1 out of memory. */
 int rf_grow(char **buf, uint32_t *cap, size_t need);
 
@@ -93,23 +142,66 @@ static inline void q_pop(rf_queue_t *q) {
         q->head = 0;  /* the buffer stays: a request at a time allocates nothing */
 }
 
+/* Room for one more run (doubling from 4); -1 out of memory. */
+int rf_q_grow(rf_queue_t *q);
+
+static inline int q_push(rf_queue_t *q, const rf_cmd_t *c) {
+    if (q->len) {
+        rf_cmd_t *last = &q->v[(q->head + q->len - 1) & (q->cap - 1)];
+        if (last->kind == c->kind && last->id == c->id && last->sub == c->sub &&
+                last->argc == c->argc && last->count < UINT32_MAX) {
+            last->count++;
+            return 0;
+        }
+    }
+    if (q->len == q->cap && rf_q_grow(q) < 0)
+        return -1;
+    rf_cmd_t *slot = &q->v[(q->head + q->len) & (q->cap - 1)];
+    *slot = *c;
+    slot->count = 1;
+    q->len++;
+    return 0;
+}
+
 uint64_t rf_q_total(const rf_queue_t *q);
 void rf_q_clear(rf_queue_t *q);
 void rf_set_clear(rf_set_t *s);
 
-/* The id (N_*) of a command name; N_OTHER for any other. */
-int rf_name_id(const char *a, size_t n);
-/* CAPTURE_FOR: the commands whose arguments matching looks at. */
-static inline int captured_name(int id) { return id != N_OTHER; }
+/* _on_frame: a whole reply frame raw[0:n], matched; RF_DONE (unchanged), RF_EMIT
+ * (rewritten into f->out), RF_ASK (Python rewrites it), RF_ERROR. */
+int rf_on_frame(rf_t *f, const char *raw, size_t n, rf_out_t *o);
+void rf_end_multi(rf_t *f);  /* MULTI's queue is over: EXEC, DISCARD */
 
-/* Conversation.request: a command, its name and first two arguments in f->rq_args. */
-void rf_conv_request(rf_t *f, int nargs, uint32_t argc, int inl);
-/* Conversation.reply of one whole frame (resp_match.c says what it sets); -1 where
- * parse() would have failed. */
-int rf_conv_reply(rf_t *f, const char *raw, size_t n, int *cmd_rw, int *exec, size_t *nspec);
-/* Whether the reply starting with type byte t must be seen whole to be matched. */
-int rf_needs_whole(rf_t *f, int t);
+/* An EXEC's queued commands include one whose result must be seen whole. */
+static inline int queued_needs_whole(const rf_t *f) {
+    const rf_queue_t *q = &f->queued;
+    for (uint32_t i = 0; i < q->len; i++) {
+        int k = q->v[(q->head + i) & (q->cap - 1)].kind;
+        if (k == WATCHED || k == K_HELLO)
+            return 1;
+    }
+    return 0;
+}
+
+/* Whether the reply starting with type byte t must be seen whole to be matched (a
+ * plain reply to a plain command is not: it goes by unread). */
+static inline int needs_whole(rf_t *f, int t) {
+    rf_cmd_t *h = q_head(&f->pending);
+    if (t == '-' || t == '>' || t == '|' || t == '!' || h == NULL)
+        return 1;
+    if (h->kind == PLAIN)
+        return f->special;
+    if (h->kind == K_EXEC)
+        return queued_needs_whole(f);
+    return 1;
+}
+
 /* The head command's reply went by unread. */
-void rf_consume(rf_t *f);
+static inline void consume(rf_t *f) {
+    int kind = f->pending.v[f->pending.head].kind;
+    q_pop(&f->pending);
+    if (kind == K_EXEC)
+        rf_end_multi(f);
+}
 
 #endif

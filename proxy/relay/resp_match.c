@@ -1,42 +1,14 @@
-/* The matching part of the RESP framer (resp_internal.h): matching.py's Conversation,
- * which pairs each reply with the command it answers. Pending commands are kept as runs,
- * so a long pipeline of plain commands takes one entry; pub/sub channels as sets of
- * hashes. Allocation happens only for what is rare: MULTI, pub/sub. */
+/* A whole reply in the RESP framer (resp_internal.h): matching.py's Conversation, its
+ * reply side, pairs it with the command it answers (the request side is in
+ * resp_request.c), and _on_frame decides what becomes of it: a -MOVED/-ASK whose node
+ * the map knows is rewritten here (parse_redirect), a reply that lists nodes goes to
+ * Python, any other goes on unchanged. Pending commands are kept as runs, so a long
+ * pipeline of plain commands takes one entry; pub/sub channels as sets of hashes.
+ * Allocation happens only for what is rare: MULTI, pub/sub, a rewritten redirect. */
 #include "resp_internal.h"
 
 #include <stdlib.h>
 #include <string.h>
-
-/* -- command names --------------------------------------------------------------- */
-
-static const char *NAMES[] = {"", "cluster", "client", "multi", "exec", "discard", "hello",
-                              "reset", "subscribe", "psubscribe", "ssubscribe", "unsubscribe",
-                              "punsubscribe", "sunsubscribe", "monitor", "sync", "psync"};
-#define NNAMES (sizeof(NAMES) / sizeof(NAMES[0]))
-
-int rf_name_id(const char *a, size_t n) {
-    if (n < 4 || n > 12)
-        return N_OTHER;  /* GET, SET, ...: the common case, decided by the length */
-    for (size_t k = 1; k < NNAMES; k++)
-        if (ieq(a, n, NAMES[k]))
-            return (int)k;
-    return N_OTHER;
-}
-
-static int kind_of_name(int id) {
-    switch (id) {
-    case N_CLUSTER: return WATCHED;
-    case N_MULTI: return K_MULTI;
-    case N_EXEC: return K_EXEC;
-    case N_DISCARD: return K_DISCARD;
-    case N_HELLO: return K_HELLO;
-    case N_RESET: return K_RESET;
-    case N_SUBSCRIBE: case N_PSUBSCRIBE: case N_SSUBSCRIBE:
-    case N_UNSUBSCRIBE: case N_PUNSUBSCRIBE: case N_SUNSUBSCRIBE: return K_SUB;
-    case N_MONITOR: case N_SYNC: case N_PSYNC: return K_OPAQUE;
-    default: return PLAIN;
-    }
-}
 
 /* -- channel sets ---------------------------------------------------------------- */
 
@@ -112,33 +84,19 @@ void rf_set_clear(rf_set_t *s) {
     s->n = s->cap = 0;
 }
 
-/* -- queues of command runs (q_head, q_pop: resp_internal.h) ---------------------- */
+/* -- queues of command runs (q_head, q_push, q_pop: resp_internal.h) ---------------- */
 
-static int q_push(rf_queue_t *q, const rf_cmd_t *c) {
-    if (q->len) {
-        rf_cmd_t *last = &q->v[(q->head + q->len - 1) & (q->cap - 1)];
-        if (last->kind == c->kind && last->id == c->id && last->sub == c->sub &&
-                last->argc == c->argc && last->count < UINT32_MAX) {
-            last->count++;
-            return 0;
-        }
-    }
-    if (q->len == q->cap) {
-        uint32_t cap = q->cap ? q->cap * 2 : 4;
-        rf_cmd_t *v = malloc(cap * sizeof(*v));
-        if (v == NULL)
-            return -1;
-        for (uint32_t i = 0; i < q->len; i++)
-            v[i] = q->v[(q->head + i) & (q->cap - 1)];
-        free(q->v);
-        q->v = v;
-        q->cap = cap;
-        q->head = 0;
-    }
-    rf_cmd_t *slot = &q->v[(q->head + q->len) & (q->cap - 1)];
-    *slot = *c;
-    slot->count = 1;
-    q->len++;
+int rf_q_grow(rf_queue_t *q) {
+    uint32_t cap = q->cap ? q->cap * 2 : 4;
+    rf_cmd_t *v = malloc(cap * sizeof(*v));
+    if (v == NULL)
+        return -1;
+    for (uint32_t i = 0; i < q->len; i++)
+        v[i] = q->v[(q->head + i) & (q->cap - 1)];
+    free(q->v);
+    q->v = v;
+    q->cap = cap;
+    q->head = 0;
     return 0;
 }
 
@@ -155,7 +113,7 @@ void rf_q_clear(rf_queue_t *q) {
     q->len = q->cap = q->head = 0;
 }
 
-/* -- matching (matching.py Conversation) ----------------------------------------- */
+/* -- matching (matching.py Conversation.reply) ----------------------------------- */
 
 static int subscribed(const rf_t *f) { return f->subs[0].n || f->subs[1].n || f->subs[2].n; }
 
@@ -163,96 +121,10 @@ static void update_special(rf_t *f) {
     f->special = f->in_multi || (f->protocol == 2 && subscribed(f));
 }
 
-static int rw_of(const char *a, size_t n) {
-    if (ieq(a, n, "slots")) return RW_SLOTS;
-    if (ieq(a, n, "shards")) return RW_SHARDS;
-    if (ieq(a, n, "nodes")) return RW_NODES;
-    if (ieq(a, n, "replicas") || ieq(a, n, "slaves")) return RW_REPLICAS;
-    return RW_NONE;
-}
-
-/* A command: name and the first two arguments as captured (len > RF_ARG: kept only as a
- * length; UINT32_MAX: not captured). */
-void rf_conv_request(rf_t *f, int nargs, uint32_t argc, int inl) {
-    (void)inl;
-    int id = nargs ? (f->rq_arglen[0] <= RF_ARG ? rf_name_id(f->rq_args[0], f->rq_arglen[0])
-                                                 : N_OTHER)
-                   : N_OTHER;
-    int kind = kind_of_name(id);
-    /* Only what matching reads is kept, so plain commands run together. */
-    rf_cmd_t c = {.kind = (uint8_t)kind, .id = (uint8_t)(kind == PLAIN ? 0 : id),
-                  .argc = kind == K_SUB ? argc : 0};
-#define ARG_IS(i, lit) (nargs > (i) + 1 && f->rq_arglen[(i) + 1] <= RF_ARG && \
-                        ieq(f->rq_args[(i) + 1], f->rq_arglen[(i) + 1], lit))
-    if (kind == PLAIN && !(f->reply_off || f->skip_next) && id != N_CLIENT) {
-        q_push(&f->pending, &c);
-        return;
-    }
-    if (id == N_CLUSTER && nargs > 1 && f->rq_arglen[1] <= RF_ARG)
-        c.sub = (uint8_t)rw_of(f->rq_args[1], f->rq_arglen[1]);
-    if (id == N_HELLO)
-        c.sub = ARG_IS(0, "2") ? 2 : ARG_IS(0, "3") ? 3 : 0;
-    if (id == N_CLIENT && ARG_IS(0, "reply") && !f->req_multi) {
-        if (ARG_IS(1, "off")) {
-            f->reply_off = 1;
-            return;
-        }
-        if (ARG_IS(1, "skip")) {
-            if (!f->reply_off)
-                f->skip_next = 1;
-            return;
-        }
-        if (ARG_IS(1, "on"))
-            f->reply_off = f->skip_next = 0;
-    } else if (kind == K_RESET) {
-        f->reply_off = f->skip_next = 0;
-    }
-#undef ARG_IS
-    if (kind == K_MULTI)
-        f->req_multi = 1;
-    else if (kind == K_EXEC || kind == K_DISCARD || kind == K_RESET)
-        f->req_multi = 0;
-    if (f->reply_off)
-        return;
-    if (f->skip_next) {
-        f->skip_next = 0;
-        return;
-    }
-    q_push(&f->pending, &c);
-}
-
-static int queued_needs_whole(const rf_t *f) {
-    const rf_queue_t *q = &f->queued;
-    for (uint32_t i = 0; i < q->len; i++) {
-        int k = q->v[(q->head + i) & (q->cap - 1)].kind;
-        if (k == WATCHED || k == K_HELLO)
-            return 1;
-    }
-    return 0;
-}
-
-int rf_needs_whole(rf_t *f, int t) {
-    rf_cmd_t *h = q_head(&f->pending);
-    if (t == '-' || t == '>' || t == '|' || t == '!' || h == NULL)
-        return 1;
-    if (h->kind == PLAIN)
-        return f->special;
-    if (h->kind == K_EXEC)
-        return queued_needs_whole(f);
-    return 1;
-}
-
-static void end_multi(rf_t *f) {
+void rf_end_multi(rf_t *f) {
     f->in_multi = 0;
     rf_q_clear(&f->queued);
     update_special(f);
-}
-
-void rf_consume(rf_t *f) {
-    int kind = f->pending.v[f->pending.head].kind;
-    q_pop(&f->pending);
-    if (kind == K_EXEC)
-        end_multi(f);
 }
 
 static void hello(rf_t *f, int version) {
@@ -317,7 +189,7 @@ static int pubsub(rf_t *f, const char *raw, size_t n, const rf_agg_t *a, rf_cmd_
  * of the command it answers (not queued), or *exec to 1 for an EXEC whose results line
  * up with the queued commands (f->spec then says each one's rewriter). -1: parse() would
  * have failed (the connection closes). */
-int rf_conv_reply(rf_t *f, const char *raw, size_t n, int *cmd_rw, int *exec,
+static int conv_reply(rf_t *f, const char *raw, size_t n, int *cmd_rw, int *exec,
                       size_t *nspec) {
     int t = (unsigned char)raw[0];
     rf_agg_t a;
@@ -376,7 +248,7 @@ int rf_conv_reply(rf_t *f, const char *raw, size_t n, int *cmd_rw, int *exec,
         int was_multi = f->in_multi;
         rf_queue_t q = f->queued;
         f->queued = (rf_queue_t){0};
-        end_multi(f);
+        rf_end_multi(f);
         int rc = 0;
         if (was_multi && t == '*') {
             if (!parsed && rf_read_agg(raw, n, &a) < 0) {
@@ -433,7 +305,7 @@ int rf_conv_reply(rf_t *f, const char *raw, size_t n, int *cmd_rw, int *exec,
         return rc;
     }
     case K_DISCARD:
-        end_multi(f);
+        rf_end_multi(f);
         break;
     case K_HELLO:
         if (!is_error)
@@ -455,4 +327,134 @@ int rf_conv_reply(rf_t *f, const char *raw, size_t n, int *cmd_rw, int *exec,
     if (cmd.kind == WATCHED && cmd.sub != RW_NONE)
         *cmd_rw = cmd.sub;
     return 0;
+}
+
+/* -- what becomes of a whole reply (ClusterRewriter._on_frame) -------------------- */
+
+static int all_digits(const char *p, size_t n) {
+    if (!n)
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        if (p[i] < '0' || p[i] > '9')
+            return 0;
+    return 1;
+}
+
+/* parse_redirect + a lookup in the node map: 1 rewritten into f->out (*len), 0 not a
+ * redirect, 2 a redirect Python must map (empty host, '?', not in the map). */
+static int redirect(rf_t *f, const char *raw, size_t n, size_t *len) {
+    size_t k;
+    if (n >= 7 && memcmp(raw, "-MOVED ", 7) == 0)
+        k = 5;
+    else if (n >= 5 && memcmp(raw, "-ASK ", 5) == 0)
+        k = 3;
+    else
+        return 0;
+    if (raw[n - 2] != '\r' || raw[n - 1] != '\n')
+        return 0;
+    const char *body = raw + 1, *end = raw + n - 2;
+    const char *sp1 = body + k;                      /* the space after the kind */
+    const char *slot = sp1 + 1;
+    const char *sp2 = memchr(slot, ' ', (size_t)(end - slot));
+    if (sp2 == NULL)
+        return 0;
+    const char *addr = sp2 + 1;
+    if (memchr(addr, ' ', (size_t)(end - addr)) != NULL)
+        return 0;
+    if (!all_digits(slot, (size_t)(sp2 - slot)))
+        return 0;
+    const char *colon = NULL;
+    for (const char *q = end; q > addr; q--)
+        if (q[-1] == ':') {
+            colon = q - 1;
+            break;
+        }
+    if (colon == NULL || !all_digits(colon + 1, (size_t)(end - colon - 1)))
+        return 0;
+    size_t hlen = (size_t)(colon - addr);
+    if (hlen == 0 || (hlen == 1 && addr[0] == '?') || f->lookup == NULL)
+        return 2;
+    const char *pd = colon + 1;
+    size_t pl = (size_t)(end - pd);
+    while (pl > 1 && *pd == '0') {
+        pd++;
+        pl--;
+    }
+    if (pl > 5)
+        return 2;
+    unsigned port = 0;
+    for (size_t i = 0; i < pl; i++)
+        port = port * 10 + (unsigned)(pd[i] - '0');
+    /* slot, as Python prints int(slot): no leading zeros */
+    const char *sd = slot;
+    size_t sl = (size_t)(sp2 - slot);
+    while (sl > 1 && *sd == '0') {
+        sd++;
+        sl--;
+    }
+    size_t need = 1 + k + 1 + sl + 1 + 300 + 2;
+    free(f->out);
+    f->out = malloc(need);
+    if (f->out == NULL)
+        return 2;
+    char *o = f->out;
+    memcpy(o, raw, 1 + k + 1);
+    o += 1 + k + 1;
+    memcpy(o, sd, sl);
+    o += sl;
+    *o++ = ' ';
+    int m = f->lookup(f->lookup_ctx, addr, hlen, port, o, 300);
+    if (m < 0)
+        return 2;
+    o += m;
+    *o++ = '\r';
+    *o++ = '\n';
+    *len = (size_t)(o - f->out);
+    return 1;
+}
+
+/* _on_frame: a whole frame at raw[0:n]. RF_DONE (unchanged), RF_EMIT (f->out),
+ * RF_ASK (Python), RF_ERROR. */
+int rf_on_frame(rf_t *f, const char *raw, size_t n, rf_out_t *o) {
+    int rw, exec;
+    size_t nspec = 0;
+    if (conv_reply(f, raw, n, &rw, &exec, &nspec) < 0)
+        return RF_ERROR;
+    if (raw[0] == '-') {
+        size_t len = 0;
+        int r = redirect(f, raw, n, &len);
+        if (r == 1) {
+            f->redirects++;
+            o->data = f->out;
+            o->len = len;
+            o->redirect = 1;
+            return RF_EMIT;
+        }
+        if (r == 2) {
+            o->ask = RF_ASK_REDIRECT;
+            return RF_ASK;
+        }
+        return RF_DONE;
+    }
+    if (rw != RW_NONE) {
+        o->ask = RF_ASK_CLUSTER;
+        if (f->speccap < 1) {
+            uint8_t *s = realloc(f->spec, 1);
+            if (s == NULL)
+                return RF_ERROR;
+            f->spec = s;
+            f->speccap = 1;
+        }
+        f->spec[0] = (uint8_t)rw;
+        o->spec = f->spec;
+        o->speclen = 1;
+        return RF_ASK;
+    }
+    if (exec) {
+        o->ask = RF_ASK_EXEC;
+        o->spec = f->spec;
+        o->speclen = nspec;
+        return RF_ASK;
+    }
+    return RF_DONE;
 }

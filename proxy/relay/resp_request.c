@@ -1,12 +1,107 @@
 /* The client side of the RESP framer (resp_internal.h): requests.py's RequestParser,
- * its whole-command fast path and its byte-by-byte path, noting each command for
- * matching (rf_conv_request) before the node sees it. */
+ * its whole-command fast path and its byte-by-byte path, and matching.py's
+ * Conversation.request, which notes each command in the pending queue before the node
+ * sees it (what the reply will mean: resp_match.c reads it). */
 #include "resp_internal.h"
 
 #include "mc_framer.h"
 
 #include <stdlib.h>
 #include <string.h>
+
+/* -- command names --------------------------------------------------------------- */
+
+static const char *NAMES[] = {"", "cluster", "client", "multi", "exec", "discard", "hello",
+                              "reset", "subscribe", "psubscribe", "ssubscribe", "unsubscribe",
+                              "punsubscribe", "sunsubscribe", "monitor", "sync", "psync"};
+#define NNAMES (sizeof(NAMES) / sizeof(NAMES[0]))
+
+static int name_id(const char *a, size_t n) {
+    if (n < 4 || n > 12)
+        return N_OTHER;  /* GET, SET, ...: the common case, decided by the length */
+    for (size_t k = 1; k < NNAMES; k++)
+        if (ieq(a, n, NAMES[k]))
+            return (int)k;
+    return N_OTHER;
+}
+
+static int kind_of_name(int id) {
+    switch (id) {
+    case N_CLUSTER: return WATCHED;
+    case N_MULTI: return K_MULTI;
+    case N_EXEC: return K_EXEC;
+    case N_DISCARD: return K_DISCARD;
+    case N_HELLO: return K_HELLO;
+    case N_RESET: return K_RESET;
+    case N_SUBSCRIBE: case N_PSUBSCRIBE: case N_SSUBSCRIBE:
+    case N_UNSUBSCRIBE: case N_PUNSUBSCRIBE: case N_SUNSUBSCRIBE: return K_SUB;
+    case N_MONITOR: case N_SYNC: case N_PSYNC: return K_OPAQUE;
+    default: return PLAIN;
+    }
+}
+
+/* CAPTURE_FOR: the commands whose arguments matching looks at. */
+static int captured_name(int id) { return id != N_OTHER; }
+
+/* -- noting a command (matching.py Conversation.request) ------------------------- */
+
+static int rw_of(const char *a, size_t n) {
+    if (ieq(a, n, "slots")) return RW_SLOTS;
+    if (ieq(a, n, "shards")) return RW_SHARDS;
+    if (ieq(a, n, "nodes")) return RW_NODES;
+    if (ieq(a, n, "replicas") || ieq(a, n, "slaves")) return RW_REPLICAS;
+    return RW_NONE;
+}
+
+/* A command: name and the first two arguments as captured (len > RF_ARG: kept only as a
+ * length; UINT32_MAX: not captured). */
+static void conv_request(rf_t *f, int nargs, uint32_t argc, int inl) {
+    (void)inl;
+    int id = nargs ? (f->rq_arglen[0] <= RF_ARG ? name_id(f->rq_args[0], f->rq_arglen[0])
+                                                 : N_OTHER)
+                   : N_OTHER;
+    int kind = kind_of_name(id);
+    /* Only what matching reads is kept, so plain commands run together. */
+    rf_cmd_t c = {.kind = (uint8_t)kind, .id = (uint8_t)(kind == PLAIN ? 0 : id),
+                  .argc = kind == K_SUB ? argc : 0};
+#define ARG_IS(i, lit) (nargs > (i) + 1 && f->rq_arglen[(i) + 1] <= RF_ARG && \
+                        ieq(f->rq_args[(i) + 1], f->rq_arglen[(i) + 1], lit))
+    if (kind == PLAIN && !(f->reply_off || f->skip_next) && id != N_CLIENT) {
+        q_push(&f->pending, &c);
+        return;
+    }
+    if (id == N_CLUSTER && nargs > 1 && f->rq_arglen[1] <= RF_ARG)
+        c.sub = (uint8_t)rw_of(f->rq_args[1], f->rq_arglen[1]);
+    if (id == N_HELLO)
+        c.sub = ARG_IS(0, "2") ? 2 : ARG_IS(0, "3") ? 3 : 0;
+    if (id == N_CLIENT && ARG_IS(0, "reply") && !f->req_multi) {
+        if (ARG_IS(1, "off")) {
+            f->reply_off = 1;
+            return;
+        }
+        if (ARG_IS(1, "skip")) {
+            if (!f->reply_off)
+                f->skip_next = 1;
+            return;
+        }
+        if (ARG_IS(1, "on"))
+            f->reply_off = f->skip_next = 0;
+    } else if (kind == K_RESET) {
+        f->reply_off = f->skip_next = 0;
+    }
+#undef ARG_IS
+    if (kind == K_MULTI)
+        f->req_multi = 1;
+    else if (kind == K_EXEC || kind == K_DISCARD || kind == K_RESET)
+        f->req_multi = 0;
+    if (f->reply_off)
+        return;
+    if (f->skip_next) {
+        f->skip_next = 0;
+        return;
+    }
+    q_push(&f->pending, &c);
+}
 
 /* -- requests (requests.py RequestParser) --------------------------------------- */
 
@@ -23,13 +118,13 @@ static void rq_done_arg(rf_t *f, int have, uint32_t len) {
             f->rq_capturing = 0;
         } else {
             f->rq_arglen[f->rq_nargs++] = len;
-            if (f->rq_nargs == 1 && !(len <= RF_ARG && captured_name(rf_name_id(f->rq_args[0], len))))
+            if (f->rq_nargs == 1 && !(len <= RF_ARG && captured_name(name_id(f->rq_args[0], len))))
                 f->rq_capturing = 0;
         }
     }
     if (--f->rq_left)
         return;
-    rf_conv_request(f, f->rq_nargs, (uint32_t)(f->rq_total - 1), 0);
+    conv_request(f, f->rq_nargs, (uint32_t)(f->rq_total - 1), 0);
 }
 
 static int hexv(int c) {
@@ -128,7 +223,7 @@ static const char *find_crlf(const char *p, size_t n) {
 static size_t rq_whole(rf_t *f, const char *d, size_t n, size_t pos) {
     const char *nl = find_crlf(d + pos, n - pos);
     int64_t count, size;
-    if (nl == NULL || rf_pyint(d + pos + 1, (size_t)(nl - d) - pos - 1, &count) < 0)
+    if (nl == NULL || pyint(d + pos + 1, (size_t)(nl - d) - pos - 1, &count) < 0)
         return 0;
     if (count <= 0 || count > 1048576)
         return 0;
@@ -140,7 +235,7 @@ static size_t rq_whole(rf_t *f, const char *d, size_t n, size_t pos) {
         if (p >= n || d[p] != '$')
             return 0;
         nl = find_crlf(d + p, n - p);
-        if (nl == NULL || rf_pyint(d + p + 1, (size_t)(nl - d) - p - 1, &size) < 0)
+        if (nl == NULL || pyint(d + p + 1, (size_t)(nl - d) - p - 1, &size) < 0)
             return 0;
         size_t at = (size_t)(nl - d) + 2;
         if (size < 0 || size + 2 > (int64_t)(n - at))
@@ -151,7 +246,7 @@ static size_t rq_whole(rf_t *f, const char *d, size_t n, size_t pos) {
                 lens[nargs] = (uint32_t)size;
                 memcpy(args[nargs], d + at, size < RF_ARG ? (size_t)size : RF_ARG);
                 nargs++;
-                if (nargs == 1 && !(size <= RF_ARG && captured_name(rf_name_id(args[0], (size_t)size))))
+                if (nargs == 1 && !(size <= RF_ARG && captured_name(name_id(args[0], (size_t)size))))
                     keep = 0;
             } else {
                 keep = 0;
@@ -160,7 +255,7 @@ static size_t rq_whole(rf_t *f, const char *d, size_t n, size_t pos) {
     }
     memcpy(f->rq_args, args, sizeof(args));
     memcpy(f->rq_arglen, lens, sizeof(lens));
-    rf_conv_request(f, nargs, (uint32_t)(count - 1), 0);
+    conv_request(f, nargs, (uint32_t)(count - 1), 0);
     return p;
 }
 
@@ -222,7 +317,7 @@ static int rq_feed(rf_t *f, const char *d, size_t n) {
         if (f->rq_left) {
             if (line[0] != '$' || ll < 4 || line[ll - 2] != '\r')
                 return -1;
-            if (rf_pyint(line + 1, ll - 3, &v) < 0 || v < 0 || v > RF_MAX_BULK)
+            if (pyint(line + 1, ll - 3, &v) < 0 || v < 0 || v > RF_MAX_BULK)
                 return -1;
             int keep = f->rq_capturing && v <= 512 && f->rq_nargs <= 2;
             if (v + 2 <= (int64_t)(n - pos)) {
@@ -242,7 +337,7 @@ static int rq_feed(rf_t *f, const char *d, size_t n) {
         if (line[0] == '*') {
             if (ll < 4 || line[ll - 2] != '\r')
                 return -1;
-            if (rf_pyint(line + 1, ll - 3, &v) < 0 || v > 1024 * 1024)
+            if (pyint(line + 1, ll - 3, &v) < 0 || v > 1024 * 1024)
                 return -1;
             if (v <= 0)
                 continue;
@@ -254,7 +349,7 @@ static int rq_feed(rf_t *f, const char *d, size_t n) {
         if (split_inline(f, line, body, &argc) < 0)
             return -1;
         if (argc)
-            rf_conv_request(f, argc < 3 ? (int)argc : 3, argc - 1, 1);
+            conv_request(f, argc < 3 ? (int)argc : 3, argc - 1, 1);
     }
 }
 

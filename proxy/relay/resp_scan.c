@@ -7,51 +7,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define SAT (1LL << 60)
-
-static int py_space(int c) { return c == ' ' || (c >= 9 && c <= 13); }
-
-/* int(bytes) as Python reads it (whitespace around it, a sign, '_' between digits);
- * saturates far beyond any length that matters. 0, or -1 for a ValueError. */
-int rf_pyint(const char *s, size_t n, int64_t *out) {
-    size_t i = 0;
-    while (i < n && py_space((unsigned char)s[i]))
-        i++;
-    while (n > i && py_space((unsigned char)s[n - 1]))
-        n--;
-    if (i >= n)
-        return -1;
-    int neg = 0;
-    if (s[i] == '+' || s[i] == '-') {
-        neg = s[i] == '-';
-        i++;
-    }
-    if (i >= n || s[i] < '0' || s[i] > '9')
-        return -1;
-    int64_t v = 0;
-    int us = 0;
-    for (; i < n; i++) {
-        char c = s[i];
-        if (c == '_') {
-            if (us)
-                return -1;
-            us = 1;
-            continue;
-        }
-        if (c < '0' || c > '9')
-            return -1;
-        us = 0;
-        if (v < SAT)
-            v = v * 10 + (c - '0');
-        if (v > SAT)
-            v = SAT;
-    }
-    if (us)
-        return -1;
-    *out = neg ? -v : v;
-    return 0;
-}
-
 int rf_grow(char **buf, uint32_t *cap, size_t need) {
     if (need <= *cap)
         return 0;
@@ -157,7 +112,7 @@ ssize_t rf_scan(rf_scan_t *s, const char *d, size_t n, size_t pos) {
                     s->stream = 1;
                     continue;
                 }
-                if (rf_pyint(h + 1, hl - 1, &v) < 0)
+                if (pyint(h + 1, hl - 1, &v) < 0)
                     return -2;
                 if (v < 0) {
                     if (v != -1 || t != '$')
@@ -181,7 +136,7 @@ ssize_t rf_scan(rf_scan_t *s, const char *d, size_t n, size_t pos) {
                         return -2;
                     continue;
                 }
-                if (rf_pyint(h + 1, hl - 1, &v) < 0)
+                if (pyint(h + 1, hl - 1, &v) < 0)
                     return -2;
                 if (v > 0) {
                     if (t == '%' || t == '|')
@@ -197,7 +152,7 @@ ssize_t rf_scan(rf_scan_t *s, const char *d, size_t n, size_t pos) {
             } else if (t == ';') {
                 if (!s->stream)
                     return -2;
-                if (rf_pyint(h + 1, hl - 1, &v) < 0 || v < 0)
+                if (pyint(h + 1, hl - 1, &v) < 0 || v < 0)
                     return -2;
                 if (v) {
                     s->skip = v + 2;
@@ -273,7 +228,7 @@ static ssize_t skip_frame(const char *d, size_t n, size_t pos) {
 /* Past an attribute header at d[pos] (its 2v elements): the offset of what it annotates. */
 static ssize_t skip_attribute(const char *d, size_t n, size_t pos, size_t nl) {
     int64_t v;
-    if (rf_pyint(d + pos + 1, nl - 1 - pos - 1, &v) < 0 || v < 0)
+    if (pyint(d + pos + 1, nl - 1 - pos - 1, &v) < 0 || v < 0)
         return -1;
     size_t p = nl + 1;
     for (int64_t k = 0; k < 2 * v; k++) {
@@ -323,7 +278,7 @@ int rf_read_elem(const char *d, size_t n, size_t pos, rf_elem_t *e) {
                     if (q == NULL || (size_t)(q - d) - p < 2 || q[-1] != '\r' || d[p] != ';')
                         return -1;
                     size_t ql = (size_t)(q - d);
-                    if (rf_pyint(d + p + 1, ql - 1 - p - 1, &v) < 0)
+                    if (pyint(d + p + 1, ql - 1 - p - 1, &v) < 0)
                         return -1;
                     p = ql + 1;
                     if (v == 0)
@@ -339,7 +294,7 @@ int rf_read_elem(const char *d, size_t n, size_t pos, rf_elem_t *e) {
                 e->end = p;
                 return 0;
             }
-            if (rf_pyint(h + 1, hl - 1, &v) < 0)
+            if (pyint(h + 1, hl - 1, &v) < 0)
                 return -1;
             if (v == -1 && t == '$') {
                 e->end = nl + 1;
@@ -400,7 +355,7 @@ int rf_read_agg(const char *raw, size_t n, rf_agg_t *a) {
             a->streamed = 1;
             return 0;
         }
-        if (rf_pyint(raw + pos + 1, nl - 1 - pos - 1, &v) < 0)
+        if (pyint(raw + pos + 1, nl - 1 - pos - 1, &v) < 0)
             return -1;
         a->count = v < 0 ? -1 : (t == '%' ? 2 * v : v);
         return 0;
