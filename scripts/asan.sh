@@ -16,15 +16,26 @@ cp -r "$ROOT/proxy" "$ROOT/tests" "$ROOT/pyproject.toml" "$WORK/"
 rm -f "$WORK"/proxy/relay/_engine*.so
 INC=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 SUFFIX=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+# A build's sources, one a line, as pyproject.toml lists them.
+sources() {
+    "$PY" - "$ROOT" "$1" <<'EOF'
+import sys, tomllib
+root, name = sys.argv[1:]
+with open(f"{root}/pyproject.toml", "rb") as f:
+    builds = tomllib.load(f)["tool"]["setuptools"]["ext-modules"]
+print("\n".join(f"{root}/{s}" for b in builds if b["name"] == name for s in b["sources"]))
+EOF
+}
+mapfile -t SRC < <(sources proxy.relay._engine)
 "$CC" -shared -fPIC -g -O1 -fsanitize=address,undefined -fno-omit-frame-pointer \
     -Wall -Wextra -Wno-missing-field-initializers -Wno-unused-parameter -I"$INC" \
-    "$ROOT"/proxy/relay/{engine,resp_framer,nodemap,framer_py,mc_framer}.c \
-    -o "$WORK/proxy/relay/_engine$SUFFIX" -lpthread
+    "${SRC[@]}" -o "$WORK/proxy/relay/_engine$SUFFIX" -lpthread
 # The TLS build too, where libssl's headers are installed (tls_engine.c).
 if [ -e /usr/include/openssl/ssl.h ]; then
+    mapfile -t SRC < <(sources proxy.relay._engine_tls)
     "$CC" -shared -fPIC -g -O1 -fsanitize=address,undefined -fno-omit-frame-pointer \
         -Wall -Wextra -Wno-missing-field-initializers -Wno-unused-parameter -I"$INC" \
-        -DCACHEPORT_TLS=1 "$ROOT"/proxy/relay/{engine,resp_framer,nodemap,framer_py,mc_framer,tls_engine}.c \
+        -DCACHEPORT_TLS=1 "${SRC[@]}" \
         -o "$WORK/proxy/relay/_engine_tls$SUFFIX" -lpthread -lssl -lcrypto
 fi
 cd "$WORK"

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 from proxy.protocols.redis_cluster import ClusterRewriter, rewrite_asked
 from proxy.relay.engine import _engine
+from tests.support import FRAMER_SOURCES
 
 ROOT = Path(__file__).resolve().parent.parent
 UPSTREAM = ("10.0.0.1", 6379)
@@ -230,7 +231,7 @@ def _asan_binary(tmp: Path) -> Path:
         pytest.skip("no C compiler")
     out = tmp / "framer_asan"
     src = [str(ROOT / "tests/framer_asan.c"),
-           *(str(ROOT / "proxy/relay" / f) for f in ("resp_framer.c", "mc_framer.c", "nodemap.c"))]
+           *(str(ROOT / "proxy/relay" / f) for f in FRAMER_SOURCES)]
     r = subprocess.run([cc, "-g", "-O1", "-fsanitize=address,undefined", "-fno-omit-frame-pointer",
                         "-Wall", "-Wextra", "-Werror", "-I", str(ROOT / "proxy/relay"), *src,
                         "-o", str(out), "-lpthread"], capture_output=True, text=True)

@@ -27,6 +27,10 @@ from proxy.config import Config, load_yaml, parse_config
 from proxy.server import Server
 
 ROOT = Path(__file__).resolve().parent.parent
+# The engine's framers without Python or sockets, in proxy/relay/: tests/framer_asan.c
+# links these alone (the ASan tests of test_framer_fuzz.py and test_mc_framer_fuzz.py).
+FRAMER_SOURCES = ("resp_framer.c", "resp_scan.c", "resp_match.c", "resp_request.c",
+                  "mc_framer.c", "nodemap.c")
 
 
 _handed_out: set[int] = set()

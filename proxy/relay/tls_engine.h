@@ -2,9 +2,9 @@
  * OpenSSL from C on the SSL_CTX of Python's own ssl.SSLContext (proxy/tls.py builds it,
  * so configuration, reload and verification stay in one place; docs/hot-loop.md).
  *
- * engine.c calls these from its hooks: add() builds the state, handle() drives the
- * handshake without blocking, the copy path reads and writes through it, rewatch()
- * asks which epoll events the TLS layer waits for, finish() frees it.
+ * The engine (engine.h) calls these from its hooks: add() builds the state, handle()
+ * drives the handshake without blocking, the copy path reads and writes through it,
+ * rewatch() asks which epoll events the TLS layer waits for, finish() frees it.
  *
  * Built only with -DCACHEPORT_TLS (the proxy.relay._engine_tls module, linked with
  * libssl); the plain proxy.relay._engine has none of it and never sees a TLS listener.
