@@ -345,3 +345,68 @@ def test_the_peers_certificate_expiry_reaches_the_listener(pki: Pki) -> None:
                             "client": client_until.timestamp()}
     finally:
         node.stop()
+
+
+def test_handshakes_beside_connections_python_cuts_mid_handshake_end_cleanly(
+        tmp_path: Path, node: ServerProcess) -> None:
+    """The engine runs a handshake's public-key step outside its lock (so add(), reap()
+    and stats() never wait on it), and close() waits for a step under way. Full RSA
+    handshakes from several clients at once, beside connections that stop mid-handshake
+    and that Python cuts at connect_timeout: every finished client is served, every
+    stalled one is cut and counted, and the engine is left with nothing live."""
+    import threading
+
+    import trustme
+
+    ca = trustme.CA(key_type=trustme.KeyType.RSA)
+    cert = ca.issue_cert(HOST, key_type=trustme.KeyType.RSA)
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "rsa.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "rsa.key"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    listener = {"name": "t", "listen": f"{HOST}:0", "upstream": node.address,
+                "protocol": "redis", "relay": "native", "connect_timeout": 0.5,
+                "tls": {"cert": str(tmp_path / "rsa.pem"), "key": str(tmp_path / "rsa.key")}}
+    ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    rounds, per_client = 3, 15
+    served: list[int] = []
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        n = 0
+        try:
+            for _ in range(per_client):
+                with socket.create_connection((HOST, port), timeout=10) as raw, \
+                        ctx.wrap_socket(raw, server_hostname=HOST) as tls:
+                    tls.sendall(b"PING\r\n")
+                    assert tls.recv(16) == b"+PONG\r\n"
+                    n += 1
+        except (OSError, AssertionError) as exc:
+            errors.append(exc)
+        served.append(n)
+
+    with proxy_for(listener) as proxy:
+        port = proxy.port("t")
+        for _ in range(rounds):
+            stalled = [socket.create_connection((HOST, port), timeout=10) for _ in range(8)]
+            for sock in stalled:  # half a ClientHello: the engine waits for the rest
+                sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+            clients = [threading.Thread(target=client) for _ in range(4)]
+            for t in clients:
+                t.start()
+            for t in clients:
+                t.join(60)
+            for sock in stalled:  # cut by Python at connect_timeout, not by the client
+                sock.settimeout(10)
+                with contextlib.suppress(ConnectionResetError):
+                    assert sock.recv(100) == b""
+                sock.close()
+        assert not errors, errors[:3]
+        assert served == [per_client] * (4 * rounds)
+        stats = proxy.server.listeners["t"].stats
+        wait_until(lambda: stats.refused.get("tls_handshake_failed") == 8 * rounds, 10,
+                   message="every stalled handshake to be counted")
+        wait_until(lambda: engine_stats(proxy)["live"] == 0, 10,
+                   message="the engine to hold no connection")
+        assert engine_stats(proxy)["tls_handshakes"] == 4 * rounds * per_client
+        assert not any(engine.closed for engine in proxy.call(
+            lambda: hub_for(proxy.loop).engines))  # type: ignore[arg-type]

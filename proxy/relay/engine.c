@@ -18,6 +18,7 @@
 #ifdef __linux__
 
 #include <errno.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -185,6 +186,22 @@ static conn_t *slot_conn(Engine *e, Py_ssize_t slot) {
     return e->conns[slot];
 }
 
+/* slot_conn() for a call that changes the connection: while the thread runs its
+ * handshake step outside the lock, wait with the lock dropped and the GIL released (a
+ * step is bounded: one SSL_do_handshake on a non-blocking socket). */
+static conn_t *settled_conn(Engine *e, Py_ssize_t slot) {
+    conn_t *c = slot_conn(e, slot);
+    while (c != NULL && c->stepping) {
+        pthread_mutex_unlock(&e->lock);
+        Py_BEGIN_ALLOW_THREADS
+        sched_yield();
+        Py_END_ALLOW_THREADS
+        pthread_mutex_lock(&e->lock);
+        c = slot_conn(e, slot);
+    }
+    return c;
+}
+
 static void refuse_fds(int cfd, int ufd) {
     struct linger lg = {1, 0};
     setsockopt(cfd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
@@ -318,7 +335,7 @@ static PyObject *Engine_close(Engine *e, PyObject *args) {
     if (!PyArg_ParseTuple(args, "np", &slot, &reset))
         return NULL;
     pthread_mutex_lock(&e->lock);
-    conn_t *c = slot_conn(e, slot);
+    conn_t *c = settled_conn(e, slot);
     if (c == NULL) {
         pthread_mutex_unlock(&e->lock);
         return NULL;
@@ -459,7 +476,8 @@ static PyObject *Engine_handshaking(Engine *e, PyObject *arg) {
         return NULL;
     pthread_mutex_lock(&e->lock);
     conn_t *c = slot_conn(e, slot);
-    int busy = c != NULL && c->state == LIVE && c->tls != NULL && tls_handshaking(c->tls);
+    int busy = c != NULL && c->state == LIVE && c->tls != NULL &&
+               (c->stepping || tls_handshaking(c->tls));
     pthread_mutex_unlock(&e->lock);
     if (c == NULL)
         return NULL;

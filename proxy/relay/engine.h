@@ -120,6 +120,7 @@ typedef struct {
     uint8_t state, mode, reset, claimed;
     uint8_t dead;      /* 0, or 1 + the side that failed: the connection is dying */
     uint8_t broken;    /* the upstream broke the protocol (framed connections) */
+    uint8_t stepping;  /* the thread runs its TLS handshake outside the lock (tls_step) */
     uint8_t first;     /* who ended first, for the connection log: 1 + side at an EOF,
                         * 3 + side at a failure, 0 not yet (reap() reports it) */
     nodemap_t *nm;     /* a framed (Redis Cluster) connection's node map; NULL: plain */

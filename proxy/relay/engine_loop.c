@@ -203,7 +203,15 @@ static void tls_step(Engine *e, conn_t *c, int s, uint32_t events) {
             c->deaf[s] = 1;
         return;
     }
+    /* The handshake's public-key work (a millisecond or more with an RSA key) runs
+     * outside the lock, so Python's calls -- add() on every accept, reap(), stats() --
+     * never wait for it while holding the GIL. Only close() changes this connection
+     * meanwhile, and it waits for the step (settled_conn() in engine.c). */
+    c->stepping = 1;
+    pthread_mutex_unlock(&e->lock);
     int r = tls_handshake(c->tls);
+    pthread_mutex_lock(&e->lock);
+    c->stepping = 0;
     if (r < 0) {
         e->tls_failures++;
         tls_note(&e->tlsbook, c->slot, c->tls);
