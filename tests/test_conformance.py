@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,18 @@ def test_each_kind_port_map_is_valid_and_has_no_health_checks_or_admin(
         assert (lc.tls is not None) == kind.startswith("tls")
         assert lc.relay == {"native": "native", "python": "python", "tls": "python",
                             "tls-native": "native"}[kind]
+
+
+def test_runs_at_once_are_never_given_the_same_port() -> None:
+    """A port is free only until its server binds it: runs started together must each be
+    handed their own (redis-server's, cacheport's range, runtest's test server's)."""
+    with ThreadPoolExecutor(8) as pool:
+        singles = list(pool.map(lambda _: cf.take_ports(), range(16)))
+        ranges = list(pool.map(lambda _: cf.take_ports(cf.CLUSTER_PORTS + 1), range(8)))
+        bases = list(pool.map(lambda _: cf.suite_baseport(), range(8)))
+    ports = singles + [p for base in ranges for p in range(base, base + cf.CLUSTER_PORTS + 1)]
+    assert len(set(ports)) == len(ports)
+    # runtest's test server binds one of the 32 ports below its --baseport.
+    test_servers = [p for base in bases for p in range(base - 32, base)]
+    assert len(set(test_servers)) == len(test_servers)
+    assert not set(test_servers) & set(ports)
