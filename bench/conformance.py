@@ -35,6 +35,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,7 +43,7 @@ from typing import Any
 
 import yaml
 
-from bench.sidebyside import free_port, free_range
+from bench.sidebyside import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -486,26 +487,71 @@ def all_units(src: Path) -> list[str]:
 # Processes: each started in its own session, stopped by PID
 
 
+_BASEPORTS: set[int] = set()  # handed out by this process: concurrent runs never share one
+_BASEPORTS_LOCK = threading.Lock()
+
+
 def suite_baseport() -> int:
     """A ``--baseport`` for runtest: its test server takes a port from the 32 below it, and
     checks each (and each + 10000) wrongly, on the wildcard address; the default (21111)
-    is shared by every run on the machine, so concurrent runs would collide."""
+    is shared by every run on the machine, so concurrent runs would collide. Runs of this
+    process at once get ranges apart (a range is free only until runtest binds it)."""
     rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(12000, 22000)
-        socks: list[socket.socket] = []
-        try:
-            for port in [*range(base, base + 32), *range(base + 10000, base + 10032)]:
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("", port))
-            return base + 32
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
+    with _BASEPORTS_LOCK:
+        for _ in range(200):
+            base = rng.randrange(12000, 22000)
+            if any(abs(base + 32 - taken) < 64 for taken in _BASEPORTS):
+                continue
+            socks: list[socket.socket] = []
+            try:
+                for port in [*range(base, base + 32), *range(base + 10000, base + 10032)]:
+                    s = socket.socket()
+                    socks.append(s)
+                    s.bind(("", port))
+                _BASEPORTS.add(base + 32)
+                return base + 32
+            except OSError:
+                continue
+            finally:
+                for s in socks:
+                    s.close()
     raise RuntimeError("no free range of ports for the suite's test server")
+
+
+_TAKEN: set[int] = set()  # ports this process's runs were given (they run concurrently)
+_TAKEN_LOCK = threading.Lock()
+
+
+def take_ports(count: int = 1) -> int:
+    """The first of ``count`` free consecutive loopback ports no other run of this process
+    was given: a free port stays free only until its server binds it, and concurrent runs
+    would otherwise be handed the same one in between. Ranges come from 23000-32000, below
+    the ephemeral ports and above where runtest's test server binds (suite_baseport)."""
+    rng = random.Random()
+    with _TAKEN_LOCK:
+        for _ in range(200):
+            base = free_port() if count == 1 else rng.randrange(23000, 32000 - count)
+            block = range(base, base + count)
+            if _TAKEN.intersection(block) or (count > 1 and not _bindable(block)):
+                continue
+            _TAKEN.update(block)
+            return base
+    raise RuntimeError(f"no {count} free consecutive ports")
+
+
+def _bindable(ports: range) -> bool:
+    socks: list[socket.socket] = []
+    try:
+        for port in ports:
+            s = socket.socket()
+            socks.append(s)
+            s.bind((HOST, port))
+        return True
+    except OSError:
+        return False
+    finally:
+        for s in socks:
+            s.close()
 
 
 def port_open(port: int) -> bool:
@@ -556,7 +602,7 @@ def _resp(*args: str) -> bytes:
 @contextlib.contextmanager
 def redis_server(mode: str, workdir: Path, certs: Path) -> Iterator[int]:
     """A fresh redis-server (plain, own TLS, or a lone cluster node owning every slot)."""
-    port = free_port()
+    port = take_ports()
     workdir.mkdir(parents=True, exist_ok=True)
     args = ["redis-server", "--bind", HOST, "--save", "", "--appendonly", "no",
             "--daemonize", "no", "--dir", str(workdir), "--logfile", str(workdir / "redis.log"),
@@ -573,7 +619,7 @@ def redis_server(mode: str, workdir: Path, certs: Path) -> Iterator[int]:
         args += ["--port", str(port)]
     if mode == "cluster":
         args += ["--cluster-enabled", "yes", "--cluster-config-file",
-                 str(workdir / "nodes.conf"), "--cluster-port", str(free_port())]
+                 str(workdir / "nodes.conf"), "--cluster-port", str(take_ports())]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
@@ -746,11 +792,14 @@ class Report:
 def conformance(units: Sequence[str] | None, kinds: Sequence[str], limits: Limits,
                 logs: Path, say: Callable[[str], None] = print,
                 engine_threads: int | None = None, skip: Iterable[str] = tuple(SKIPPED),
-                src: Path | None = None, tls_units: Sequence[str] | None = None) -> Report:
+                src: Path | None = None, tls_units: Sequence[str] | None = None,
+                parallel: int = 1) -> Report:
     """Run the suite for each kind (and its baseline) and compare; raises SuiteUnavailable.
 
     ``units`` None: every unit. ``tls_units``: the units of the ``--tls`` runs (default:
-    the same).
+    the same). ``parallel``: kinds run at once. Each run has its own redis-server, its own
+    cacheport and its own copy of the suite, so they share nothing; most of a run's wall
+    time is the suite waiting (blocking timeouts, ``after``), so a few at once cost little.
     """
     src = src or fetch_suite(say=say)
     chosen = list(units) if units else all_units(src)
@@ -758,27 +807,37 @@ def conformance(units: Sequence[str] | None, kinds: Sequence[str], limits: Limit
                     source=(src / ".complete").read_text().strip())
     logs.mkdir(parents=True, exist_ok=True)
     skip = tuple(skip)
+    wanted = with_baselines(kinds)
     with tempfile.TemporaryDirectory(prefix="conformance-") as tmp:
-        # A copy per invocation: the suite writes tests/tmp, and runs may overlap.
-        work = Path(tmp) / "redis"
-        shutil.copytree(src, work, symlinks=True)
-        certs = work / "tests" / "tls"
-        for k in with_baselines(kinds):
-            why = _unavailable(k, certs)
+        todo: list[tuple[Kind, list[str]]] = []
+        for k in wanted:
+            why = _unavailable(k, src / "tests" / "tls")
             if why:
                 report.runs[k.name] = SuiteRun(k.name, unavailable=why)
                 say(f"conformance: {k.name}: not run: {why}")
                 continue
             mine = report.tls_units if "--tls" in k.suite_flags else chosen
-            mine = [u for u in mine if u not in k.without]
+            todo.append((k, [u for u in mine if u not in k.without]))
+
+        def one(k: Kind, mine: list[str]) -> SuiteRun:
+            # A copy per run: the suite writes (and at its start empties) tests/tmp.
+            work = Path(tmp) / k.name / "redis"
+            shutil.copytree(src, work, symlinks=True)
             say(f"conformance: {k.name} ({k.label}): {len(mine)} unit(s)")
-            report.runs[k.name] = _one_kind(k, work, certs, Path(tmp) / k.name, mine,
-                                            limits, logs / f"{k.name}.log", engine_threads,
-                                            skip)
-            run = report.runs[k.name]
+            run = _one_kind(k, work, work / "tests" / "tls", Path(tmp) / k.name, mine,
+                            limits, logs / f"{k.name}.log", engine_threads, skip)
             say(f"conformance: {k.name}: {run.count('ok')} ok, {run.count('err', 'hang')} err, "
                 f"{run.wall:.0f} s" + "".join(f"; {i}" for i in run.interruptions))
-    for k in with_baselines(kinds):
+            return run
+
+        # The TLS runs are the longest: started first, they do not end the run alone.
+        todo.sort(key=lambda item: "--tls" not in item[0].suite_flags)
+        with ThreadPoolExecutor(max(1, parallel), thread_name_prefix="conformance") as pool:
+            futures = {k.name: pool.submit(one, k, mine) for k, mine in todo}
+            done = {name: future.result() for name, future in futures.items()}
+    # The table keeps KINDS order, whatever order the runs ended in.
+    report.runs = {k.name: done.get(k.name) or report.runs[k.name] for k in wanted}
+    for k in wanted:
         run = report.runs[k.name]
         base = report.runs.get(k.baseline or "")
         if base is not None and not run.unavailable and not base.unavailable:
@@ -813,7 +872,7 @@ def _one_kind(k: Kind, work: Path, certs: Path, tmp: Path, units: Sequence[str],
     with redis_server(k.server, tmp / "redis", certs) as upstream:
         if k.listener is None:
             return run_suite(work, k.name, upstream, units, k.suite_flags, limits, log, skip)
-        listen = free_range(CLUSTER_PORTS + 1) if k.server == "cluster" else free_port()
+        listen = take_ports(CLUSTER_PORTS + 1 if k.server == "cluster" else 1)
         config = cacheport_config(k, upstream, listen, certs, tmp / "state", engine_threads)
         with cacheport(config, tmp / "cacheport"):
             wait_until(lambda: port_open(listen), 20, f"cacheport listening on {listen}")
@@ -897,6 +956,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "(default 120, subset 20)")
     parser.add_argument("--engine-threads", type=int, default=None,
                         help="engine_threads of the cacheport runs (default: auto)")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="kinds run at once (each has its own servers; default 1)")
     parser.add_argument("--no-skip", action="store_true",
                         help="run the tests SKIPPED lists too (e.g. with --engine-threads 1)")
     parser.add_argument("--logs", type=Path, default=None,
@@ -915,7 +976,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         report = conformance(units, args.kinds, limits, logs, say, args.engine_threads, skip,
-                             tls_units=SUBSET_TLS if args.subset else None)
+                             tls_units=SUBSET_TLS if args.subset else None,
+                             parallel=args.parallel)
     except SuiteUnavailable as exc:
         print(f"conformance: cannot run Redis's test suite: {exc}", file=sys.stderr)
         return 2

@@ -1,9 +1,11 @@
 """Redis's own test suite through every kind of listener: the CI subset of bench/conformance.py.
 
-The suite runs once per module (about three minutes on 2 cores): direct, through a native
-and a python plain listener, a TLS-terminating listener (against redis-server's own TLS)
-and a clusters: entry on each relay, python and native (against the direct single-node
-cluster). Each cacheport kind must pass every test its baseline passes. Where the suite
+The suite runs once per module: direct, through a native and a python plain listener, a
+TLS-terminating listener on each relay (against redis-server's own TLS) and a clusters:
+entry on each relay (against the direct single-node cluster). The kinds run at once
+(PARALLEL), each with its own servers: a run is mostly the suite waiting (blocking
+timeouts), so together they take about a minute on 2 cores where one after another took
+three. Each cacheport kind must pass every test its baseline passes. Where the suite
 cannot be had (not Debian, no deb-src entry, no tcl) the tests skip and say what is
 missing; under CI=true they fail instead, since CI's scripts/bootstrap.sh installs it.
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,9 @@ PROXIED = [k.name for k in cf.KINDS if k.baseline is not None]
 # Failures already filed, by kind and test: they make a kind's test xfail (naming them)
 # instead of failing it; any other difference fails. Remove an entry when its fix lands.
 KNOWN: dict[tuple[str, str], str] = {}
+# Kinds run at once: all of them. Each run's wall grows under it (the TLS runs' Tcl
+# handshakes want CPU), the whole shrinks to about the longest run.
+PARALLEL = len(cf.KINDS)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +46,8 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cf.Report]:
         pytest.skip(message)
     logs = tmp_path_factory.mktemp("conformance")
     yield cf.conformance(cf.SUBSET, cf.KIND_NAMES, cf.Limits(deadline=100, stall=20), logs,
-                         say=lambda text: None, src=src, tls_units=cf.SUBSET_TLS)
+                         say=lambda text: None, src=src, tls_units=cf.SUBSET_TLS,
+                         parallel=PARALLEL)
 
 
 @pytest.mark.timeout(900)
@@ -171,3 +178,18 @@ def test_each_kind_port_map_is_valid_and_has_no_health_checks_or_admin(
         assert (lc.tls is not None) == kind.startswith("tls")
         assert lc.relay == {"native": "native", "python": "python", "tls": "python",
                             "tls-native": "native"}[kind]
+
+
+def test_runs_at_once_are_never_given_the_same_port() -> None:
+    """A port is free only until its server binds it: runs started together must each be
+    handed their own (redis-server's, cacheport's range, runtest's test server's)."""
+    with ThreadPoolExecutor(8) as pool:
+        singles = list(pool.map(lambda _: cf.take_ports(), range(16)))
+        ranges = list(pool.map(lambda _: cf.take_ports(cf.CLUSTER_PORTS + 1), range(8)))
+        bases = list(pool.map(lambda _: cf.suite_baseport(), range(8)))
+    ports = singles + [p for base in ranges for p in range(base, base + cf.CLUSTER_PORTS + 1)]
+    assert len(set(ports)) == len(ports)
+    # runtest's test server binds one of the 32 ports below its --baseport.
+    test_servers = [p for base in bases for p in range(base - 32, base)]
+    assert len(set(test_servers)) == len(test_servers)
+    assert not set(test_servers) & set(ports)
