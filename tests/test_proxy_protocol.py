@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from proxy import admission as listener_module
+from proxy import admission
 from proxy.admin import listener_status
 from tests.certs import Pki
 from tests.conftest import _NATIVE
@@ -34,7 +34,7 @@ def connections_seen(server: ServerProcess) -> int:
 
 @pytest.fixture
 def short_header_timeout(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(listener_module, "PROXY_HEADER_TIMEOUT", 0.3)
+    monkeypatch.setattr(admission, "PROXY_HEADER_TIMEOUT", 0.3)
     yield
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import redis
 
-from proxy import handshake as listener_module
+from proxy import handshake
 from tests.certs import Pki, make_pki, tls_redis
 from tests.support import (
     CacheportProcess,
@@ -169,7 +169,7 @@ BAD = [
 @pytest.mark.timeout(60)
 def test_bad_first_bytes_are_closed_and_counted_by_reason(
         pki: Pki, nodes: dict[str, Node], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(listener_module, "CLIENT_HELLO_TIMEOUT", 0.5)
+    monkeypatch.setattr(handshake, "CLIENT_HELLO_TIMEOUT", 0.5)
     with proxy_for(nodes) as proxy:
         port = proxy.port("sni")
         for reason, data in BAD:
