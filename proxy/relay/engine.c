@@ -92,7 +92,7 @@ static void stop_engine(Engine *e) {
 }
 
 static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
-    /* The defaults are proxy/relay/splice.py's; proxy/native.py passes them from there. */
+    /* The defaults are proxy/relay/pipes.py's; relay/engine.py passes them from there. */
     static char *names[] = {"pipe_size", "max_pipes", "scratch_size", "small_reads",
                             "refused_retry", "busy_poll_us", "drain_grace", NULL};
     Py_ssize_t pipe_size = 1 << 20, max_pipes = 64, scratch = 256 << 10, small_reads = 2;
@@ -571,7 +571,7 @@ static PyTypeObject EngineType = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, ENGINE_MODULE,
-    "The native relay engine (Linux): see proxy/native.py.", -1, NULL,
+    "The native relay engine (Linux): see proxy/relay/engine.py.", -1, NULL,
 };
 
 PyMODINIT_FUNC ENGINE_INIT(void) {
@@ -596,7 +596,7 @@ PyMODINIT_FUNC ENGINE_INIT(void) {
     return m;
 }
 
-#else  /* not Linux: the module imports and says so; proxy/native.py falls back */
+#else  /* not Linux: the module imports and says so; proxy/relay/engine.py falls back */
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, ENGINE_MODULE, "Not built: needs Linux (epoll, splice).", -1, NULL,

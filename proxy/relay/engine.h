@@ -9,16 +9,18 @@
  * them. A connection the thread ends goes on a done list and an eventfd tells
  * the event loop, which reaps it (Engine.reap) and does the bookkeeping. A
  * connection Python ends (idle timeout, drain, node down, stop) is closed at
- * once under the engine's lock (Engine.close). Python reads byte counters
- * while a connection is live (Engine.counts); they are the only shared words.
+ * once under the engine's lock (Engine.close; after its TLS handshake step, if
+ * one is under way: tls_step runs it outside the lock). Python reads byte
+ * counters while a connection is live (Engine.counts); they are the only shared
+ * words.
  *
- * The copy rules are proxy/relay/splice.py's, measured there (docs/hot-loop.md):
- * under copy: auto a direction copies through the thread's scratch buffer while
- * its reads are small and splices through a pooled 1 MiB pipe once a read
- * fills the buffer's bulk threshold; two small spliced reads in a row go back
- * to copying. A pipe is leased only while a direction has bytes in it. When
- * the kernel refuses a pipe, the direction copies. Backpressure: while bytes
- * wait for the destination, the source is not watched.
+ * The copy rules are the Python splice relay's (proxy/relay/pipes.py and
+ * splice_way.py, measured there; docs/hot-loop.md): under copy: auto a direction
+ * copies through the thread's scratch buffer while its reads are small and splices
+ * through a pooled 1 MiB pipe once a read fills the buffer's bulk threshold; two
+ * small spliced reads in a row go back to copying. A pipe is leased only while a
+ * direction has bytes in it. When the kernel refuses a pipe, the direction copies.
+ * Backpressure: while bytes wait for the destination, the source is not watched.
  *
  * When a side fails (an RST, a write that errs), the way into it is cut, and the
  * way out of it still delivers what that side sent before -- its socket's receive

@@ -1,6 +1,6 @@
 /* The engine's byte pump (engine.h): a direction copies through the thread's scratch
  * buffer, or splices through a pipe leased from the pool while its reads are large
- * (copy: auto; the rules are proxy/relay/splice.py's, measured there). A short write
+ * (copy: auto; the rules are proxy/relay/pipes.py's, measured there). A short write
  * stalls the direction: its source is not read till the destination takes the rest. */
 #ifdef __linux__
 
