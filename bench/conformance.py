@@ -43,8 +43,6 @@ from typing import Any
 
 import yaml
 
-from bench.sidebyside import free_port
-
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 
@@ -525,14 +523,15 @@ _TAKEN_LOCK = threading.Lock()
 def take_ports(count: int = 1) -> int:
     """The first of ``count`` free consecutive loopback ports no other run of this process
     was given: a free port stays free only until its server binds it, and concurrent runs
-    would otherwise be handed the same one in between. Ranges come from 23000-32000, below
-    the ephemeral ports and above where runtest's test server binds (suite_baseport)."""
+    would otherwise be handed the same one in between. They come from 23000-32000, below
+    the ephemeral ports (which the suites' own connections take) and above where runtest's
+    test server binds (suite_baseport)."""
     rng = random.Random()
     with _TAKEN_LOCK:
         for _ in range(200):
-            base = free_port() if count == 1 else rng.randrange(23000, 32000 - count)
+            base = rng.randrange(23000, 32000 - count)
             block = range(base, base + count)
-            if _TAKEN.intersection(block) or (count > 1 and not _bindable(block)):
+            if _TAKEN.intersection(block) or not _bindable(block):
                 continue
             _TAKEN.update(block)
             return base
@@ -821,7 +820,7 @@ def conformance(units: Sequence[str] | None, kinds: Sequence[str], limits: Limit
 
         def one(k: Kind, mine: list[str]) -> SuiteRun:
             # A copy per run: the suite writes (and at its start empties) tests/tmp.
-            work = Path(tmp) / k.name / "redis"
+            work = Path(tmp) / k.name / "suite"  # not "redis": redis-server's --dir
             shutil.copytree(src, work, symlinks=True)
             say(f"conformance: {k.name} ({k.label}): {len(mine)} unit(s)")
             run = _one_kind(k, work, work / "tests" / "tls", Path(tmp) / k.name, mine,

@@ -44,6 +44,10 @@ def server_context(tls: TlsConfig) -> ssl.SSLContext:
 
 def client_context(tls: UpstreamTlsConfig) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=tls.ca) if tls.ca else ssl.create_default_context()
+    # create_default_context() turns on key logging when SSLKEYLOGFILE is set; CPython's
+    # callback then runs for the engine thread's connections, which are not its objects,
+    # and crashes the process.
+    ctx.keylog_filename = None  # type: ignore[assignment]
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if not tls.verify:
         ctx.check_hostname = False

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -101,8 +102,11 @@ def test_quick_run_reports_sane_figures_for_direct_and_cacheport(tmp_path: Path)
 
 
 def _namespaces() -> set[str]:
+    """The bench's namespaces (``cpbPID-...``, bench/topology.py) now on the machine: only
+    its own, since tests in another worker make and remove theirs meanwhile."""
     listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return {line.split()[0] for line in listing.splitlines() if line.strip()}
+    names = (line.split()[0] for line in listing.splitlines() if line.strip())
+    return {name for name in names if re.match(r"cpb\d+-", name)}
 
 
 def _cannot_build_namespaces() -> str | None:

@@ -84,6 +84,10 @@ def conversations(draw: st.DrawFn) -> Ops:
                         max_chunk=700, corrupt_requests=True)
 
 
+_SUBSCRIBED_OK = (b"subscribe", b"psubscribe", b"ssubscribe", b"unsubscribe", b"punsubscribe",
+                  b"sunsubscribe", b"ping", b"quit", b"reset")
+
+
 def _reply_to(name: bytes, args: tuple[bytes, ...], st_: dict[str, object],
               draw: st.DrawFn) -> bytes:
     """What a Redis Cluster node plausibly answers (a toy model: enough to keep the
@@ -95,6 +99,13 @@ def _reply_to(name: bytes, args: tuple[bytes, ...], st_: dict[str, object],
     if name in (b"get", b"set") and draw(st.integers(0, 7)) == 0:
         return draw(st.sampled_from([b"-MOVED 3999 10.0.0.2:6379\r\n",
                                      b"-ASK 1 10.9.9.9:6379\r\n", b"-MOVED 7 :6379\r\n"]))
+    if subs and not resp3 and name not in _SUBSCRIBED_OK:
+        # RESP2 subscribed: a node answers anything else with this error, never an array
+        # (which would read as a pushed message).
+        return b"-ERR Can't execute '%s': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / " \
+               b"QUIT / RESET are allowed in this context\r\n" % name
+    if name in (b"exec", b"discard") and not st_["multi"]:
+        return b"-ERR %s without MULTI\r\n" % name.upper()
     if st_["multi"] and name not in (b"exec", b"discard", b"multi"):
         st_["queued"].append((name, args))  # type: ignore[attr-defined]
         return b"+QUEUED\r\n"
@@ -156,7 +167,13 @@ def coherent(draw: st.DrawFn) -> Ops:
     state: dict[str, object] = {"resp3": False, "multi": False, "queued": [], "subs": set()}
     ops: Ops = []
     for _ in range(draw(st.integers(1, 14))):
-        words = draw(st.sampled_from(COHERENT))
+        # After CLIENT REPLY OFF a node answers nothing till ON: the model sends ON next.
+        off = state.pop("off", False)
+        # In MULTI the model queues no (un)subscribe: EXEC's array would count its frames.
+        choices = COHERENT if not state["multi"] else [
+            w for w in COHERENT if not w[0].lower().endswith(b"subscribe")]
+        words = (b"CLIENT", b"REPLY", b"ON") if off else draw(st.sampled_from(choices))
+        state["off"] = words == (b"CLIENT", b"REPLY", b"OFF")
         inline = draw(st.integers(0, 5)) == 0
         req = b" ".join(words) + b"\r\n" if inline else cmd(*words)
         rep = _reply_to(words[0].lower(), words[1:], state, draw)

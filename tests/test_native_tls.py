@@ -407,6 +407,37 @@ def test_handshakes_beside_connections_python_cuts_mid_handshake_end_cleanly(
                    message="every stalled handshake to be counted")
         wait_until(lambda: engine_stats(proxy)["live"] == 0, 10,
                    message="the engine to hold no connection")
+        # ... and the loop was told of every end (a reap during a step must not hide one)
+        wait_until(lambda: proxy.server.active == 0, 10, message="every relay to be reaped")
         assert engine_stats(proxy)["tls_handshakes"] == 4 * rounds * per_client
         assert not any(engine.closed for engine in proxy.call(
             lambda: hub_for(proxy.loop).engines))  # type: ignore[arg-type]
+
+
+def test_sslkeylogfile_in_the_environment_does_not_crash_origination(
+        pki: Pki, tls_node: ServerProcess, tmp_path: Path) -> None:
+    """SSLKEYLOGFILE makes ssl.create_default_context() log keys through a CPython
+    callback that cannot serve the engine's connections (it crashed the process): the
+    upstream context turns it off. In a child process, so a crash fails only this test."""
+    import sys
+
+    script = f"""
+import redis
+from tests.support import make_config, ProxyThread
+lst = {{"name": "o", "listen": "127.0.0.1:0", "upstream": {tls_node.address!r},
+       "relay": "native", "upstream_tls": {{"ca": {str(pki.ca_file)!r},
+                                            "server_name": "localhost"}}}}
+proxy = ProxyThread(make_config([lst])).start()
+try:
+    r = redis.Redis(port=proxy.port("o"), socket_timeout=10)
+    print("PING", r.ping())
+    r.close()
+finally:
+    proxy.stop()
+"""
+    env = {**os.environ, "SSLKEYLOGFILE": str(tmp_path / "keys.txt")}
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "PING True" in done.stdout, (done.returncode,
+                                                                 done.stderr[-2000:])

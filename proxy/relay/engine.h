@@ -149,6 +149,8 @@ typedef struct {
     uint32_t nfree;
     uint32_t *done;
     uint32_t ndone, donecap;
+    uint64_t pushed;      /* connections ever put on the done list: a batch compares it,
+                           * not ndone, which reap() may empty while a TLS step runs */
     uint64_t *dying;      /* tag(slot, gen, 0) of dying connections; only the thread writes */
     uint32_t ndying, dyingcap;
     double drain_grace;   /* seconds a dying connection may take to deliver what is left */

@@ -152,6 +152,7 @@ void push_done(Engine *e, uint32_t slot) {
         e->donecap = cap;
     }
     e->done[e->ndone++] = slot;
+    e->pushed++;
 }
 
 /* End a live connection: reset (RST to both peers) or a plain close. A close
@@ -206,7 +207,8 @@ static void tls_step(Engine *e, conn_t *c, int s, uint32_t events) {
     /* The handshake's public-key work (a millisecond or more with an RSA key) runs
      * outside the lock, so Python's calls -- add() on every accept, reap(), stats() --
      * never wait for it while holding the GIL. Only close() changes this connection
-     * meanwhile, and it waits for the step (settled_conn() in engine.c). */
+     * meanwhile, and it waits for the step (settled_conn() in engine.c). reap() may
+     * empty the done list meanwhile: run() counts ends by e->pushed, not ndone. */
     c->stepping = 1;
     pthread_mutex_unlock(&e->lock);
     int r = tls_handshake(c->tls);
@@ -291,7 +293,8 @@ static int sweep_dying(Engine *e) {
     if (now < e->next_sweep)
         return 0;
     e->next_sweep = now + SWEEP_MS / 1e3;
-    uint32_t keep = 0, before = e->ndone;
+    uint32_t keep = 0;
+    uint64_t before = e->pushed;
     for (uint32_t k = 0; k < e->ndying; k++) {
         uint64_t t = e->dying[k];
         uint32_t slot = (uint32_t)(t & 0xffffffffu) >> 1;
@@ -309,7 +312,7 @@ static int sweep_dying(Engine *e) {
         e->dying[keep++] = t;
     }
     e->ndying = keep;
-    return e->ndone > before;
+    return e->pushed != before;
 }
 
 void notify(Engine *e) {
@@ -355,7 +358,7 @@ void *run(void *arg) {
             pthread_mutex_unlock(&e->lock);
             break;
         }
-        uint32_t before = e->ndone;
+        uint64_t before = e->pushed;
         for (int k = 0; k < n; k++) {
             uint64_t t = evs[k].data.u64;
             if (t == WAKE_TAG)
@@ -372,7 +375,7 @@ void *run(void *arg) {
         }
         if (e->ndying)
             sweep_dying(e);
-        int tell = e->ndone > before;
+        int tell = e->pushed != before;
         double spin_us = e->busy_poll_us;
         pthread_mutex_unlock(&e->lock);
         /* A batch of many events means the load keeps the thread awake anyway;
