@@ -85,7 +85,7 @@ CLOSES: dict[str, str] = {
 }
 
 # The native engine reports who ended first as 1 + side (0: client, 1: upstream) for an
-# EOF and 3 + side for a failure; 0 when it cannot tell (engine.c ``first``).
+# EOF and 3 + side for a failure; 0 when it cannot tell (engine_loop.c ``first``).
 _ENGINE_FIRST = (UNKNOWN, CLIENT_CLOSED, UPSTREAM_CLOSED, CLIENT_RESET, UPSTREAM_RESET)
 
 

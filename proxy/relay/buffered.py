@@ -20,7 +20,7 @@ EPOLLERR (an RST) on a socket, uvloop runs a readiness watcher's callbacks
 once more and then closes it for good -- and that last call may read bytes
 queued before the reset rather than the error, so a plain reader never learns
 of it. Its transports turn every error into ``connection_lost``. (The splice
-path in proxy/splice.py watches raw sockets anyway, with a watchdog for this.)
+path in proxy/relay/splice_way.py watches raw sockets anyway, with a watchdog for this.)
 
 TLS runs in the relay (relay/tls_layer.py: an ``ssl.SSLObject`` over a plain
 transport), so a TLS side is a ``Side`` on a ``TlsTransport`` like any other.

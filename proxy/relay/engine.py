@@ -7,10 +7,10 @@
     listener <--on_close-- NativeHub._reap <--eventfd, Engine.reap()--+ resets, closes
 
 Python still accepts, dials, checks health and keeps the books; a request on a
-live connection never reaches it. The engine (proxy/relay/engine.c) applies the
-same copy rules as proxy/relay/splice.py -- small reads through a buffer, bulk
-through pooled 1 MiB pipes under ``copy: auto`` -- with no interpreter in the
-loop, which is what the per-request gap to HAProxy and nginx was made of
+live connection never reaches it. The engine (proxy/relay/engine*.c) applies the
+same copy rules as the splice relay (relay/pipes.py, relay/splice_way.py) -- small
+reads through a buffer, bulk through pooled 1 MiB pipes under ``copy: auto`` -- with
+no interpreter in the loop, which is what the per-request gap to HAProxy and nginx was made of
 (docs/hot-loop.md has the figures). Where the extension was not built (no C
 compiler at install time, not Linux) listeners use the Python relays.
 
@@ -510,7 +510,7 @@ class NativeRelay:
 
     def ended(self, up: int, down: int, first: int = 0) -> None:
         """The engine ended this connection (called by the hub); ``first`` says who
-        ended first (engine.c)."""
+        ended first (engine_loop.c)."""
         if not self.closed:
             self.final = (up, down)
             if self.why is None:

@@ -300,7 +300,7 @@ const char *tls_failure(const tls_conn_t *t, int *side) {
     return t->reason;
 }
 
-/* Why a handshake failed, in the words Python's listener logs (proxy/listener.py). */
+/* Why a handshake failed, in the words the listener logs (proxy/handshake.py). */
 static void explain(tls_conn_t *t, int s, int err, int saved_errno) {
     char why[REASON_MAX];
     unsigned long e = ERR_peek_error();
