@@ -43,6 +43,8 @@ from typing import Any
 
 import yaml
 
+from bench.sidebyside import bindable
+
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 
@@ -500,19 +502,9 @@ def suite_baseport() -> int:
             base = rng.randrange(12000, 22000)
             if any(abs(base + 32 - taken) < 64 for taken in _BASEPORTS):
                 continue
-            socks: list[socket.socket] = []
-            try:
-                for port in [*range(base, base + 32), *range(base + 10000, base + 10032)]:
-                    s = socket.socket()
-                    socks.append(s)
-                    s.bind(("", port))
+            if bindable([*range(base, base + 32), *range(base + 10000, base + 10032)], ("",)):
                 _BASEPORTS.add(base + 32)
                 return base + 32
-            except OSError:
-                continue
-            finally:
-                for s in socks:
-                    s.close()
     raise RuntimeError("no free range of ports for the suite's test server")
 
 
@@ -531,26 +523,11 @@ def take_ports(count: int = 1) -> int:
         for _ in range(200):
             base = rng.randrange(23000, 32000 - count)
             block = range(base, base + count)
-            if _TAKEN.intersection(block) or not _bindable(block):
+            if _TAKEN.intersection(block) or not bindable(block, (HOST,)):
                 continue
             _TAKEN.update(block)
             return base
     raise RuntimeError(f"no {count} free consecutive ports")
-
-
-def _bindable(ports: range) -> bool:
-    socks: list[socket.socket] = []
-    try:
-        for port in ports:
-            s = socket.socket()
-            socks.append(s)
-            s.bind((HOST, port))
-        return True
-    except OSError:
-        return False
-    finally:
-        for s in socks:
-            s.close()
 
 
 def port_open(port: int) -> bool:

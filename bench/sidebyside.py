@@ -13,7 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,22 +26,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def bindable(ports: Iterable[int], hosts: Sequence[str] = ("127.0.0.1",)) -> bool:
+    """Whether every port binds on every host now (each bound at once, then all released)."""
+    socks: list[socket.socket] = []
+    try:
+        for port in ports:
+            for host in hosts:
+                s = socket.socket()
+                socks.append(s)
+                s.bind((host, port))
+        return True
+    except OSError:
+        return False
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_range(count: int) -> int:
     """First of ``count`` consecutive free ports below the ephemeral range (a cluster entry's
     port range); the start depends on the pid, so concurrent runs look in different places."""
     for base in range(20000 + os.getpid() % 5000, 32000, 7):
-        socks: list[socket.socket] = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
+        if bindable(range(base, base + count)):
             return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
     raise RuntimeError(f"no {count} consecutive free ports")
 
 

@@ -26,6 +26,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..procs import BenchError, Proc, Reaper, wait_port
+from ..sidebyside import bindable
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
@@ -54,20 +55,9 @@ class Ports:
         while self.next + count < 32700:
             base = self.next
             self.next += count
-            socks: list[socket.socket] = []
-            try:
-                for port in range(base, base + count):
-                    for host in hosts or (HOST,):
-                        s = socket.socket()
-                        socks.append(s)
-                        s.bind((host, port))
+            if bindable(range(base, base + count), hosts or (HOST,)):
                 self.used.update(range(base, base + count))
                 return base
-            except OSError:
-                continue
-            finally:
-                for s in socks:
-                    s.close()
         raise BenchError(f"no {count} consecutive free ports below 32700")
 
 
