@@ -164,15 +164,15 @@ COHERENT = [(b"GET", b"k"), (b"SET", b"k", b"v"), (b"CLUSTER", b"SLOTS"), (b"CLU
 def coherent(draw: st.DrawFn) -> Ops:
     """Commands and the replies a node would give, interleaved with pub/sub messages and
     pushes, cut at random points."""
-    state: dict[str, object] = {"resp3": False, "multi": False, "queued": [], "subs": set()}
+    state: dict[str, object] = {"resp3": False, "multi": False, "queued": [], "subs": set(),
+                                "off": False}
     ops: Ops = []
     for _ in range(draw(st.integers(1, 14))):
         # After CLIENT REPLY OFF a node answers nothing till ON: the model sends ON next.
-        off = state.pop("off", False)
         # In MULTI the model queues no (un)subscribe: EXEC's array would count its frames.
         choices = COHERENT if not state["multi"] else [
             w for w in COHERENT if not w[0].lower().endswith(b"subscribe")]
-        words = (b"CLIENT", b"REPLY", b"ON") if off else draw(st.sampled_from(choices))
+        words = (b"CLIENT", b"REPLY", b"ON") if state["off"] else draw(st.sampled_from(choices))
         state["off"] = words == (b"CLIENT", b"REPLY", b"OFF")
         inline = draw(st.integers(0, 5)) == 0
         req = b" ".join(words) + b"\r\n" if inline else cmd(*words)
