@@ -40,6 +40,7 @@ class Lines(logging.Handler):
     def __init__(self) -> None:
         super().__init__()
         self.lines: list[dict[str, Any]] = []
+        self.seen: set[int] = set()
 
     def emit(self, record: logging.LogRecord) -> None:
         fields = dict(record.__dict__)
@@ -47,12 +48,16 @@ class Lines(logging.Handler):
         self.lines.append(fields)
 
     def wait(self, count: int = 1, **match: object) -> list[dict[str, Any]]:
+        """The next ``count`` matching lines not returned by an earlier wait: the
+        kernel may give a later connection the same client port as an earlier one."""
         def found() -> list[dict[str, Any]]:
             hits = [line for line in list(self.lines)
-                    if all(line.get(k) == v for k, v in match.items())]
+                    if id(line) not in self.seen
+                    and all(line.get(k) == v for k, v in match.items())]
             return hits if len(hits) >= count else []
 
         hits: list[dict[str, Any]] = wait_until(found, 10, message=f"log lines {match}")
+        self.seen.update(id(line) for line in hits)
         return hits
 
 
