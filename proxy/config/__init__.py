@@ -1,6 +1,7 @@
 """The port map: its model, loading and validation; knows nothing of sockets.
 
     values.py    the value types (Address, Secret), limits and defaults
+    fields.py    the types a field may hold: its parser, JSON Schema and reference name
     model.py     what a port map may hold: one pydantic model per YAML section
     yamlmap.py   YAML with line numbers and duplicate-key detection
     errors.py    pydantic's errors told as ``file:line: listener 'x': field 'y': ...``

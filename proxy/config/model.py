@@ -2,9 +2,9 @@
 
 The same classes validate a file (``load.py``), generate the JSON Schema that editors
 use (``cacheport schema``) and the reference in docs/configuration.md
-(``reference.py``). Each field's value is read by one parser from ``parsers.py`` (a
-``PlainValidator``: the parser's ``ValueError`` is the message users see), carries the
-JSON Schema of what YAML may write there, and a description that is its documentation.
+(``reference.py``). Each field's type comes from ``fields.py`` (the parser that reads
+it, the JSON Schema of what YAML may write there) and its description here is its
+documentation.
 
 Cost, measured on a 500-listener map (2 shared vCPUs): importing pydantic and building
 these classes adds about 90 ms of CPU to every process start; validating the listeners
@@ -19,8 +19,6 @@ builds the dataclasses of ``resolved.py``. Which keys a listener set is
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 from pydantic import (
@@ -28,16 +26,66 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    PlainValidator,
-    WithJsonSchema,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
-from . import parsers as v
+from .fields import (
+    OFF,
+    ON,
+    TEXT,
+    AdminListen,
+    Announce,
+    Backups,
+    BindHost,
+    Bool,
+    BusyPoll,
+    CheckKind,
+    CopyName,
+    Count,
+    Drain,
+    EngineName,
+    EnvName,
+    FileName,
+    Folder,
+    IpAddress,
+    Kind,
+    Limit,
+    Listen,
+    LogFormatName,
+    MaybeFile,
+    MaybeUpstream,
+    MaybeWord,
+    Name,
+    Networks,
+    OnDownName,
+    P,
+    Password,
+    Port,
+    PortRange,
+    ProtocolName,
+    ProxyProtocolName,
+    ReadableFile,
+    RelayName,
+    RoleName,
+    S,
+    Seconds,
+    SecondsOrOff,
+    ServerName,
+    Size,
+    Tags,
+    Threads,
+    Upstream,
+    UserName,
+    Word,
+    Words,
+    Workers,
+    list_or_empty,
+    or_forms,
+    switch,
+)
 from .sni import parse_sni_pattern, parse_sni_upstream
 from .values import (
-    COPY_MODES,
     DEFAULT_ADMIN_PORT,
     DEFAULT_AWS_FIRST_PORT,
     DEFAULT_AWS_INTERVAL,
@@ -53,160 +101,8 @@ from .values import (
     DEFAULT_REFRESH,
     DEFAULT_RETIRE_GRACE,
     DEFAULT_RISE,
-    ENGINES,
-    LOG_FORMATS,
-    ON_DOWN,
-    PROTOCOLS,
-    PROXY_PROTOCOLS,
-    REDIS_ROLES,
-    RELAY_KINDS,
     Address,
-    Copy,
-    Engine,
-    LogFormat,
-    Network,
-    OnDown,
-    Protocol,
-    ProxyProtocol,
-    RedisRole,
-    RelayKind,
-    Secret,
-    show,
 )
-
-JsonDict = dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Kind:
-    """How the reference names a field's type (``duration``, ``host:port``...)."""
-
-    text: str
-
-
-# -- what YAML may write, as JSON Schema ----------------------------------------------------
-# YAML 1.1 (PyYAML, what cacheport reads) turns a bare off/on into false/true; the YAML
-# language server reads YAML 1.2, where they stay strings. The schema accepts both.
-_OFF: list[JsonDict] = [{"const": False}, {"enum": ["off"]}, {"type": "null"}]
-_ON: list[JsonDict] = [{"const": True}, {"enum": ["on"]}]
-_DURATION_TEXT = r"^\s*\d+(\.\d+)?\s*(us|µs|ms|s|m|h)?\s*$"
-DURATION: JsonDict = {"anyOf": [{"type": "number", "exclusiveMinimum": 0},
-                                {"type": "string", "pattern": _DURATION_TEXT}]}
-DURATION_OFF: JsonDict = {"anyOf": [*DURATION["anyOf"], {"enum": [0, "none"]}, *_OFF]}
-DRAIN: JsonDict = {"anyOf": [*DURATION["anyOf"], {"const": 0}, *_OFF[:2]]}
-SIZE: JsonDict = {"anyOf": [{"type": "integer", "minimum": 4096, "maximum": 16 << 20},
-                            {"type": "string", "pattern": r"^\s*\d+\s*([kKmM]([iI]?[bB])?)?\s*$"}]}
-PORT: JsonDict = {"type": "integer", "minimum": 1, "maximum": 65535}
-BIND: JsonDict = {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 65535},
-                            {"type": "string", "minLength": 1}]}
-TEXT: JsonDict = {"type": "string", "minLength": 1}
-NAME: JsonDict = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"}
-CIDRS: JsonDict = {"anyOf": [{"type": "string"},
-                             {"type": "array", "minItems": 1, "items": {"type": "string"}}]}
-LIMIT: JsonDict = {"anyOf": [{"type": "integer", "minimum": 1}, *_OFF]}
-COUNT: JsonDict = {"type": "integer", "minimum": 1, "maximum": 100}
-PORTS: JsonDict = {"anyOf": [PORT, {"type": "string", "pattern": r"^\s*\d+\s*(-\s*\d+\s*)?$"}]}
-ONE_PORT: JsonDict = {"anyOf": [PORT, {"type": "string", "pattern": r"^\s*\d+\s*$"}]}
-WORKERS: JsonDict = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 256},
-                               {"type": "string", "pattern": r"^(auto|\d+)$"}]}
-THREADS: JsonDict = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 64},
-                               {"type": "string", "pattern": r"^(auto|\d+)$"}]}
-
-
-def _enum(choices: tuple[str, ...]) -> JsonDict:
-    return {"enum": list(choices)}
-
-
-P, S = PlainValidator, WithJsonSchema
-Name = Annotated[str, P(v.parse_name), S(NAME), Kind("name")]
-Seconds = Annotated[float, P(v.parse_seconds), S(DURATION), Kind("duration")]
-SecondsOrOff = Annotated[float | None, P(v.parse_idle), S(DURATION_OFF), Kind("duration or off")]
-Drain = Annotated[float, P(v.parse_drain), S(DRAIN), Kind("duration or off")]
-Size = Annotated[int, P(v.parse_size), S(SIZE), Kind("size")]
-Listen = Annotated[Address, P(v.parse_listen), S(BIND), Kind("[host:]port")]
-AdminListen = Annotated[Address, P(v.parse_admin_listen), S(BIND), Kind("[host:]port")]
-Upstream = Annotated[Address, P(v.parse_upstream_form), S(TEXT), Kind("host[:port]")]
-MaybeUpstream = Annotated[Address | None, P(v.parse_upstream_form), S(TEXT), Kind("host[:port]")]
-Backups = Annotated[tuple[Address, ...], P(v.parse_backup_form),
-                    S({"type": "array", "items": TEXT, "minItems": 1}), Kind("list of host[:port]")]
-Networks = Annotated[tuple[Network, ...] | None, P(v.parse_networks), S(CIDRS),
-                     Kind("list of CIDRs")]
-Limit = Annotated[int | None, P(v.parse_limit), S(LIMIT), Kind("count or off")]
-ProtocolName = Annotated[Protocol, P(v.one_of(PROTOCOLS)), S(_enum(PROTOCOLS)), Kind("enum")]
-# Given or not given, never null: ``kind:`` left empty is a mistake, not "the default".
-CheckKind = Annotated[Protocol | None, P(v.one_of(PROTOCOLS)), S(_enum(PROTOCOLS)), Kind("enum")]
-OnDownName = Annotated[OnDown, P(v.one_of(ON_DOWN, "keep or close")), S(_enum(ON_DOWN)),
-                       Kind("enum")]
-CopyName = Annotated[Copy, P(v.one_of(COPY_MODES)), S(_enum(COPY_MODES)), Kind("enum")]
-LogFormatName = Annotated[LogFormat, P(v.one_of(LOG_FORMATS, "text or json")),
-                          S(_enum(LOG_FORMATS)), Kind("enum")]
-RelayName = Annotated[RelayKind, P(v.one_of(RELAY_KINDS)), S(_enum(RELAY_KINDS)), Kind("enum")]
-RoleName = Annotated[RedisRole, P(v.one_of(REDIS_ROLES, "primary or any")),
-                     S(_enum(REDIS_ROLES)), Kind("enum")]
-EngineName = Annotated[Engine, P(v.one_of(ENGINES)), S(_enum(ENGINES)), Kind("enum")]
-ProxyProtocolName = Annotated[ProxyProtocol, P(v.parse_proxy_protocol),
-                             S({"anyOf": [_enum(PROXY_PROTOCOLS), *_OFF[:1]]}), Kind("enum")]
-Bool = Annotated[bool, P(v.parse_bool), S({"type": "boolean"}), Kind("boolean")]
-Count = Annotated[int, P(v.parse_count), S(COUNT), Kind("integer")]
-ReadableFile = Annotated[str, P(v.readable_file), S(TEXT), Kind("file path")]
-MaybeFile = Annotated[str | None, P(v.readable_file), S(TEXT), Kind("file path")]
-ServerName = Annotated[str | None, P(v.parse_server_name), S(TEXT), Kind("host")]
-UserName = Annotated[str | None, P(v.parse_username), S(TEXT), Kind("string")]
-Password = Annotated[Secret | None, P(v.parse_password), S(TEXT), Kind("secret")]
-EnvName = Annotated[str | None, P(v.parse_env_name), S(TEXT), Kind("string")]
-FileName = Annotated[str | None, P(v.parse_file_name), S(TEXT), Kind("file path")]
-Announce = Annotated[str, P(v.parse_announce), S(TEXT), Kind("host")]
-IpAddress = Annotated[str, P(v.parse_ip), S(TEXT), Kind("IP address")]
-PortRange = Annotated[tuple[int, int], P(v.parse_port_range), S(PORTS), Kind("port range")]
-Port = Annotated[int | None, P(v.parse_single_port), S(ONE_PORT), Kind("port")]
-BindHost = Annotated[str, P(v.parse_bind_host), S(TEXT), Kind("host")]
-Workers = Annotated[int, P(v.parse_workers), S(WORKERS), Kind("count or auto")]
-Threads = Annotated[int | None, P(v.parse_engine_threads), S(THREADS), Kind("count or auto")]
-BusyPoll = Annotated[float, P(v.parse_busy_poll), S(DURATION_OFF), Kind("duration or off")]
-Folder = Annotated[str | None, P(v.parse_state_dir), S(TEXT), Kind("folder path")]
-Word = Annotated[str, P(v.parse_word), S(TEXT), Kind("string")]
-MaybeWord = Annotated[str | None, P(v.parse_word), S(TEXT), Kind("string")]
-Words = Annotated[tuple[str, ...], P(v.parse_words),
-                  S({"anyOf": [TEXT, {"type": "array", "items": TEXT, "minItems": 1}]}),
-                  Kind("list of ids")]
-Tags = Annotated[tuple[tuple[str, str], ...], P(v.parse_tags),
-                 S({"type": "object", "additionalProperties": {"type": "string"},
-                    "minProperties": 1}), Kind("mapping")]
-
-
-def _plus(*variants: JsonDict, default: str = "off") -> Callable[[JsonDict], None]:
-    """Add what YAML may write instead of the nested mapping (``on``, ``off``...)."""
-
-    def extra(schema: JsonDict) -> None:
-        schema["default"] = default
-        options = schema.get("anyOf") or [{key: schema.pop(key) for key in ("$ref",)
-                                           if key in schema}]
-        options = [o for o in options if o.get("type") != "null"]
-        schema["anyOf"] = [*options, *variants]
-
-    return extra
-
-
-def _list_or_empty(schema: JsonDict) -> None:
-    """``listeners:`` left empty is allowed: say so without an anyOf, whose errors editors
-    report as "not valid under any of the given schemas" instead of the entry at fault."""
-    array = next(o for o in schema.pop("anyOf") if o.get("type") == "array")
-    schema.update(array, type=["array", "null"])
-
-
-def _switch(on: bool, expected: str) -> Callable[[Any], Any]:
-    """``off`` (YAML false, null) is None; ``on`` (true) an empty mapping (all defaults)."""
-
-    def before(value: Any) -> Any:
-        if v.is_off(value):
-            return None
-        if on and (value is True or value == "on"):
-            return {}
-        if not isinstance(value, dict):
-            raise ValueError(f"expected {expected}, got {show(value)}")
-        return value
-
-    return before
 
 
 class Section(BaseModel):
@@ -342,7 +238,7 @@ class SniRouteSection(Section):
 
 
 HealthSwitch = Annotated[HealthSection | None, BeforeValidator(
-    _switch(True, "off, on or a mapping of check settings")), Kind("health")]
+    switch(True, "off, on or a mapping of check settings")), Kind("health")]
 
 
 class Tunables(Section):
@@ -376,11 +272,11 @@ class Tunables(Section):
         description="The load balancers' CIDRs: only they may send a header; a connection "
                     "from anywhere else is closed.")
     tls: Annotated[TlsSection | None, BeforeValidator(
-        _switch(False, "a mapping with cert, key, client_ca")), Kind("tls")] = Field(
-        None, json_schema_extra=_plus(*_OFF), description="TLS for clients (see tls).")
+        switch(False, "a mapping with cert, key, client_ca")), Kind("tls")] = Field(
+        None, json_schema_extra=or_forms(*OFF), description="TLS for clients (see tls).")
     upstream_tls: Annotated[UpstreamTlsSection | None, BeforeValidator(
-        _switch(True, "a mapping with server_name, ca, verify")), Kind("upstream_tls")] = Field(
-        None, json_schema_extra=_plus(*_ON, *_OFF),
+        switch(True, "a mapping with server_name, ca, verify")), Kind("upstream_tls")] = Field(
+        None, json_schema_extra=or_forms(*ON, *OFF),
         description="TLS to the node: on, off, or a mapping (see upstream_tls).")
     on_down: OnDownName = Field(
         "keep", description="close: also cut live connections to a node that goes DOWN "
@@ -395,7 +291,7 @@ class Tunables(Section):
                             "built. On a cluster entry, auto and native frame and rewrite "
                             "replies in the engine; python keeps the Python rewriters.")
     health: HealthSwitch = Field(
-        None, json_schema_extra=_plus(*_ON, *_OFF, default="on"),
+        None, json_schema_extra=or_forms(*ON, *OFF, default="on"),
         description="Health checks: on (the default), off, or a mapping of settings (see "
                     "health).")
     log_connections: Bool = Field(
@@ -579,10 +475,10 @@ class PortMap(Section):
         default_factory=DefaultsSection,  # type: ignore[arg-type]
         description="Settings every listener and cluster inherits.")
     listeners: list[ListenerSection] | None = Field(
-        None, json_schema_extra=_list_or_empty,
+        None, json_schema_extra=list_or_empty,
         description="The ports to forward (at least one, unless there are clusters).")
     clusters: list[ClusterSection] | None = Field(
-        None, json_schema_extra=_list_or_empty,
+        None, json_schema_extra=list_or_empty,
         description="Clusters whose nodes are discovered and given a port each.")
     drain_delay: Drain = Field(
         DEFAULT_DRAIN_DELAY, description="On stop (SIGTERM), how long /readyz says unready "
@@ -601,8 +497,8 @@ class PortMap(Section):
               description="How long the native engine polls after a batch before it sleeps "
                           "(at most 1000us); off: sleep at once."))
     admin: Annotated[AdminSection | None, BeforeValidator(
-        _switch(False, "off or a mapping with 'listen'")), Kind("admin")] = Field(
-        None, json_schema_extra=_plus(*_OFF, default="127.0.0.1:9180, see admin"),
+        switch(False, "off or a mapping with 'listen'")), Kind("admin")] = Field(
+        None, json_schema_extra=or_forms(*OFF, default="127.0.0.1:9180, see admin"),
         description="The admin endpoint (see admin); off disables it. Without this key it "
                     "listens on 127.0.0.1:9180 and a taken port is only a warning.")
     state_dir: Folder = Field(

@@ -1,7 +1,7 @@
 """One parser per kind of YAML value: whatever the YAML held in, the typed value out.
 
-Each raises ``ValueError`` saying what was expected, in the words users read: the
-model (``model.py``) attaches a parser to each field, and the loader adds file, line,
+Each raises ``ValueError`` saying what was expected, in the words users read: ``fields.py``
+attaches a parser to each kind of field, and the loader adds file, line,
 listener and field. Nothing here knows which section a value sits in.
 """
 

@@ -17,13 +17,13 @@ from typing import Any
 
 from pydantic.fields import FieldInfo
 
+from .fields import Kind
 from .model import (
     AdminSection,
     AwsSection,
     ClusterSection,
     DefaultsSection,
     HealthSection,
-    Kind,
     ListenerSection,
     PortMap,
     Section,
