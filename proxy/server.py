@@ -186,14 +186,15 @@ class Server:
                 listener.unbind()
             raise StartError(str(exc)) from None
         monitor = HealthMonitor(on_change=self._on_health_change)
-        monitor.sync(self.config.listeners)
         self.monitor = monitor
         for listener in listeners:
             listener.health = monitor.state
             listener.start()
             self.listeners[listener.name] = listener
+        self.listeners_changed()
         monitor.start()
         await self._apply_clusters(self.config)
+        self.listeners_changed()
         if admin is not None:
             await admin.start()
             self.admin = admin
@@ -235,6 +236,13 @@ class Server:
             listener.close_upstream_connections(target.upstream)
 
     # -- listeners at run time (clusters) ---------------------------------------------
+
+    def listeners_changed(self) -> None:
+        """Check the upstreams of every listener served now, a cluster's node and role
+        listeners included; unchanged (listener, upstream, check) targets keep their
+        state and counts."""
+        if self.monitor is not None:
+            self.monitor.sync([listener.config for listener in self.listeners.values()])
 
     def add_listener(self, lc: ListenerConfig, relay_factory: RelayFactory | None = None
                      ) -> Listener:
@@ -346,12 +354,11 @@ class Server:
         if self.loop is not None:  # new connections spread over the new count; live ones stay
             # where they are; busy_poll changes on live engines too
             configure_engines(self.loop, config.engine_threads, config.busy_poll_us)
-        if self.monitor is not None:
-            # Unchanged (listener, upstream, check) targets keep their state and counts.
-            self.monitor.sync(config.listeners)
+        self.listeners_changed()
         if self.admin is not None and config.admin != self.admin_configured:
             log.warning("reload: the admin block changed; it takes effect at the next restart")
         await self._apply_clusters(config)
+        self.listeners_changed()
         self.reloads += 1
         log.info("reloaded %s: %s", config.path, plan.summary())
         return plan

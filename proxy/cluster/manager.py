@@ -66,6 +66,8 @@ class ListenerHost(Protocol):
 
     def remove_listener(self, name: str) -> None: ...
 
+    def listeners_changed(self) -> None: ...
+
 
 @dataclass
 class ClusterStats:
@@ -343,6 +345,7 @@ class ClusterManager:
 
     def _reconcile(self) -> None:
         desired = topology.desired_listeners(self.config, self.nodes, self.book)
+        before = dict(self._owned)
         for name in [n for n in self._owned if n not in desired]:
             self._remove(name)
         for name, (lc, _identity) in desired.items():
@@ -368,6 +371,8 @@ class ClusterManager:
             self.stats.listeners_added += 1
             self._owned[name] = lc
         self._rebuild_maps(desired)
+        if self._owned != before:
+            self.host.listeners_changed()  # their nodes are checked like any upstream
 
     def _remove(self, name: str) -> None:
         self._owned.pop(name, None)

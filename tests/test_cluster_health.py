@@ -1,0 +1,47 @@
+"""A cluster's node listeners are health-checked like the port map's: a node that dies goes
+DOWN in ``/status`` and ``cacheport_upstream_up``, so the node-down alert fires for it too."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.cluster_helpers import free_range, start_lone_node
+from tests.healthkit import metrics, sample, wait_health
+from tests.support import ProxyThread, free_port, make_config, wait_until
+
+pytestmark = pytest.mark.timeout(45)
+
+FAST = {"interval": "200ms", "timeout": "200ms", "rise": 1, "fall": 1}
+
+
+def test_a_cluster_node_listener_is_checked_and_goes_down_with_its_node(tmp_path: Path) -> None:
+    node = start_lone_node(tmp_path)
+    try:
+        base = free_range(3)
+        cluster = {"name": "rc", "engine": "redis-cluster", "seed": node.address,
+                   "announce": "127.0.0.1", "listen": "127.0.0.1",
+                   "ports": f"{base + 1}-{base + 2}", "seed_port": base, "refresh": "1h",
+                   "health": FAST}
+        config = make_config([], clusters=[cluster], state_dir=str(tmp_path / "state"),
+                             admin={"listen": f"127.0.0.1:{free_port()}"})
+        proxy = ProxyThread(config).start()
+        try:
+            (entry,) = proxy.call(proxy.server.cluster_status)[0]["nodes"]
+            name = f"rc:{entry['port']}"
+            wait_until(lambda: name in proxy.server.listeners, 10)
+            for listener in ("rc:seed", name):
+                wait_health(proxy, listener, node.address, "up", 10)
+            samples = metrics(proxy)
+            assert sample(samples, "cacheport_upstream_up", listener=name,
+                          upstream=node.address) == 1
+            node.stop()
+            for listener in ("rc:seed", name):
+                wait_health(proxy, listener, node.address, "down", 10)
+            assert sample(metrics(proxy), "cacheport_upstream_up", listener=name,
+                          upstream=node.address) == 0
+        finally:
+            proxy.stop()
+    finally:
+        node.stop()
