@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
-# Installs what cacheport's demo and tests need on a Debian/Ubuntu machine:
-# apt packages (memcached, redis-server, redis-tools, python3-venv, iproute2,
-# iptables for the network-namespace tests, gcc, the Python headers and libssl's
-# headers for the native relay engine and its TLS), a
-# virtualenv in .venv, and cacheport itself with its test extras.
+# Installs what cacheport's demo and tests need on a Debian/Ubuntu machine.
+# CACHEPORT_SETUP=demo (scripts/demo.sh): apt packages memcached, redis-server,
+# redis-tools, python3-venv, netcat, and gcc with the Python and libssl headers for the
+# native relay engine and its TLS; a virtualenv in .venv; cacheport itself.
+# CACHEPORT_SETUP=test (the default, scripts/test.sh) adds iproute2 and iptables for the
+# network-namespace tests, haproxy, the test extras, and the optional tools of some tests
+# (a container engine, Prometheus, a browser, Redis's own test suite).
 # Sourced by scripts/demo.sh and scripts/test.sh; safe to run again.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${CACHEPORT_VENV:-$ROOT/.venv}
-APT_PACKAGES=(memcached redis-server redis-tools python3-venv netcat-openbsd iproute2 iptables
-              gcc libc6-dev python3-dev libssl-dev haproxy)
-EXTRAS=${CACHEPORT_EXTRAS:-dev}
+SETUP=${CACHEPORT_SETUP:-test}
+APT_PACKAGES=(memcached redis-server redis-tools python3-venv netcat-openbsd
+              gcc libc6-dev python3-dev libssl-dev)
+if [ "$SETUP" = demo ]; then
+    EXTRAS=${CACHEPORT_EXTRAS:-}
+else
+    APT_PACKAGES+=(iproute2 iptables haproxy)
+    EXTRAS=${CACHEPORT_EXTRAS:-dev}
+fi
 
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'cacheport setup: %s\n' "$*" >&2; exit 1; }
@@ -22,8 +30,10 @@ missing_commands() {
     command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
     command -v redis-cli >/dev/null 2>&1 || missing+=(redis-cli)
     command -v python3 >/dev/null 2>&1 || missing+=(python3)
-    command -v ip >/dev/null 2>&1 || missing+=(ip)
-    command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+    if [ "$SETUP" != demo ]; then
+        command -v ip >/dev/null 2>&1 || missing+=(ip)
+        command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+    fi
     printf '%s\n' "${missing[@]}"
 }
 
@@ -108,10 +118,12 @@ PY
 }
 
 install_venv() {
-    local stamp="$VENV/.cacheport-installed"
+    local stamp="$VENV/.cacheport-installed" extras_ok=1
+    # The demo needs no extras: any install will do. Otherwise the stamp names the extras.
+    [ -z "$EXTRAS" ] || grep -qx "$EXTRAS" "$stamp" 2>/dev/null || extras_ok=0
     # The native engine is built in place by the editable install: rebuild when its source
     # changes or the built module is missing.
-    if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ] || ! grep -qx "$EXTRAS" "$stamp" \
+    if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ] || [ "$extras_ok" = 0 ] \
             || [ -n "$(find "$ROOT/proxy" -name "*.[ch]" -newer "$stamp")" ] \
             || ! compgen -G "$ROOT/proxy/relay/_engine*.so" >/dev/null; then
         say "installing cacheport[$EXTRAS] into $VENV"
@@ -128,10 +140,13 @@ install_system_packages
 install_bench_peers
 check_python
 install_venv
+export PATH="$VENV/bin:$PATH"
+if [ "$SETUP" = demo ]; then
+    return 0 2>/dev/null || exit 0  # sourced by scripts/demo.sh: the rest is for the tests
+fi
 # Optional: a valkey-server for the engine tests (scripts/valkey.sh); without it they skip.
 "$ROOT/scripts/valkey.sh" >/dev/null 2>&1 \
     || say "no valkey-server to be had here: the Valkey runs of the engine tests are skipped"
-export PATH="$VENV/bin:$PATH"
 
 # --- Optional tools for some tests ---------------------------------------------------
 # install_optional FOR "COMMANDS" PACKAGES...: apt-get install PACKAGES when one of

@@ -6,7 +6,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 # shellcheck source=scripts/bootstrap.sh
-source "$ROOT/scripts/bootstrap.sh"
+CACHEPORT_SETUP=demo source "$ROOT/scripts/bootstrap.sh"
 
 ONCE=0
 [ "${1:-}" = "--once" ] && ONCE=1
