@@ -126,7 +126,7 @@ install_venv() {
     if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ] || [ "$extras_ok" = 0 ] \
             || [ -n "$(find "$ROOT/proxy" -name "*.[ch]" -newer "$stamp")" ] \
             || ! compgen -G "$ROOT/proxy/relay/_engine*.so" >/dev/null; then
-        say "installing cacheport[$EXTRAS] into $VENV"
+        say "installing cacheport${EXTRAS:+[$EXTRAS]} into $VENV"
         "$ROOT/scripts/install-venv.sh" "$VENV" "$EXTRAS" --editable \
             || die "installing into $VENV failed (see above); PyPI must be reachable"
         echo "$EXTRAS" > "$stamp"
