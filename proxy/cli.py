@@ -82,7 +82,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"cacheport: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    _print_table(config)
+    if config.listeners:
+        _print_table(config)
     for cc in config.clusters:
         seed_port = "".join(f", {key} {port}" for key, port in (
             ("seed_port", cc.seed_port), ("primary_port", cc.primary_port),
@@ -234,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
                      help="event loop (default: uvloop when installed)")
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
-                     default="info")
+                     default="info", help="the least severe level logged (default: info)")
     run.add_argument("--log-format", choices=LOG_FORMATS, default=None,
                      help="text (the default) or json: one object per line; wins over the "
                      "map's logging.log_format")
@@ -250,17 +251,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     reload = sub.add_parser("reload", help="validate a port map, then make the running "
                             "cacheport re-read it (SIGHUP)")
-    reload.add_argument("-c", "--config", required=True, metavar="FILE")
+    reload.add_argument("-c", "--config", required=True, metavar="FILE",
+                        help="the port map the running cacheport was started with: validated "
+                        "here first, then re-read by it")
     reload.add_argument("--pid-file", metavar="PATH",
                         help="signal the process in this pid file instead of asking the "
                         "admin endpoint")
     reload.add_argument("--admin", type=_admin_address, metavar="HOST:PORT",
                         help="admin endpoint (default: the map's admin.listen)")
-    reload.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS")
+    reload.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="how long to wait for the admin endpoint's answer (default: 30)")
     reload.set_defaults(func=cmd_reload)
 
     check = sub.add_parser("check", help="validate a port map and print it as a table")
-    check.add_argument("file", metavar="FILE")
+    check.add_argument("file", metavar="FILE", help="YAML port map")
     check.set_defaults(func=cmd_check)
     schema = sub.add_parser("schema", help="print the port map's JSON Schema (for editors "
                             "with the YAML language server)")

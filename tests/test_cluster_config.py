@@ -165,3 +165,4 @@ def test_check_lists_clusters(tmp_path: Path) -> None:
     assert ("cluster c: memcached, seed 10.0.0.1:11211, announce 127.0.0.1, "
             "ports 12000-12009, seed_port 11999") in result.stdout
     assert result.stdout.strip().endswith("OK, 0 listener(s), 1 cluster(s)")
+    assert "NAME" not in result.stdout  # no empty table of listeners
