@@ -414,6 +414,8 @@ class Listener(Port):
     # Set by a cluster on a role listener (reader_port) whose candidates change at run
     # time: ``chooser(config)`` then replaces the upstream-then-backups order.
     chooser: Callable[[ListenerConfig], Address | None] | None = None
+    # With a chooser: the addresses it spreads new connections over now (for /status).
+    candidates: Callable[[], list[Address]] | None = None
 
     def _choose_upstream(self, config: ListenerConfig) -> Address | None:
         """The upstream for a new connection: the first of upstream, backups not DOWN."""

@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from proxy.admin import format_cluster
+from proxy.admin.status import listener_status
 from proxy.cluster.manager import ClusterManager
 from proxy.cluster.replication import choose_reader
 from proxy.config import Address, ConfigError
@@ -184,6 +185,17 @@ def test_every_node_gets_a_port_and_role_ports_use_plain_relays(
         text = "\n".join(format_cluster(status))
         assert f"primary port {manager.config.primary_port}" in text
         assert f"reader port {manager.config.reader_port}" in text
+        # /status shows where the reader port sends new connections: the replicas, with
+        # the primary as the fallback.
+        def roles() -> dict[str, tuple[str, bool]]:
+            reader = proxy.call(lambda: listener_status(proxy.server.listeners["rr:reader"],
+                                                        None))
+            return {u["address"]: (u["role"], u["in_use"]) for u in reader["upstreams"]}
+
+        wanted = {f"{HOST}:{group[0].port}": ("fallback", False),
+                  f"{HOST}:{group[1].port}": ("replica", True),
+                  f"{HOST}:{group[2].port}": ("replica", True)}
+        wait_until(lambda: roles() == wanted, 10, message=f"reader roles {wanted}")
     finally:
         proxy.stop()
 

@@ -101,7 +101,7 @@ def format_status(doc: dict[str, Any]) -> str:
                 listen += " (not accepting)"
             first = False
             address = str(up.get("address", "?"))
-            if up.get("role") in ("backup", "former"):
+            if up.get("role") in ("backup", "former", "replica", "fallback"):
                 address += f" ({up['role']})"
             if up.get("in_use"):
                 address += " *"

@@ -133,7 +133,7 @@ def listener_rows(lst: dict[str, Any]) -> str:
             when = str(last.get("at") or "")[11:23]
             checked = f"{verdict} at {when}" if when else verdict
         role = str(up.get("role", ""))
-        label = "backup" if role == "backup" else "former" if role == "former" else "upstream"
+        label = role if role in ("backup", "former", "replica", "fallback") else "upstream"
         if up.get("in_use"):
             label += " (in use)"
         rows.append(

@@ -99,17 +99,22 @@ def listener_status(listener: Listener, monitor: HealthMonitor | None) -> dict[s
         return target.state if target is not None else None
 
     in_use = choose_upstream((addr, state_of(addr)) for addr in lc.upstreams)
+    # A reader port spreads new connections over the healthy replicas; its upstream is
+    # the fallback for when there is none.
+    replicas = listener.candidates() if listener.candidates is not None else []
     totals = listener.book.totals()
-    shown = list(lc.upstreams) + [a for a in totals if a not in lc.upstreams]
+    shown = [*replicas, *(a for a in lc.upstreams if a not in replicas)]
+    shown += [a for a in totals if a not in shown]
     upstreams = []
-    for index, addr in enumerate(shown):
+    for addr in shown:
         active, up, down = totals.get(addr, (0, 0, 0))
         counters = listener.book.counters.get(addr)
         upstreams.append({
             "address": str(addr),
-            "role": "upstream" if index == 0 else
+            "role": "replica" if addr in replicas else
+                    ("fallback" if replicas else "upstream") if addr == lc.upstream else
                     "backup" if addr in lc.backup else "former",
-            "in_use": addr == in_use,
+            "in_use": addr in replicas if replicas else addr == in_use,
             **_target_status(targets.get(addr)),
             "active": active,
             "connections": counters.connections if counters else 0,

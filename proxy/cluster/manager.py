@@ -368,6 +368,7 @@ class ClusterManager:
                 continue
             if name == self.role_listener_name("reader"):
                 listener.chooser = self._reader_chooser(listener)
+                listener.candidates = self.healthy_replicas
             self.stats.listeners_added += 1
             self._owned[name] = lc
         self._rebuild_maps(desired)
