@@ -17,16 +17,28 @@ from typing import Any
 
 import redis
 
-from tests.support import ServerProcess, free_port, require_binary, start_server, wait_until
+from tests.support import (
+    ServerProcess,
+    free_port,
+    hand_out,
+    handed_out,
+    require_binary,
+    start_server,
+    wait_until,
+)
 
 HOST = "127.0.0.1"
 
 
 def free_range(count: int, host: str = "127.0.0.1", low: int = 20000, high: int = 32000) -> int:
-    """First port of ``count`` consecutive ports that are free now, below the ephemeral range."""
+    """First port of ``count`` consecutive ports that are free now, below the ephemeral range,
+    none of them handed out before in this process (by this or by ``free_port``, which
+    draws from the same range)."""
     rng = random.Random()
     for _ in range(200):
         base = rng.randrange(low, high - count)
+        if handed_out(range(base, base + count)):
+            continue
         socks: list[socket.socket] = []
         try:
             for port in range(base, base + count):
@@ -34,6 +46,7 @@ def free_range(count: int, host: str = "127.0.0.1", low: int = 20000, high: int 
                 socks.append(s)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind((host, port))
+            hand_out(range(base, base + count))
             return base
         except OSError:
             continue

@@ -12,7 +12,14 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import Address
-from tests.support import ProxyThread, ServerProcess, running_proxy, start_server, wait_until
+from tests.support import (
+    ProxyThread,
+    ServerProcess,
+    free_port,
+    running_proxy,
+    start_server,
+    wait_until,
+)
 
 # Short timings so a DOWN/UP cycle takes about a second.
 INTERVAL = 0.2
@@ -125,7 +132,6 @@ def silent_server() -> Iterator[int]:
 
 
 def closed_port() -> int:
-    """A loopback port with nothing listening (connection refused)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port with nothing listening (connection refused): below the ephemeral
+    range (free_port), where no other test's port-0 listener can appear meanwhile."""
+    return free_port()

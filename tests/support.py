@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import random
 import shutil
 import signal
 import socket
@@ -34,21 +35,59 @@ FRAMER_SOURCES = ("resp_framer.c", "resp_scan.c", "resp_match.c", "resp_request.
 
 
 _handed_out: set[int] = set()
+# Its own source of randomness: Hypothesis seeds the module's for each example, and both
+# xdist workers would then try the same ports in the same order.
+_random = random.SystemRandom()
+
+
+def _quiet_range() -> tuple[int, int]:
+    """Ports below the kernel's ephemeral range (net.ipv4.ip_local_port_range): no
+    outgoing connection and no bind to port 0 -- of this worker, the other xdist worker or
+    anything else on the machine -- is given one of them."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return (20000, low) if low > 21000 else (1024, low)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port free now and never handed out before in this process: the kernel may give
-    the same ephemeral port to two binds in a row, and two listeners of one test would clash.
+    """A port free now, below the ephemeral range, and never handed out before in this
+    process, for a listener a test or a child process binds a moment later.
+
+    From the ephemeral range (a bind to port 0), the port could be taken in that moment by
+    any new connection or port-0 listener on this busy machine; below it, only by a
+    process that picks fixed ports as this does, at random, among thousands. And the
+    kernel may give the same port to two binds in a row: two listeners of one test would
+    clash, hence the set of ports already handed out.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for _ in range(100):
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            port = int(s.getsockname()[1])
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
-    raise RuntimeError("no fresh ephemeral port in 100 tries")
+    low, high = _quiet_range()
+    for _ in range(200):
+        port = _random.randrange(low, high)
+        if port in _handed_out:
+            continue
+        try:
+            # The wildcard and the host: the port must be free on every address (a
+            # listener on 0.0.0.0 clashes with one on 127.0.0.1:port, and the reverse).
+            for address in ("::" if family == socket.AF_INET6 else "0.0.0.0", host):
+                with socket.socket(family, socket.SOCK_STREAM) as s:
+                    s.bind((address, port))
+        except OSError:
+            continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {low}-{high} in 200 tries")
+
+
+def handed_out(ports: range) -> bool:
+    """Whether any of ``ports`` went to an earlier ``free_port`` (or ``hand_out``)."""
+    return not _handed_out.isdisjoint(ports)
+
+
+def hand_out(ports: range) -> None:
+    """Record ports picked another way (cluster_helpers.free_range) so ``free_port`` skips them."""
+    _handed_out.update(ports)
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.02,
