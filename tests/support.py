@@ -40,15 +40,28 @@ _handed_out: set[int] = set()
 _random = random.SystemRandom()
 
 
-def _quiet_range() -> tuple[int, int]:
-    """Ports below the kernel's ephemeral range (net.ipv4.ip_local_port_range): no
+def _quiet_range() -> tuple[int, int] | None:
+    """Ports below the kernel's ephemeral range (net.ipv4.ip_local_port_range), where no
     outgoing connection and no bind to port 0 -- of this worker, the other xdist worker or
-    anything else on the machine -- is given one of them."""
+    anything else on the machine -- is given one; None if that range leaves no room."""
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         low = 32768
-    return (20000, low) if low > 21000 else (1024, low)
+    start = max(1024, low - 12768)
+    return (start, low) if low - start >= 2000 else None
+
+
+def _bindable(family: socket.AddressFamily, host: str, port: int) -> bool:
+    """Whether ``port`` binds now on the family's wildcard and on ``host``: a listener on
+    0.0.0.0 clashes with one on 127.0.0.1:port, and the reverse."""
+    try:
+        for address in ("::" if family == socket.AF_INET6 else "0.0.0.0", host):
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((address, port))
+    except OSError:
+        return False
+    return True
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -62,22 +75,18 @@ def free_port(host: str = "127.0.0.1") -> int:
     clash, hence the set of ports already handed out.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    low, high = _quiet_range()
+    quiet = _quiet_range()
     for _ in range(200):
-        port = _random.randrange(low, high)
-        if port in _handed_out:
-            continue
-        try:
-            # The wildcard and the host: the port must be free on every address (a
-            # listener on 0.0.0.0 clashes with one on 127.0.0.1:port, and the reverse).
-            for address in ("::" if family == socket.AF_INET6 else "0.0.0.0", host):
-                with socket.socket(family, socket.SOCK_STREAM) as s:
-                    s.bind((address, port))
-        except OSError:
-            continue
-        _handed_out.add(port)
-        return port
-    raise RuntimeError(f"no free port in {low}-{high} in 200 tries")
+        if quiet is not None:
+            port = _random.randrange(*quiet)
+        else:  # no room below the ephemeral range here: one the kernel picks
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((host, 0))
+                port = int(s.getsockname()[1])
+        if port not in _handed_out and _bindable(family, host, port):
+            _handed_out.add(port)
+            return port
+    raise RuntimeError(f"no free port in 200 tries (below the ephemeral range: {quiet})")
 
 
 def handed_out(ports: range) -> bool:
