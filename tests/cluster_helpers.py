@@ -25,6 +25,7 @@ from tests.support import (
     require_binary,
     start_server,
     wait_until,
+    worker_share,
 )
 
 HOST = "127.0.0.1"
@@ -32,9 +33,10 @@ HOST = "127.0.0.1"
 
 def free_range(count: int, host: str = "127.0.0.1", low: int = 20000, high: int = 32000) -> int:
     """First port of ``count`` consecutive ports that are free now, below the ephemeral range,
-    none of them handed out before in this process (by this or by ``free_port``, which
-    draws from the same range)."""
+    in this xdist worker's share of it, none of them handed out before in this process (by
+    this or by ``free_port``, which draws from the same range)."""
     rng = random.Random()
+    low, high = worker_share(low, high)
     for _ in range(200):
         base = rng.randrange(low, high - count)
         if handed_out(range(base, base + count)):

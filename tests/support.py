@@ -40,16 +40,30 @@ _handed_out: set[int] = set()
 _random = random.SystemRandom()
 
 
+def worker_share(low: int, high: int) -> tuple[int, int]:
+    """This xdist worker's own slice of the ports ``low``-``high`` (all of them outside
+    xdist): ports picked at random by the two workers then never coincide, not even in
+    the moment between one picking a port and its process binding it."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    width = (high - low) // max(count, 1)
+    if count < 2 or not name.startswith("gw") or not name[2:].isdigit() or width < 2000:
+        return low, high
+    start = low + (int(name[2:]) % count) * width
+    return start, start + width
+
+
 def _quiet_range() -> tuple[int, int] | None:
-    """Ports below the kernel's ephemeral range (net.ipv4.ip_local_port_range), where no
-    outgoing connection and no bind to port 0 -- of this worker, the other xdist worker or
-    anything else on the machine -- is given one; None if that range leaves no room."""
+    """This worker's share of the ports below the kernel's ephemeral range
+    (net.ipv4.ip_local_port_range), where no outgoing connection and no bind to port 0
+    -- of either worker or anything else on the machine -- is given one; None if that
+    range leaves no room."""
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         low = 32768
     start = max(1024, low - 12768)
-    return (start, low) if low - start >= 2000 else None
+    return worker_share(start, low) if low - start >= 2000 else None
 
 
 def _bindable(family: socket.AddressFamily, host: str, port: int) -> bool:
@@ -70,9 +84,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
     From the ephemeral range (a bind to port 0), the port could be taken in that moment by
     any new connection or port-0 listener on this busy machine; below it, only by a
-    process that picks fixed ports as this does, at random, among thousands. And the
-    kernel may give the same port to two binds in a row: two listeners of one test would
-    clash, hence the set of ports already handed out.
+    process that picks fixed ports another way (the other xdist worker has a share of its
+    own). And two listeners of one test must not get the same port: hence the set of
+    ports already handed out.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     quiet = _quiet_range()
