@@ -49,7 +49,10 @@ def test_checks_authenticate_and_a_wrong_password_never_shows_anywhere(
     up = secured_redis.address
     path.write_text(yaml.safe_dump({
         "admin": {"listen": f"127.0.0.1:{admin_port}"},
-        "defaults": {"protocol": "redis", "health": FAST},
+        # The first check decides (UNKNOWN -> UP or DOWN, asserted below by its reason):
+        # 1 s for it, not FAST's 200 ms, which a process just started on a loaded machine
+        # can overrun -- "timed out" would then stand where "PONG" is expected.
+        "defaults": {"protocol": "redis", "health": {**FAST, "interval": "1s", "timeout": "1s"}},
         "listeners": [
             {"name": "good", "listen": f"127.0.0.1:{free_port()}", "upstream": up,
              "health": {"password_env": "CACHEPORT_TEST_REDIS_PW"}},
