@@ -82,6 +82,27 @@ def upstream_status(proxy: ProxyThread, listener: str, address: str) -> dict[str
     raise AssertionError(f"no upstream {address} under listener {listener} in /status")
 
 
+def last_check(proxy: ProxyThread, listener: str, address: str, reason: str,
+               timeout: float = 5) -> dict[str, Any]:
+    """The upstream's /status entry once its last check's reason starts with ``reason``.
+
+    Asked once, the last check may be one that a loaded machine let overrun FAST's
+    200 ms ("timed out") -- one failure moves no state, so the wait for the state passed
+    -- and the next check, 200 ms on, gives the reason again."""
+    found: dict[str, Any] = {}
+
+    def matches() -> bool:
+        found.update(upstream_status(proxy, listener, address))
+        return str((found.get("last_check") or {}).get("reason", "")).startswith(reason)
+
+    try:
+        wait_until(matches, timeout, interval=0.05)
+    except AssertionError:
+        raise AssertionError(f"no check of {address} ({listener}) said {reason!r} within "
+                             f"{timeout}s; the last: {found.get('last_check')}") from None
+    return found
+
+
 def metrics(proxy: ProxyThread) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """Every sample of /metrics, parsed by prometheus-client's own parser."""
     code, headers, body = http_get(proxy, "/metrics")

@@ -14,10 +14,10 @@ from tests.healthkit import (
     FAST,
     UP_WITHIN,
     http_get,
+    last_check,
     proxy_with_admin,
     secured_redis_server,
     status,
-    upstream_status,
     wait_health,
 )
 from tests.support import (
@@ -106,9 +106,9 @@ def test_acl_user_check_and_password_scrubbed_from_status_and_logs(
         wait_health(proxy, "acl", up, "up", UP_WITHIN)
         wait_health(proxy, "acl-wrong", up, "down", DOWN_WITHIN)
         wait_health(proxy, "no-auth", up, "down", DOWN_WITHIN)
-        assert upstream_status(proxy, "acl", up)["last_check"]["reason"] == "PONG, role master"
+        last_check(proxy, "acl", up, "PONG, role master")
         for name in ("acl-wrong", "no-auth"):
-            assert upstream_status(proxy, name, up)["last_check"]["reason"] == "auth failed"
+            last_check(proxy, name, up, "auth failed")
         texts = [str(status(proxy)), http_get(proxy, "/metrics")[2].decode(),
                  repr(proxy.config), str(proxy.config)]
     texts += [record.getMessage() for record in caplog.records]
