@@ -17,16 +17,30 @@ from typing import Any
 
 import redis
 
-from tests.support import ServerProcess, free_port, require_binary, start_server, wait_until
+from tests.support import (
+    ServerProcess,
+    free_port,
+    hand_out,
+    handed_out,
+    require_binary,
+    start_server,
+    wait_until,
+    worker_share,
+)
 
 HOST = "127.0.0.1"
 
 
 def free_range(count: int, host: str = "127.0.0.1", low: int = 20000, high: int = 32000) -> int:
-    """First port of ``count`` consecutive ports that are free now, below the ephemeral range."""
+    """First port of ``count`` consecutive ports that are free now, below the ephemeral range,
+    in this xdist worker's share of it, none of them handed out before in this process (by
+    this or by ``free_port``, which draws from the same range)."""
     rng = random.Random()
+    low, high = worker_share(low, high)
     for _ in range(200):
         base = rng.randrange(low, high - count)
+        if handed_out(range(base, base + count)):
+            continue
         socks: list[socket.socket] = []
         try:
             for port in range(base, base + count):
@@ -34,6 +48,7 @@ def free_range(count: int, host: str = "127.0.0.1", low: int = 20000, high: int 
                 socks.append(s)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind((host, port))
+            hand_out(range(base, base + count))
             return base
         except OSError:
             continue

@@ -12,7 +12,14 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import Address
-from tests.support import ProxyThread, ServerProcess, running_proxy, start_server, wait_until
+from tests.support import (
+    ProxyThread,
+    ServerProcess,
+    free_port,
+    running_proxy,
+    start_server,
+    wait_until,
+)
 
 # Short timings so a DOWN/UP cycle takes about a second.
 INTERVAL = 0.2
@@ -75,6 +82,27 @@ def upstream_status(proxy: ProxyThread, listener: str, address: str) -> dict[str
     raise AssertionError(f"no upstream {address} under listener {listener} in /status")
 
 
+def last_check(proxy: ProxyThread, listener: str, address: str, reason: str,
+               timeout: float = 5) -> dict[str, Any]:
+    """The upstream's /status entry once its last check's reason starts with ``reason``.
+
+    Asked once, the last check may be one that a loaded machine let overrun FAST's
+    200 ms ("timed out") -- one failure moves no state, so the wait for the state passed
+    -- and the next check, 200 ms on, gives the reason again."""
+    found: dict[str, Any] = {}
+
+    def matches() -> bool:
+        found.update(upstream_status(proxy, listener, address))
+        return str((found.get("last_check") or {}).get("reason", "")).startswith(reason)
+
+    try:
+        wait_until(matches, timeout, interval=0.05)
+    except AssertionError:
+        raise AssertionError(f"no check of {address} ({listener}) said {reason!r} within "
+                             f"{timeout}s; the last: {found.get('last_check')}") from None
+    return found
+
+
 def metrics(proxy: ProxyThread) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """Every sample of /metrics, parsed by prometheus-client's own parser."""
     code, headers, body = http_get(proxy, "/metrics")
@@ -125,7 +153,6 @@ def silent_server() -> Iterator[int]:
 
 
 def closed_port() -> int:
-    """A loopback port with nothing listening (connection refused)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port with nothing listening (connection refused): below the ephemeral
+    range (free_port), where no other test's port-0 listener can appear meanwhile."""
+    return free_port()

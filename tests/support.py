@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import random
 import shutil
 import signal
 import socket
@@ -34,21 +35,82 @@ FRAMER_SOURCES = ("resp_framer.c", "resp_scan.c", "resp_match.c", "resp_request.
 
 
 _handed_out: set[int] = set()
+# Its own source of randomness: Hypothesis seeds the module's for each example, and both
+# xdist workers would then try the same ports in the same order.
+_random = random.SystemRandom()
+
+
+def worker_share(low: int, high: int) -> tuple[int, int]:
+    """This xdist worker's own slice of the ports ``low``-``high`` (all of them outside
+    xdist): ports picked at random by the two workers then never coincide, not even in
+    the moment between one picking a port and its process binding it."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    width = (high - low) // max(count, 1)
+    if count < 2 or not name.startswith("gw") or not name[2:].isdigit() or width < 2000:
+        return low, high
+    start = low + (int(name[2:]) % count) * width
+    return start, start + width
+
+
+def _quiet_range() -> tuple[int, int] | None:
+    """This worker's share of the ports below the kernel's ephemeral range
+    (net.ipv4.ip_local_port_range), where no outgoing connection and no bind to port 0
+    -- of either worker or anything else on the machine -- is given one; None if that
+    range leaves no room."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    start = max(1024, low - 12768)
+    return worker_share(start, low) if low - start >= 2000 else None
+
+
+def _bindable(family: socket.AddressFamily, host: str, port: int) -> bool:
+    """Whether ``port`` binds now on the family's wildcard and on ``host``: a listener on
+    0.0.0.0 clashes with one on 127.0.0.1:port, and the reverse."""
+    try:
+        for address in ("::" if family == socket.AF_INET6 else "0.0.0.0", host):
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((address, port))
+    except OSError:
+        return False
+    return True
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port free now and never handed out before in this process: the kernel may give
-    the same ephemeral port to two binds in a row, and two listeners of one test would clash.
+    """A port free now, below the ephemeral range, and never handed out before in this
+    process, for a listener a test or a child process binds a moment later.
+
+    From the ephemeral range (a bind to port 0), the port could be taken in that moment by
+    any new connection or port-0 listener on this busy machine; below it, only by a
+    process that picks fixed ports another way (the other xdist worker has a share of its
+    own). And two listeners of one test must not get the same port: hence the set of
+    ports already handed out.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for _ in range(100):
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            port = int(s.getsockname()[1])
-        if port not in _handed_out:
+    quiet = _quiet_range()
+    for _ in range(200):
+        if quiet is not None:
+            port = _random.randrange(*quiet)
+        else:  # no room below the ephemeral range here: one the kernel picks
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((host, 0))
+                port = int(s.getsockname()[1])
+        if port not in _handed_out and _bindable(family, host, port):
             _handed_out.add(port)
             return port
-    raise RuntimeError("no fresh ephemeral port in 100 tries")
+    raise RuntimeError(f"no free port in 200 tries (below the ephemeral range: {quiet})")
+
+
+def handed_out(ports: range) -> bool:
+    """Whether any of ``ports`` went to an earlier ``free_port`` (or ``hand_out``)."""
+    return not _handed_out.isdisjoint(ports)
+
+
+def hand_out(ports: range) -> None:
+    """Record ports picked another way (cluster_helpers.free_range) so ``free_port`` skips them."""
+    _handed_out.update(ports)
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.02,

@@ -19,7 +19,7 @@ import redis
 from pymemcache.client.base import Client
 
 from tests.support import CacheportProcess, ServerProcess, free_port, wait_until
-from tests.upstreams import pattern, recv_all, tcp_upstream
+from tests.upstreams import pattern, tcp_upstream
 
 RST = struct.pack("ii", 1, 0)
 
@@ -138,12 +138,16 @@ def test_upstream_faults_close_both_sides_without_leaks(tmp_path: Path, fault: s
 @pytest.mark.timeout(60)
 def test_client_faults_close_upstream_and_spare_neighbours(tmp_path: Path) -> None:
     upstream_saw: list[str] = []
+    upstream_got: list[int] = []  # the most any one upstream connection has read so far
 
     def recorder(conn: socket.socket) -> None:
         conn.settimeout(20)
         try:
-            data = recv_all(conn)
-            upstream_saw.append(f"eof after {len(data)}")
+            got = 0
+            while data := conn.recv(1 << 16):
+                got += len(data)
+                upstream_got.append(got)
+            upstream_saw.append(f"eof after {got}")
             conn.sendall(b"late reply " * 10000)  # to a client that is gone
         except ConnectionResetError:
             upstream_saw.append("reset")
@@ -154,12 +158,17 @@ def test_client_faults_close_upstream_and_spare_neighbours(tmp_path: Path) -> No
             cacheport(tmp_path, f"127.0.0.1:{upstream_port}") as (port, proc):
         baseline_fds = warm_baseline(proc, port)
         upstream_saw.clear()
+        upstream_got.clear()
         neighbour = socket.create_connection(("127.0.0.1", port), timeout=5)
         neighbour.sendall(b"steady")
         # 1. A client that resets mid-request.
         a = socket.create_connection(("127.0.0.1", port), timeout=5)
-        a.sendall(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$100000\r\n" + b"v" * 5000)
-        time.sleep(0.1)
+        request = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$100000\r\n" + b"v" * 5000
+        a.sendall(request)
+        # Reset only once the relay has dialled and forwarded: a reset before that (a fixed
+        # sleep on a loaded machine) would end the relay before it had an upstream to reset.
+        wait_until(lambda: max(upstream_got, default=0) >= len(request), 10,
+                   message="the upstream to receive the request")
         a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RST)
         a.close()
         wait_until(lambda: "reset" in upstream_saw, 10, message="the upstream to be reset")

@@ -108,9 +108,12 @@ def test_at_the_fd_limit_new_clients_are_closed_and_live_ones_go_on(
                 assert sock.recv(16) == b""  # closed, not left in the backlog
             sock.close()
 
-        # One log line says why, not one per refused client.
+        # One log line says why, not one per refused client: later refusals are summed up
+        # at most once per 10 s (a loaded machine can take that long to get here).
         log = proc.log()
-        assert log.count("out of file descriptors") == 1, log
+        said = [line for line in log.splitlines() if "out of file descriptors" in line]
+        assert 1 <= len(said) <= 3, log  # of 25 refused clients
+        assert all("more since the last report" in line for line in said[1:]), log
         assert "RLIMIT_NOFILE" in log
         assert "DOWN" not in log  # a check short of descriptors blames no upstream
 

@@ -183,14 +183,23 @@ async def test_hanging_checks_never_block_the_event_loop(monitor: HealthMonitor)
                  for i in range(6)]
         monitor.sync(nodes)
         monitor.start()
-        worst = 0.0
-        deadline = time.monotonic() + 1.5
+        # A check that blocked the loop would hold it for its whole 0.2 s timeout, six
+        # nodes every 0.2 s: the loop would be stalled nearly all the time. Sum the stalls
+        # rather than bound the worst one: on a loaded 2-core machine the scheduler alone
+        # can hold this thread off for 0.1 s now and then.
+        window = 1.5
+        stalled = worst = 0.0
+        deadline = time.monotonic() + window
         while time.monotonic() < deadline:
             began = time.perf_counter()
             await asyncio.sleep(0.005)
-            worst = max(worst, time.perf_counter() - began)
-        assert worst < 0.1, f"the loop stalled for {worst:.3f}s while checks hung"
-        assert all(monitor.state(n.name, n.upstream) is State.DOWN for n in nodes)
+            lag = time.perf_counter() - began - 0.005
+            worst = max(worst, lag)
+            stalled += lag if lag > 0.02 else 0.0
+        assert stalled < window / 2, (f"the loop stalled {stalled:.2f}s of {window}s "
+                                      f"(worst {worst:.3f}s) while checks hung")
+        for n in nodes:
+            await wait_state(monitor, n.name, n.upstream, State.DOWN, DOWN_WITHIN)
 
 
 async def test_memcached_checker_keeps_one_thread_per_node(

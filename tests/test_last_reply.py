@@ -253,7 +253,9 @@ def last_command_lost(r: Route, key: str, value: bytes) -> str | None:
     wait_until(lambda: r.relays() == 0, DRAIN_GRACE + 5, message="the relay to close")
     client = r.direct()
     try:
-        deadline = time.monotonic() + 2
+        # A lost command only makes this wait longer: 10 s, not 2, for a loaded server
+        # to read and apply megabytes.
+        deadline = time.monotonic() + 10
         while True:  # the server may not have read its socket to the end yet
             got = client.get(key)
             if got == value:

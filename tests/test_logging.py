@@ -138,7 +138,7 @@ def test_a_full_queue_drops_lines_counts_them_and_never_blocks() -> None:
             log.put(time.time(), 0.001, "t", f"127.0.0.1:{i}", "127.0.0.1:6379", 1, 2,
                     closes.CLIENT_CLOSED, False)
         took = time.monotonic() - start
-        assert took < 1.0, took  # ~1 us a line; a blocking put would wait 10 s
+        assert took < 5, took  # ~1 us a line; one blocking put would wait 10 s
         # The writer holds at most one line, the queue four: the rest were dropped.
         assert 995 <= log.dropped <= 996
         registry = CollectorRegistry()

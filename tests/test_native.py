@@ -182,7 +182,7 @@ def test_kernel_refusing_large_pipes_to_an_unprivileged_user_falls_back(tmp_path
     soft = Path("/proc/sys/fs/pipe-user-pages-soft").read_text().strip()
     if soft == "0":
         pytest.skip("fs.pipe-user-pages-soft is 0 (no per-user pipe budget)")
-    uid = 65000 + os.getpid() % 500  # unused by anyone else
+    uid = 65000 + os.getpid() % 500  # unused by anyone else (test_splice: 64000-64999)
     out = subprocess.run([sys.executable, "-c", _UNPRIVILEGED, str(ROOT), str(uid)],
                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]

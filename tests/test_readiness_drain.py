@@ -35,20 +35,21 @@ def test_drain_delay_defaults_to_a_few_seconds_only_where_a_balancer_can_see_rea
 
 def test_stop_makes_readyz_fail_at_once_and_keeps_accepting_for_drain_delay(
         redis_server: ServerProcess) -> None:
-    with proxy_with_admin([lc(redis_server)], drain_delay="1500ms") as proxy:
+    # 3 s of drain: the checks below must all fit in it, on a loaded machine too.
+    with proxy_with_admin([lc(redis_server)], drain_delay="3s") as proxy:
         port = proxy.port("r")
         assert http_get(proxy, "/readyz")[0] == 200
         stopper = threading.Thread(target=proxy.stop)
         started = time.monotonic()
         stopper.start()
-        wait_until(lambda: http_get(proxy, "/readyz")[0] == 503, 2, message="/readyz 503")
+        wait_until(lambda: http_get(proxy, "/readyz")[0] == 503, 3, message="/readyz 503")
         _code, _headers, body = http_get(proxy, "/readyz")
         assert body.startswith(b"not ready: draining")
         # Still serving new clients: the balancer has not deregistered us yet.
         assert resp_ping(port) == b"+PONG\r\n"
-        stopper.join(10)
+        stopper.join(15)
         elapsed = time.monotonic() - started
-        assert 1.4 <= elapsed < 5, elapsed
+        assert 2.9 <= elapsed < 10, elapsed
 
 
 def test_a_second_stop_request_ends_drain_delay_at_once(redis_server: ServerProcess) -> None:
@@ -77,7 +78,7 @@ def test_with_workers_the_supervisor_readyz_fails_at_once_and_workers_keep_accep
     port, admin = quiet_port(), quiet_port()
     config = tmp_path / "ports.yaml"
     config.write_text(
-        f"admin: {{listen: 127.0.0.1:{admin}}}\ndrain_delay: 1500ms\nworkers: 2\n"
+        f"admin: {{listen: 127.0.0.1:{admin}}}\ndrain_delay: 3s\nworkers: 2\n"
         f"defaults: {{health: off}}\nlisteners:\n"
         f"  - {{name: r, listen: 127.0.0.1:{port}, upstream: {redis_server.address}}}\n")
     proc = CacheportProcess(config)
@@ -87,10 +88,10 @@ def test_with_workers_the_supervisor_readyz_fails_at_once_and_workers_keep_accep
         wait_until(lambda: fetch_status(where)["ready"], 10, message="ready")
         started = time.monotonic()
         proc.signal(signal.SIGTERM)
-        wait_until(lambda: not fetch_status(where)["ready"], 2, message="unready")
+        wait_until(lambda: not fetch_status(where)["ready"], 3, message="unready")
         assert "draining" in fetch_status(where)["ready_reason"]
         assert resp_ping(port) == b"+PONG\r\n"  # still accepting during drain_delay
-        assert proc.wait(15) == 0
-        assert time.monotonic() - started >= 1.4
+        assert proc.wait(20) == 0
+        assert time.monotonic() - started >= 2.9
     finally:
         proc.stop()

@@ -574,7 +574,9 @@ def test_kernel_refusing_large_pipes_to_an_unprivileged_user_falls_back(
     soft = Path("/proc/sys/fs/pipe-user-pages-soft").read_text().strip()
     if soft == "0":
         pytest.skip("fs.pipe-user-pages-soft is 0 (no per-user pipe budget)")
-    uid = 64000 + (os.getpid() % 1000) * 2 + (loop_kind == "asyncio")  # unused by anyone else
+    # Unused by anyone else, and apart from test_native's 65000-65499 (the budget is per
+    # uid, machine-wide: two tests on one uid at once would share it).
+    uid = 64000 + (os.getpid() % 500) * 2 + (loop_kind == "asyncio")
     out = subprocess.run(
         [sys.executable, "-c", _UNPRIVILEGED, str(ROOT), loop_kind, str(uid)],
         capture_output=True, text=True, timeout=60, cwd=tmp_path)
