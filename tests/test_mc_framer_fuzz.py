@@ -133,6 +133,14 @@ def test_a_binary_connection_passes_untouched() -> None:
         assert b"".join(c_run(ops)[0]).endswith(reply)
 
 
+def test_a_binary_looking_byte_after_held_bytes_loses_nothing() -> None:
+    # Before any request, a reply chunk starting 0x81 is binary only if nothing is held.
+    ops: Ops = [("rep", b"\0" * 5), ("rep", b"\x81\r\n")]
+    out, err = c_run(ops)
+    assert (b"".join(out), err) == (b"\0" * 5 + b"\x81\r\n", None)
+    assert same_output(ops)[0]
+
+
 # -- AddressSanitizer --------------------------------------------------------------
 
 def test_mc_framer_under_address_sanitizer(tmp_path: Path) -> None:

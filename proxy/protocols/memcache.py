@@ -399,7 +399,8 @@ class AutoDiscoveryRewriter:
     def feed_reply(self, data: Bytes) -> Bytes:
         if self._opaque or not data:
             return data
-        if not self._started and data[0] == _BINARY_RESPONSE:
+        if not self._started and self._hold is None and data[0] == _BINARY_RESPONSE:
+            # A binary reply before any request; not when bytes are held, which would be lost.
             self._opaque = True
             return data
         n = len(data)

@@ -111,8 +111,8 @@ size_t mc_reply(rf_t *f, const char *p, size_t n, rf_out_t *o, int *action) {
         o->fwd = n;
         return n;
     }
-    if (!cont && !f->mc_started && (unsigned char)p[0] == 0x81) {
-        f->opaque = 1;  /* a binary reply before any request */
+    if (!cont && !f->mc_started && !f->holdlen && (unsigned char)p[0] == 0x81) {
+        f->opaque = 1;  /* a binary reply before any request (none held: it would be lost) */
         o->fwd = n;
         return n;
     }
