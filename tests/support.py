@@ -113,6 +113,24 @@ def hand_out(ports: range) -> None:
     _handed_out.update(ports)
 
 
+def until_closed(port: int, send: bytes = b"", host: str = "127.0.0.1",
+                 timeout: float = 5) -> bytes:
+    """Connect, send ``send``, read until the far side ends the connection; what was read.
+
+    A reset is an end wherever it lands, connect() included: a proxy on a thread of this
+    process can accept, fail and reset the connection while this thread waits for the GIL
+    between the kernel's handshake and connect()'s check of the socket's error.
+    """
+    got = bytearray()
+    with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            if send:
+                sock.sendall(send)
+            while chunk := sock.recv(1 << 16):
+                got += chunk
+    return bytes(got)
+
+
 def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.02,
                message: str = "condition") -> Any:
     """Poll ``predicate`` until it is truthy; fail the test with ``message`` at the deadline."""

@@ -30,6 +30,7 @@ from tests.support import (
     make_config,
     require_binary,
     start_server,
+    until_closed,
     wait_until,
 )
 
@@ -136,10 +137,7 @@ def test_origination_checks_the_name_on_the_node_s_certificate(
         r = redis.Redis(port=proxy.port("ok"), socket_timeout=10)
         assert r.ping()
         r.close()
-        with socket.create_connection((HOST, proxy.port("wrong")), timeout=5) as raw:
-            raw.sendall(b"PING\r\n")
-            with contextlib.suppress(ConnectionResetError):
-                assert raw.recv(100) == b""
+        assert until_closed(proxy.port("wrong"), b"PING\r\n", HOST) == b""
         stats = proxy.server.listeners["wrong"].stats
         wait_until(lambda: stats.refused.get("upstream_tls_failed") == 1, 5)
     lines = [r.getMessage() for r in caplog.records if "TLS handshake with upstream" in
