@@ -188,6 +188,15 @@ install_optional "the alert rule and dashboard tests" "promtool prometheus" prom
 # drives it from the dev extra; it never downloads a browser or driver of its own).
 install_optional "the status page's browser test" "chromium chromedriver" \
     chromium chromium-driver fonts-dejavu-core
+
+# Redis Cluster clients in other languages for tests/test_cluster_clients.py, all from
+# Debian: Ruby's redis gem, PHP's phpredis (RedisCluster) and node-redis (createCluster).
+# They are libraries, not commands: the word below stands for all three.
+cluster_clients=$({ ruby -e 'require "redis"' && php -r 'exit(class_exists("RedisCluster") ? 0 : 1);' \
+    && NODE_PATH=/usr/share/nodejs node -e 'require("redis")'; } >/dev/null 2>&1 \
+    || echo ruby-php-node-redis-clients)
+install_optional "the other-language cluster client tests" "$cluster_clients" \
+    ruby-redis php-cli php-redis node-redis
 # --- end of the optional tools block --------------------------------------------------
 
 # ---------------------------------------------------------------------------
