@@ -73,6 +73,15 @@ async def async_wait(predicate: Callable[[], Awaitable[Any] | Any], deadline_s: 
         await asyncio.sleep(interval)
 
 
+def redis_cluster_entry(seed: str, nodes: int, **extra: Any) -> dict[str, Any]:
+    """A ``clusters:`` entry named ``rc`` for a Redis Cluster seeded at ``seed``: a free
+    seed port and ``nodes`` node ports on loopback, no refresh unless asked."""
+    base = free_range(nodes + 1)
+    return {"name": "rc", "engine": "redis-cluster", "seed": seed, "announce": "127.0.0.1",
+            "listen": "127.0.0.1", "ports": f"{base + 1}-{base + nodes}", "seed_port": base,
+            "refresh": "1h", **extra}
+
+
 def start_cluster_node(workdir: Path) -> ServerProcess:
     """One redis-server with cluster mode on, not yet part of any cluster."""
     return start_server("redis", [

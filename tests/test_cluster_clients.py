@@ -15,12 +15,11 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from proxy.relay.engine import native_available
-from tests.cluster_helpers import free_range, three_masters
+from tests.cluster_helpers import redis_cluster_entry, three_masters
 from tests.support import ProxyThread, ServerProcess, make_config, wait_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -99,13 +98,6 @@ def masters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServerPro
         yield nodes
 
 
-def _cluster(seed: ServerProcess, relay: str) -> dict[str, Any]:
-    base = free_range(7)
-    return {"name": "rc", "engine": "redis-cluster", "seed": seed.address, "announce": HOST,
-            "listen": HOST, "ports": f"{base + 1}-{base + 6}", "seed_port": base,
-            "refresh": "1h", "relay": relay}
-
-
 @pytest.mark.parametrize("relay", RELAYS)
 @pytest.mark.parametrize("client", sorted(CLIENTS))
 def test_a_cluster_client_in_another_language_works_through_the_seed_port_alone(
@@ -114,7 +106,7 @@ def test_a_cluster_client_in_another_language_works_through_the_seed_port_alone(
     _name, suffix, source, _probe = CLIENTS[client]
     script = tmp_path / f"client{suffix}"
     script.write_text(source)
-    cluster = _cluster(masters[0], relay)
+    cluster = redis_cluster_entry(masters[0].address, 6, relay=relay)
     proxy = ProxyThread(make_config([], clusters=[cluster],
                                     state_dir=str(tmp_path / "state"))).start()
     try:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster_helpers import free_range, start_lone_node
+from tests.cluster_helpers import redis_cluster_entry, start_lone_node
 from tests.healthkit import metrics, sample, wait_health
 from tests.support import ProxyThread, free_port, make_config, wait_until
 
@@ -24,11 +24,7 @@ def _up(proxy: ProxyThread, listener: str, upstream: str) -> float:
 def test_a_cluster_node_listener_is_checked_and_goes_down_with_its_node(tmp_path: Path) -> None:
     node = start_lone_node(tmp_path)
     try:
-        base = free_range(3)
-        cluster = {"name": "rc", "engine": "redis-cluster", "seed": node.address,
-                   "announce": "127.0.0.1", "listen": "127.0.0.1",
-                   "ports": f"{base + 1}-{base + 2}", "seed_port": base, "refresh": "1h",
-                   "health": FAST}
+        cluster = redis_cluster_entry(node.address, 2, health=FAST)
         config = make_config([], clusters=[cluster], state_dir=str(tmp_path / "state"),
                              admin={"listen": f"127.0.0.1:{free_port()}"})
         proxy = ProxyThread(config).start()

@@ -18,7 +18,7 @@ from proxy import closes
 from proxy.logs import CONNECTIONS_LOGGER
 from proxy.relay.engine import native_available
 from tests.certs import Pki
-from tests.cluster_helpers import free_range, start_lone_node
+from tests.cluster_helpers import redis_cluster_entry, start_lone_node
 from tests.healthkit import metrics, sample
 from tests.support import (
     ProxyThread,
@@ -209,11 +209,7 @@ def test_a_cluster_node_listener_logs_its_connections(
         relay: str, tmp_path: Path, lines: Lines) -> None:
     node = start_lone_node(tmp_path)
     try:
-        base = free_range(3)
-        cluster = {"name": "rc", "engine": "redis-cluster", "seed": node.address,
-                   "announce": "127.0.0.1", "listen": "127.0.0.1",
-                   "ports": f"{base + 1}-{base + 2}", "seed_port": base, "refresh": "1h",
-                   "relay": relay, "log_connections": True}
+        cluster = redis_cluster_entry(node.address, 2, relay=relay, log_connections=True)
         proxy = ProxyThread(make_config([], clusters=[cluster],
                                         state_dir=str(tmp_path / "state"))).start()
         try:
