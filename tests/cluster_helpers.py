@@ -22,6 +22,7 @@ from tests.support import (
     free_port,
     hand_out,
     handed_out,
+    quiet_range,
     require_binary,
     start_server,
     wait_until,
@@ -31,12 +32,12 @@ from tests.support import (
 HOST = "127.0.0.1"
 
 
-def free_range(count: int, host: str = "127.0.0.1", low: int = 20000, high: int = 32000) -> int:
+def free_range(count: int, host: str = "127.0.0.1") -> int:
     """First port of ``count`` consecutive ports that are free now, below the ephemeral range,
     in this xdist worker's share of it, none of them handed out before in this process (by
     this or by ``free_port``, which draws from the same range)."""
     rng = random.Random()
-    low, high = worker_share(low, high)
+    low, high = quiet_range() or worker_share(20000, 32000)  # the same share as free_port
     for _ in range(200):
         base = rng.randrange(low, high - count)
         if handed_out(range(base, base + count)):

@@ -53,7 +53,7 @@ def worker_share(low: int, high: int) -> tuple[int, int]:
     return start, start + width
 
 
-def _quiet_range() -> tuple[int, int] | None:
+def quiet_range() -> tuple[int, int] | None:
     """This worker's share of the ports below the kernel's ephemeral range
     (net.ipv4.ip_local_port_range), where no outgoing connection and no bind to port 0
     -- of either worker or anything else on the machine -- is given one; None if that
@@ -89,7 +89,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     ports already handed out.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    quiet = _quiet_range()
+    quiet = quiet_range()
     for _ in range(200):
         if quiet is not None:
             port = _random.randrange(*quiet)
