@@ -25,6 +25,12 @@ port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 for port in $MC_PORT $RD_PORT $MC_PROXY $RD_PROXY; do
     port_free "$port" || die "port 127.0.0.1:$port is already in use; stop what holds it (demo ports: $MC_PORT $RD_PORT $MC_PROXY $RD_PROXY)"
 done
+ADMIN_NOTE=""
+if ! port_free 9180; then  # the default admin port: cacheport then serves without it
+    ADMIN_NOTE="
+  (127.0.0.1:9180 was already taken, so this cacheport has no admin endpoint:
+   the status and metrics commands above reach whatever holds that port)"
+fi
 
 wait_port() {
     for _ in $(seq 100); do port_free "$1" || return 0; sleep 0.05; done
@@ -70,7 +76,7 @@ Try it from another terminal:
   redis-benchmark -p $RD_PROXY -q -t get,set -n 10000
   printf 'version\r\n' | nc -q1 127.0.0.1 $MC_PROXY
   .venv/bin/cacheport status                 # health, connections, bytes per listener
-  curl -s 127.0.0.1:9180/metrics | grep ^cacheport_
+  curl -s 127.0.0.1:9180/metrics | grep ^cacheport_$ADMIN_NOTE
 MSG
 if [ "$ONCE" = 1 ]; then
     echo "(--once: stopping)"
