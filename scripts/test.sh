@@ -15,9 +15,9 @@ mypy
 echo "==> pytest" >&2
 # Two workers (pytest-xdist), a whole test file to each (--dist loadfile: a file's module
 # fixtures, e.g. the conformance run or a cluster, stay in one process). Most tests wait on
-# the real servers and processes they start rather than compute, so two at once halve the
-# wall time on 2 cores (about 19 min to 8.5 on a loaded 2-core machine, same 1,184
-# tests, no new failure in repeated runs). Every name a test makes on the machine (network
-# namespaces, uids, containers) carries its pid, every port is a free ephemeral one.
+# the real servers and processes they start rather than compute, so two at once about halve
+# the wall time on 2 cores. Every name a test makes on the machine (network namespaces,
+# uids, containers) carries its pid, and each worker picks fixed ports from its own share
+# below the ephemeral range (tests/support.py free_port, free_range).
 # One process: scripts/test.sh -n 0 (e.g. for --pdb).
 exec python -m pytest -n 2 --dist loadfile "$@"

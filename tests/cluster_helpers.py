@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import socket
 import subprocess
 import threading
@@ -20,43 +19,15 @@ import redis
 from tests.support import (
     ServerProcess,
     free_port,
-    hand_out,
-    handed_out,
-    quiet_range,
     require_binary,
     start_server,
     wait_until,
-    worker_share,
+)
+from tests.support import (
+    free_range as free_range,  # the cluster tests' port ranges, kept importable from here
 )
 
 HOST = "127.0.0.1"
-
-
-def free_range(count: int, host: str = "127.0.0.1") -> int:
-    """First port of ``count`` consecutive ports that are free now, below the ephemeral range,
-    in this xdist worker's share of it, none of them handed out before in this process (by
-    this or by ``free_port``, which draws from the same range)."""
-    rng = random.Random()
-    low, high = quiet_range() or worker_share(20000, 32000)  # the same share as free_port
-    for _ in range(200):
-        base = rng.randrange(low, high - count)
-        if handed_out(range(base, base + count)):
-            continue
-        socks: list[socket.socket] = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind((host, port))
-            hand_out(range(base, base + count))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 async def async_wait(predicate: Callable[[], Awaitable[Any] | Any], deadline_s: float,

@@ -103,14 +103,18 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise RuntimeError(f"no free port in 200 tries (below the ephemeral range: {quiet})")
 
 
-def handed_out(ports: range) -> bool:
-    """Whether any of ``ports`` went to an earlier ``free_port`` (or ``hand_out``)."""
-    return not _handed_out.isdisjoint(ports)
-
-
-def hand_out(ports: range) -> None:
-    """Record ports picked another way (cluster_helpers.free_range) so ``free_port`` skips them."""
-    _handed_out.update(ports)
+def free_range(count: int, host: str = "127.0.0.1") -> int:
+    """First of ``count`` consecutive ports free now, from ``free_port``'s share below the
+    ephemeral range, none of them handed out before in this process (a cluster entry's
+    port range)."""
+    low, high = quiet_range() or worker_share(20000, 32000)
+    for _ in range(200):
+        block = range(base := _random.randrange(low, high - count), base + count)
+        if _handed_out.isdisjoint(block) and all(
+                _bindable(socket.AF_INET, host, port) for port in block):
+            _handed_out.update(block)
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 def until_closed(port: int, send: bytes = b"", host: str = "127.0.0.1",
