@@ -193,8 +193,7 @@ class Server:
             self.listeners[listener.name] = listener
         self.listeners_changed()
         monitor.start()
-        await self._apply_clusters(self.config)
-        self.listeners_changed()
+        await self._apply_clusters(self.config)  # a cluster's listeners: it calls back
         if admin is not None:
             await admin.start()
             self.admin = admin
@@ -357,8 +356,7 @@ class Server:
         self.listeners_changed()
         if self.admin is not None and config.admin != self.admin_configured:
             log.warning("reload: the admin block changed; it takes effect at the next restart")
-        await self._apply_clusters(config)
-        self.listeners_changed()
+        await self._apply_clusters(config)  # clusters call listeners_changed themselves
         self.reloads += 1
         log.info("reloaded %s: %s", config.path, plan.summary())
         return plan

@@ -39,6 +39,14 @@ def test_a_cluster_node_listener_is_checked_and_goes_down_with_its_node(tmp_path
             for listener in ("rc:seed", name):
                 wait_health(proxy, listener, node.address, "down", 10)
             assert _up(proxy, name, node.address) == 0  # a stopped node stays DOWN
+            # A reload that drops the cluster drops its checks too.
+            admin = {"listen": str(config.admin.listen)} if config.admin else False
+            unchecked = {"name": "keep", "listen": "127.0.0.1:0", "upstream": node.address}
+            proxy.call(lambda: proxy.server.reload(make_config(
+                [unchecked], state_dir=str(tmp_path / "state"), admin=admin)))
+            monitor = proxy.server.monitor
+            assert monitor is not None
+            assert proxy.call(lambda: [t.key for t in monitor]) == []
         finally:
             proxy.stop()
     finally:

@@ -66,7 +66,9 @@ class ListenerHost(Protocol):
 
     def remove_listener(self, name: str) -> None: ...
 
-    def listeners_changed(self) -> None: ...
+    def listeners_changed(self) -> None:
+        """Called after the manager added, reconfigured or removed listeners."""
+        ...
 
 
 @dataclass
@@ -163,8 +165,10 @@ class ClusterManager:
     async def close(self) -> None:
         """The cluster left the port map: stop refreshing and drain all its listeners."""
         await self.stop()
-        for name in list(self._owned):
-            self._remove(name)
+        if self._owned:
+            for name in list(self._owned):
+                self._remove(name)
+            self.host.listeners_changed()
 
     async def reconfigure(self, config: ClusterConfig, state: StateFile | None) -> None:
         """A reload changed this cluster: new settings apply to every listener at once."""
